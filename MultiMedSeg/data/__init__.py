@@ -1,0 +1,19 @@
+"""Slice data library: file format, NIfTI preprocessing and mapping predictions back.
+
+* :mod:`.slices` -- ``<volume>_slice<NNN>.npz`` files: :func:`load_slice`, :func:`save_slice`,
+  :func:`volume_id`, :func:`slice_index`, :func:`group_slices_by_volume`.
+* :mod:`.preprocessing` -- NIfTI -> slices pipeline (:func:`preprocess`, :class:`PreprocessConfig`).
+* :mod:`.restore` -- ``metadata.json`` schema, :func:`load_metadata`, :func:`restore_volume`,
+  :func:`write_nifti_like`.
+"""
+from .slices import (  # noqa: F401
+    group_slices_by_volume,
+    list_slices,
+    load_slice,
+    save_slice,
+    slice_index,
+    slice_name,
+    volume_id,
+)
+from .preprocessing import PreprocessConfig, preprocess  # noqa: F401
+from .restore import load_metadata, restore_volume, volume_meta, write_nifti_like  # noqa: F401

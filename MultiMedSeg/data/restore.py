@@ -1,0 +1,181 @@
+"""Map slice-space arrays back onto the original NIfTI grid (SPEC §7 steps 6-7, with the §9.39 fixes).
+
+``OUT/metadata.json`` written by ``MultiMedSeg/preprocess.py`` (format ``multimedseg-slices``,
+version 1)::
+
+    {
+      "format": "multimedseg-slices", "version": 1,
+      "size": 512,                      # slice side H == W
+      "num_classes": 3 | null,          # mask channels incl. background (null: no labels at all)
+      "target_spacing": [sx, sy, sz],   # mm, common resampling target
+      "intensity": {"min": MIN, "max": MAX, "percentiles": [0.1, 99.9], "standardized": true},
+      "layout": {"train": ["train"] | ["train/labeled", "train/unlabeled"], "val": ["val"], "test": ["test"]},
+      "splits": {"train": [ids], "val": [ids], "test": [ids]},
+      "labeled_train": [ids] | null,    # volumes in train/labeled (--labeled-train)
+      "options": {...},                 # every preprocessing option
+      "volumes": {
+        "<id>": {
+          "id": "<id>", "split": "train|val|test", "subset": "labeled|unlabeled" | null,
+          "image": "/abs/path.nii.gz", "label": path | null, "weight": path | null,
+          "shape": [X, Y, Z],            # original voxel grid
+          "spacing": [sx, sy, sz],       # original zooms (mm)
+          "affine": 4x4 list,            # original affine (also in header)
+          "header": {"affine", "qform", "qform_code", "sform", "sform_code", "zooms",
+                     "dtype", "xyzt_units": [spatial, temporal]},
+          "flip_axis": null | 0 | 1 | 2, # axis reversed after reading (crop is in flipped orientation)
+          "crop": [[x0, x1], [y0, y1], [z0, z1]],   # [start, stop) per axis
+          "shape_after_crop": [X, Y, Z],
+          "target_spacing": [sx, sy, sz],           # this volume's (own z with --ignore-z)
+          "shape_after_resampling": [X', Y', Z'],
+          "depth_before_split": Z',
+          "z_split": [first, stop],      # kept slices [first, stop) of the resampled (Z, X, Y) volume
+          "shape_before_padding": [Z, X', Y'],     # Z = stop - first = number of slices
+          "inplane_window": [[src, dst, n], [src, dst, n]],  # rows, cols: slice[dst:dst+n] = vol[src:src+n]
+          "mean", "std": before standardisation, "min", "max": after,
+          "slices": ["test/<id>_slice000.npz", ...]   # relative to OUT, index order
+        }, ...
+      }
+    }
+
+Undoing the preprocessing (:func:`restore_volume`): in-plane un-pad / un-crop to
+``shape_before_padding`` (centre-cropped borders come back as the fill value), undo the
+z-split, transpose (Z, X, Y) -> (X, Y, Z), resample to ``shape_after_crop`` (labels class by
+class with linear interpolation thresholded at 0.5, images with a cubic spline), paste at
+``crop`` into a volume of ``shape`` filled with 0 (labels) or -1 (images), undo the flip.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import nibabel as nib
+import numpy as np
+
+from robustmedseg.errors import InputError
+from robustmedseg.io import atomic_path
+
+from .preprocessing import METADATA_FORMAT, METADATA_NAME, METADATA_VERSION, resize_image, resize_labels
+
+PathLike = Union[str, os.PathLike]
+VOLUME_KEYS = ("id", "shape", "affine", "header", "crop", "shape_after_crop", "shape_before_padding",
+               "z_split", "depth_before_split", "inplane_window")
+
+
+def load_metadata(path: PathLike) -> dict:
+    """Read ``metadata.json`` (or ``<folder>/metadata.json``) and check its format and keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METADATA_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("metadata file does not exist", path) from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read metadata JSON: {err}", path) from None
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise InputError(f"not a {METADATA_FORMAT} metadata file", path)
+    if meta.get("version") != METADATA_VERSION:
+        raise InputError(f"unsupported metadata version {meta.get('version')!r} (expected {METADATA_VERSION})", path)
+    for vid, vol in meta.get("volumes", {}).items():
+        missing = [k for k in VOLUME_KEYS if k not in vol]
+        if missing:
+            raise InputError(f"volume {vid!r} lacks metadata keys {missing}", path)
+    return meta
+
+
+def _unfit_slices(slices: np.ndarray, meta: dict, fill) -> np.ndarray:
+    """(Z, size, size) -> (Z, X', Y') inverting the in-plane pad / centre-crop."""
+    depth, rows, cols = meta["shape_before_padding"]
+    (rs, rd, rn), (cs, cd, cn) = meta["inplane_window"]
+    out = np.full((depth, rows, cols), fill, dtype=slices.dtype)
+    out[:, rs:rs + rn, cs:cs + cn] = slices[:, rd:rd + rn, cd:cd + cn]
+    return out
+
+
+def restore_volume(slices: np.ndarray, volume_meta: dict, kind: str = "label") -> np.ndarray:
+    """Map a slice-space volume back to the original grid of the volume described by ``volume_meta``.
+
+    ``slices``: (Z, size, size), Z = number of slices of the volume (``shape_before_padding[0]``),
+    an integer label map (``kind='label'``) or an image (``kind='image'``, e.g. in [-1, 1]).
+    Returns an array of the original ``shape`` (X, Y, Z): labels keep the integer dtype
+    (0 outside the crop/kept slices), images are float32 (-1 outside).
+    """
+    if kind not in ("label", "image"):
+        raise ValueError(f"kind must be 'label' or 'image', got {kind!r}")
+    slices = np.asarray(slices)
+    depth = volume_meta["shape_before_padding"][0]
+    if slices.ndim != 3 or slices.shape[0] != depth:
+        raise InputError(f"volume {volume_meta['id']!r}: expected ({depth}, H, W) slices, got {slices.shape}")
+    if kind == "label":
+        if not np.issubdtype(slices.dtype, np.integer) and slices.dtype != np.bool_:
+            raise ValueError(f"label slices must be integers, got {slices.dtype}")
+        slices = slices.astype(np.uint8 if slices.max(initial=0) < 256 else np.int16)
+        fill = 0
+    else:
+        slices = slices.astype(np.float32)
+        fill = -1.0
+    vol = _unfit_slices(slices, volume_meta, fill)
+    first, stop = volume_meta["z_split"]
+    full = np.full((volume_meta["depth_before_split"], *vol.shape[1:]), fill, dtype=vol.dtype)
+    full[first:stop] = vol
+    xyz = np.ascontiguousarray(np.transpose(full, (1, 2, 0)))
+    cropped_shape = tuple(volume_meta["shape_after_crop"])
+    xyz = resize_labels(xyz, cropped_shape) if kind == "label" else resize_image(xyz, cropped_shape)
+    out = np.full(tuple(volume_meta["shape"]), fill, dtype=xyz.dtype)
+    out[tuple(slice(a, b) for a, b in volume_meta["crop"])] = xyz
+    if volume_meta.get("flip_axis") is not None:
+        out = np.ascontiguousarray(np.flip(out, axis=volume_meta["flip_axis"]))
+    return out
+
+
+def _output_dtype(array: np.ndarray) -> np.dtype:
+    """uint8/int16 for labels and masks, float32 for anything floating (no quantisation, FIX §9.39)."""
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        return np.dtype(np.float32)
+    if array.size and array.min() >= 0 and array.max() < 256:
+        return np.dtype(np.uint8)
+    return np.dtype(np.int16) if array.size == 0 or np.abs(array).max() < 2**15 else np.dtype(np.int32)
+
+
+def write_nifti_like(array: np.ndarray, volume_meta: dict, path: PathLike) -> Path:
+    """Write ``array`` (original grid) as NIfTI with the original affine, q/sform codes, zooms
+    and units, atomically.  Data type: uint8/int16 for labels, float32 for floats."""
+    array = np.asarray(array)
+    shape = tuple(volume_meta["shape"])
+    if array.shape != shape:
+        raise ValueError(f"array shape {array.shape} differs from the original shape {shape}")
+    dtype = _output_dtype(array)
+    header_meta = volume_meta["header"]
+    affine = np.asarray(volume_meta["affine"], dtype=np.float64)
+    img = nib.Nifti1Image(array.astype(dtype), affine)
+    if header_meta.get("qform") is not None:
+        img.set_qform(np.asarray(header_meta["qform"]), code=int(header_meta["qform_code"]))
+    else:
+        img.set_qform(affine, code=0)
+    if header_meta.get("sform") is not None:
+        img.set_sform(np.asarray(header_meta["sform"]), code=int(header_meta["sform_code"]))
+    else:
+        img.set_sform(affine, code=0)
+    zooms = header_meta.get("zooms")
+    if zooms:
+        img.header.set_zooms(tuple(zooms[:3]))
+    spatial, temporal = header_meta.get("xyzt_units", ["unknown", "unknown"])
+    img.header.set_xyzt_units(spatial, temporal)
+    img.set_data_dtype(dtype)
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".nii.gz"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def volume_meta(meta: dict, vid: str, source: Optional[PathLike] = None) -> dict:
+    """The metadata entry of volume ``vid``; :class:`InputError` when unknown."""
+    try:
+        return meta["volumes"][vid]
+    except KeyError:
+        raise InputError(f"volume {vid!r} is not in the metadata", source) from None

@@ -1,0 +1,67 @@
+"""Shared pytest fixtures (session scope, built once per test run, in pytest's tmp folder).
+
+``phantom_dir`` -> Path
+    A tiny demo phantom (``demo.phantom.generate_phantom``): seed 0, sites 0, 1, 2,
+    ``PHANTOM_SUBJECTS`` (4) subjects per site at ``PHANTOM_SPACING`` (6 mm, volumes of
+    33 x 39 x 32 voxels).  Layout ``phantom_dir/site<k>/{images,labels}/sub-<NNN>.nii.gz``;
+    labels uint8 in {0 background, 1 GM, 2 WM}.
+
+``preprocessed_sites`` -> Dict[int, Path]
+    Each phantom site preprocessed by ``MultiMedSeg.data.preprocess`` at ``PREP_SIZE`` (32) px
+    with ``num_classes=3``, ``val_frac=test_frac=0.25`` (1 val + 1 test + 2 train volumes),
+    ``discard_outside_labels`` and seed 0.  Site 0 (the labeled source) has a flat
+    ``train/``; sites 1 and 2 (targets) use ``labeled_train=1``, i.e. ``train/labeled/`` (1
+    volume) and ``train/unlabeled/`` (1 volume).  Every site has ``val/``, ``test/`` and
+    ``metadata.json``.  All training slices of a site: ``sorted(out.glob("train/**/*.npz"))``.
+    Slices: ``data`` float32 (32, 32, 1) in [-1, 1], ``mask`` bool (32, 32, 3) one-hot, no weight.
+
+``phantom_params`` -> dict
+    The constants above: ``seed``, ``n_subjects``, ``spacing``, ``sites``, ``size``, ``num_classes``.
+
+Treat both folders as read-only (they are shared by all tests of the session); copy them
+(``shutil.copytree``) before modifying anything.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+PHANTOM_SEED = 0
+PHANTOM_SUBJECTS = 4
+PHANTOM_SPACING = 6.0
+PHANTOM_SITES = (0, 1, 2)
+PREP_SIZE = 32
+PREP_NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="session")
+def phantom_params() -> dict:
+    return {"seed": PHANTOM_SEED, "n_subjects": PHANTOM_SUBJECTS, "spacing": PHANTOM_SPACING,
+            "sites": PHANTOM_SITES, "size": PREP_SIZE, "num_classes": PREP_NUM_CLASSES}
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    from demo.phantom import generate_phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "data"
+    return generate_phantom(out, seed=PHANTOM_SEED, n_subjects=PHANTOM_SUBJECTS, spacing=PHANTOM_SPACING,
+                            sites=PHANTOM_SITES)
+
+
+@pytest.fixture(scope="session")
+def preprocessed_sites(phantom_dir, tmp_path_factory) -> Dict[int, Path]:
+    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+
+    root = tmp_path_factory.mktemp("preprocessed")
+    outs: Dict[int, Path] = {}
+    for site in PHANTOM_SITES:
+        out = root / f"site{site}"
+        preprocess(PreprocessConfig(
+            images=phantom_dir / f"site{site}" / "images", labels=phantom_dir / f"site{site}" / "labels",
+            out=out, size=PREP_SIZE, num_classes=PREP_NUM_CLASSES, val_frac=0.25, test_frac=0.25, seed=0,
+            labeled_train=None if site == 0 else 1, discard_outside_labels=True), log=lambda *a: None)
+        outs[site] = out
+    return outs

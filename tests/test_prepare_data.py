@@ -1,0 +1,424 @@
+"""prepare_data.py: slice folder -> LMDB folder (robustmedseg.data.lmdb_store / zbins / clip_embed)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare_data
+from robustmedseg.data import zbins as zb
+from robustmedseg.data.clip_embed import OPENAI_MEAN, OPENAI_STD, load_clip_encoder
+from robustmedseg.errors import InputError
+
+REPO = Path(prepare_data.__file__).resolve().parent
+TINY_CLIP = "rms-test-tiny-clip"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def write_slice(path: Path, image: np.ndarray, n_classes: int = 3, **override) -> None:
+    """Write a slice .npz like MultiMedSeg/preprocess.py; ``override`` replaces arrays (None drops one)."""
+    h, w = image.shape[:2]
+    labels = (np.arange(h * w).reshape(h, w) % n_classes)
+    arrays = {"data": image.astype(np.float32), "mask": np.eye(n_classes, dtype=bool)[labels]}
+    arrays.update(override)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def make_site(folder: Path, volumes: Dict[str, Iterable[int]], size: int = 32, seed: int = 0
+              ) -> Dict[str, np.ndarray]:
+    """Random slices ``<vol>_slice<NNN>.npz`` in [-1, 1]; returns {file name: data}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for vol, numbers in volumes.items():
+        for n in numbers:
+            data = rng.uniform(-1, 1, (size, size, 1)).astype(np.float32)
+            data[0, 0, 0] = -1.0  # exact bounds are valid
+            name = f"{vol}_slice{n:03d}.npz"
+            write_slice(folder / name, data)
+            written[name] = data
+    return written
+
+
+SITE = {"volA": range(10), "volB": [3, 5, 6, 10, 20, 21, 40], "volC": range(2, 14)}
+
+
+def run(argv: List[str]) -> dict:
+    prepare_data.main(argv + ["--quiet"])
+    out = Path(argv[argv.index("--out") + 1])
+    return json.loads((out / "meta.json").read_text())
+
+
+def read_lmdb(out: Path) -> Dict[bytes, bytes]:
+    env = lmdb.open(str(out), readonly=True, lock=False)
+    with env.begin() as txn:
+        items = dict(txn.cursor())
+    env.close()
+    return items
+
+
+def entries(folder: Path) -> List[str]:
+    """Everything in ``folder`` (hidden temp folders included)."""
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    """Register a tiny random open_clip architecture (embed 16, 48 px input) via a JSON config."""
+    import open_clip
+
+    cfg_dir = tmp_path_factory.mktemp("clipcfg")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    path = cfg_dir / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return TINY_CLIP
+
+
+# --------------------------------------------------------------------------- z-bins
+
+def test_zbins_use_rank_within_volume_not_slice_number():
+    files = [f"v_slice{n:03d}.npz" for n in [3, 5, 6, 10, 20, 21, 40]] + ["w_slice000.npz", "w_slice001.npz"]
+    bins = zb.zbins_for_files(files, 29)
+    # ranks 0..6 of a 7-slice volume -> floor(r*29/7); the reference formula n*29/D would give 165 for n=40
+    assert bins.tolist() == [0, 4, 8, 12, 16, 20, 24, 0, 14]
+
+
+def test_zbins_full_coverage_with_gaps_and_shuffled_order():
+    numbers = [5 + 3 * k for k in range(29)] + [1000]   # 30 slices, gaps, a 4-digit number
+    files = [f"vol_slice{n:03d}.npz" for n in numbers][::-1]  # order must not matter
+    bins = zb.zbins_for_files(files, 29)
+    assert sorted(set(bins.tolist())) == list(range(29))
+    by_number = dict(zip(numbers[::-1], bins.tolist()))
+    ordered = [by_number[n] for n in sorted(numbers)]
+    assert ordered == sorted(ordered) and ordered[0] == 0 and ordered[-1] == 28
+
+
+def test_zbins_bad_names():
+    with pytest.raises(InputError, match="stray.npz"):
+        zb.zbins_for_files(["a_slice001.npz", "stray.npz"])
+    with pytest.raises(InputError, match="a_slice01.npz"):
+        zb.zbins_for_files(["a_slice001.npz", "a_slice01.npz"])
+
+
+# --------------------------------------------------------------------------- writing
+
+def test_roundtrip_bit_exact_keys_and_side_files(tmp_path):
+    written = make_site(tmp_path / "site", SITE)
+    out = tmp_path / "lmdb"
+    meta = run([str(tmp_path / "site"), "--out", str(out), "--size", "32", "--label", "1",
+                "--clip-model", "none"])
+    names = sorted(written)                       # sorted by full path == by name in one folder
+    n = len(names)
+    assert meta["length"] == n and meta["sizes"] == [32] and meta["files"] == names
+    assert meta["label"] == 1 and meta["n_domains"] == 3 and meta["n_zbins"] == 29 and meta["clip"] is None
+    labels = np.load(out / "labels.npy", allow_pickle=False)
+    zaxes = np.load(out / "zaxes.npy", allow_pickle=False)
+    assert labels.dtype == np.int64 and labels.tolist() == [1] * n
+    assert zaxes.dtype == np.int64 and zaxes.tolist() == zb.zbins_for_files(names).tolist()
+    assert max(zaxes) <= 28 and not (out / "clip_mean.npy").exists()
+    items = read_lmdb(out)
+    assert items.pop(b"length") == str(n).encode()
+    expected_keys = {f"32-{i:05d}-1-{zaxes[i]:02d}".encode() for i in range(n)}
+    assert set(items) == expected_keys
+    for i, name in enumerate(names):
+        raw = items[f"32-{i:05d}-1-{zaxes[i]:02d}".encode()]
+        assert raw == written[name].astype("<f4").tobytes()      # bit-exact, (32,32,1) C order
+    assert entries(tmp_path) == ["lmdb", "site"]                  # no temp folder left
+
+
+def test_every_requested_size_is_written_with_the_chosen_kernel(tmp_path):
+    written = make_site(tmp_path / "site", {"v": range(4)})
+    out = tmp_path / "lmdb"
+    run([str(tmp_path / "site"), "--out", str(out), "--size", "16,32,64", "--resample", "area",
+         "--label", "0", "--clip-model", "none"])
+    items = read_lmdb(out)
+    zaxes = np.load(out / "zaxes.npy")
+    for i, name in enumerate(sorted(written)):
+        data = written[name][..., 0]
+        tail = f"{i:05d}-0-{zaxes[i]:02d}"
+        small = np.frombuffer(items[f"16-{tail}".encode()], "<f4").reshape(16, 16)
+        np.testing.assert_allclose(small, data.reshape(16, 2, 16, 2).mean(axis=(1, 3)), atol=1e-6)  # 2x2 means
+        assert items[f"32-{tail}".encode()] == written[name].tobytes()
+        big = np.frombuffer(items[f"64-{tail}".encode()], "<f4").reshape(64, 64)
+        assert big.min() >= -1 and big.max() <= 1
+    # other kernels run and differ
+    outs = {}
+    for method in ("bilinear", "bicubic", "lanczos"):
+        o = tmp_path / method
+        run([str(tmp_path / "site"), "--out", str(o), "--size", "64", "--resample", method, "--label", "0",
+             "--clip-model", "none"])
+        (key,) = [k for k in read_lmdb(o) if k.startswith(b"64-00000")]
+        outs[method] = read_lmdb(o)[key]
+    assert len(set(outs.values())) == 3
+
+
+def test_workers_give_identical_output(tmp_path):
+    make_site(tmp_path / "site", {"v": range(6), "w": [1, 4, 9]})
+    run([str(tmp_path / "site"), "--out", str(tmp_path / "a"), "--size", "32", "--label", "2",
+         "--clip-model", "none"])
+    run([str(tmp_path / "site"), "--out", str(tmp_path / "b"), "--size", "32", "--label", "2",
+         "--clip-model", "none", "--workers", "1"])
+    assert read_lmdb(tmp_path / "a") == read_lmdb(tmp_path / "b")
+    write_slice(tmp_path / "site" / "w_slice004.npz", np.zeros((32, 32, 1), np.float32),
+                mask=np.zeros((32, 32, 2), bool))
+    _expect_error(tmp_path, [str(tmp_path / "site"), "--out", str(tmp_path / "c"), "--size", "32", "--label", "2",
+                             "--clip-model", "none", "--workers", "1"], r"w_slice004\.npz: 'mask' is not one-hot")
+
+
+# --------------------------------------------------------------------------- CLIP
+
+def _direct_clip_mean(model: torch.nn.Module, images: List[np.ndarray], size: int) -> np.ndarray:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).repeat(1, 3, 1, 1)
+    x = F.interpolate((x + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
+    x = (x - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        emb = model.encode_image(x)
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    return emb.mean(0, keepdim=True).numpy()
+
+
+def test_clip_mean_matches_direct_computation_with_local_weights(tmp_path, tiny_clip):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_clip, pretrained=None).eval()
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(model.state_dict(), weights)
+    written = make_site(tmp_path / "site", {"v": range(5)})
+    out = tmp_path / "lmdb"
+    meta = run([str(tmp_path / "site"), "--out", str(out), "--size", "32", "--label", "0",
+                "--clip-model", tiny_clip, "--clip-pretrained", str(weights), "--no-clip-quick-gelu",
+                "--clip-batch", "2", "--device", "cpu"])
+    mean = np.load(out / "clip_mean.npy", allow_pickle=False)
+    assert mean.dtype == np.float32 and mean.shape == (1, 16)          # width read from the model
+    assert meta["clip"]["embed_dim"] == 16 and meta["clip"]["image_size"] == [48, 48]
+    expected = _direct_clip_mean(model, [written[k] for k in sorted(written)], 48)
+    np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-5)
+    assert 0.0 < np.linalg.norm(mean) < 1.0                                # mean of unit vectors, not re-normalised
+    # a random model (weights not loaded) gives something else
+    other = _direct_clip_mean(open_clip.create_model(tiny_clip, pretrained=None).eval(),
+                              [written[k] for k in sorted(written)], 48)
+    assert not np.allclose(mean, other, atol=1e-3)
+
+
+def test_clip_encoder_defaults_quick_gelu_for_weight_files(tmp_path, tiny_clip):
+    import open_clip
+
+    weights = tmp_path / "w.pt"
+    torch.save(open_clip.create_model(tiny_clip).state_dict(), weights)
+    assert load_clip_encoder(tiny_clip, str(weights), "cpu").info["quick_gelu"] is True
+    with pytest.raises(InputError, match="cannot load CLIP weights 'openai' for " + tiny_clip):
+        load_clip_encoder(tiny_clip, "openai", "cpu")
+    with pytest.raises(InputError, match="missing.pt"):
+        load_clip_encoder(tiny_clip, str(tmp_path / "missing.pt"), "cpu")
+    with pytest.raises(InputError, match="unknown CLIP model 'no-such-model'"):
+        load_clip_encoder("no-such-model", None, "cpu")
+
+
+def _cli(args: List[str], env_extra: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_cli_help_documents_every_flag():
+    proc = _cli(["--help"])
+    assert proc.returncode == 0
+    for flag in ("--out", "--size", "--resample", "--label", "--n-domains", "--n-zbins", "--clip-model",
+                 "--clip-pretrained", "--clip-batch", "--device", "--workers", "--overwrite"):
+        assert flag in proc.stdout
+
+
+def test_cli_offline_openai_weights_is_one_line_error(tmp_path):
+    make_site(tmp_path / "site", {"v": range(2)})
+    proc = _cli([str(tmp_path / "site"), "--out", str(tmp_path / "lmdb"), "--size", "32", "--label", "0"],
+                {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: cannot load CLIP weights 'openai' for ViT-L-14 (offline?): pass a local file with "
+        "--clip-pretrained PATH, or --clip-model none")
+    assert entries(tmp_path) == ["site"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _expect_error(tmp_path: Path, argv: List[str], match: str) -> None:
+    before = entries(tmp_path)
+    with pytest.raises(InputError, match=match):
+        prepare_data.main(argv + ["--quiet"])
+    assert entries(tmp_path) == before          # nothing half-written, no temp folder
+
+
+def _base(tmp_path: Path, *extra: str) -> List[str]:
+    return [str(tmp_path / "site"), "--out", str(tmp_path / "lmdb"), "--label", "0", "--clip-model", "none",
+            *extra]
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "site").mkdir()
+    _expect_error(tmp_path, _base(tmp_path), r"site: no slice files")
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "float64", "int_mask", "not_one_hot", "out_of_range",
+                                  "no_data"])
+def test_bad_slice_files_name_the_file(tmp_path, case):
+    make_site(tmp_path / "site", {"v": range(3)})
+    bad = tmp_path / "site" / "v_slice001.npz"
+    data = np.zeros((32, 32, 1), np.float32)
+    if case == "truncated":
+        bad.write_bytes(bad.read_bytes()[:300])
+    elif case == "garbage":
+        bad.write_bytes(b"not a zip file at all")
+    elif case == "float64":
+        write_slice(bad, data, data=data.astype(np.float64))
+    elif case == "int_mask":
+        write_slice(bad, data, mask=np.ones((32, 32, 2), np.int64))
+    elif case == "not_one_hot":
+        write_slice(bad, data, mask=np.ones((32, 32, 2), bool))
+    elif case == "out_of_range":
+        write_slice(bad, data + 1.5)
+    elif case == "no_data":
+        write_slice(bad, data, data=None)
+    _expect_error(tmp_path, _base(tmp_path, "--size", "32"), r"v_slice001\.npz")
+
+
+def test_size_differs_from_request_without_resample(tmp_path):
+    make_site(tmp_path / "site", {"v": range(3)}, size=32)
+    _expect_error(tmp_path, _base(tmp_path), r"v_slice000\.npz: slice size 32 differs from --size 512.*--resample")
+
+
+def test_mixed_sizes(tmp_path):
+    make_site(tmp_path / "site", {"a": range(2)}, size=32)
+    make_site(tmp_path / "site", {"b": range(2)}, size=16)
+    _expect_error(tmp_path, _base(tmp_path, "--size", "32", "--resample", "area"),
+                  r"b_slice000\.npz: slice size 16 differs from 32")
+
+
+def test_label_out_of_range(tmp_path):
+    make_site(tmp_path / "site", {"v": range(2)})
+    argv = [str(tmp_path / "site"), "--out", str(tmp_path / "lmdb"), "--size", "32", "--label", "5",
+            "--n-domains", "3", "--clip-model", "none"]
+    _expect_error(tmp_path, argv, r"--label 5 out of range.*0\.\.2")
+
+
+def test_existing_out_refused_and_overwrite_only_on_success(tmp_path):
+    make_site(tmp_path / "site", {"v": range(3)})
+    out = tmp_path / "lmdb"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    _expect_error(tmp_path, _base(tmp_path, "--size", "32"), r"lmdb: output already exists.*--overwrite")
+    # a failing --overwrite run keeps the old content
+    write_slice(tmp_path / "site" / "v_slice002.npz", np.zeros((32, 32, 1)), data=np.zeros((32, 32, 1)))
+    _expect_error(tmp_path, _base(tmp_path, "--size", "32", "--overwrite"), r"v_slice002\.npz")
+    assert (out / "old.txt").read_text() == "old"
+    # a successful one replaces it
+    (tmp_path / "site" / "v_slice002.npz").unlink()
+    run(_base(tmp_path, "--size", "32", "--overwrite"))
+    assert not (out / "old.txt").exists() and (out / "meta.json").exists()
+    assert entries(tmp_path) == ["lmdb", "site"]
+
+
+def test_out_inside_input_is_refused(tmp_path):
+    make_site(tmp_path / "site", {"v": range(2)})
+    argv = [str(tmp_path / "site"), "--out", str(tmp_path), "--size", "32", "--label", "0",
+            "--clip-model", "none", "--overwrite"]
+    _expect_error(tmp_path, argv, "must not be the slice folder or one of its parents")
+
+
+def test_full_zbin_coverage_with_29_plus_slices_per_volume_and_recursive(tmp_path):
+    site = tmp_path / "site"
+    make_site(site / "labeled", {"a": [2 * k + 1 for k in range(29)]}, size=16, seed=1)   # 29, gaps
+    make_site(site / "unlabeled", {"b": range(40)}, size=16, seed=2)
+    make_site(site / "unlabeled", {"a": [100]}, size=16, seed=3)                           # a's 30th slice
+    out = tmp_path / "lmdb"
+    meta = run([str(site), "--out", str(out), "--size", "16", "--label", "0", "--clip-model", "none",
+                "--recursive"])
+    zaxes = np.load(out / "zaxes.npy")
+    assert meta["length"] == 70 and meta["files"][0] == "labeled/a_slice001.npz"
+    for vol in ("a", "b"):
+        bins = [z for f, z in zip(meta["files"], zaxes) if f.split("/")[1].startswith(vol + "_")]
+        assert sorted(set(bins)) == list(range(29))
+    # without --recursive the subfolders are not read
+    _expect_error(tmp_path, [str(site), "--out", str(tmp_path / "x"), "--size", "16", "--label", "0",
+                             "--clip-model", "none"], "no slice files")
+
+
+# --------------------------------------------------------------------------- chain with MultiMedSeg preprocessing
+
+def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_clip):
+    """phantom -> MultiMedSeg preprocessing -> prepare_data for the 3 sites (labels 0, 1, 2)."""
+    from MultiMedSeg.data.slices import load_slice, slice_index, volume_id
+    from robustmedseg.data.dataset import LMDBSlices
+
+    for label, site_dir in sorted(preprocessed_sites.items()):
+        out = tmp_path / f"lmdb{label}"
+        clip = ["--clip-model", "none"]
+        if label == 0:
+            import open_clip
+            weights = tmp_path / "w.pt"
+            torch.save(open_clip.create_model(tiny_clip).state_dict(), weights)
+            clip = ["--clip-model", tiny_clip, "--clip-pretrained", str(weights)]
+        meta = run([str(site_dir / "train"), "--out", str(out), "--size", "32", "--label", str(label),
+                    "--recursive", *clip])
+        files = sorted(site_dir.glob("train/**/*.npz"), key=str)
+        assert meta["length"] == len(files) > 0
+        ds = LMDBSlices(out)
+        volumes: Dict[str, List] = {}
+        for i, path in enumerate(files):
+            img, target = ds[i]
+            assert torch.equal(img[0], torch.from_numpy(load_slice(path)["data"][..., 0]))
+            assert int(target[0]) == label
+            volumes.setdefault(volume_id(path), []).append((slice_index(path), int(target[1])))
+        for members in volumes.values():
+            members.sort()
+            bins = [b for _, b in members]
+            depth = len(bins)
+            assert bins == [r * 29 // depth for r in range(depth)] and max(bins) <= 28
+        assert (ds.clip_mean() is not None) == (label == 0)
+    assert np.load(tmp_path / "lmdb0" / "clip_mean.npy").shape == (1, 16)
+
+
+def test_chain_phantom_volume_depth_covers_all_zbins(phantom_dir, tmp_path):
+    """Phantom volumes keep >= 29 slices without cropping or z-split: every z-bin 0..28 is used."""
+    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+
+    prep = tmp_path / "prep"
+    preprocess(PreprocessConfig(images=phantom_dir / "site0" / "images", labels=phantom_dir / "site0" / "labels",
+                                out=prep, size=32, num_classes=3, val_frac=0.25, test_frac=0.25, seed=0, crop=False),
+               log=lambda *a: None)
+    out = tmp_path / "lmdb"
+    meta = run([str(prep / "train"), "--out", str(out), "--size", "32", "--label", "0", "--clip-model", "none"])
+    zaxes = np.load(out / "zaxes.npy")
+    per_volume: Dict[str, set] = {}
+    for name, z in zip(meta["files"], zaxes):
+        per_volume.setdefault(name.rsplit("_slice", 1)[0], set()).add(int(z))
+    counts = {v: sum(f.startswith(v + "_slice") for f in meta["files"]) for v in per_volume}
+    assert per_volume and min(counts.values()) >= 29
+    assert all(bins == set(range(29)) for bins in per_volume.values())
+
+
+def test_map_size_estimate_and_growth(tmp_path, monkeypatch):
+    from robustmedseg.data import lmdb_store
+
+    assert lmdb_store.estimate_map_size(1000, [512]) >= 1000 * 512 * 512 * 4   # room for the images
+    written = make_site(tmp_path / "site", {"v": range(12)}, size=64)
+    monkeypatch.setattr(lmdb_store, "estimate_map_size", lambda n, sizes: 64 * 1024)  # far too small
+    run([str(tmp_path / "site"), "--out", str(tmp_path / "lmdb"), "--size", "64", "--label", "0",
+         "--clip-model", "none"])
+    values = [v for k, v in read_lmdb(tmp_path / "lmdb").items() if k != b"length"]
+    assert sorted(values) == sorted(d.tobytes() for d in written.values())

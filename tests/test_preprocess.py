@@ -1,0 +1,358 @@
+"""Phase-2 preprocessing (MultiMedSeg/preprocess.py, MultiMedSeg/data/): format, split, metadata,
+round trip back to the NIfTI grid, the §9 fixes, and bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from medpy.metric.binary import dc
+
+from MultiMedSeg import preprocess as cli
+from MultiMedSeg.data import (PreprocessConfig, group_slices_by_volume, load_metadata, load_slice, preprocess,
+                              restore_volume, save_slice, slice_index, volume_id, write_nifti_like)
+from MultiMedSeg.data.preprocessing import axis_crop, pick_labeled_train, split_volumes, z_range
+from MultiMedSeg.data.slices import convert_legacy_folder
+from robustmedseg.errors import InputError
+
+QUIET = {"log": lambda *a, **k: None}
+SIZE = 32  # conftest PREP_SIZE
+
+
+def _site_config(phantom_dir: Path, site: int, out: Path, **kw) -> PreprocessConfig:
+    base = dict(images=phantom_dir / f"site{site}" / "images", labels=phantom_dir / f"site{site}" / "labels",
+                out=out, size=64, num_classes=3, val_frac=0.25, test_frac=0.25, discard_outside_labels=True)
+    base.update(kw)
+    return PreprocessConfig(**base)
+
+
+def _stack(out: Path, vol: dict, key: str) -> np.ndarray:
+    slices = [load_slice(out / rel) for rel in vol["slices"]]
+    if key == "mask":
+        return np.stack([s["mask"].argmax(axis=-1) for s in slices])
+    return np.stack([s["data"][..., 0] for s in slices])
+
+
+def _write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
+    return path
+
+
+def _box_dataset(root: Path, n: int = 3, ext: str = ".nii.gz", weights: bool = False) -> Path:
+    """Small synthetic volumes: a bright box (label 1) with a brighter core (label 2)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        image = rng.normal(0, 0.05, (20, 24, 12)).astype(np.float32)
+        label = np.zeros(image.shape, np.uint8)
+        label[5:15, 6:18, 3:9] = 1
+        label[8:12, 9:14, 4:8] = 2
+        image += label
+        _write_nifti(root / "images" / f"vol{i}{ext}", image)
+        _write_nifti(root / "labels" / f"vol{i}{ext}", label)
+        if weights:
+            weight = np.ones(image.shape, np.uint8)
+            weight[:, :4, :6] = 0  # the first 6 slices have an excluded region
+            _write_nifti(root / "weights" / f"vol{i}{ext}", weight)
+    return root
+
+
+# --------------------------------------------------------------------------- output format
+
+
+def test_slice_files_format(preprocessed_sites):
+    for site, out in preprocessed_sites.items():
+        files = sorted(out.rglob("*.npz"))
+        assert files
+        meta = load_metadata(out)
+        windows = {v["id"]: v["inplane_window"] for v in meta["volumes"].values()}
+        for path in files:
+            with np.load(path, allow_pickle=False) as archive:  # plain arrays, no pickle
+                assert set(archive.files) == {"data", "mask"}
+                data, mask = archive["data"], archive["mask"]
+            assert data.dtype == np.float32 and data.shape == (SIZE, SIZE, 1)
+            assert mask.dtype == np.bool_ and mask.shape == (SIZE, SIZE, 3)
+            assert data.min() >= -1.0 and data.max() <= 1.0
+            assert np.all(mask.sum(axis=-1) == 1)
+            (_, row_dst, rows), (_, col_dst, cols) = windows[volume_id(path)]
+            outside = np.ones((SIZE, SIZE), bool)
+            outside[row_dst:row_dst + rows, col_dst:col_dst + cols] = False
+            assert np.all(data[outside, 0] == -1.0) and np.all(mask[outside, 0])  # pad: -1 and background
+        # the normalisation uses the train+val window: both ends are reached somewhere
+        all_data = np.concatenate([load_slice(p)["data"].ravel() for p in files])
+        assert all_data.min() == -1.0 and all_data.max() == 1.0
+
+
+def test_layout_split_and_metadata(preprocessed_sites):
+    for site, out in preprocessed_sites.items():
+        meta = load_metadata(out / "metadata.json")
+        assert meta["size"] == SIZE and meta["num_classes"] == 3
+        ids = set(meta["volumes"])
+        splits = meta["splits"]
+        assert sorted(splits["train"] + splits["val"] + splits["test"]) == sorted(ids)
+        assert len(splits["val"]) == len(splits["test"]) == 1 and len(splits["train"]) == 2
+        folders = {p.name for p in out.iterdir() if p.is_dir()}
+        assert folders == {"train", "val", "test"}
+        if site == 0:
+            assert meta["labeled_train"] is None and meta["layout"]["train"] == ["train"]
+        else:
+            assert {p.name for p in (out / "train").iterdir()} == {"labeled", "unlabeled"}
+            assert len(meta["labeled_train"]) == 1 and meta["labeled_train"][0] in splits["train"]
+        for vid, vol in meta["volumes"].items():
+            assert vol["split"] in splits and vid in splits[vol["split"]]
+            depth = vol["shape_before_padding"][0]
+            first, stop = vol["z_split"]
+            assert 0 <= first < stop <= vol["depth_before_split"] and stop - first == depth
+            assert [slice_index(p) for p in vol["slices"]] == list(range(depth))
+            expected = vol["split"] if vol["subset"] is None else f"train/{vol['subset']}"
+            assert all(Path(p).parent.as_posix() == expected and (out / p).is_file() for p in vol["slices"])
+            assert np.asarray(vol["affine"]).shape == (4, 4) and len(vol["crop"]) == 3
+            assert vol["header"]["sform_code"] == 2 and vol["header"]["xyzt_units"][0] == "mm"
+        groups = group_slices_by_volume(out, recursive=True)
+        assert set(groups) == ids
+
+
+def test_split_rules():
+    ids = [f"v{i:02d}" for i in range(20)]
+    labeled = ids[::2]
+    a = split_volumes(ids, labeled, 0.15, 0.15, seed=0)
+    assert a == split_volumes(list(reversed(ids)), labeled, 0.15, 0.15, seed=0)  # deterministic, order-free
+    assert len(a["val"]) == len(a["test"]) == 3  # floor(20 * 0.15)
+    assert set(a["val"]) | set(a["test"]) <= set(labeled)  # held-out volumes are labeled
+    assert not set(a["val"]) & set(a["test"]) and not (set(a["val"]) | set(a["test"])) & set(a["train"])
+    assert len(a["train"]) == 14
+    others = [split_volumes(ids, labeled, 0.15, 0.15, seed=s)["val"] for s in range(1, 6)]
+    assert any(o != a["val"] for o in others)
+    picked = pick_labeled_train(a["train"], labeled, 2, seed=0)
+    assert picked == pick_labeled_train(a["train"], labeled, 2, seed=0) and set(picked) <= set(labeled)
+    with pytest.raises(InputError, match="only"):
+        pick_labeled_train(a["train"], labeled, 50, seed=0)
+    with pytest.raises(InputError, match="no training volume"):
+        split_volumes(["a", "b"], [], 0.3, 0.3, seed=0)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("options", [{}, {"flip_axis": 1, "percentiles": (1.0, 99.0)}])
+def test_label_and_image_round_trip(phantom_dir, tmp_path, options):
+    out = tmp_path / "prep"
+    meta = preprocess(_site_config(phantom_dir, 0, out, **options), **QUIET)
+    assert meta["target_spacing"] == [6.0, 6.0, 6.0]  # fits in 64 px: no resampling
+    for vol in meta["volumes"].values():
+        assert all(src == 0 for src, _, _ in vol["inplane_window"])  # padded, not centre-cropped
+        label = restore_volume(_stack(out, vol, "mask"), vol, kind="label")
+        original = np.asarray(nib.load(vol["label"]).dataobj)
+        assert label.shape == original.shape and label.dtype == np.uint8
+        for c in range(3):
+            assert dc(label == c, original == c) >= 0.99
+        image = restore_volume(_stack(out, vol, "data"), vol, kind="image")
+        source = nib.load(vol["image"]).get_fdata()
+        inside = _crop_mask(vol)
+        assert np.corrcoef(image[inside], source[inside])[0, 1] > 0.98
+        assert np.all(image[~inside] == -1)
+
+
+def _crop_mask(vol: dict) -> np.ndarray:
+    """Voxels inside the crop box, in the original orientation (the box is stored after the flip)."""
+    inside = np.zeros(vol["shape"], bool)
+    inside[tuple(slice(a, b) for a, b in vol["crop"])] = True
+    return inside if vol["flip_axis"] is None else np.flip(inside, axis=vol["flip_axis"])
+
+
+def test_round_trip_with_resampling_and_nifti_output(phantom_dir, tmp_path):
+    out = tmp_path / "prep"
+    meta = preprocess(_site_config(phantom_dir, 1, out, target_spacing=(4.0, 4.0, 4.0)), **QUIET)
+    vol = meta["volumes"][meta["splits"]["test"][0]]
+    assert vol["shape_after_resampling"] != vol["shape_after_crop"]
+    label = restore_volume(_stack(out, vol, "mask"), vol, kind="label")
+    written = write_nifti_like(label, vol, tmp_path / "pred" / f"{vol['id']}_pred.nii.gz")
+    back = nib.load(str(written))
+    original = nib.load(vol["label"])
+    np.testing.assert_allclose(back.affine, original.affine)
+    assert back.get_data_dtype() == np.uint8 and back.header["sform_code"] == original.header["sform_code"]
+    restored = np.asarray(back.dataobj)
+    for c in range(3):
+        assert dc(restored == c, np.asarray(original.dataobj) == c) >= 0.97  # 6 mm -> 4 mm -> 6 mm
+    image = restore_volume(_stack(out, vol, "data"), vol, kind="image")
+    write_nifti_like(image, vol, tmp_path / "pred" / "trans.nii.gz")
+    assert nib.load(str(tmp_path / "pred" / "trans.nii.gz")).get_data_dtype() == np.float32  # no quantisation
+
+
+# --------------------------------------------------------------------------- §9 fixes
+
+
+def test_crop_end_searched_from_the_end():
+    profile = np.zeros(200)
+    profile[20:60] = 1.0  # object near the start, long empty tail
+    start, stop = axis_crop(profile)
+    assert 15 <= start <= 21 and 59 <= stop <= 65  # the reference reused the start bin and kept the tail
+
+
+def test_z_range_keeps_last_labeled_slice():
+    labels = np.zeros((10, 4, 4), np.uint8)
+    labels[3:7, 1, 1] = 1
+    assert z_range(labels, 10, discard=True) == (3, 7)
+    assert z_range(labels, 10, discard=False) == (0, 10)
+    assert z_range(np.zeros_like(labels), 10, discard=True) == (0, 10)
+
+
+def test_nii_names_weights_and_unlabeled(tmp_path):
+    root = _box_dataset(tmp_path / "raw", n=4, ext=".nii", weights=True)
+    (root / "labels" / "vol3.nii").unlink()  # one unlabeled volume
+    out = tmp_path / "prep"
+    meta = preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", weights=root / "weights",
+                                       out=out, size=32, val_frac=0.25, test_frac=0.25), **QUIET)
+    assert sorted(meta["volumes"]) == ["vol0", "vol1", "vol2", "vol3"]  # '.nii' stripped (FIX §9.22)
+    assert meta["num_classes"] == 3  # inferred from the largest label
+    assert "vol3" in meta["splits"]["train"]  # unlabeled volumes never go to val/test
+    for path in sorted(out.rglob("*.npz")):
+        s = load_slice(path)
+        assert (s["mask"] is None) == (volume_id(path) == "vol3")
+        vol = meta["volumes"][volume_id(path)]
+        z = vol["z_split"][0] + slice_index(path)
+        if z < 6:  # weight not all ones: stored, padded with 0
+            assert s["weight"] is not None and s["weight"].dtype == np.bool_
+            assert not s["weight"][0, 0, 0] and s["weight"].sum() == 20 * 20
+        else:
+            assert s["weight"] is None
+    with pytest.raises(InputError, match="no 'mask'"):
+        load_slice(next(out.rglob("vol3_slice000.npz")), require_mask=True)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_volumes(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no .nii"):
+        preprocess(PreprocessConfig(images=tmp_path / "empty", out=tmp_path / "o1"), **QUIET)
+
+    four_d = _write_nifti(tmp_path / "4d" / "a.nii.gz", np.zeros((8, 8, 4, 2), np.float32))
+    with pytest.raises(InputError, match="3-D") as err:
+        preprocess(PreprocessConfig(images=four_d.parent, out=tmp_path / "o2", val_frac=0, test_frac=0), **QUIET)
+    assert str(four_d) in str(err.value) and "\n" not in str(err.value)
+
+    root = _box_dataset(tmp_path / "raw", n=3)
+    _write_nifti(root / "labels" / "vol1.nii.gz", np.zeros((20, 24, 11), np.uint8))
+    with pytest.raises(InputError, match="label shape") as err:
+        preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", out=tmp_path / "o3",
+                                    val_frac=0, test_frac=0, size=32), **QUIET)
+    assert "vol1.nii.gz" in str(err.value)
+    assert not (tmp_path / "o3").exists()  # nothing half-written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o3")]
+
+
+def test_bad_slice_files(tmp_path):
+    good = save_slice(tmp_path / "v_slice000.npz", np.zeros((8, 8, 1), np.float32),
+                      np.eye(2, dtype=bool)[np.zeros((8, 8), int)])
+    assert load_slice(good)["mask"].shape == (8, 8, 2)
+
+    truncated = tmp_path / "v_slice001.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(InputError, match="v_slice001.npz"):
+        load_slice(truncated)
+    garbage = tmp_path / "v_slice002.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(InputError, match="cannot read"):
+        load_slice(garbage)
+
+    def raw(name, **arrays):
+        with open(tmp_path / name, "wb") as f:
+            np.savez(f, **arrays)
+        return tmp_path / name
+
+    not_one_hot = np.zeros((8, 8, 2), bool)
+    with pytest.raises(InputError, match="one-hot"):
+        load_slice(raw("v_slice003.npz", data=np.zeros((8, 8, 1), np.float32), mask=not_one_hot))
+    with pytest.raises(InputError, match="float32"):
+        load_slice(raw("v_slice004.npz", data=np.zeros((8, 8, 1), np.float64)))
+    with pytest.raises(InputError, match="'mask' must be bool"):
+        load_slice(raw("v_slice005.npz", data=np.zeros((8, 8, 1), np.float32), mask=np.zeros((8, 8, 2), np.uint8)))
+    with pytest.raises(InputError, match="no 'data'"):
+        load_slice(raw("v_slice006.npz", mask=not_one_hot))
+    pickled = tmp_path / "v_slice007.npz"
+    with zipfile.ZipFile(pickled, "w") as zf:  # an object array needs pickle: refused
+        with zf.open("data.npy", "w") as f:
+            np.lib.format.write_array(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="cannot read"):
+        load_slice(pickled)
+
+
+def test_slice_names():
+    assert volume_id("a/b/sub_slice3_slice012.npz") == "sub_slice3" and slice_index("x_slice012.npz") == 12
+    assert slice_index("x_slice1234.npz") == 1234
+    with pytest.raises(InputError):
+        volume_id("x_slice.npz")
+
+
+def test_group_non_contiguous(tmp_path):
+    for vid, idx in [("b", 7), ("a", 10), ("a", 2), ("b", 0)]:
+        save_slice(tmp_path / f"{vid}_slice{idx:03d}.npz", np.zeros((4, 4), np.float32))
+    groups = group_slices_by_volume(tmp_path)
+    assert list(groups) == ["a", "b"]
+    assert [slice_index(p) for p in groups["a"]] == [2, 10]
+
+
+def test_existing_output_and_cli(tmp_path):
+    root = _box_dataset(tmp_path / "raw", n=3)
+    out = tmp_path / "prep"
+    args = ["--images", str(root / "images"), "--labels", str(root / "labels"), "--out", str(out),
+            "--size", "32", "--val-frac", "0", "--test-frac", "0", "--quiet"]
+    assert cli.main(args) == 0
+    stamp = (out / "metadata.json").stat().st_mtime_ns
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "MultiMedSeg.preprocess", *args], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--overwrite" in lines[0] and str(out) in lines[0]
+    assert (out / "metadata.json").stat().st_mtime_ns == stamp
+    assert cli.main(args + ["--overwrite", "--size", "16"]) == 0
+    assert load_slice(next(out.rglob("*.npz")))["data"].shape == (16, 16, 1)
+
+    helptext = subprocess.run([sys.executable, "-m", "MultiMedSeg.preprocess", "--help"], capture_output=True,
+                              text=True, env=env)
+    assert helptext.returncode == 0
+    for flag in ("--images", "--labels", "--label-rule", "--weights", "--path-rule", "--out", "--size",
+                 "--val-frac", "--test-frac", "--seed", "--labeled-train", "--target-spacing", "--no-crop",
+                 "--ignore-z", "--no-standardize", "--num-classes", "--discard-outside-labels", "--flip-axis",
+                 "--overwrite", "--convert-legacy", "UNPICKLES"):
+        assert flag in helptext.stdout
+
+
+def test_label_rule_path_rule_and_ignore_z(tmp_path):
+    root = _box_dataset(tmp_path / "raw", n=3)
+    for p in (root / "labels").iterdir():
+        p.rename(p.with_name(p.name.replace(".nii.gz", "_seg.nii.gz")))
+    _write_nifti(root / "images" / "skip_me.nii.gz", np.zeros((20, 24, 12), np.float32))
+    meta = preprocess(PreprocessConfig(
+        images=root / "images", labels=root / "labels", label_rule="{id}_seg{ext}", path_rule="vol",
+        out=tmp_path / "o", size=16, val_frac=0, test_frac=0, ignore_z=True, crop=False), **QUIET)
+    assert sorted(meta["volumes"]) == ["vol0", "vol1", "vol2"]
+    assert all(v["label"] and v["label"].endswith("_seg.nii.gz") for v in meta["volumes"].values())
+    vol = meta["volumes"]["vol0"]
+    assert vol["crop"] == [[0, 20], [0, 24], [0, 12]]
+    assert vol["target_spacing"][2] == 2.0 and vol["depth_before_split"] == 12  # z not resampled
+    assert vol["shape_after_resampling"][:2] == [16, 16]  # each axis capped by --size (20, 24 > 16)
+    with pytest.raises(InputError, match="label-rule"):
+        preprocess(PreprocessConfig(images=root / "images", out=tmp_path / "o2", label_rule="{path}"), **QUIET)
+
+
+def test_legacy_conversion(tmp_path):
+    src = tmp_path / "legacy"
+    src.mkdir()
+    mask = np.zeros((8, 8, 2), bool)
+    mask[..., 0] = True
+    np.save(src / "vol_slice004.npy", {"data": np.zeros((8, 8, 1), np.float32), "mask": mask, "weight": None},
+            allow_pickle=True)
+    assert convert_legacy_folder(src, tmp_path / "new") == 1
+    converted = load_slice(tmp_path / "new" / "vol_slice004.npz")
+    assert converted["weight"] is None and converted["mask"].shape == (8, 8, 2)
+    with pytest.raises(InputError, match="already exists"):
+        convert_legacy_folder(src, tmp_path / "new")
