@@ -1,0 +1,91 @@
+"""Hyper-parameters of the data factory, as shipped to the nodes in Fed-BioMed ``model_args``.
+
+``model_args`` is a flat JSON-able dict (Fed-BioMed serialises it). :func:`FactoryConfig.from_model_args`
+validates it and fills defaults; unknown keys are rejected so a typo on the researcher side does not
+silently fall back to a default on the nodes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+# Keys needed to rebuild the networks (also written as ``args`` in final_global_model.pt).
+MODEL_KEYS = ("size", "style_dim", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim",
+              "channel_cap", "lr_mlp")
+
+EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # StyleGAN2's G_ema half-life: 10k images at batch 32
+
+
+@dataclass
+class FactoryConfig:
+    """Everything the node-side training needs (defaults = the paper's configuration, SPEC §5.1/§5.4)."""
+
+    # networks
+    size: int = 512
+    style_dim: int = 512
+    n_mlp: int = 8
+    n_domains: int = 3
+    channel_multiplier: int = 2
+    n_zbins: int = 29
+    clip_dim: int = 768
+    channel_cap: Optional[int] = None
+    lr_mlp: float = 0.01
+    # lazy regularisation
+    r1: float = 10.0
+    path_regularize: float = 2.0
+    path_batch_shrink: int = 2
+    d_reg_every: int = 16
+    g_reg_every: int = 4
+    mixing: float = 0.9
+    # ADA
+    augment: bool = False
+    augment_p: float = 0.0
+    ada_target: float = 0.6
+    ada_length: int = 500_000
+    ada_every: int = 256
+    # CLIP
+    clip_weight: float = 0.0
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: Optional[str] = "openai"
+    clip_prob: float = 0.5
+    # node-side bookkeeping
+    n_sample: int = 3
+    sample_every: int = 100
+    log_every: int = 50
+    seed: int = 0
+    run_id: str = "default"
+
+    @classmethod
+    def from_model_args(cls, model_args: Optional[Mapping[str, Any]]) -> "FactoryConfig":
+        """Validated config from Fed-BioMed ``model_args`` (ValueError on unknown keys / bad values)."""
+        args = dict(model_args or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ValueError(f"unknown factory model_args: {', '.join(unknown)}")
+        cfg = cls(**args)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.size < 8 or self.size & (self.size - 1):
+            raise ValueError(f"size must be a power of two >= 8, got {self.size}")
+        for name in ("style_dim", "n_mlp", "n_domains", "n_zbins", "clip_dim", "path_batch_shrink",
+                     "d_reg_every", "g_reg_every", "ada_every", "ada_length", "n_sample", "sample_every",
+                     "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mixing", "augment_p", "clip_prob"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.clip_weight < 0:
+            raise ValueError(f"clip_weight must be >= 0, got {self.clip_weight}")
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """Constructor arguments shared by Generator and Discriminator (see :func:`network.build_networks`)."""
+        return {k: getattr(self, k) for k in MODEL_KEYS}
+
+    def to_model_args(self) -> Dict[str, Any]:
+        """Flat dict for Fed-BioMed ``model_args`` (inverse of :meth:`from_model_args`)."""
+        return dataclasses.asdict(self)

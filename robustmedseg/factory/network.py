@@ -1,0 +1,62 @@
+"""The module Fed-BioMed trains and aggregates: G, D and G_ema under one ``nn.Module``.
+
+State-dict keys are ``generator.*``, ``discriminator.*`` and ``g_ema.*`` (SPEC §1.2); this full
+state dict (parameters and buffers of the three networks) is the only thing a node sends back.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from .config import FactoryConfig
+
+PREFIXES = ("generator", "discriminator", "g_ema")
+
+
+def build_networks(cfg: FactoryConfig) -> Tuple[nn.Module, nn.Module]:
+    """A fresh (Generator, Discriminator) pair from the config."""
+    from model import Discriminator, Generator
+
+    kw = cfg.model_kwargs()
+    g = Generator(kw["size"], style_dim=kw["style_dim"], n_mlp=kw["n_mlp"], n_domains=kw["n_domains"],
+                  channel_multiplier=kw["channel_multiplier"], lr_mlp=kw["lr_mlp"], n_zbins=kw["n_zbins"],
+                  clip_dim=kw["clip_dim"], channel_cap=kw["channel_cap"])
+    d = Discriminator(kw["size"], n_domains=kw["n_domains"], channel_multiplier=kw["channel_multiplier"],
+                      n_zbins=kw["n_zbins"], clip_dim=kw["clip_dim"], channel_cap=kw["channel_cap"],
+                      style_dim=kw["style_dim"])
+    return g, d
+
+
+class FactoryModel(nn.Module):
+    """Container of the generator, the discriminator and the EMA generator.
+
+    ``g_ema`` starts as an exact copy of ``generator`` and never receives gradients.
+    """
+
+    def __init__(self, cfg: FactoryConfig):
+        super().__init__()
+        self.generator, self.discriminator = build_networks(cfg)
+        self.g_ema, _ = build_networks(cfg)
+        self.g_ema.load_state_dict(self.generator.state_dict())
+        self.g_ema.eval()
+        self.g_ema.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """``g_ema <- decay * g_ema + (1 - decay) * generator`` over parameters (buffers are kept)."""
+        for p_ema, p in zip(self.g_ema.parameters(), self.generator.parameters()):
+            p_ema.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+
+
+def split_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """``{'generator.x': t, ...}`` -> ``{'g': {'x': t}, 'd': {...}, 'g_ema': {...}}`` (SPEC §4.7 keys)."""
+    names = {"generator": "g", "discriminator": "d", "g_ema": "g_ema"}
+    out: Dict[str, Dict[str, torch.Tensor]] = {v: {} for v in names.values()}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in names or not rest:
+            raise KeyError(f"unexpected key in the factory state dict: {key}")
+        out[names[prefix]][rest] = value
+    return out

@@ -1,0 +1,11 @@
+"""Federation tooling for phase 1 (Fed-BioMed 6.4.1).
+
+* :mod:`.strategy` — node selection (at most k nodes per round) and aggregation weights;
+* :mod:`.researcher` — researcher-side helpers used by ``train.py`` / ``save_global_model.py``;
+* :mod:`.local` — a local federation (N nodes + researcher component on one machine) for demos,
+  tests and benchmarks (``python -m robustmedseg.federation.local --help``);
+* :mod:`.inprocess` — one node round in this process, without gRPC (tests, benchmarks).
+
+Importing this package does not import ``fedbiomed.researcher`` (which creates a researcher
+component as a side effect): modules that need it import it lazily.
+"""

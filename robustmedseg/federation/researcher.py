@@ -1,0 +1,350 @@
+"""Researcher-side orchestration of the data factory (used by ``train.py``).
+
+Fed-BioMed's researcher package creates/loads the researcher component at
+``FBM_RESEARCHER_COMPONENT_ROOT`` *when it is imported*, and its ``Requests`` object is a
+per-process singleton: call :func:`use_researcher_component` first, and run one researcher
+scenario per process. Fed-BioMed's experiment methods normally print a banner and call
+``sys.exit`` on errors; :func:`use_researcher_component` sets ``FBM_DEBUG`` after the import so that
+exceptions reach ``train.py``, which reports them in one line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from robustmedseg.errors import InputError
+from robustmedseg.factory.config import FactoryConfig
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """A federation-level failure (node died, nodes missing, Fed-BioMed error); one-line message."""
+
+
+def use_researcher_component(root: Path, verbose: bool = False) -> Any:
+    """Point Fed-BioMed at the researcher component ``root`` (created if missing) and import it."""
+    root = Path(root).resolve()
+    os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(root)
+    os.environ.pop("FBM_DEBUG", None)
+    from fedbiomed.common.logger import logger as fbm_logger
+    from fedbiomed.researcher.config import config
+
+    fbm_logger.setLevel("INFO" if verbose else "WARNING")
+    os.environ["FBM_DEBUG"] = "1"  # exceptions propagate instead of sys.exit (checked at call time)
+    return config
+
+
+# ------------------------------------------------------------------------ nodes
+
+
+def wait_for_nodes(min_nodes: int, expected: Optional[Sequence[str]] = None, timeout: float = 120.0,
+                   hint: str = "") -> List[str]:
+    """Ping until ``expected`` nodes (or at least ``min_nodes``) answer; return the online node ids.
+
+    ``hint`` is appended to the timeout message (e.g. where the node logs are)."""
+    from fedbiomed.researcher.config import config
+    from fedbiomed.researcher.requests import Requests
+
+    reqs = Requests(config)
+    deadline = time.time() + timeout
+    online: List[str] = []
+    while True:
+        online = sorted(reqs.ping_nodes())
+        if expected and set(expected) <= set(online):
+            return online
+        if not expected and len(online) >= min_nodes:
+            return online
+        if time.time() > deadline:
+            need = f"nodes {sorted(set(expected) - set(online))}" if expected else f"{min_nodes} nodes"
+            raise FederationError(
+                f"waited {timeout:.0f} s for {need} but {len(online)} answered ({', '.join(online) or 'none'}): "
+                f"check that the nodes run and use this researcher's address (researcher component {config.root})"
+                + (f"; {hint}" if hint else ""))
+        time.sleep(1.0)
+
+
+def local_logs_hint(researcher_dir: Path) -> str:
+    """If ``researcher_dir`` belongs to a local federation (robustmedseg.federation.local), where its node logs are."""
+    manifest = Path(researcher_dir).resolve().parent / "federation.json"
+    if not manifest.is_file():
+        return ""
+    try:
+        logs = [n["log"] for n in json.loads(manifest.read_text()).get("nodes", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return "node logs: " + ", ".join(logs) if logs else ""
+
+
+def node_names(exp: Any) -> Dict[str, str]:
+    """node id -> registered dataset name (the site name) from the experiment's federated dataset."""
+    names = {}
+    data = exp.training_data().data() if exp.training_data() is not None else {}
+    for node_id, entries in data.items():
+        entry = entries[0] if isinstance(entries, list) and entries else entries
+        names[node_id] = entry.get("name", node_id) if isinstance(entry, dict) else node_id
+    return names
+
+
+def describe(node_id: str, names: Mapping[str, str]) -> str:
+    return f"{names[node_id]} ({node_id})" if node_id in names and names[node_id] != node_id else node_id
+
+
+# ------------------------------------------------------------------------ experiment
+
+
+@dataclass
+class Schedule:
+    """What a run (fresh or resumed) trains: total round limit, updates per round and the like."""
+
+    rounds: int
+    num_updates: int
+    batch: int
+    lr: float
+    max_nodes: int = 2
+    weighting: str = "uniform"
+    seed: int = 0
+    use_gpu: bool = False
+
+    def training_args(self) -> Dict[str, Any]:
+        # no random_seed: a fixed seed would replay the same random stream every round (§9.7);
+        # the nodes seed themselves from model_args["seed"] and persist their RNG state.
+        return {"num_updates": int(self.num_updates), "loader_args": {"batch_size": int(self.batch)},
+                "optimizer_args": {"lr": float(self.lr)}, "log_interval": 0, "use_gpu": bool(self.use_gpu)}
+
+
+def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str],
+                      nodes: Optional[Sequence[str]] = None) -> Any:
+    """A new Fed-BioMed Experiment of the factory plan (breakpoints on, FedAverage, k-of-N sampling)."""
+    from fedbiomed.researcher.aggregators import FedAverage
+    from fedbiomed.researcher.federated_workflows import Experiment
+    from training_plan import FactoryTrainingPlan
+
+    from .strategy import SampleAtMostK
+
+    run_id = uuid.uuid4().hex[:12] if cfg.run_id in ("", "default") else cfg.run_id
+    cfg = FactoryConfig.from_model_args({**cfg.to_model_args(), "run_id": run_id})
+    exp = Experiment(tags=list(tags), nodes=list(nodes) if nodes else None, training_plan_class=FactoryTrainingPlan,
+                     model_args=cfg.to_model_args(), training_args=schedule.training_args(),
+                     aggregator=FedAverage(),
+                     node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),
+                     round_limit=schedule.rounds, save_breakpoints=True, retain_full_history=False)
+    if not exp.all_federation_nodes():
+        raise FederationError(f"no node has a dataset tagged {list(tags)}")
+    return exp
+
+
+def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any],
+                      training_updates: Mapping[str, Any], strategy_updates: Mapping[str, Any],
+                      rounds: Optional[int]) -> Any:
+    """Load a breakpoint (None: latest), apply the changed settings and refresh the node list.
+
+    The federation is searched again by tags, so nodes that are gone (e.g. the node that died in
+    the failed round) are not sampled any more, and nodes that came back are.
+    """
+    from fedbiomed.researcher.federated_workflows import Experiment
+
+    exp = Experiment.load_breakpoint(breakpoint)
+    exp.set_retain_full_history(False)  # memory and breakpoint size stay bounded over hundreds of rounds
+    if model_updates:
+        exp.set_model_args({**exp.model_args(), **model_updates}, keep_weights=True)
+    if training_updates:
+        args = dict(exp.training_args())
+        for key, value in training_updates.items():
+            if isinstance(value, dict):
+                args[key] = {**args.get(key, {}), **value}
+            else:
+                args[key] = value
+        exp.set_training_args(args)
+    if strategy_updates:
+        exp.strategy()._parameters.update(strategy_updates)
+    exp.set_training_data(None, from_tags=True)
+    if not exp.all_federation_nodes():
+        raise FederationError(f"no node with a dataset tagged {exp.tags()} answered")
+    if rounds is not None:
+        if rounds <= exp.round_current():
+            raise InputError(f"--rounds {rounds} must exceed the rounds already run ({exp.round_current()})")
+        exp.set_round_limit(rounds)
+    else:
+        exp.set_round_limit(max(exp.round_current(), exp.round_limit() or 0))
+    return exp
+
+
+def breakpoint_dirs(exp: Any) -> List[str]:
+    root = Path(exp.experimentation_path())
+    return sorted(str(p) for p in root.glob("breakpoint_*") if p.is_dir())
+
+
+# ------------------------------------------------------------------------ monitoring
+
+
+class NodeMetrics:
+    """Receives the nodes' metric feedback (Fed-BioMed monitoring channel) -> TensorBoard + summaries."""
+
+    def __init__(self, writer: Any, names: Mapping[str, str]):
+        self.writer, self.names = writer, dict(names)
+        self.last: Dict[str, Dict[str, float]] = {}
+
+    def __call__(self, msg: Mapping[str, Any]) -> None:
+        metric = {k: float(v) for k, v in (msg.get("metric") or {}).items()}
+        node = msg.get("node_id", "?")
+        self.last[node] = metric
+        if self.writer is not None:
+            step = int(metric.get("step", msg.get("iteration", 0)))
+            name = self.names.get(node, msg.get("node_name") or node)
+            for key, value in metric.items():
+                if key != "step":
+                    self.writer.add_scalar(f"node/{name}/{key}", value, step)
+
+    def round_summary(self, nodes: Sequence[str]) -> Dict[str, float]:
+        """Mean over ``nodes`` of their latest metrics."""
+        rows = [self.last[n] for n in nodes if n in self.last]
+        keys = sorted({k for r in rows for k in r if k != "step"})
+        return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+@dataclass
+class RoundReport:
+    round: int
+    seconds: float
+    nodes: List[str]
+    metrics: Dict[str, float] = field(default_factory=dict)
+    sample: Optional[str] = None
+    node_train_s: Dict[str, float] = field(default_factory=dict)
+    node_cpu_s: Dict[str, float] = field(default_factory=dict)
+
+
+def node_training_times(exp: Any, index: int, key: str = "rtime_training") -> Dict[str, float]:
+    """Per-node local training time of round ``index`` from the training replies: wall time
+    (``rtime_training``) or CPU time of the node process (``ptime_training``)."""
+    replies = (exp.training_replies() or {}).get(index, {})
+    return {node: float((reply.get("timing") or {}).get(key, float("nan"))) for node, reply in replies.items()}
+
+
+def prune_experiment(exp: Any, keep: int) -> None:
+    """Bound the researcher's disk use: keep the newest ``keep`` breakpoints (0 = all) and delete the
+    node-reply parameter files that no kept breakpoint references.
+
+    Fed-BioMed writes every node reply's parameters to the experiment folder and never deletes
+    them; at 512 px that is ~0.4 GB per node per round.
+    """
+    import shutil
+
+    if keep <= 0:
+        return
+    folders = breakpoint_dirs(exp)
+    for old in folders[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    referenced = set()
+    for folder in folders[-keep:]:
+        for state_file in Path(folder).glob("breakpoint_*.json"):
+            text = state_file.read_text()
+            referenced.update(Path(p).name for p in _mpk_paths(text))
+    for path in Path(exp.experimentation_path()).glob("params_*.mpk"):
+        if path.name not in referenced:
+            path.unlink(missing_ok=True)
+
+
+def _mpk_paths(text: str) -> List[str]:
+    import re
+
+    return re.findall(r'"([^"]+\.mpk)"', text)
+
+
+def researcher_grid(exp: Any, out_dir: Path, round_: int, n_sample: int, seed: int) -> Path:
+    """PNG grid from the aggregated g_ema after a round (researcher side, no data involved)."""
+    from robustmedseg.factory.samples import generate_grid, save_grid
+
+    g_ema = exp.training_plan().model().g_ema
+    images = generate_grid(g_ema, n_sample, seed=seed)
+    return save_grid(images, Path(out_dir) / f"round_{round_:05d}.png", nrow=g_ema.n_domains)
+
+
+def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional[Path], n_sample: int, seed: int,
+               on_round: Callable[[RoundReport], None], keep_breakpoints: int = 3) -> int:
+    """Run until the round limit; one :class:`RoundReport` per round. Returns rounds run."""
+    from .strategy import NodeFailureError
+
+    names = node_names(exp)
+    done = 0
+    while exp.round_current() < exp.round_limit():
+        index = exp.round_current()
+        start = time.time()
+        try:
+            exp.run_once()
+        except NodeFailureError as err:
+            nodes = ", ".join(f"{describe(n, names)}: {err.reasons[n]}" for n in err.nodes)
+            raise FederationError(
+                f"round {index + 1} failed, node {nodes}. The last breakpoint (round {index}) is intact: "
+                f"rerun train.py with --resume to continue with the nodes still up") from err
+        seconds = time.time() - start
+        sampled = exp.strategy().sampled(index) or []
+        report = RoundReport(round=index + 1, seconds=seconds, nodes=[describe(n, names) for n in sampled],
+                             metrics=metrics.round_summary(sampled), node_train_s=node_training_times(exp, index),
+                             node_cpu_s=node_training_times(exp, index, "ptime_training"))
+        prune_experiment(exp, keep_breakpoints)
+        if writer is not None:
+            writer.add_scalar("round/seconds", seconds, index + 1)
+            if report.node_train_s:
+                writer.add_scalar("round/node_train_seconds_max", max(report.node_train_s.values()), index + 1)
+            for key, value in report.metrics.items():
+                writer.add_scalar(f"train/{key}", value, index + 1)
+            writer.flush()
+        if sample_dir is not None:
+            report.sample = str(researcher_grid(exp, sample_dir, index + 1, n_sample, seed))
+        on_round(report)
+        done += 1
+    return done
+
+
+def attach_metrics(exp: Any, writer: Any) -> NodeMetrics:
+    """Route the nodes' metric messages of this experiment to :class:`NodeMetrics` (replaces the
+    stock monitor, whose per-message console banners would drown the progress lines)."""
+    handler = NodeMetrics(writer, node_names(exp))
+    reqs = exp.requests() if callable(exp.requests) else exp.requests
+    reqs.add_monitor_callback(exp.id, handler)
+    return handler
+
+
+def write_run_info(path: Path, exp: Any, extra: Mapping[str, Any]) -> None:
+    from robustmedseg.io import write_text_atomic
+
+    info = {"experiment_id": exp.id, "experimentation_path": exp.experimentation_path(),
+            "round_current": exp.round_current(), "round_limit": exp.round_limit(),
+            "model_args": exp.model_args(), "training_args": dict(exp.training_args()),
+            "strategy": exp.strategy()._parameters,
+            "sampled": {str(k): v for k, v in exp.strategy()._sampling_node_history.items()},
+            "breakpoints": breakpoint_dirs(exp), **extra}
+    write_text_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def previous_rounds(path: Path, experiment_id: str, upto: int) -> List[Dict[str, Any]]:
+    """Round timings already recorded in ``run.json`` for this experiment (resumed runs append)."""
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if info.get("experiment_id") != experiment_id:
+        return []
+    return [r for r in info.get("rounds", []) if isinstance(r, dict) and int(r.get("round", 0)) <= upto]
+
+
+def tensorboard_writer(directory: Optional[Path]) -> Any:
+    if directory is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(log_dir=str(directory))
+
+
+def final_state_dict(exp: Any) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in exp.training_plan().model().state_dict().items()}

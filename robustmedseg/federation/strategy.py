@@ -1,0 +1,89 @@
+"""Node selection and aggregation weights for the data factory (researcher side).
+
+:class:`SampleAtMostK` draws at most ``max_nodes`` distinct nodes per round, uniformly, from a
+random stream derived from ``(seed, round)`` (reproducible, and identical after a resume). Its
+settings live in ``self._parameters`` and the class in an importable module, because
+``Experiment.load_breakpoint`` rebuilds strategies with ``cls()`` and no arguments, then restores
+``_parameters`` and the sampling history.
+
+Aggregation weights: ``uniform`` (1 / number of replying nodes, as the paper's Fed-BioMed fork,
+SPEC §5.1) or ``samples`` (Fed-BioMed's default, proportional to each node's dataset size).
+
+A sampled node that does not reply (died, disconnected) or replies with an error aborts the round
+with :class:`NodeFailureError`, whose one-line message names the node(s): aggregating a subset
+silently would change the experiment. The last breakpoint is intact; ``train.py --resume`` then
+continues with the nodes that are still up.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, List, Optional
+
+from fedbiomed.common.exceptions import FedbiomedStrategyError
+from fedbiomed.researcher.strategies import DefaultStrategy
+
+WEIGHTINGS = ("uniform", "samples")
+
+
+class NodeFailureError(FedbiomedStrategyError):
+    """One or more sampled nodes failed during a round. ``nodes``: ids; ``reasons``: id -> text."""
+
+    def __init__(self, round_i: int, reasons: Dict[str, str]):
+        self.round = round_i
+        self.nodes = sorted(reasons)
+        self.reasons = dict(reasons)
+        detail = "; ".join(f"node {n}: {reasons[n]}" for n in self.nodes)
+        super().__init__(f"round {round_i + 1} failed: {detail}")
+
+
+class SampleAtMostK(DefaultStrategy):
+    """Sample at most ``max_nodes`` nodes per round; weights ``uniform`` or by ``samples``."""
+
+    def __init__(self, max_nodes: int = 2, seed: int = 0, weighting: str = "uniform"):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if int(max_nodes) < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        self._parameters = {"max_nodes": int(max_nodes), "seed": int(seed), "weighting": weighting}
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self._parameters["max_nodes"])
+
+    def sample_nodes(self, from_nodes: List[str], round_i: int) -> List[str]:
+        k = min(self.max_nodes, len(from_nodes))
+        rng = random.Random(int(self._parameters["seed"]) * 1_000_003 + int(round_i))
+        chosen = sorted(rng.sample(sorted(from_nodes), k))
+        self._sampling_node_history[round_i] = chosen
+        return chosen
+
+    def sampled(self, round_i: int) -> Optional[List[str]]:
+        """Node ids sampled in (0-based) round ``round_i``, from the history kept in breakpoints."""
+        return self._sampling_node_history.get(int(round_i))
+
+    def refine(self, training_replies: Dict[str, Any], round_i: int):
+        reasons: Dict[str, str] = {}
+        for node in self._sampling_node_history.get(round_i, []):
+            reply = training_replies.get(node)
+            if reply is None:
+                reasons[node] = "no training reply (node stopped or disconnected)"
+            elif reply.get("success") is not True:
+                reasons[node] = f"training failed on the node: {reply.get('msg') or 'no message'}"
+        if reasons:
+            raise NodeFailureError(round_i, reasons)
+        model_params, weights, total_rows, encryption = super().refine(training_replies, round_i)
+        if self._parameters.get("weighting", "uniform") == "uniform" and weights:
+            weights = {node: 1.0 / len(weights) for node in weights}
+        return model_params, weights, total_rows, encryption
+
+    def save_state_breakpoint(self) -> Dict[str, Any]:
+        """Parameters plus the sampling history (the stock strategy does not keep the history)."""
+        state = super().save_state_breakpoint()
+        state["parameters"] = dict(self._parameters)
+        state["sampling_history"] = {str(r): list(n) for r, n in self._sampling_node_history.items()}
+        return state
+
+    def load_state_breakpoint(self, state: Dict[str, Any]) -> None:
+        super().load_state_breakpoint(state)
+        self._sampling_node_history = {int(r): list(n) for r, n in state.get("sampling_history", {}).items()}

@@ -1,0 +1,46 @@
+"""Export the federated data factory: latest (or given) Fed-BioMed breakpoint -> final_global_model.pt.
+
+The file holds ``g``, ``d`` and ``g_ema`` state dicts (model key names, SPEC §4.7) and ``args``, the
+constructor arguments of ``model.Generator`` / ``model.Discriminator``; it loads with
+``torch.load(path, weights_only=True)``. Phase 2 uses ``g_ema``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from robustmedseg.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--researcher-dir", dest="researcher_dir", type=Path, default=None,
+                   help="researcher component whose latest breakpoint is exported "
+                        "(default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher)")
+    p.add_argument("--breakpoint", type=Path, default=None,
+                   help="export this breakpoint folder instead of the latest one")
+    p.add_argument("--out", type=Path, default=Path("final_global_model.pt"),
+                   help="output file (default ./final_global_model.pt; written atomically)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from robustmedseg.federation.export import build_export, find_breakpoint, load_breakpoint_params
+    from robustmedseg.io import save_torch_atomic
+
+    args = build_parser().parse_args(argv)
+    root = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
+    folder, state_file = find_breakpoint(root, args.breakpoint)
+    params, state = load_breakpoint_params(folder, state_file)
+    export = build_export(params, state)
+    save_torch_atomic(export, args.out)
+    meta = export["meta"]
+    print(f"wrote {args.out} from {folder} (experiment {meta['experiment_id']}, after round {meta['round']}; "
+          f"size {export['args']['size']})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

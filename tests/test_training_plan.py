@@ -1,0 +1,440 @@
+"""Phase-1 training plan, driven in-process like a Fed-BioMed node (no gRPC), with tiny networks.
+
+Covers: D/G alternation, lazy-regularisation schedule, EMA rule, node-local state across rounds,
+ADA (identity at p = 0, grey colour fix, adaptation direction, double backward), CLIP loss
+(clamp, gradients, batch larger than the CLIP rows), strategy and export helpers.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+import torch
+
+from robustmedseg.factory import ada as ada_mod
+from robustmedseg.factory.config import EMA_DECAY, FactoryConfig
+from robustmedseg.factory.losses import spherical_distance_sq
+from robustmedseg.factory.network import FactoryModel
+from robustmedseg.factory.optim import AlternatingAdam
+from robustmedseg.factory.trainer import FactoryTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(size=16, style_dim=32, n_mlp=2, channel_cap=16, clip_dim=16, n_sample=2)
+TINY_CLIP = "rms-plan-test-tiny-clip"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _write_slices(folder: Path, n_vol: int = 2, n_slices: int = 6, size: int = 16, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for v in range(n_vol):
+        for n in range(n_slices):
+            data = np.tanh(rng.normal(size=(size, size, 1))).astype(np.float32)
+            mask = np.eye(2, dtype=bool)[np.zeros((size, size), int)]
+            np.savez(folder / f"vol{v}_slice{n:03d}.npz", data=data, mask=mask)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Dict[str, str]:
+    """A tiny random open_clip architecture + its weights file (shared by prepare and the loss)."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
+    torch.manual_seed(0)
+    weights = folder / "tiny_clip.pt"
+    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), weights)
+    return {"model": TINY_CLIP, "pretrained": str(weights)}
+
+
+@pytest.fixture(scope="module")
+def lmdb_plain(tmp_path_factory) -> Path:
+    from robustmedseg.data.lmdb_store import PrepareOptions, prepare_lmdb
+
+    root = tmp_path_factory.mktemp("plain")
+    out = root / "lmdb"
+    prepare_lmdb(PrepareOptions(source=_write_slices(root / "slices"), out=out, label=1, sizes=(16,),
+                                clip_model=None, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lmdb_clip(tmp_path_factory, tiny_clip) -> Path:
+    from robustmedseg.data.lmdb_store import PrepareOptions, prepare_lmdb
+
+    root = tmp_path_factory.mktemp("clipdata")
+    out = root / "lmdb"
+    prepare_lmdb(PrepareOptions(source=_write_slices(root / "slices", seed=1), out=out, label=2, sizes=(16,),
+                                clip_model=tiny_clip["model"], clip_pretrained=tiny_clip["pretrained"],
+                                device="cpu", progress=False))
+    return out
+
+
+@pytest.fixture()
+def state_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ROBUSTMEDSEG_NODE_STATE_DIR", str(tmp_path / "node_state"))
+    return tmp_path / "node_state"
+
+
+def _round(dataset: Path, num_updates: int, round_: int = 0, params=None, batch: int = 4, **model_args):
+    from robustmedseg.federation.inprocess import run_node_round
+    from training_plan import FactoryTrainingPlan
+
+    args = {**TINY, "run_id": "test", **model_args}
+    training = {"num_updates": num_updates, "loader_args": {"batch_size": batch},
+                "optimizer_args": {"lr": 0.002}, "log_interval": 0}
+    return run_node_round(FactoryTrainingPlan, args, training, dataset, node_id="NODE_t", round_=round_,
+                          params=params)
+
+
+def _changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix + ".") and
+               before[k].is_floating_point())
+
+
+def _tiny_trainer(**overrides) -> FactoryTrainer:
+    cfg = FactoryConfig.from_model_args({**TINY, **overrides})
+    model = FactoryModel(cfg)
+    opt = AlternatingAdam(model.discriminator.parameters(), model.generator.parameters(), lr=0.002,
+                          d_reg_every=cfg.d_reg_every, g_reg_every=cfg.g_reg_every)
+    return FactoryTrainer(model, opt, cfg)
+
+
+def _drive(trainer: FactoryTrainer, real: torch.Tensor, target: torch.Tensor) -> None:
+    """What Fed-BioMed does around training_step."""
+    trainer.opt.zero_grad()
+    loss = trainer.training_step(real, target)
+    loss.backward()
+    trainer.opt.step()
+
+
+def _batch(n: int = 4, domain: int = 1):
+    torch.manual_seed(3)
+    return torch.tanh(torch.randn(n, 1, 16, 16)), torch.tensor([[domain, i % 5] for i in range(n)])
+
+
+# --------------------------------------------------------------------------- plan (in-process node)
+
+def test_first_update_trains_d_only_second_trains_g(lmdb_plain, state_dir):
+    from training_plan import FactoryTrainingPlan  # noqa: F401  (import check)
+
+    plan, _, _ = _round(lmdb_plain, 1)
+    init = {k: v for k, v in plan.initial_parameters().items()}
+    after = plan.model().state_dict()
+    assert _changed(init, after, "discriminator")
+    assert not _changed(init, after, "generator")
+    assert not _changed(init, after, "g_ema")
+    plan2, _, _ = _round(lmdb_plain, 1, round_=1, params=after)  # continues at step 1: a G update
+    after2 = plan2.model().state_dict()
+    assert not _changed(after, after2, "discriminator")
+    assert _changed(after, after2, "generator") and _changed(after, after2, "g_ema")
+
+
+def test_node_reply_is_the_full_state_dict_of_the_three_networks(lmdb_plain, state_dir):
+    plan, params, seen = _round(lmdb_plain, 2)
+    assert seen == 2 * 4
+    assert set(params) == set(plan.model().state_dict())
+    assert {k.split(".")[0] for k in params} == {"generator", "discriminator", "g_ema"}
+
+
+def test_lazy_regularisation_adds_steps_on_schedule(lmdb_plain, state_dir):
+    n, d_every, g_every = 20, 2, 3
+    plan, _, _ = _round(lmdb_plain, n, d_reg_every=d_every, g_reg_every=g_every)
+    trainer = plan._session.trainer
+    d_idx = [i // 2 for i in range(n) if i % 2 == 0]
+    g_idx = [i // 2 for i in range(n) if i % 2 == 1]
+    n_r1 = sum(1 for k in d_idx if k % d_every == 0)
+    n_pl = sum(1 for k in g_idx if k % g_every == 0)
+    assert (trainer.counts["d"], trainer.counts["g"]) == (len(d_idx), len(g_idx))
+    assert (trainer.counts["r1"], trainer.counts["pl"]) == (n_r1, n_pl)
+    # regularisation ADDS an optimiser step to the regular one (StyleGAN2 lazy regularisation)
+    assert trainer.opt.steps == {"d": len(d_idx) + n_r1, "g": len(g_idx) + n_pl}
+    assert trainer.counts["ema"] == len(g_idx)
+    assert trainer.mean_path_length > 0
+
+
+def test_lazy_adam_hyper_parameters():
+    t = _tiny_trainer()
+    (gd,), (gg,) = t.opt.d.param_groups, t.opt.g.param_groups
+    assert gd["lr"] == pytest.approx(0.002 * 16 / 17) and gd["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
+    assert gg["lr"] == pytest.approx(0.002 * 4 / 5) and gg["betas"] == pytest.approx((0.0, 0.99 ** (4 / 5)))
+
+
+def test_state_persists_across_rounds(lmdb_plain, state_dir):
+    from robustmedseg.factory.session import begin_round
+    from robustmedseg.federation.inprocess import instantiate_plan
+    from fedbiomed.common.training_args import TrainingArgs
+    from training_plan import FactoryTrainingPlan
+
+    plan0, params, _ = _round(lmdb_plain, 12, augment=True, ada_every=1, ada_length=50)
+    t0 = plan0._session.trainer
+    saved_opt = t0.opt.state_dict()
+    saved_rng = torch.get_rng_state()
+    assert t0.ada_p > 0  # random D on random data: moved at least once
+    # a fresh plan object (what Fed-BioMed builds for the next round)
+    plan1 = instantiate_plan(FactoryTrainingPlan)
+    plan1.post_init(model_args={**TINY, "run_id": "test", "augment": True, "ada_every": 1, "ada_length": 50},
+                    training_args=TrainingArgs({"num_updates": 4, "loader_args": {"batch_size": 4},
+                                                "optimizer_args": {"lr": 0.002}}, only_required=False),
+                    node_id="NODE_t", round=1)
+    torch.manual_seed(0)  # what a seeded framework would do; the node stream must not restart
+    session = begin_round(plan1, type("D", (), {"clip_mean": lambda self: None})())
+    t1 = session.trainer
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    assert (t1.step, t1.ada_p, t1.mean_path_length) == (t0.step, t0.ada_p, t0.mean_path_length)
+    t1._apply_pending_optimizer_state()
+    restored = t1.opt.state_dict()
+    for net in ("d", "g"):
+        for idx, st in saved_opt[net]["state"].items():
+            assert torch.equal(restored[net]["state"][idx]["exp_avg_sq"], st["exp_avg_sq"])
+    # and training continues from the saved counter
+    plan2, _, _ = _round(lmdb_plain, 4, round_=1, params=params, augment=True, ada_every=1, ada_length=50)
+    assert plan2._session.trainer.step == 16
+
+
+def test_rerun_round_loads_state_from_before_it(lmdb_plain, state_dir):
+    from robustmedseg.factory.state import list_states, run_dir
+
+    _round(lmdb_plain, 4, round_=0)
+    _round(lmdb_plain, 4, round_=1)           # e.g. finished, but the round failed on another node
+    plan, _, _ = _round(lmdb_plain, 2, round_=1)  # the re-run of round 1 starts from round 0's state
+    assert plan._session.resumed_from == 0 and plan._session.trainer.step == 6
+    assert [r for r, _ in list_states(run_dir("test", "NODE_t"))] == [0, 1]
+
+
+def test_sample_grids_are_written_on_the_node(lmdb_plain, state_dir):
+    from PIL import Image
+
+    plan, _, _ = _round(lmdb_plain, 4, sample_every=2)
+    samples = plan._session.directory / "samples"
+    names = sorted(p.name for p in samples.iterdir())
+    assert names == ["0000000.png", "0000000_real.png", "0000002.png", "0000002_real.png"]
+    grid = np.asarray(Image.open(samples / "0000002.png"))
+    assert grid.ndim == 2 and grid.shape[0] > 16 * TINY["n_sample"]
+
+
+# --------------------------------------------------------------------------- trainer-level rules
+
+def test_ema_only_after_g_updates_and_follows_the_formula():
+    t = _tiny_trainer(mixing=0.0)
+    real, target = _batch()
+    ema0 = {k: v.clone() for k, v in t.model.g_ema.state_dict().items()}
+    _drive(t, real, target)  # D update
+    assert all(torch.equal(ema0[k], v) for k, v in t.model.g_ema.state_dict().items())
+    _drive(t, real, target)  # G update (with a path-length step: G index 0)
+    g = dict(t.model.generator.named_parameters())
+    for name, p_ema in t.model.g_ema.named_parameters():
+        expected = EMA_DECAY * ema0[name] + (1 - EMA_DECAY) * g[name].detach()
+        assert torch.allclose(p_ema, expected, atol=1e-7), name
+    assert EMA_DECAY == pytest.approx(0.997784, abs=1e-6)
+
+
+def test_r1_penalty_gradients_match_plain_autograd():
+    from robustmedseg.factory.losses import r1_penalty
+
+    t = _tiny_trainer()
+    d = t.model.discriminator
+    real, target = _batch()
+    c, _ = t.conditions(target, real.device)
+    grads = []
+    for fast in (True, False):
+        d.zero_grad()
+        x = real.clone().requires_grad_(True)
+        pred = d(x, c)
+        if fast:
+            penalty = r1_penalty(pred, x)
+        else:
+            (g,) = torch.autograd.grad(pred.sum(), x, create_graph=True)
+            penalty = g.pow(2).reshape(g.shape[0], -1).sum(1).mean()
+        penalty.backward()
+        grads.append([p.grad.clone() for p in d.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_batch_larger_than_clip_rows_and_clip_conditioning():
+    t = _tiny_trainer(clip_prob=1.0)
+    t.clip_mean = torch.randn(1, 16)
+    real, target = _batch(n=12)  # 12 > n_domains * n_sample = 6
+    c, e = t.conditions(target, real.device)
+    assert c.shape == (12, 3 + 29) and e.shape == (12, 16)
+    for _ in range(4):
+        _drive(t, real, target)
+    assert t.step == 4
+
+
+def test_clip_mean_with_several_domains_in_a_batch_is_refused():
+    t = _tiny_trainer(clip_prob=1.0)
+    t.clip_mean = torch.randn(1, 16)
+    with pytest.raises(ValueError, match="one domain"):
+        t.conditions(torch.tensor([[0, 1], [1, 1]]), torch.device("cpu"))
+
+
+def test_clip_loss_on_node_data(lmdb_clip, tiny_clip, state_dir):
+    plan, _, _ = _round(lmdb_clip, 6, batch=6, clip_weight=50.0, clip_prob=1.0, clip_model=tiny_clip["model"],
+                        clip_pretrained=tiny_clip["pretrained"])
+    trainer = plan._session.trainer
+    assert trainer.clip_mean is not None and trainer.clip_mean.shape == (1, 16)
+    assert trainer.counts["clip"] == 3  # every G update of the round (clip_prob 1)
+    assert all(torch.isfinite(p).all() for p in plan.model().parameters())
+
+
+def test_clip_loss_is_finite_for_identical_vectors_and_has_gradients(tiny_clip):
+    x = torch.randn(3, 16, requires_grad=True)
+    d = spherical_distance_sq(x, x.detach().clone())
+    d.sum().backward()
+    assert torch.isfinite(d).all() and torch.isfinite(x.grad).all()
+    from robustmedseg.factory.clip_loss import load_clip_loss
+
+    loss_fn = load_clip_loss(tiny_clip["model"], tiny_clip["pretrained"])
+    img = torch.tanh(torch.randn(2, 1, 16, 16)).requires_grad_(True)
+    target = loss_fn.embed(img).detach()
+    loss = loss_fn(img, target)  # identical embeddings: arccos(1) clamped
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() < 1e-3 and torch.isfinite(img.grad).all()
+    far = loss_fn(img.detach(), -target)
+    assert far.item() > 1.0  # antipodal: close to pi^2
+
+
+def test_missing_clip_weights_is_a_clear_error():
+    from robustmedseg.errors import InputError
+    from robustmedseg.factory.clip_loss import load_clip_loss
+
+    with pytest.raises(InputError, match="not found"):
+        load_clip_loss("ViT-L-14", "/nonexistent/clip_weights.pt")
+
+
+# --------------------------------------------------------------------------- ADA
+
+def test_augment_with_p_zero_is_the_exact_identity():
+    x = torch.randn(4, 1, 16, 16)
+    assert ada_mod.augment(x, 0.0) is x
+
+
+def test_grey_colour_transform_uses_the_row_sum():
+    x = torch.randn(2, 1, 8, 8)
+    eye = torch.eye(4).expand(2, 4, 4)
+    assert torch.equal(ada_mod.apply_colour(x, eye), x)  # the reference scaled by 1/3 here
+    m = eye.clone()
+    m[:, 0:3, 0:3] *= 1.5
+    m[:, 0:3, 3] = 0.25
+    assert torch.allclose(ada_mod.apply_colour(x, m), 1.5 * x + 0.25)
+    c = ada_mod.colour_matrix(64, 1.0, torch.device("cpu"))  # hue/saturation keep the grey axis
+    grey = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    out = c @ grey
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
+
+
+def test_geometric_pass_is_aligned():
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    img = (torch.sin(2 * xx) * torch.cos(3 * yy))[None, None]
+    ident = torch.eye(3)[None]
+    out = ada_mod.apply_geometric(img, ident)
+    assert (out - img)[..., 4:-4, 4:-4].abs().max() < 0.02
+    shift = ada_mod._translate2d(torch.tensor([-2.0]), torch.tensor([0.0]))  # content moves +2 px in x
+    moved = ada_mod.apply_geometric(img, shift)
+    assert (moved[..., 4:-4, 6:-4] - img[..., 4:-4, 4:-6]).abs().max() < 0.02
+
+
+def test_augmentation_is_twice_differentiable():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.double, requires_grad=True)
+    g_inv = ada_mod.geometric_matrix(2, (8, 8), 1.0, torch.device("cpu")).double()
+    assert torch.autograd.gradgradcheck(lambda t: ada_mod.apply_geometric(t, g_inv), (x,))
+
+
+def test_ada_probability_adapts_in_the_right_direction():
+    ada = ada_mod.AdaptiveAugment(target=0.6, length=100, update_every=2)
+    for _ in range(4):
+        ada.tune(torch.ones(10))  # D confident on reals: overfitting -> more augmentation
+    assert ada.p == pytest.approx(2 * 20 / 100)
+    for _ in range(20):
+        ada.tune(-torch.ones(10))
+    assert ada.p == 0.0  # clamped
+    ada.p = 0.995
+    for _ in range(2):
+        ada.tune(torch.ones(10))
+    assert ada.p == 1.0
+    with pytest.raises(ValueError):
+        ada_mod.AdaptiveAugment(0.6, 100, 0)
+
+
+def test_ada_every_is_honoured(lmdb_plain, state_dir):
+    plan, _, _ = _round(lmdb_plain, 8, augment=True, ada_every=3, ada_length=10)
+    ada = plan._session.trainer.ada
+    assert ada.calls == 4 % 3  # 4 regular D updates: one update of p after 3 calls, 1 call pending
+
+
+# --------------------------------------------------------------------------- strategy, export, CLI
+
+def test_strategy_samples_at_most_k_distinct_nodes_and_survives_breakpoints():
+    from robustmedseg.federation.strategy import NodeFailureError, SampleAtMostK
+
+    nodes = [f"NODE_{i}" for i in range(5)]
+    s = SampleAtMostK(max_nodes=2, seed=7)
+    picks = [s.sample_nodes(nodes, r) for r in range(20)]
+    assert all(len(p) == 2 == len(set(p)) and set(p) <= set(nodes) for p in picks)
+    assert len({tuple(p) for p in picks}) > 1
+    assert SampleAtMostK(3).sample_nodes(nodes[:2], 0) == nodes[:2]
+    state = json.loads(json.dumps(s.save_state_breakpoint()))  # breakpoints are JSON
+    s2 = SampleAtMostK()
+    s2.load_state_breakpoint(state)
+    assert s2.max_nodes == 2 and s2.sampled(19) == picks[19]
+    assert s2.sample_nodes(nodes, 3) == picks[3]  # same stream after a resume
+    with pytest.raises(NodeFailureError, match="NODE_1"):
+        s2.refine({}, 3) if "NODE_1" in picks[3] else s2.refine({picks[3][0]: {"success": True}}, 3)
+
+
+def test_uniform_aggregation_weights():
+    from robustmedseg.federation.strategy import SampleAtMostK
+
+    s = SampleAtMostK(max_nodes=2, weighting="uniform")
+    s.sample_nodes(["a", "b"], 0)
+    replies = {n: {"success": True, "node_id": n, "params": {}, "sample_size": size}
+               for n, size in (("a", 10), ("b", 30))}
+    _, weights, _, _ = s.refine(replies, 0)
+    assert weights == {"a": 0.5, "b": 0.5}
+    s2 = SampleAtMostK(max_nodes=2, weighting="samples")
+    s2.sample_nodes(["a", "b"], 0)
+    assert s2.refine(replies, 0)[1] == {"a": 0.25, "b": 0.75}
+
+
+def test_export_layout_and_strict_reload(tmp_path):
+    from robustmedseg.federation.export import build_export, load_generator
+    from robustmedseg.io import save_torch_atomic
+
+    cfg = FactoryConfig.from_model_args({**TINY, "run_id": "x"})
+    model = FactoryModel(cfg)
+    export = build_export(model.state_dict(), {"model_args": cfg.to_model_args(), "id": "e", "round_current": 3})
+    assert not any(k.startswith(("generator.", "g_ema.")) for k in export["g"])
+    assert "style.0.weight" in export["g_ema"] and "final_linear.1.weight" in export["d"]
+    path = tmp_path / "final_global_model.pt"
+    save_torch_atomic(export, path)
+    g = load_generator(path)
+    assert torch.equal(g.state_dict()["style.0.weight"], model.g_ema.state_dict()["style.0.weight"])
+    assert torch.load(path, weights_only=True)["meta"]["round"] == 3
+
+
+def test_unknown_model_args_are_rejected():
+    with pytest.raises(ValueError, match="unknown factory model_args: bogus"):
+        FactoryConfig.from_model_args({"bogus": 1})
+
+
+def test_train_cli_help_and_resume_refuses_architecture_flags():
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-nodes-per-round" in out.stdout and "--resume" in out.stdout
+    import train
+
+    with pytest.raises(Exception, match="--size"):
+        train._resume_updates({"size": 64, "resume": "LATEST"}, train.build_parser().parse_args(["--size", "64"]))
