@@ -1,0 +1,36 @@
+"""Phase 2a: pretrain the pSp segmenter on labeled source slices (intra branch only, SPEC §6.6).
+
+    python MultiMedSeg/pretrain.py --exp_dir runs/pretrain --source_data prep/site0 \\
+        --stylegan_weights final_global_model.pt --src_label 0 --label_nc 3 \\
+        --batch_size 8 --start_from_latent_avg --max_steps 15000
+
+Also runnable as ``python -m MultiMedSeg.pretrain``.  ``--help`` lists every option; the
+library is :mod:`MultiMedSeg.training`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from robustmedseg.errors import run_cli  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from MultiMedSeg.training.options import parse_training_options
+
+    opts = parse_training_options(argv, "pretrain")  # --help exits here, before torch is imported
+    from MultiMedSeg.training.coach import Coach
+
+    summary = Coach(opts).train()
+    best = summary["best"][0] if summary["best"] else None
+    print(f"pretraining done at step {summary['step']}; best checkpoint: "
+          f"{best['file'] + ' (score %.4f)' % best['score'] if best else 'none'} in {opts.exp_dir / 'checkpoints'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,36 @@
+"""Phase 2c: adapt a pretrained pSp segmenter to a target domain (intra, inter and cycle branches, SPEC §6.6).
+
+    python MultiMedSeg/train.py --exp_dir runs/adapt --source_data prep/site0 --target_data prep/site2 \\
+        --checkpoint_dir runs/pretrain --src_label 0 --tgt_label 2 --label_nc 3 \\
+        --start_from_latent_avg --one_target_slice --max_steps 20000
+
+Also runnable as ``python -m MultiMedSeg.train``.  ``--help`` lists every option; the
+library is :mod:`MultiMedSeg.training`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from robustmedseg.errors import run_cli  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from MultiMedSeg.training.options import parse_training_options
+
+    opts = parse_training_options(argv, "train")  # --help exits here, before torch is imported
+    from MultiMedSeg.training.coach import Coach
+
+    summary = Coach(opts).train()
+    best = summary["best"][0] if summary["best"] else None
+    print(f"adaptation done at step {summary['step']}; best checkpoint: "
+          f"{best['file'] + ' (score %.4f)' % best['score'] if best else 'none'} in {opts.exp_dir / 'checkpoints'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,582 @@
+"""Phase-2 training loop (SPEC §6.6): source pretraining and target domain adaptation.
+
+One :class:`Coach` runs both: ``opts.only_intra`` (``pretrain.py``) trains the intra branch
+on source slices; otherwise (``train.py``) even steps run the intra branch and odd steps the
+inter + cycle branches on balanced source/target batches.
+
+Fixes of SPEC §9 in this file: one device, no DataParallel (§9.27); the SSIM term really
+is ``1 - SSIM`` (§9.28, in :mod:`MultiMedSeg.losses`); validation never skips small
+batches and groups slices by volume id, not by loader order (§9.30); the classifier
+optimiser only steps when a head received gradients (§9.31); the best-k index is JSON
+(§9.26, :mod:`MultiMedSeg.training.checkpoints`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from MultiMedSeg import losses as L
+from MultiMedSeg.data.images_dataset import ImagesDataset, VolumeDataset
+from MultiMedSeg.data.sampler import BalancedSampler
+from MultiMedSeg.data.transforms import eval_transform, train_transform
+from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
+from MultiMedSeg.optim import Ranger
+from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.inference import predict_slices, volume_labels
+from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
+from MultiMedSeg.training.options import options_to_dict
+from robustmedseg.errors import InputError
+
+VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
+
+
+# ---------------------------------------------------------------------------------- setup
+def select_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available; ``cuda`` without a GPU is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; deterministic cuDNN (SPEC §6.6 global setup)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def check_exp_dir(opts: argparse.Namespace) -> Path:
+    """Refuse an existing ``--exp_dir`` unless ``--resume``/``--overwrite`` (no side effects)."""
+    exp = Path(opts.exp_dir)
+    if opts.resume:
+        if not (exp / "checkpoints" / ck.LAST_NAME).is_file():
+            raise InputError(f"nothing to resume: checkpoints/{ck.LAST_NAME} not found", exp)
+    elif exp.exists():
+        if not opts.overwrite:
+            raise InputError("experiment folder already exists (pass --resume to continue it or --overwrite "
+                             "to replace it)", exp)
+        if any(exp.iterdir()) and not ((exp / "opt.json").is_file() or (exp / "checkpoints").is_dir()):
+            raise InputError("refusing to --overwrite a non-empty folder that is not a training output", exp)
+    return exp
+
+
+def create_exp_dir(opts: argparse.Namespace) -> Path:
+    """Create ``--exp_dir`` (an old run is removed only now, once the new one has been set up)."""
+    exp = Path(opts.exp_dir)
+    if exp.exists() and opts.overwrite and not opts.resume:
+        shutil.rmtree(exp)
+    (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return exp
+
+
+def infer_generator_args(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Generator geometry read from a ``g_ema`` state dict (used for keys missing from ``args``)."""
+    from model import channel_table
+
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    out: Dict[str, Any] = {}
+    emb = state.get("label_embed.weight")
+    if isinstance(emb, torch.Tensor) and emb.ndim == 2:
+        out["style_dim"], out["n_cond"] = int(emb.shape[0]), int(emb.shape[1])
+    enc = state.get("encoding_embed.0.weight")
+    if isinstance(enc, torch.Tensor) and enc.ndim == 2:
+        out["clip_dim"] = int(enc.shape[1])
+    mlp = {k.split(".")[1] for k in state if k.startswith("style.")}
+    if mlp:
+        out["n_mlp"] = len(mlp)
+    n_rgb = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
+    if n_rgb:
+        size = 2 ** (n_rgb + 2)
+        out["size"] = size
+        chans = {4: None}
+        const = state.get("input.input")
+        if isinstance(const, torch.Tensor):
+            chans[4] = int(const.shape[1])
+        for i in range(n_rgb):
+            w = state.get(f"to_rgbs.{i}.conv.weight")
+            if isinstance(w, torch.Tensor):
+                chans[2 ** (i + 3)] = int(w.shape[2])
+        for cm in (2, 1, 4):
+            for cap in (None, chans[4]):
+                table = channel_table(size, cm, cap)
+                if all(v is None or table.get(r) == v for r, v in chans.items()):
+                    out.setdefault("channel_multiplier", cm)
+                    out.setdefault("channel_cap", cap)
+    return out
+
+
+def generator_args(path: Path) -> Dict[str, Any]:
+    """Architecture of a phase-1 generator file: its ``args`` completed from the ``g_ema`` tensors."""
+    payload = ck.load_checkpoint(path, "phase-1 generator file")
+    if not isinstance(payload.get("g_ema"), Mapping):
+        raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
+    args = payload.get("args")
+    args = dict(args) if isinstance(args, Mapping) else {}
+    inferred = infer_generator_args(payload["g_ema"])
+    n_cond = inferred.pop("n_cond", None)
+    for key, value in inferred.items():
+        if args.get(key) is None and not (key == "size" and args.get("output_size") is not None):
+            args[key] = value
+    if n_cond is not None:  # condition width = n_domains + n_zbins
+        if args.get("n_domains") is None and args.get("n_zbins") is not None:
+            args["n_domains"] = n_cond - int(args["n_zbins"])
+        elif args.get("n_domains") is None:
+            args["n_zbins"], args["n_domains"] = 29, n_cond - 29
+        elif args.get("n_zbins") is None:
+            args["n_zbins"] = n_cond - int(args["n_domains"])
+    return args
+
+
+def _pick(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
+    for n in names:
+        if args.get(n) is not None:
+            return args[n]
+    return default
+
+
+def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> None:
+    """Domain ids must index the generator's conditioning (one-line error naming ``source``)."""
+    for flag in ("src_label", "tgt_label"):
+        value = getattr(opts, flag, None)
+        if value is not None and not 0 <= value < n_domains:
+            raise InputError(f"--{flag} {value} is not a domain of this generator (n_domains = {n_domains})", source)
+
+
+def pretrain_config(opts: argparse.Namespace) -> PSPConfig:
+    """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
+    path = Path(opts.stylegan_weights)
+    args = generator_args(path)
+    n_domains = int(_pick(args, "n_domains", default=opts.n_domains or 3))
+    if opts.n_domains is not None and opts.n_domains != n_domains:
+        raise InputError(f"generator file was trained with n_domains = {n_domains} but --n_domains is "
+                         f"{opts.n_domains}", path)
+    size = int(_pick(args, "size", "output_size", default=opts.output_size or 512))
+    if opts.output_size is not None and opts.output_size != size:
+        raise InputError(f"generator file is {size} px but --output_size is {opts.output_size}", path)
+    check_domains(opts, n_domains, path)
+    try:
+        return PSPConfig(
+            output_size=size, style_dim=int(_pick(args, "style_dim", "latent", default=512)),
+            n_mlp=int(_pick(args, "n_mlp", default=8)), n_domains=n_domains,
+            n_zbins=int(_pick(args, "n_zbins", default=29)), clip_dim=int(_pick(args, "clip_dim", default=768)),
+            channel_multiplier=int(_pick(args, "channel_multiplier", default=2)),
+            channel_cap=_pick(args, "channel_cap"), src_tgt_domains=[opts.src_label], label_nc=opts.label_nc,
+            encoder_depth=opts.encoder_depth or 50, encoder_base_channels=opts.encoder_base_channels or 64,
+            encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
+            dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
+            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode)
+    except ValueError as err:
+        raise InputError(f"invalid model configuration: {err}", path) from None
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The best checkpoint of a finished run (``best.json``; ``last.pt`` when nothing was validated)."""
+    folder = ck.checkpoints_folder(Path(folder))
+    if (folder / ck.INDEX_NAME).is_file():
+        index = ck.BestIndex.load(folder)
+        if index.entries:
+            return index.paths(1)[0]
+    if (folder / ck.LAST_NAME).is_file():
+        return folder / ck.LAST_NAME
+    raise InputError("no checkpoint found (expected checkpoints/best.json or last.pt; given by --checkpoint_dir)",
+                     folder)
+
+
+def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
+    """PSP for ``train.py``: the pretraining checkpoint with two domains [src, tgt]."""
+    path = best_checkpoint(opts.checkpoint_dir)
+    payload = ck.load_checkpoint(path, "pretraining checkpoint")
+    config = payload.get("config")
+    if not isinstance(config, Mapping):
+        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
+    n_domains = int(config.get("n_domains", 0))
+    if opts.n_domains is not None and opts.n_domains != n_domains:
+        raise InputError(f"checkpoint has n_domains = {n_domains} but --n_domains is {opts.n_domains}", path)
+    check_domains(opts, n_domains, path)
+    src = list(config.get("src_tgt_domains", []))[:1]
+    if src and src[0] != opts.src_label:
+        raise InputError(f"checkpoint was pretrained with source domain {src[0]} but --src_label is "
+                         f"{opts.src_label}", path)
+    overrides: Dict[str, Any] = dict(src_tgt_domains=[opts.src_label, opts.tgt_label], label_nc=opts.label_nc,
+                                     invert_intensity=opts.invert_intensity, bn_mode=opts.bn_mode,
+                                     start_from_latent_avg=opts.start_from_latent_avg or
+                                     bool(config.get("start_from_latent_avg")),
+                                     residual=not opts.disable_residuals, dsbn=not opts.disable_DSBN)
+    for flag in ("output_size", "encoder_depth", "encoder_base_channels", "encoder_input_size"):
+        if getattr(opts, flag) is not None:
+            overrides[flag] = getattr(opts, flag)
+    if int(config.get("label_nc", opts.label_nc)) != opts.label_nc:
+        raise InputError(f"checkpoint segments {config.get('label_nc')} classes but --label_nc is {opts.label_nc}",
+                         path)
+    try:
+        net = PSP(PSPConfig.from_dict(config).replace(**overrides))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"invalid model configuration: {err}", path) from None
+    net.load_checkpoint(path, payload)
+    return net, path
+
+
+class LossBundle:
+    """The loss weights and (if used) the LPIPS network, built once from the options."""
+
+    def __init__(self, opts: argparse.Namespace, device: torch.device):
+        self.cfg = L.LossConfig(l2_lambda=opts.l2_lambda, ssim_lambda=opts.ssim_lambda, lpips_lambda=opts.lpips_lambda,
+                                ce_lambda=opts.ce_lambda, dice_lambda=opts.dice_lambda, ce_weights=opts.ce_weights,
+                                dice_weights=opts.dice_weights, optimize_mode=opts.optimize_mode)
+        self.lpips = None
+        if opts.lpips_lambda > 0:
+            self.lpips = L.build_lpips(opts.alex_model, opts.alex_pretr_model).to(device)
+
+    def calc_loss(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, where: torch.Tensor,
+                  weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return L.calc_loss(x.float(), y.float(), out.float(), where, self.cfg, weight=weight, lpips=self.lpips)
+
+    def mask_loss(self, seg: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """CE + Dice without weight maps (the inter branch's translated segmentation)."""
+        return L.mask_loss(y.float(), seg.float(), self.cfg)
+
+    def favoured_channels(self) -> List[int]:
+        return self.cfg.favoured()
+
+
+def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: argparse.Namespace) -> torch.optim.Optimizer:
+    """Ranger (default, SPEC §6.6) or Adam over the encoder (and decoder) parameters."""
+    if opts.optim_name == "adam":
+        return torch.optim.Adam(params, lr=opts.learning_rate)
+    return Ranger(params, lr=opts.learning_rate)
+
+
+# ---------------------------------------------------------------------------------- coach
+class Coach:
+    """Builds model, data, losses and optimisers from the options and runs training."""
+
+    def __init__(self, opts: argparse.Namespace):
+        self.opts = opts
+        self.device = select_device(opts.device)
+        self.use_amp = self.device.type == "cuda" and not opts.no_amp
+        seed_everything(opts.seed)
+        self.exp_dir = check_exp_dir(opts)
+        self.ckpt_dir = self.exp_dir / "checkpoints"
+        self.global_step = 0
+        self.best = ck.BestIndex(self.ckpt_dir, opts.n_best)
+        self._writer = None
+        self.net = self._build_model()
+        self._build_data()
+        self.losses = LossBundle(opts, self.device)
+        self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
+        self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        if opts.resume:
+            self._resume()
+        create_exp_dir(opts)
+        ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+
+    # ---------------------------------------------------------------- building
+    def _build_model(self) -> PSP:
+        opts = self.opts
+        if opts.resume:
+            payload = ck.load_checkpoint(self.ckpt_dir / ck.LAST_NAME, "resume checkpoint")
+            self._resume_payload = payload
+            net = PSP(PSPConfig.from_dict(payload["config"]))
+            net.load_checkpoint(self.ckpt_dir / ck.LAST_NAME, payload)
+            self._check_resume_config(net.config)
+            if not opts.only_intra:
+                net.freeze_source_classifier()
+        elif opts.only_intra:
+            net = PSP(pretrain_config(opts), arcface_weights=opts.backbone_weights)
+            net.load_generator(opts.stylegan_weights)
+        else:
+            net, self.init_checkpoint = adaptation_model(opts)
+            net.freeze_source_classifier()
+        net.set_decoder_trainable(bool(opts.train_decoder))
+        net.to(self.device)
+        net.compute_latent_avg(n=opts.latent_avg_samples, seed=opts.seed)
+        # the rest of the run is reported with the model's real geometry
+        opts.output_size = net.config.output_size
+        opts.encoder_input_size = net.config.encoder_input_size
+        opts.n_domains = net.config.n_domains
+        return net
+
+    def _check_resume_config(self, config: PSPConfig) -> None:
+        opts = self.opts
+        want = [opts.src_label] + ([] if opts.only_intra else [opts.tgt_label])
+        if list(config.src_tgt_domains) != want or config.label_nc != opts.label_nc:
+            raise InputError(f"--resume: the run in this folder has domains {config.src_tgt_domains} and "
+                             f"label_nc {config.label_nc}, the options give {want} and {opts.label_nc}",
+                             self.ckpt_dir / ck.LAST_NAME)
+
+    def _build_data(self) -> None:
+        opts = self.opts
+        size = self.net.config.encoder_input_size
+        self.train_set = ImagesDataset(
+            source_root=opts.source_root, target_labeled=opts.target_labeled, target_unlabeled=opts.target_unlabeled,
+            transform=train_transform(size, opts.use_da), one_target_slice=getattr(opts, "one_target_slice", False),
+            invert_intensity=opts.invert_intensity, label_nc=opts.label_nc,
+            min_length=max(opts.batch_size, opts.test_batch_size))
+        if self.train_set.natural_length < 1:
+            raise InputError("no training slices")
+        self.sampler = BalancedSampler(self.train_set, opts.batch_size, balanced=not opts.disable_balanced_sampling)
+        self.train_loader = DataLoader(self.train_set, batch_size=opts.batch_size, sampler=self.sampler,
+                                       drop_last=True, num_workers=opts.workers,
+                                       pin_memory=self.device.type == "cuda")
+        val_domain = 0 if opts.only_intra else 1
+        self.val_set = VolumeDataset(opts.val_root, val_domain, eval_transform(size), label_nc=opts.label_nc,
+                                     invert_intensity=opts.invert_intensity, flag="--val_root")
+        self.val_domain = val_domain
+
+    # ---------------------------------------------------------------- helpers
+    def feature_scale(self, step: Optional[int] = None) -> float:
+        step = self.global_step if step is None else step
+        return min(1.0, self.opts.feature_scale_rate * step)
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.exp_dir / "logs"))
+        return self._writer
+
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def selected_channels(self) -> List[str]:
+        """Classes whose Dice selects the best checkpoints (``--optimize_mode``)."""
+        chans = list(range(1, self.opts.label_nc))
+        if self.opts.optimize_mode == "favoured":
+            fav = self.losses.favoured_channels()
+            chans = [c for c in fav if c > 0] or chans
+        return [str(c) for c in chans]
+
+    # ---------------------------------------------------------------- training
+    def _to_device(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def intra_loss(self, b: Mapping[str, torch.Tensor], fs: float) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
+        """Intra branch: reconstruct and segment each slice in its own domain."""
+        out = self.net(b["data"], b["domain"], feature_scale=fs, ex_seg=True)
+        loss, logs = self.losses.calc_loss(b["data"], b["mask"], out.float(), b["has_gt"].bool(), b["weight"])
+        return loss, logs, out
+
+    def inter_loss(self, b: Mapping[str, torch.Tensor], fs: float) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
+        """Inter branch: translate to the other domain, cycle back, segment both ways (SPEC §6.6)."""
+        x, y, w, label, has_gt = b["data"], b["mask"], b["weight"], b["domain"], b["has_gt"].bool()
+        is_tgt = label[:, 1] > label[:, 0]
+        semi = is_tgt & has_gt
+        is_semi = semi if bool(semi.any()) else None
+        trans = self.net(x, flip_label(label), feature_scale=fs, is_semi=is_semi).float()
+        cycle = self.net(trans[:, :1].detach(), label, feature_scale=fs, ex_seg=True, is_semi=is_semi).float()
+        rows = has_gt if is_semi is not None else ~is_tgt
+        extra, extra_logs = self.losses.mask_loss(trans[:, 1:][rows], y[rows])
+        loss, logs = self.losses.calc_loss(x, y, cycle, rows, w)
+        logs.update({f"trans_{k}": v for k, v in extra_logs.items()})
+        return loss + extra, logs, cycle
+
+    def _step_optimizers(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        for opt in (self.optimizer_seg, self.optimizer):
+            # FIX §9.31: never step an optimiser none of whose parameters received a gradient
+            if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+                self.scaler.step(opt)
+        self.scaler.update()
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        self.net.train()
+        b = self._to_device(batch)
+        fs = self.feature_scale()
+        intra = self.opts.only_intra or self.global_step % 2 == 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_seg.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, logs, out = (self.intra_loss if intra else self.inter_loss)(b, fs)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite training loss at step {self.global_step}: {logs}")
+        self._step_optimizers(loss)
+        self._last = (b, out.detach())
+        prefix = "" if intra else "inter_"
+        logs = {f"{prefix}{k}": v for k, v in logs.items()}
+        logs["feature_scale"] = fs
+        return logs
+
+    def _batches(self):
+        while True:
+            yield from self.train_loader
+
+    def train(self) -> Dict[str, Any]:
+        """Run until ``--max_steps``; returns a summary (last validation, best index)."""
+        from tqdm import tqdm
+
+        opts = self.opts
+        last_val: Dict[str, float] = {}
+        bar = tqdm(total=opts.max_steps, initial=self.global_step, desc=opts.mode, dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())
+        batches = self._batches()
+        try:
+            while self.global_step < opts.max_steps:
+                logs = self.train_step(next(batches))
+                if self.global_step % opts.board_interval == 0:
+                    self._log_scalars("train", logs)
+                if self.global_step % opts.image_interval == 0:
+                    self._log_images()
+                self.global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs.get('loss', logs.get('inter_loss', 0.0)):.3f}")
+                final = self.global_step == opts.max_steps
+                validate = self.global_step % opts.val_interval == 0 or final
+                if validate:
+                    last_val = self.validate()
+                if self.global_step % opts.save_interval == 0 or final:
+                    self.save_training_state(f"iteration_{self.global_step}.pt")  # also refreshes last.pt
+                elif validate:
+                    self.save_training_state()
+        except KeyboardInterrupt:
+            if self.global_step > 0:
+                self.save_training_state()  # Ctrl-C: keep the progress for --resume
+                print(f"interrupted at step {self.global_step}; state saved to {self.ckpt_dir / ck.LAST_NAME}",
+                      file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
+
+    # ---------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Per-volume Dice/Hausdorff of intra, inter and ensemble; updates the best-k index."""
+        self.net.eval()
+        opts = self.opts
+        fs = self.feature_scale()
+        batches = self.val_set.volume_batches(opts.test_batch_size)
+        loader = DataLoader(self.val_set, batch_sampler=[idx for _, idx in batches], num_workers=opts.test_workers)
+        per_volume: List[Dict[str, float]] = []
+        loss_logs: List[Dict[str, float]] = []
+        current: Optional[str] = None
+        parts: Dict[str, List[torch.Tensor]] = {}
+        for (vid, _), batch in zip(batches, loader):
+            if current is not None and vid != current:
+                per_volume += self._volume_metrics(parts)
+                parts = {}
+            current = vid
+            b = self._to_device(batch)
+            pred = predict_slices(self.net, b["data"], b["domain"], fs, b["mask"].shape[-2:],
+                                  inter=not opts.only_intra)
+            for key in ("intra", "inter"):
+                if key in pred:
+                    parts.setdefault(key, []).append(pred[key].cpu())
+            parts.setdefault("mask", []).append(b["mask"].cpu())
+            parts.setdefault("weight", []).append(b["weight"].cpu())
+            loss_logs.append(self._val_losses(b, fs))
+        if parts:
+            per_volume += self._volume_metrics(parts)
+        metrics = mean_metrics(per_volume)
+        metrics.update(mean_metrics(loss_logs))
+        self._log_scalars("val", metrics)
+        score = selection_score(metrics, self.selected_channels(), opts.only_intra)
+        metrics["score"] = score
+        saved = self.best.add(score, self.global_step, metrics, self._model_payload())
+        if saved:
+            print(f"step {self.global_step}: new best checkpoint {saved} (score {score:.4f})", file=sys.stderr)
+        self.net.train()
+        return metrics
+
+    def _volume_metrics(self, parts: Mapping[str, List[torch.Tensor]]) -> List[Dict[str, float]]:
+        mask = torch.cat(list(parts["mask"]))
+        if not bool(mask.any()):  # a volume without ground truth
+            return []
+        weight = torch.cat(list(parts["weight"]))
+        gt = volume_labels(mask, weight)
+        preds = {"intra_": volume_labels(torch.cat(list(parts["intra"])), weight)}
+        if "inter" in parts:
+            inter = torch.cat(list(parts["inter"]))
+            intra = torch.cat(list(parts["intra"]))
+            w_inter, w_intra = VAL_ENSEMBLE_WEIGHTS
+            preds["inter_"] = volume_labels(inter, weight)
+            preds[""] = volume_labels(w_inter * inter + w_intra * intra, weight)
+        return [branch_metrics({k: v.numpy() for k, v in preds.items()}, gt.numpy(), self.opts.label_nc,
+                               self.opts.consider_only_vessels_within_brain)]
+
+    def _val_losses(self, b: Mapping[str, torch.Tensor], fs: float) -> Dict[str, float]:
+        """Validation losses at the encoder size (intra; plus inter/cycle when adapting)."""
+        size = self.net.config.encoder_input_size
+        y = F.interpolate(b["mask"], size=(size, size), mode="nearest")
+        w = F.interpolate(b["weight"], size=(size, size), mode="nearest")
+        has_gt = y.flatten(1).any(1)
+        out = self.net(b["data"], b["domain"], feature_scale=fs).float()
+        _, logs = self.losses.calc_loss(b["data"], y, out, has_gt, w)
+        if not self.opts.only_intra:
+            trans = self.net(b["data"], flip_label(b["domain"]), feature_scale=fs).float()
+            cycle = self.net(trans[:, :1], b["domain"], feature_scale=fs).float()
+            _, inter_logs = self.losses.calc_loss(b["data"], y, cycle, has_gt, w)
+            logs.update({f"inter_{k}": v for k, v in inter_logs.items()})
+        return logs
+
+    # ---------------------------------------------------------------- logging
+    def _log_scalars(self, prefix: str, logs: Mapping[str, float]) -> None:
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}/{k}", v, self.global_step)
+
+    def _log_images(self) -> None:
+        """Grid: input | reconstruction | ground truth | prediction, one row per sample (max 4)."""
+        b, out = self._last
+        n = min(4, out.shape[0])
+        scale = max(1, self.opts.label_nc - 1)
+        img = lambda t: ((t.float().clamp(-1, 1) + 1) / 2)  # noqa: E731
+        gt = (b["mask"][:n].argmax(1, keepdim=True).float() / scale) * b["mask"][:n].any(1, keepdim=True)
+        pred = out[:n, 1:].argmax(1, keepdim=True).float() / scale
+        row = torch.cat([img(b["data"][:n]), img(out[:n, :1]), gt, pred], dim=3)
+        grid = torch.cat(list(row), dim=1).cpu()  # (1, n*H, 4*W)
+        self.writer.add_image("train/images", grid, self.global_step)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _model_payload(self) -> Dict[str, Any]:
+        return self.net.checkpoint_payload(self.global_step, options_to_dict(self.opts))
+
+    def save_training_state(self, name: str = ck.LAST_NAME) -> Path:
+        """Model + optimisers + scaler + step + best index (loadable with ``weights_only=True``)."""
+        payload = self._model_payload()
+        payload.update(optimizer=self.optimizer.state_dict(), optimizer_seg=self.optimizer_seg.state_dict(),
+                       scaler=self.scaler.state_dict(), best=self.best.to_list(), torch_rng=torch.get_rng_state())
+        path = self.ckpt_dir / name
+        ck.save_checkpoint(path, payload)
+        if name != ck.LAST_NAME:
+            ck.save_checkpoint(self.ckpt_dir / ck.LAST_NAME, payload)
+        return path
+
+    def _resume(self) -> None:
+        payload = self._resume_payload
+        path = self.ckpt_dir / ck.LAST_NAME
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.optimizer_seg.load_state_dict(payload["optimizer_seg"])
+            if payload.get("scaler"):
+                self.scaler.load_state_dict(payload["scaler"])
+        except (KeyError, ValueError) as err:
+            raise InputError(f"cannot restore the optimiser state ({err})", path) from None
+        self.global_step = int(payload["global_step"])
+        if (self.ckpt_dir / ck.INDEX_NAME).is_file():
+            self.best = ck.BestIndex.load(self.ckpt_dir, self.opts.n_best)
+        if isinstance(payload.get("torch_rng"), torch.Tensor):
+            torch.set_rng_state(payload["torch_rng"])
+        if self.global_step >= self.opts.max_steps:
+            raise InputError(f"--resume: the run already reached step {self.global_step}; raise --max_steps "
+                             f"to continue it", path)

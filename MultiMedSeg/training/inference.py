@@ -1,0 +1,287 @@
+"""Inference library (SPEC §7, with the §9.39 fixes): ensemble prediction, NIfTI output, metrics.
+
+:func:`run_inference` segments every test volume with the ``--ensemble_size`` best
+checkpoints of a training run (``best.json``, best first; each file is loaded once):
+
+* ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
+  domain; ``inter`` = mean of the probabilities of the translated slice segmented by the
+  source head (FIX: the reference accumulated the intra probabilities twice);
+* ``pred`` = argmax of ``w_inter * inter + w_intra * intra`` (``--ensemble_weights``,
+  default 0.6/0.4); the means divide by the number of checkpoints actually used;
+* ``trans`` = the translated image of the best checkpoint, written as float32 (never
+  quantised to the header's integer type).
+
+Pixels outside a slice's weight map are background (and -1 in ``trans``).  Label volumes
+and the translation are mapped back to the original grid with the preprocessing metadata
+(:func:`MultiMedSeg.data.restore.restore_volume`) and written with the original affine
+(:func:`~MultiMedSeg.data.restore.write_nifti_like`) as ``<id>_intra``, ``<id>_inter``,
+``<id>_pred`` and ``<id>_trans`` ``.nii.gz``.  A pretraining (source-only) run writes only
+``<id>_intra``.
+
+Determinism (§9.36): models run in ``eval()`` -- the generator uses its fixed noise
+buffers and BatchNorm its running statistics (``bn_mode='running'``, the default), so the
+same inputs always give the same files, whatever the batch composition.
+
+With ground truth (the label path recorded in the metadata, or ``--labels DIR`` holding
+``<id>.nii.gz``) a ``metrics.csv`` lists per volume, prediction and class the Dice and the
+95th-percentile and maximum Hausdorff distances in mm (voxel spacing from the affine).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from MultiMedSeg.data.images_dataset import VolumeDataset
+from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta, write_nifti_like
+from MultiMedSeg.data.transforms import eval_transform
+from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
+from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
+from robustmedseg.errors import InputError
+from robustmedseg.io import atomic_dir
+
+BRANCHES = ("intra", "inter", "pred")
+
+
+# ---------------------------------------------------------------------------------- prediction
+def _resize(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    size = tuple(int(s) for s in size)
+    if tuple(t.shape[-2:]) == size:
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_slices(net: PSP, x: torch.Tensor, label: torch.Tensor, feature_scale: float,
+                   out_size: Sequence[int], inter: bool = True) -> Dict[str, torch.Tensor]:
+    """Run one batch at the generator's resolution and resize to ``out_size`` (the slice grid).
+
+    Returns ``intra`` (B, L, H, W) probabilities in the slices' own domain and, with ``inter``,
+    ``inter`` (B, L, H, W) probabilities and ``trans`` (B, 1, H, W) image after translation to
+    the other domain.  Call it with the model in ``eval()`` for deterministic outputs.
+    """
+    out = net(x, label, resize=False, feature_scale=feature_scale).float()
+    result = {"intra": _resize(out[:, 1:], out_size)}
+    if inter:
+        t = net(x, flip_label(label), resize=False, feature_scale=feature_scale).float()
+        result["inter"] = _resize(t[:, 1:], out_size)
+        result["trans"] = _resize(t[:, :1], out_size).clamp(-1.0, 1.0)
+    return result
+
+
+def volume_labels(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(Z, L, H, W) scores + (Z, 1, H, W) weight -> (Z, H, W) int64 labels; 0 outside the weight."""
+    return (probs * weight).argmax(1)
+
+
+# ---------------------------------------------------------------------------------- models
+def feature_scale_of(payload: Mapping[str, Any]) -> float:
+    """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
+    opts = payload.get("opts") or {}
+    rate = float(opts.get("feature_scale_rate", 1e-4))
+    return min(1.0, rate * int(payload.get("global_step", 0)))
+
+
+def load_ensemble(checkpoint_dir: Path, n: int, device: torch.device) -> List[Tuple[PSP, float, Path]]:
+    """The ``n`` best checkpoints of a run as (model in eval mode, feature_scale, path), best first."""
+    folder = ck.checkpoints_folder(Path(checkpoint_dir))
+    index = ck.BestIndex.load(folder)
+    if not index.entries:
+        raise InputError("the run has no best checkpoint yet (no validation happened)", index.path)
+    models: List[Tuple[PSP, float, Path]] = []
+    first = None
+    for path in index.paths(n):
+        payload = ck.load_checkpoint(path, "checkpoint")
+        if not isinstance(payload.get("config"), Mapping):
+            raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
+        try:
+            config = PSPConfig.from_dict(payload["config"])
+        except (TypeError, ValueError) as err:
+            raise InputError(f"invalid model configuration: {err}", path) from None
+        net = PSP(config)
+        net.load_checkpoint(path, payload)  # the file is read once (payload above)
+        key = (net.config.label_nc, tuple(net.config.src_tgt_domains), net.config.encoder_input_size,
+               net.config.output_size)
+        if first is None:
+            first = key
+        elif key != first:
+            raise InputError(f"checkpoint differs from the best one in (label_nc, domains, encoder size, "
+                             f"output size): {key} vs {first}", path)
+        net.to(device).eval()
+        models.append((net, feature_scale_of(payload), path))
+    return models
+
+
+# ---------------------------------------------------------------------------------- ground truth
+def spacing_from_affine(affine: Sequence[Sequence[float]]) -> Tuple[float, float, float]:
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def ground_truth_path(vid: str, meta: Mapping[str, Any], labels_dir: Optional[Path]) -> Optional[Path]:
+    """``--labels DIR/<id>.nii[.gz]`` if given (must exist), else the metadata's label path, else None."""
+    if labels_dir is not None:
+        for name in (f"{vid}.nii.gz", f"{vid}.nii"):
+            if (labels_dir / name).is_file():
+                return labels_dir / name
+        raise InputError(f"no ground-truth file {vid}.nii.gz for test volume {vid!r} (given by --labels)", labels_dir)
+    label = meta.get("label")
+    if label and Path(label).is_file():
+        return Path(label)
+    return None
+
+
+def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
+    try:
+        arr = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as err:  # noqa: BLE001 - unreadable NIfTI
+        raise InputError(f"cannot read ground-truth NIfTI ({err})", path) from None
+    if arr.shape != tuple(shape):
+        raise InputError(f"ground truth has shape {arr.shape}, the test volume {tuple(shape)}", path)
+    return np.rint(arr).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------- run
+class VolumePrediction:
+    """Accumulates the ensemble's per-slice outputs of one volume."""
+
+    def __init__(self) -> None:
+        self.intra: List[torch.Tensor] = []
+        self.inter: List[torch.Tensor] = []
+        self.trans: List[torch.Tensor] = []
+        self.weight: List[torch.Tensor] = []
+
+
+def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader, device: torch.device,
+                   inter: bool) -> Dict[str, torch.Tensor]:
+    """Ensemble means over the models for every slice batch of one volume (CPU tensors)."""
+    acc = VolumePrediction()
+    for batch in loader:
+        x = batch["data"].to(device)
+        label = batch["domain"].to(device)
+        size = batch["weight"].shape[-2:]
+        sums: Dict[str, torch.Tensor] = {}
+        for k, (net, fs, _) in enumerate(models):
+            out = predict_slices(net, x, label, fs, size, inter=inter)
+            for key in ("intra", "inter"):
+                if key in out:
+                    sums[key] = sums.get(key, 0) + out[key]
+            if k == 0 and "trans" in out:
+                acc.trans.append(out["trans"].cpu())
+        acc.intra.append((sums["intra"] / len(models)).cpu())
+        if inter:
+            acc.inter.append((sums["inter"] / len(models)).cpu())
+        acc.weight.append(batch["weight"])
+    result = {"intra": torch.cat(acc.intra), "weight": torch.cat(acc.weight)}
+    if inter:
+        result["inter"] = torch.cat(acc.inter)
+        result["trans"] = torch.cat(acc.trans)
+    return result
+
+
+def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, np.ndarray]:
+    """intra / inter / pred label volumes (Z, H, W) from the ensemble means."""
+    w = pred["weight"]
+    out = {"intra": volume_labels(pred["intra"], w).numpy()}
+    if "inter" in pred:
+        w_inter, w_intra = weights
+        out["inter"] = volume_labels(pred["inter"], w).numpy()
+        mix = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
+        out["pred"] = volume_labels(mix, w).numpy()
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6f}" if math.isfinite(v) else str(v)
+
+
+def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
+    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
+    from MultiMedSeg.training.coach import seed_everything, select_device
+
+    device = select_device(opts.device)
+    seed_everything(opts.seed)
+    models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)
+    config = models[0][0].config
+    if opts.label_nc is not None and opts.label_nc != config.label_nc:
+        raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
+                         models[0][2])
+    inter = len(config.src_tgt_domains) == 2
+    domain = 1 if inter else 0  # test data is the target domain of an adapted run, the source otherwise
+    meta = load_metadata(opts.metadata)
+    dataset = VolumeDataset(opts.test_root, domain, eval_transform(config.encoder_input_size),
+                            label_nc=config.label_nc, invert_intensity=config.invert_intensity, flag="--test_root")
+    for vid in dataset.volumes:  # fail before any work when a volume is unknown
+        volume_meta(meta, vid, opts.metadata)
+    if opts.exp_dir.exists() and not opts.overwrite:
+        raise InputError("output folder already exists (pass --overwrite to replace it)", opts.exp_dir)
+    rows: List[Dict[str, Any]] = []
+    written: List[str] = []
+    with atomic_dir(opts.exp_dir, overwrite=opts.overwrite) as out_dir:
+        for vid, idx in dataset.volumes.items():
+            vmeta = volume_meta(meta, vid, opts.metadata)
+            batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
+            pred = predict_volume(models, loader, device, inter)
+            labels = label_volumes(pred, opts.ensemble_weights)
+            restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
+            for k, v in restored.items():
+                written.append(str(write_nifti_like(v, vmeta, out_dir / f"{vid}_{k}.nii.gz").name))
+            if inter:
+                trans = pred["trans"][:, 0].numpy()
+                trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0).astype(np.float32)
+                image = restore_volume(trans, vmeta, kind="image").astype(np.float32)
+                written.append(str(write_nifti_like(image, vmeta, out_dir / f"{vid}_trans.nii.gz").name))
+            gt_path = ground_truth_path(vid, vmeta, opts.labels)
+            if gt_path is not None:
+                gt = read_ground_truth(gt_path, vmeta["shape"])
+                spacing = spacing_from_affine(vmeta["affine"])
+                for branch, vol in restored.items():
+                    vol = vol.astype(np.int64)
+                    if opts.consider_only_vessels_within_brain:
+                        vol = restrict_to_gt_foreground(vol, gt)
+                    for cls, s in volume_scores(vol, gt, config.label_nc, spacing).items():
+                        rows.append({"volume": vid, "prediction": branch, "class": cls,
+                                     "dice": s["dice"], "hd95": s["hd95"], "hd": s["hd"]})
+            log(f"{vid}: wrote {', '.join(f'{vid}_{k}' for k in list(restored) + (['trans'] if inter else []))}")
+        if rows:
+            with open(out_dir / "metrics.csv", "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["volume", "prediction", "class", "dice", "hd95", "hd"])
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})
+        ck.write_json(out_dir / "inference.json", {
+            "checkpoints": [str(p) for _, _, p in models], "feature_scales": [fs for _, fs, _ in models],
+            "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
+            "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written})
+    summary = summarize(rows, "pred" if inter else "intra")
+    if summary:
+        log(summary["line"])
+    return {"volumes": list(dataset.volumes), "files": written, "rows": rows, "summary": summary,
+            "n_checkpoints": len(models)}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], branch: str) -> Dict[str, Any]:
+    """Mean Dice / HD95 / HD per class over volumes for one prediction branch, and a printable line."""
+    sel = [r for r in rows if r["prediction"] == branch]
+    if not sel:
+        return {}
+    classes = sorted({r["class"] for r in sel}, key=lambda c: (c == "foreground", c))
+    means: Dict[str, Dict[str, float]] = {}
+    for c in classes:
+        rs = [r for r in sel if r["class"] == c]
+        means[c] = {m: float(np.mean([r[m] for r in rs])) for m in ("dice", "hd95", "hd")}
+    per_class = [c for c in classes if c != "foreground"]
+    mean_dice = float(np.mean([means[c]["dice"] for c in per_class])) if per_class else float("nan")
+    parts = ", ".join(f"class {c} Dice {means[c]['dice']:.3f} HD95 {means[c]['hd95']:.2f}" for c in classes)
+    line = (f"summary ({branch}, {len({r['volume'] for r in sel})} volumes): mean Dice {mean_dice:.3f}; {parts}")
+    return {"branch": branch, "per_class": means, "mean_dice": mean_dice, "line": line}

@@ -1,0 +1,91 @@
+"""Per-volume segmentation metrics with MedPy (SPEC §6.6 validation, §7 evaluation).
+
+For every label ``k`` in ``1..L-1`` (and ``foreground`` = any non-zero label):
+
+* Dice: ``medpy.metric.binary.dc``;
+* Hausdorff: ``medpy.metric.binary.hd`` (maximum) and ``hd95`` (95th percentile), 3-D,
+  in voxel units or in mm when ``spacing`` is given.
+
+Edge cases (documented decision): when prediction and ground truth are both empty for a
+label, Dice is 1 and the distances 0 (a correct "absent"); when exactly one is empty, Dice
+is 0 and the distances are ``inf`` (MedPy raises there).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+DISTANCES = ("hd", "hd95")
+
+
+def binary_scores(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None,
+                  distances: Iterable[str] = DISTANCES) -> Dict[str, float]:
+    """Dice and the requested Hausdorff distances of two boolean volumes."""
+    from medpy.metric.binary import dc, hd, hd95
+
+    funcs = {"hd": hd, "hd95": hd95}
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    has_p, has_g = bool(pred.any()), bool(gt.any())
+    out: Dict[str, float] = {}
+    if not has_p and not has_g:
+        out["dice"] = 1.0
+        out.update({d: 0.0 for d in distances})
+        return out
+    out["dice"] = float(dc(pred, gt))
+    for d in distances:
+        out[d] = float(funcs[d](pred, gt, voxelspacing=spacing)) if has_p and has_g else math.inf
+    return out
+
+
+def volume_scores(pred: np.ndarray, gt: np.ndarray, label_nc: int, spacing: Optional[Sequence[float]] = None,
+                  distances: Iterable[str] = DISTANCES) -> Dict[str, Dict[str, float]]:
+    """{class name: {dice, hd, hd95}} for labels ``1..label_nc-1`` and ``foreground``."""
+    distances = tuple(distances)
+    out = {str(k): binary_scores(pred == k, gt == k, spacing, distances) for k in range(1, label_nc)}
+    out["foreground"] = binary_scores(pred > 0, gt > 0, spacing, distances)
+    return out
+
+
+def restrict_to_gt_foreground(pred: np.ndarray, gt: np.ndarray, first_label: int = 2) -> np.ndarray:
+    """``--consider_only_vessels_within_brain``: labels >= ``first_label`` predicted outside the GT
+    non-background region become background (FIX §9.29: the reference asserted on an int)."""
+    pred = pred.copy()
+    pred[(pred >= first_label) & (gt == 0)] = 0
+    return pred
+
+
+def branch_metrics(preds: Mapping[str, np.ndarray], gt: np.ndarray, label_nc: int,
+                   only_inside_gt: bool = False) -> Dict[str, float]:
+    """Flat validation metrics: ``<prefix>dice_<k>`` and ``<prefix>hausdorff_<k>`` per branch.
+
+    ``preds`` maps a key prefix (``"intra_"``, ``"inter_"``, ``""`` for the ensemble) to a label
+    volume.  Hausdorff is the maximum distance in voxel units, as in the reference.
+    """
+    out: Dict[str, float] = {}
+    for prefix, pred in preds.items():
+        if only_inside_gt:
+            pred = restrict_to_gt_foreground(pred, gt)
+        for name, s in volume_scores(pred, gt, label_nc, distances=("hd",)).items():
+            out[f"{prefix}dice_{name}"] = s["dice"]
+            out[f"{prefix}hausdorff_{name}"] = s["hd"]
+    return out
+
+
+def mean_metrics(per_volume: List[Mapping[str, float]]) -> Dict[str, float]:
+    """Average each key over volumes (``inf`` propagates, as a failed distance should)."""
+    keys = sorted({k for m in per_volume for k in m})
+    return {k: float(np.mean([m[k] for m in per_volume if k in m])) for k in keys}
+
+
+def selection_score(metrics: Mapping[str, float], channels: Sequence[str], only_intra: bool) -> float:
+    """Best-checkpoint score: for each branch (ensemble, inter, intra; intra only with
+    ``only_intra``) the mean Dice over ``channels``; the score is the best branch (SPEC §6.6)."""
+    prefixes = ["intra_"] if only_intra else ["", "inter_", "intra_"]
+    values = []
+    for prefix in prefixes:
+        keys = [f"{prefix}dice_{c}" for c in channels]
+        if all(k in metrics for k in keys):
+            values.append(float(np.mean([metrics[k] for k in keys])))
+    return max(values) if values else 0.0

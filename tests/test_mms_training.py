@@ -1,0 +1,469 @@
+"""Phase-2 training and inference: datasets, sampler, transforms, metrics, checkpoint index,
+options, and the pretrain -> adapt -> inference pipeline on the embedded phantom (32 px, tiny
+encoder and generator, a few steps).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import model
+from MultiMedSeg import inference as inference_cli
+from MultiMedSeg import pretrain as pretrain_cli
+from MultiMedSeg import train as train_cli
+from MultiMedSeg.data.images_dataset import ImagesDataset
+from MultiMedSeg.data.sampler import BalancedSampler
+from MultiMedSeg.data.slices import save_slice
+from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
+from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.inference import label_volumes
+from MultiMedSeg.training.metrics import binary_scores, selection_score, volume_scores
+from MultiMedSeg.training.options import parse_inference_options, parse_training_options
+from robustmedseg.errors import InputError, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+GEN_ARGS = dict(size=32, style_dim=32, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=16)
+TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_input_size", "32",
+        "--latent_avg_samples", "256", "--feature_scale_rate", "0.1", "--batch_size", "4", "--test_batch_size", "8",
+        "--board_interval", "2", "--image_interval", "4", "--start_from_latent_avg", "--device", "cpu"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def write_generator(path: Path, **overrides) -> Path:
+    """A tiny phase-1 generator file, initialised locally."""
+    args = dict(GEN_ARGS, **overrides)
+    torch.manual_seed(0)
+    g = model.Generator(**args)
+    torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": args}, path)
+    return path
+
+
+def write_alexnet(folder: Path) -> tuple:
+    """Random AlexNet features + LPIPS heads (real weights cannot be downloaded in tests)."""
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    feats = folder / "alex_pretr.pth"
+    heads = folder / "alex.pth"
+    torch.save(alexnet(weights=None).features.state_dict(), feats)
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) / c for i, c in enumerate((64, 192, 384, 256, 256))},
+               heads)
+    return heads, feats
+
+
+def make_slices(folder: Path, vid: str, n: int, size: int = 16, classes: int = 3, labeled: bool = True,
+                background_only: tuple = (), weight_zero: tuple = ()) -> list:
+    """Synthetic slices: a square of class 1 and one of class 2 (background-only / zero-weight on request)."""
+    paths = []
+    for z in range(n):
+        lab = np.zeros((size, size), np.int64)
+        if z not in background_only:
+            lab[2:6, 2:6] = 1
+            lab[8:12, 8:12] = classes - 1
+        data = np.where(lab > 0, 0.5, -1.0).astype(np.float32)[..., None] + 0.01 * z
+        mask = (lab[..., None] == np.arange(classes)) if labeled else None
+        weight = np.zeros((size, size, 1), bool) if z in weight_zero else None
+        paths.append(save_slice(folder / f"{vid}_slice{z:03d}.npz", data, mask, weight))
+    return paths
+
+
+def exit_message(capsys, main, argv) -> str:
+    """Run a CLI main through run_cli in-process; assert exit 2 and a one-line error; return it."""
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------ datasets
+def test_dataset_interleaves_domains_and_filters_labeled_targets(tmp_path):
+    src = make_slices(tmp_path / "src", "s", 5)
+    lab = make_slices(tmp_path / "lab", "t", 4, background_only=(0,), weight_zero=(3,))
+    unl = make_slices(tmp_path / "unl", "u", 2, labeled=False)
+    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", transform=train_transform(16),
+                       label_nc=3)
+    assert len(ds) == 2 * 6 - 0  # n_src 5 < n_tgt 6
+    assert ds.labeled_target == {lab[1], lab[2]}  # background-only and zero-weight slices are not labeled
+    for i in range(len(ds)):
+        item = ds[i]
+        domain, pos = ds.locate(i)
+        assert domain == i % 2 and item["domain"].tolist() == ([1.0, 0.0] if domain == 0 else [0.0, 1.0])
+        assert ds.path(i) == (src[(i // 2) % 5] if domain == 0 else (lab + unl)[(i // 2) % 6])
+        assert bool(item["has_gt"]) == (domain == 0 or ds.path(i) in ds.labeled_target)
+        if not item["has_gt"]:
+            assert not item["mask"].any()  # unlabeled: mask entirely False, background included
+        assert item["data"].shape == (1, 16, 16) and item["weight"].shape == (1, 16, 16)
+    more = ImagesDataset(tmp_path / "src", tmp_path / "lab", transform=None, label_nc=3)
+    assert len(more) == 2 * 5 - 1  # n_src 5 > n_tgt 4: minus one
+    assert len(ImagesDataset(tmp_path / "src", label_nc=3, min_length=12)) == 12
+
+
+def test_one_target_slice_keeps_middle_labeled_slice(tmp_path):
+    make_slices(tmp_path / "lab", "a", 5, background_only=(0,))
+    b = make_slices(tmp_path / "lab", "b", 4)
+    a_paths = sorted((tmp_path / "lab").glob("a_*"))
+    ds = ImagesDataset(target_labeled=tmp_path / "lab", one_target_slice=True, label_nc=3)
+    # volume a: filtered = slices 1..4 -> element 4//2 = slice 3; volume b: slices 0..3 -> slice 2
+    assert ds.labeled_target == {a_paths[3], b[2]}
+
+
+def test_source_slice_without_mask_has_no_ground_truth(tmp_path):
+    make_slices(tmp_path / "src", "a", 1)
+    make_slices(tmp_path / "src", "b", 1, labeled=False)
+    ds = ImagesDataset(tmp_path / "src", label_nc=3, transform=train_transform(16))
+    assert [bool(ds[i]["has_gt"]) for i in range(2)] == [True, False]
+    assert not ds[1]["mask"].any()
+
+
+def test_invert_intensity(tmp_path):
+    make_slices(tmp_path / "src", "s", 1)
+    make_slices(tmp_path / "tgt", "t", 1)
+    plain = ImagesDataset(tmp_path / "src", tmp_path / "tgt", label_nc=3)
+    inv = ImagesDataset(tmp_path / "src", tmp_path / "tgt", label_nc=3, invert_intensity=True)
+    s0, s1 = plain[0], inv[0]
+    bg = s0["mask"][..., 0]
+    assert np.array_equal(s1["data"][bg], -s0["data"][bg]) and np.array_equal(s1["data"][~bg], s0["data"][~bg])
+    assert np.array_equal(inv[1]["data"], -plain[1]["data"])
+
+
+def test_label_nc_mismatch_names_the_slice(tmp_path):
+    make_slices(tmp_path / "src", "s", 2, classes=3)
+    with pytest.raises(InputError, match=r"s_slice000\.npz.*3 channels.*--label_nc is 4"):
+        ImagesDataset(tmp_path / "src", label_nc=4)
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 4, 6])
+def test_balanced_sampler_puts_labeled_target_in_every_batch(tmp_path, batch_size):
+    make_slices(tmp_path / "src", "s", 13)
+    make_slices(tmp_path / "lab", "t", 3, background_only=(0, 2))  # one labeled target slice
+    make_slices(tmp_path / "unl", "u", 2, labeled=False)
+    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", label_nc=3)
+    torch.manual_seed(batch_size)
+    sampler = BalancedSampler(ds, batch_size)
+    for _ in range(3):
+        order = list(iter(sampler))
+        assert len(order) == len(ds)
+        assert {i for i in order if i % 2 == 0} == set(range(0, len(ds), 2))  # every source slice, once
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            batch = order[start:start + batch_size]
+            assert any(ds.locate(i)[0] == 1 and ds.has_gt(i) for i in batch), batch
+    unbalanced = BalancedSampler(ds, batch_size, balanced=False)
+    assert sorted(unbalanced.epoch_indices()) == list(range(len(ds)))
+
+
+def test_balanced_sampler_needs_two_slots(tmp_path):
+    make_slices(tmp_path / "src", "s", 2)
+    make_slices(tmp_path / "lab", "t", 2)
+    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", label_nc=3)
+    with pytest.raises(InputError, match="--batch_size"):
+        BalancedSampler(ds, 1)
+
+
+# ------------------------------------------------------------------------------------ transforms
+def _sample(size: int = 24):
+    rng = np.random.default_rng(0)
+    lab = np.zeros((size, size), np.int64)
+    lab[3:9, 2:15] = 1
+    lab[12:20, 5:10] = 2
+    mask = lab[..., None] == np.arange(3)
+    data = rng.uniform(-1, 1, (size, size, 1)).astype(np.float32)
+    return {"data": data, "mask": mask, "weight": mask[..., 1:2].copy()}
+
+
+def test_mirror_flips_weight_like_mask():
+    s = _sample()
+    for seed in range(8):
+        out = RandomMirror(0.5)(s, np.random.default_rng(seed))
+        assert np.array_equal(out["weight"][..., 0], out["mask"][..., 1])  # FIX §9.33
+
+
+def test_rotate_scale_keeps_one_hot_and_border():
+    s = _sample(32)
+    s["data"][:] = 1.0
+    out = RandomRotateScale(angle_range=(0.5, 0.5), scale_range=(0.7, 0.7))(s, np.random.default_rng(0))
+    assert out["data"].shape == (32, 32, 1) and out["mask"].shape == (32, 32, 3)
+    assert np.all(out["mask"].sum(-1) == 1)
+    assert np.isclose(out["data"][0, 0, 0], -1.0)  # zoomed-out rotated corner is padding (-1)
+    assert np.isclose(out["data"][16, 16, 0], 1.0, atol=1e-3)
+    assert not out["mask"][0, 0, 1:].any()  # border: background
+
+
+def test_train_and_eval_transforms_shapes():
+    s = _sample(24)
+    t = train_transform(16, use_da=True)(s, np.random.default_rng(1))
+    assert t["data"].shape == (1, 16, 16) and t["mask"].shape == (3, 16, 16) and t["weight"].shape == (1, 16, 16)
+    assert torch.all(t["mask"].sum(0) == 1)
+    e = eval_transform(16)(s, np.random.default_rng(1))
+    assert e["data"].shape == (1, 16, 16) and e["mask"].shape == (3, 24, 24)
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_binary_scores_edge_cases_and_spacing():
+    a = np.zeros((5, 6, 7), bool)
+    a[1:3, 1:3, 1:3] = True
+    b = np.zeros_like(a)
+    b[1:3, 1:3, 2:4] = True
+    s = binary_scores(a, b)
+    assert s["dice"] == pytest.approx(0.5) and s["hd"] == pytest.approx(1.0)
+    assert binary_scores(a, b, spacing=(1, 1, 2.5))["hd"] == pytest.approx(2.5)
+    assert binary_scores(a, a)["dice"] == 1.0
+    empty = np.zeros_like(a)
+    assert binary_scores(empty, empty) == {"dice": 1.0, "hd": 0.0, "hd95": 0.0}
+    one = binary_scores(a, empty)
+    assert one["dice"] == 0.0 and math.isinf(one["hd"]) and math.isinf(one["hd95"])
+    scores = volume_scores(a.astype(int) + b.astype(int), b.astype(int) * 2, 3)
+    assert set(scores) == {"1", "2", "foreground"}
+
+
+def test_selection_score_takes_best_branch():
+    m = {"dice_1": 0.2, "dice_2": 0.4, "inter_dice_1": 0.5, "inter_dice_2": 0.7, "intra_dice_1": 0.1,
+         "intra_dice_2": 0.1}
+    assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.6)
+    assert selection_score(m, ["1", "2"], only_intra=True) == pytest.approx(0.1)
+    assert selection_score(m, ["2"], only_intra=False) == pytest.approx(0.7)
+
+
+def test_ensemble_weights_are_honoured():
+    intra = torch.zeros(1, 3, 2, 2)
+    inter = torch.zeros(1, 3, 2, 2)
+    intra[:, 1] = 1.0
+    inter[:, 2] = 0.8
+    pred = {"intra": intra, "inter": inter, "weight": torch.ones(1, 1, 2, 2)}
+    out = label_volumes(pred, (0.6, 0.4))
+    assert (out["intra"] == 1).all() and (out["inter"] == 2).all() and (out["pred"] == 2).all()
+    assert (label_volumes(pred, (0.3, 0.7))["pred"] == 1).all()
+    pred["weight"][0, 0, 0, 0] = 0
+    assert label_volumes(pred, (0.6, 0.4))["pred"][0, 0, 0] == 0  # outside the weight: background
+
+
+# ------------------------------------------------------------------------------------ checkpoints / options
+def test_best_index_keeps_k_best_as_json(tmp_path):
+    index = ck.BestIndex(tmp_path, k=2)
+    assert index.add(0.3, 10, {"dice_1": 0.3}, {"x": torch.ones(1)}) == "best_step0000010.pt"
+    assert index.add(0.0, 15, {}, {}) is None  # a zero score never enters (slots start at 0)
+    index.add(0.5, 20, {"hd": math.inf}, {"x": torch.ones(1)})
+    index.add(0.4, 30, {}, {"x": torch.ones(1)})
+    assert [e.step for e in index.entries] == [20, 30]
+    assert not (tmp_path / "best_step0000010.pt").exists()  # evicted file deleted
+    raw = json.loads((tmp_path / "best.json").read_text())
+    assert [r["file"] for r in raw] == ["best_step0000020.pt", "best_step0000030.pt"]
+    assert raw[0]["metrics"]["hd"] == "inf"
+    again = ck.BestIndex.load(tmp_path)
+    assert [e.score for e in again.entries] == [0.5, 0.4] and math.isinf(again.entries[0].metrics["hd"])
+    assert not index.qualifies(0.35) and index.qualifies(0.45)
+    (tmp_path / "best.json").write_text("[{\"file\": 1}]")
+    with pytest.raises(InputError, match="malformed"):
+        ck.BestIndex.load(tmp_path)
+
+
+def test_options_config_file_and_dash_aliases(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"source_root": "data/src", "val_root": "data/val", "src_label": 1,
+                               "stylegan_weights": "g.pt", "batch_size": 2, "ce_weights": [1, 2, 3]}))
+    opts = parse_training_options(["--config", str(cfg), "--exp-dir", "x", "--batch_size", "6"], "pretrain")
+    assert opts.source_root == tmp_path / "data" / "src" and opts.batch_size == 6 and opts.src_label == 1
+    assert opts.ce_weights == [1.0, 2.0, 3.0] and opts.only_intra and opts.save_interval == opts.max_steps
+    cfg.write_text(json.dumps({"learn_in_w": True}))
+    with pytest.raises(InputError, match="cfg.json.*learn_in_w"):
+        parse_training_options(["--config", str(cfg)], "pretrain")
+    with pytest.raises(InputError, match="--ce_weights has 2 values"):
+        parse_training_options(["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0",
+                                "--stylegan_weights", "g", "--ce_weights", "1,2"], "pretrain")
+    opts = parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d"])
+    assert opts.test_root == Path("d/test") and opts.metadata == Path("d/metadata.json")
+    assert opts.ensemble_weights == [0.6, 0.4]
+
+
+@pytest.mark.parametrize("script, flag", [("MultiMedSeg/pretrain.py", "--stylegan_weights"),
+                                          ("-m MultiMedSeg.train", "--one_target_slice"),
+                                          ("MultiMedSeg/inference.py", "--ensemble_weights")])
+def test_help(script, flag):
+    res = subprocess.run([sys.executable, *script.split(), "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    for text in ("--exp_dir", "--device", "--config", flag):
+        assert text in res.stdout
+
+
+# ------------------------------------------------------------------------------------ pipeline
+@pytest.fixture(scope="module")
+def pipeline(preprocessed_sites, tmp_path_factory):
+    """pretrain on site 0 -> adapt to site 2 (one labeled slice per volume) -> inference on site 2."""
+    root = tmp_path_factory.mktemp("mms_pipeline")
+    gen = write_generator(root / "final_global_model.pt")
+    heads, feats = write_alexnet(root)
+    pre = root / "pretrain"
+    pretrain_cli.main(["--exp_dir", str(pre), "--source_data", str(preprocessed_sites[0]), "--stylegan_weights",
+                       str(gen), "--src_label", "0", "--lpips_lambda", "0", "--max_steps", "6", "--val_interval", "3",
+                       *TINY])
+    ada = root / "adapt"
+    train_cli.main(["--exp_dir", str(ada), "--source_data", str(preprocessed_sites[0]), "--target_data",
+                    str(preprocessed_sites[2]), "--checkpoint_dir", str(pre), "--src_label", "0", "--tgt_label", "2",
+                    "--one_target_slice", "--max_steps", "6", "--val_interval", "3", "--use_da",
+                    "--alex_model", str(heads), "--alex_pretr_model", str(feats), *TINY])
+    out = root / "inference"
+    inference_cli.main(["--exp_dir", str(out), "--checkpoint_dir", str(ada), "--target_data",
+                        str(preprocessed_sites[2]), "--ensemble_size", "5", "--device", "cpu"])
+    return {"root": root, "gen": gen, "pretrain": pre, "adapt": ada, "inference": out}
+
+
+def test_pipeline_checkpoints_and_index(pipeline):
+    for run in ("pretrain", "adapt"):
+        folder = pipeline[run] / "checkpoints"
+        index = json.loads((folder / "best.json").read_text())
+        assert 1 <= len(index) <= 5 and all(set(e) == {"file", "score", "step", "metrics"} for e in index)
+        assert [e["score"] for e in index] == sorted((e["score"] for e in index), reverse=True)
+        for e in index:
+            payload = torch.load(folder / e["file"], weights_only=True)
+            assert payload["global_step"] == e["step"] and "optimizer" not in payload
+        last = torch.load(folder / "last.pt", weights_only=True)
+        assert last["global_step"] == 6 and "optimizer" in last and "optimizer_seg" in last
+        assert (folder / "iteration_6.pt").is_file()
+        assert list((pipeline[run] / "logs").glob("events.out.tfevents.*"))
+    pre_cfg = torch.load(pipeline["pretrain"] / "checkpoints" / "last.pt", weights_only=True)["config"]
+    ada_cfg = torch.load(pipeline["adapt"] / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert pre_cfg["src_tgt_domains"] == [0] and ada_cfg["src_tgt_domains"] == [0, 2]
+    keys = json.loads((pipeline["adapt"] / "checkpoints" / "best.json").read_text())[0]["metrics"]
+    assert {"dice_1", "inter_dice_2", "intra_hausdorff_foreground", "inter_loss"} <= set(keys)
+
+
+def test_pipeline_inference_writes_nifti_on_original_grid(pipeline, preprocessed_sites, phantom_dir):
+    out = pipeline["inference"]
+    meta = json.loads((preprocessed_sites[2] / "metadata.json").read_text())
+    test_ids = meta["splits"]["test"]
+    assert test_ids
+    for vid in test_ids:
+        ref = nib.load(str(phantom_dir / "site2" / "images" / f"{vid}.nii.gz"))
+        for kind in ("intra", "inter", "pred", "trans"):
+            img = nib.load(str(out / f"{vid}_{kind}.nii.gz"))
+            assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+            arr = np.asarray(img.dataobj)
+            if kind == "trans":
+                assert img.get_data_dtype() == np.float32 and arr.min() >= -1 and arr.max() <= 1
+            else:
+                assert set(np.unique(arr)) <= {0, 1, 2}
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "volume,prediction,class,dice,hd95,hd"
+    assert len(rows) == 1 + len(test_ids) * 3 * 3  # volumes x (intra, inter, pred) x (1, 2, foreground)
+    info = json.loads((out / "inference.json").read_text())
+    n_best = len(json.loads((pipeline["adapt"] / "checkpoints" / "best.json").read_text()))
+    assert len(info["checkpoints"]) == n_best  # averaged over the checkpoints actually used
+
+
+def test_inference_is_deterministic_and_source_only_writes_intra(pipeline, preprocessed_sites):
+    again = pipeline["root"] / "inference_again"
+    inference_cli.main(["--exp_dir", str(again), "--checkpoint_dir", str(pipeline["adapt"]), "--target_data",
+                        str(preprocessed_sites[2]), "--ensemble_size", "5", "--device", "cpu",
+                        "--test_batch_size", "3"])  # other batch composition: same result (running BN stats)
+    for f in sorted(pipeline["inference"].glob("*.nii.gz")):
+        a = np.asarray(nib.load(str(f)).dataobj)
+        b = np.asarray(nib.load(str(again / f.name)).dataobj)
+        assert np.allclose(a, b, atol=1e-5), f.name
+    src = pipeline["root"] / "inference_source_only"
+    inference_cli.main(["--exp_dir", str(src), "--checkpoint_dir", str(pipeline["pretrain"]), "--target_data",
+                        str(preprocessed_sites[2]), "--ensemble_size", "1", "--device", "cpu"])
+    names = sorted(p.name for p in src.glob("*.nii.gz"))
+    assert names and all(n.endswith("_intra.nii.gz") for n in names)
+
+
+def test_resume_continues_steps_and_keeps_best_index(pipeline, preprocessed_sites, capsys):
+    run = pipeline["root"] / "pretrain_resumed"
+    shutil.copytree(pipeline["pretrain"], run)
+    before = json.loads((run / "checkpoints" / "best.json").read_text())
+    args = ["--exp_dir", str(run), "--source_data", str(preprocessed_sites[0]), "--stylegan_weights",
+            str(pipeline["gen"]), "--src_label", "0", "--lpips_lambda", "0", "--val_interval", "3", *TINY]
+    err = exit_message(capsys, pretrain_cli.main, args + ["--max_steps", "9"])
+    assert str(run) in err and "--resume" in err  # an existing run is never silently reused
+    err = exit_message(capsys, pretrain_cli.main, ["--resume", *args, "--max_steps", "6"])
+    assert "step 6" in err and "--max_steps" in err
+    pretrain_cli.main(["--resume", *args, "--max_steps", "9"])
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["global_step"] == 9 and (run / "checkpoints" / "iteration_9.pt").is_file()
+    after = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert {e["file"] for e in before} <= {e["file"] for e in after}  # k = 5 > validations: nothing evicted
+    assert {e["step"] for e in after} - {e["step"] for e in before} <= {9}  # only the new validation can join
+    assert all((run / "checkpoints" / e["file"]).is_file() for e in after)
+
+
+def test_resume_adaptation(pipeline, preprocessed_sites):
+    run = pipeline["root"] / "adapt_resumed"
+    shutil.copytree(pipeline["adapt"], run)
+    before = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    train_cli.main(["--resume", "--exp_dir", str(run), "--source_data", str(preprocessed_sites[0]), "--target_data",
+                    str(preprocessed_sites[2]), "--checkpoint_dir", str(pipeline["pretrain"]), "--src_label", "0",
+                    "--tgt_label", "2", "--one_target_slice", "--max_steps", "8", "--val_interval", "3",
+                    "--lpips_lambda", "0", *TINY])
+    after = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert after["global_step"] == 8
+    src_head = [k for k in before["state_dict"] if k.startswith("interpreter.classifiers.source.")
+                and before["state_dict"][k].is_floating_point() and "running" not in k]
+    assert src_head and all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in src_head)
+    tgt_head = [k for k in before["state_dict"] if k.startswith("interpreter.classifiers.target.") and
+                k.endswith("weight")]
+    assert any(not torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in tgt_head)
+
+
+# ------------------------------------------------------------------------------------ one-line errors
+def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, tmp_path, capsys):
+    site0, site2 = preprocessed_sites[0], preprocessed_sites[2]
+    gen = pipeline["gen"]
+    base_pre = ["--source_data", str(site0), "--src_label", "0", "--lpips_lambda", "0", "--max_steps", "1", *TINY]
+    # label_nc mismatch with the data's mask channels
+    err = exit_message(capsys, pretrain_cli.main, ["--exp_dir", str(tmp_path / "a"), "--stylegan_weights", str(gen),
+                                                   *base_pre, "--label_nc", "4"])
+    assert "_slice" in err and "--label_nc is 4" in err
+    # source label outside the generator's domains
+    err = exit_message(capsys, pretrain_cli.main, ["--exp_dir", str(tmp_path / "b"), "--stylegan_weights", str(gen),
+                                                   *base_pre, "--src_label", "3"])
+    assert str(gen) in err and "--src_label 3" in err
+    # a generator file with another n_domains
+    gen2 = write_generator(tmp_path / "gen2.pt", n_domains=2)
+    err = exit_message(capsys, pretrain_cli.main, ["--exp_dir", str(tmp_path / "c"), "--stylegan_weights", str(gen2),
+                                                   *base_pre, "--n_domains", "3"])
+    assert str(gen2) in err and "n_domains" in err
+    # generator of another size
+    err = exit_message(capsys, pretrain_cli.main, ["--exp_dir", str(tmp_path / "d"), "--stylegan_weights", str(gen),
+                                                   *base_pre, "--output_size", "64"])
+    assert str(gen) in err and "64" in err
+    base_train = ["--source_data", str(site0), "--checkpoint_dir", str(pipeline["pretrain"]), "--src_label", "0",
+                  "--lpips_lambda", "0", "--max_steps", "1", *TINY]
+    # missing target labeled folder
+    missing = tmp_path / "nope" / "labeled"
+    err = exit_message(capsys, train_cli.main, ["--exp_dir", str(tmp_path / "e"), *base_train, "--tgt_label", "2",
+                                                "--target_labeled", str(missing), "--val_root", str(site2 / "val")])
+    assert str(missing) in err and "--target_labeled" in err
+    # pretraining checkpoint of another size
+    err = exit_message(capsys, train_cli.main, ["--exp_dir", str(tmp_path / "f"), *base_train, "--tgt_label", "2",
+                                                "--target_data", str(site2), "--output_size", "64"])
+    assert "best_step" in err and "checkpoint" in err
+    # target label outside the checkpoint's domains
+    err = exit_message(capsys, train_cli.main, ["--exp_dir", str(tmp_path / "g"), *base_train, "--tgt_label", "5",
+                                                "--target_data", str(site2)])
+    assert "--tgt_label 5" in err and "best_step" in err
+    # existing exp_dir without --resume/--overwrite
+    err = exit_message(capsys, train_cli.main, ["--exp_dir", str(pipeline["adapt"]), *base_train, "--tgt_label",
+                                                "2", "--target_data", str(site2)])
+    assert str(pipeline["adapt"]) in err and "--resume" in err
+    if not torch.cuda.is_available():
+        err = exit_message(capsys, pretrain_cli.main, ["--exp_dir", str(tmp_path / "j"), "--stylegan_weights",
+                                                       str(gen), *base_pre, "--device", "cuda"])
+        assert "--device cuda" in err
+    # inference: label_nc check and a checkpoint folder without index
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(tmp_path / "h"), "--checkpoint_dir",
+                                                    str(pipeline["adapt"]), "--target_data", str(site2),
+                                                    "--label_nc", "4", "--device", "cpu"])
+    assert "--label_nc is 4" in err
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(tmp_path / "i"), "--checkpoint_dir",
+                                                    str(tmp_path), "--target_data", str(site2)])
+    assert "best.json" in err
