@@ -1,0 +1,604 @@
+"""Synthetic labelled source volumes from the data factory (SPEC §8, with the §9.40 fixes).
+
+For each volume one noise vector ``z`` is shared by all z-bins.  The W+ latents of the
+``n_zbins`` conditions ``[one-hot(label); one-hot(bin)]`` (plus the optional CLIP encoding) are
+computed in ONE batched mapping pass, then interpolated linearly between consecutive bins with
+``s = slices_in_one_z`` points per gap.  Slice ``k`` (``0 <= k < N``) sits at position ``k / s`` on
+the bin axis, so
+
+    N = (n_zbins - 1) * s + 1
+
+slices: bin ``i`` is slice ``i * s`` exactly, the volume starts on the first bin's latent and
+ends exactly on the last bin's latent, and no latent is emitted twice or skipped whatever the
+batch size (§9.40: the reference re-emitted the boundary latent and skipped one point at every
+batch boundary, e.g. 280 slices with 7 duplicates for 29 bins, s = 10, batch 4; here 281,
+none duplicated).
+
+The slices are synthesised in batches (``--batch_size``; generator forward on W+ without
+feature collection, equivalent to ``g_synthesis``) with reproducible noise and segmented
+by the ensemble of the best phase-2 checkpoints, each file read ONCE and the networks kept in
+memory (the reference reloaded every checkpoint from disk for every batch).  Class
+probabilities are averaged over the ensemble and the argmax is taken; optionally only the
+largest 2-D connected component of every foreground label is kept.  Output, in the phase-2
+slice format so that the folder can be used directly as the source folder of
+``MultiMedSeg/train.py``::
+
+    <out_dir>/fakeVolume<i>_slice<NNN>.npz     data float32 (R,R,1) in [-1,1], mask bool one-hot (R,R,L)
+    <out_dir>/nifti/fakeVolume<i>.nii.gz       image float32 (R,R,N)   (--nifti, default on)
+    <out_dir>/nifti/fakeVolume<i>_label.nii.gz label uint8 (R,R,N)
+    <out_dir>/montage/fakeVolume<i>.png        a few slices with the label overlay (--montage, default on)
+    <out_dir>/generation.json                  the settings, checkpoints and slice count
+
+The folder is written atomically (``robustmedseg.io.atomic_dir``).  NIfTI files use an
+identity affine: the generator has no physical pixel spacing, so the spacing is 1 (mm) on every
+axis.
+
+Choices made explicit here (the reference hard-coded them):
+
+* synthesis generator: the decoder stored in the best phase-2 checkpoint, i.e. the ``g_ema``
+  copy the segmentation heads were trained with (as the reference); ``generator`` (CLI
+  ``--generator final_global_model.pt``) overrides it with a phase-1 file, the segmentation
+  networks keep their own decoders;
+* segmentation head: ``head='auto'`` uses the head of the checkpoint domain equal to ``label``
+  (``source`` = one-hot [1, 0], ``target`` = [0, 1]); a ``label`` that is not a checkpoint
+  domain is an error unless the head is named (the reference always used [1, 0]);
+* feature scale: each checkpoint uses its own ``min(1, rate * global_step)``, as inference;
+* noise: ``'volume'`` (default) one seeded noise set per volume shared by its slices (slices
+  differ only by their latent, so the volume is coherent along z), ``'slice'`` fresh seeded
+  noise per slice (the reference drew unseeded noise per slice), ``'fixed'`` the generator's
+  stored noise buffers.  ``z`` and the noise of volume ``i`` depend only on ``(seed, i)``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from model import Generator
+from MultiMedSeg.data.slices import save_slice, slice_name
+from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.training import checkpoints as ck
+from robustmedseg.errors import InputError
+from robustmedseg.io import atomic_dir, atomic_path, write_text_atomic
+
+VOLUME_PREFIX = "fakeVolume"
+NOISE_MODES = ("volume", "slice", "fixed")
+HEADS = ("auto", "source", "target")
+MONTAGE_SLICES = 6
+# Overlay colours of labels 1, 2, ... (RGB in [0, 1]); cycled for more labels.
+PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.75, 0.20], [0.15, 0.35, 0.95], [0.95, 0.80, 0.10],
+                    [0.80, 0.20, 0.85], [0.10, 0.85, 0.85], [0.95, 0.50, 0.10], [0.55, 0.35, 0.15]])
+
+
+# ------------------------------------------------------------------------------- latent path
+def slice_count(n_zbins: int, slices_in_one_z: int) -> int:
+    """Number of slices of a volume: ``(n_zbins - 1) * s + 1`` (one slice when there is one bin)."""
+    if n_zbins < 1 or slices_in_one_z < 1:
+        raise ValueError(f"n_zbins and slices_in_one_z must be >= 1, got {n_zbins}, {slices_in_one_z}")
+    return (n_zbins - 1) * slices_in_one_z + 1
+
+
+def interpolation_plan(n_zbins: int, slices_in_one_z: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lower bin index, fraction) of every slice: slice k lies at bin position k / s.
+
+    Returns ``idx`` (N,) int64 and ``frac`` (N,) float64 in [0, 1); the last slice is
+    (n_zbins - 1, 0).
+    """
+    n = slice_count(n_zbins, slices_in_one_z)
+    k = torch.arange(n)
+    return k // slices_in_one_z, (k % slices_in_one_z).double() / slices_in_one_z
+
+
+def interpolate_latents(bin_latents: torch.Tensor, slices_in_one_z: int) -> torch.Tensor:
+    """Linear path through the bin latents (n_zbins, ...) -> (N, ...), N = :func:`slice_count`.
+
+    ``L_i + t (L_{i+1} - L_i)`` with ``t = j / s``; bin latents are reproduced exactly (t = 0).
+    """
+    idx, frac = interpolation_plan(bin_latents.shape[0], slices_in_one_z)
+    extended = torch.cat([bin_latents, bin_latents[-1:]], 0)  # the last slice pairs the last bin with itself
+    idx = idx.to(bin_latents.device)
+    lower, upper = extended[idx], extended[idx + 1]
+    t = frac.to(device=bin_latents.device, dtype=bin_latents.dtype).view(-1, *([1] * (bin_latents.ndim - 1)))
+    return lower + t * (upper - lower)
+
+
+@torch.no_grad()
+def bin_latents(generator: Generator, z: torch.Tensor, domain: int,
+                encoding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W+ latents (n_zbins, n_latent, style_dim) of one ``z`` (1, style_dim) under every z-bin condition.
+
+    One batched mapping pass; equals the latents ``generator([z], (c, e), return_latents=True)``
+    returns per bin, without synthesising the images.
+    """
+    n = generator.n_zbins
+    cond = generator.condition(domain, list(range(n)))
+    e = None if encoding is None else encoding.to(cond).expand(n, -1)
+    w = generator.get_latent(z.to(cond).expand(n, -1), cond, e)
+    return w.unsqueeze(1).expand(n, generator.n_latent, generator.style_dim).contiguous()
+
+
+# ------------------------------------------------------------------------------- randomness
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 63-bit torch seed that depends only on ``(seed, *keys)`` (numpy SeedSequence)."""
+    words = np.random.SeedSequence([int(seed) % 2**63, *[int(k) for k in keys]]).generate_state(2, np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1]))
+
+
+def draw_noise(generator: Generator, rng: torch.Generator, batch: int = 1) -> List[torch.Tensor]:
+    """One noise tensor (batch, 1, r, r) per synthesis layer, drawn on the CPU from ``rng``."""
+    return [torch.randn(batch, *getattr(generator.noises, f"noise_{j}").shape[1:], generator=rng)
+            for j in range(generator.num_layers)]
+
+
+# ------------------------------------------------------------------------------- post-processing
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Per 2-D slice and per foreground label, keep only the largest connected component.
+
+    ``labels`` (H, W) or (B, H, W) integer label maps; removed pixels become background (0).
+    Connectivity: edge neighbours (scipy.ndimage default, as acvl_utils).  Ties keep the
+    component met first in raster order.
+    """
+    from scipy import ndimage
+
+    single = labels.ndim == 2
+    maps = labels[None] if single else labels
+    out = maps.copy()
+    for b in range(maps.shape[0]):
+        for value in np.unique(maps[b]):
+            if value == 0:
+                continue
+            comp, n = ndimage.label(maps[b] == value)
+            if n > 1:
+                sizes = np.bincount(comp.ravel())[1:]
+                out[b][(comp > 0) & (comp != int(np.argmax(sizes)) + 1)] = 0
+    return out[0] if single else out
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(..., H, W) integer labels -> bool one-hot (..., H, W, n_classes)."""
+    return labels[..., None] == np.arange(n_classes)
+
+
+# ------------------------------------------------------------------------------- models
+@dataclass
+class Member:
+    """One ensemble network with the feature scale it was validated with."""
+
+    net: PSP
+    feature_scale: float
+    path: Path
+
+
+def feature_scale_of(payload: Mapping[str, Any]) -> float:
+    """``min(1, rate * global_step)`` of a checkpoint (rate = its ``feature_scale_rate``, default 1e-4)."""
+    opts = payload.get("opts") or {}
+    rate = float(opts.get("feature_scale_rate", 1e-4)) if isinstance(opts, Mapping) else 1e-4
+    return min(1.0, rate * int(payload.get("global_step", 0)))
+
+
+def resolve_checkpoints(ckpt_dir: Path, ensemble_size: Optional[int] = None) -> List[Path]:
+    """Best checkpoints (best first) of a phase-2 run: ``ckpt_dir`` is the experiment folder or its
+    ``checkpoints`` folder (both accepted, §9.40)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise InputError("checkpoint folder not found (give the phase-2 experiment folder or its checkpoints/)",
+                         ckpt_dir)
+    index = ck.BestIndex.load(ck.checkpoints_folder(ckpt_dir))
+    if not index.entries:
+        raise InputError("best-checkpoint index is empty (the run never validated)", index.path)
+    if ensemble_size is not None:
+        if ensemble_size < 1:
+            raise InputError(f"--ensemble_size must be >= 1, got {ensemble_size}", index.path)
+        if ensemble_size > len(index.entries):
+            raise InputError(f"--ensemble_size {ensemble_size} but only {len(index.entries)} best checkpoints "
+                             f"are listed", index.path)
+    return index.paths(ensemble_size)
+
+
+def load_member(path: Path) -> Member:
+    """Build the PSP stored in one checkpoint (the file is read once), in eval mode on the CPU."""
+    payload = ck.load_checkpoint(path, "phase-2 checkpoint")
+    config = payload.get("config")
+    if not isinstance(config, Mapping):
+        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
+    try:
+        net = PSP(PSPConfig.from_dict(config))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"invalid model configuration: {err}", path) from None
+    info = net.load_checkpoint(path, payload)
+    if net.config.start_from_latent_avg and info.get("latent_avg_missing"):
+        net.compute_latent_avg(seed=0)  # deterministic; only for checkpoints saved without latent_avg
+    return Member(net.eval(), feature_scale_of(payload), Path(path))
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def share_identical_decoders(members: Sequence[Member]) -> int:
+    """Point members whose decoder equals the first one's at that module (memory); returns how many."""
+    shared = 0
+    for m in members[1:]:
+        if m.net.decoder is not members[0].net.decoder and _same_state(m.net.decoder, members[0].net.decoder):
+            m.net.decoder = members[0].net.decoder
+            shared += 1
+    return shared
+
+
+def choose_head(head: str, label: int, domains: Sequence[int], path: Path) -> str:
+    """'source' or 'target': the head that segments domain ``label`` (see module doc)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "target" and len(domains) < 2:
+        raise InputError(f"--head target needs an adaptation checkpoint (two domains), this one has {list(domains)}",
+                         path)
+    if head != "auto":
+        return head
+    if label == domains[0]:
+        return "source"
+    if len(domains) > 1 and label == domains[1]:
+        return "target"
+    raise InputError(f"--label {label} is not a domain of the checkpoints (source/target = {list(domains)}); "
+                     f"pass --head source (or target) to segment it with that head anyway", path)
+
+
+class SegmentationEnsemble:
+    """The best checkpoints, loaded once, averaging class probabilities of one head."""
+
+    def __init__(self, members: Sequence[Member], head: str):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        self.head = head
+        self.config = self.members[0].net.config
+
+    @classmethod
+    def load(cls, paths: Sequence[Path], label: int, head: str = "auto",
+             device: torch.device = torch.device("cpu")) -> "SegmentationEnsemble":
+        """Read every checkpoint once, check they agree, share equal decoders, move to ``device``."""
+        members: List[Member] = []
+        for path in paths:
+            m = load_member(path)
+            if members:
+                a, b = members[0].net.config, m.net.config
+                key_a = (a.label_nc, a.output_size, a.encoder_input_size, a.src_tgt_domains)
+                key_b = (b.label_nc, b.output_size, b.encoder_input_size, b.src_tgt_domains)
+                if key_a != key_b:
+                    raise InputError(f"checkpoint differs from the best one in (label_nc, output size, encoder size, "
+                                     f"domains): {key_b} vs {key_a}", path)
+            members.append(m)
+        chosen = choose_head(head, label, members[0].net.config.src_tgt_domains, members[0].path)
+        share_identical_decoders(members)
+        for m in members:
+            m.net.to(device)
+        return cls(members, chosen)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].net.latent_avg.device
+
+    @property
+    def label_nc(self) -> int:
+        return self.config.label_nc
+
+    def domain_label(self, batch: int) -> torch.Tensor:
+        """(batch, 2) one-hot [source, target] selecting the head: [1, 0] source, [0, 1] target."""
+        row = [1.0, 0.0] if self.head == "source" else [0.0, 1.0]
+        return torch.tensor([row], device=self.device).expand(batch, 2)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, R, R) images in [-1, 1] -> mean class probabilities (B, L, R, R) over the members."""
+        x = self.members[0].net.face_pool(images.to(self.device))  # same pooling in every member
+        label = self.domain_label(x.shape[0])
+        total = None
+        for m in self.members:
+            probs = m.net(x, label, resize=False, feature_scale=m.feature_scale)[:, 1:].float()
+            total = probs if total is None else total + probs
+        return total / len(self.members)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, R, R) -> (B, R, R) int64 argmax labels of the ensemble mean."""
+        return self.probabilities(images).argmax(1)
+
+
+def load_phase1_generator(path: Path) -> Generator:
+    """``g_ema`` of a phase-1 ``final_global_model.pt`` (architecture from its ``args``), eval mode."""
+    from MultiMedSeg.training.coach import generator_args
+
+    args = generator_args(Path(path))
+    payload = ck.load_checkpoint(path, "phase-1 generator file")
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in payload["g_ema"].items()}
+    try:
+        g = Generator(int(args.get("size") or args["output_size"]), style_dim=int(args["style_dim"]),
+                      n_mlp=int(args["n_mlp"]), n_domains=int(args["n_domains"]),
+                      channel_multiplier=int(args.get("channel_multiplier") or 2),
+                      lr_mlp=float(args.get("lr_mlp") or 0.01), n_zbins=int(args["n_zbins"]),
+                      clip_dim=int(args.get("clip_dim") or 768), channel_cap=args.get("channel_cap"))
+        g.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise InputError(f"cannot build the generator from this file ({msg})", path) from None
+    return g.eval()
+
+
+def load_encoding(path: Path, clip_dim: int) -> torch.Tensor:
+    """``clip_mean.npy`` as float32 (1, clip_dim); a (clip_dim,) vector is accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("CLIP mean file not found", path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - corrupt or pickled file
+        raise InputError(f"cannot read CLIP mean ({type(err).__name__}: {err})", path) from None
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape != (1, clip_dim) or not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"CLIP mean must be a float (1, {clip_dim}) array, got {array.dtype} {array.shape}", path)
+    if not np.all(np.isfinite(array)):
+        raise InputError("CLIP mean contains NaN or inf", path)
+    return torch.from_numpy(array.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------- settings
+@dataclass
+class GenerationConfig:
+    """Settings of :func:`generate` (the CLI flags of ``generate_volumes.py``)."""
+
+    ckpt_dir: Path
+    label: int
+    n_volumes: int
+    slices_in_one_z: int
+    n_segmentation_labels: int
+    out_dir: Path
+    generator: Optional[Path] = None
+    clip_mean: Optional[Path] = None
+    z_depth: Optional[int] = None
+    n_domains: Optional[int] = None
+    batch_size: int = 4
+    device: str = "auto"
+    ensemble_size: Optional[int] = None
+    head: str = "auto"
+    keep_largest_component: bool = False
+    noise: str = "volume"
+    seed: int = 0
+    nifti: bool = True
+    montage: bool = True
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Check the plain-value settings (one-line :class:`InputError`)."""
+        if int(self.label) < 0:
+            raise InputError(f"--label must be >= 0, got {self.label}")
+        for name in ("n_volumes", "slices_in_one_z", "batch_size", "n_segmentation_labels"):
+            low = 2 if name == "n_segmentation_labels" else 1
+            if int(getattr(self, name)) < low:
+                raise InputError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if self.noise not in NOISE_MODES:
+            raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+        if self.head not in HEADS:
+            raise InputError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available; ``cuda`` without a GPU is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------- the factory
+class VolumeFactory:
+    """Generator + segmentation ensemble + settings; :meth:`volume` makes one labelled volume.
+
+    Build it with :meth:`from_config` (loads everything once).  ``generator`` is used in eval
+    mode on the ensemble's device.
+    """
+
+    def __init__(self, generator: Generator, ensemble: SegmentationEnsemble, label: int, slices_in_one_z: int,
+                 batch_size: int = 4, encoding: Optional[torch.Tensor] = None, noise: str = "volume",
+                 seed: int = 0, keep_largest_component: bool = False):
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        if generator.size != ensemble.config.output_size:
+            raise ValueError(f"generator size {generator.size} != segmentation size {ensemble.config.output_size}")
+        self.generator = generator.eval()
+        self.ensemble = ensemble
+        self.label = int(label)
+        self.s = int(slices_in_one_z)
+        self.batch_size = int(batch_size)
+        self.encoding = encoding
+        self.noise = noise
+        self.seed = int(seed)
+        self.keep_largest_component = keep_largest_component
+
+    @property
+    def n_slices(self) -> int:
+        return slice_count(self.generator.n_zbins, self.s)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ensemble.device
+
+    def latents(self, index: int) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+        """W+ path (N, n_latent, style_dim) of volume ``index`` and its per-volume noise (or None)."""
+        rng = torch.Generator().manual_seed(derived_seed(self.seed, index))
+        z = torch.randn(1, self.generator.style_dim, generator=rng)
+        noise = [n.to(self.device) for n in draw_noise(self.generator, rng)] if self.noise == "volume" else None
+        w = bin_latents(self.generator, z.to(self.device), self.label, self.encoding)
+        return interpolate_latents(w, self.s), noise
+
+    def _batch_noise(self, index: int, start: int, stop: int,
+                     volume_noise: Optional[List[torch.Tensor]]) -> Optional[List[torch.Tensor]]:
+        if self.noise == "fixed":
+            return None
+        if self.noise == "volume":
+            return volume_noise
+        per_slice = [draw_noise(self.generator, torch.Generator().manual_seed(derived_seed(self.seed, index, k)))
+                     for k in range(start, stop)]
+        return [torch.cat(layer, 0).to(self.device) for layer in zip(*per_slice)]
+
+    @torch.no_grad()
+    def synthesize(self, latents: torch.Tensor, noise: Optional[List[torch.Tensor]]) -> torch.Tensor:
+        """(B, n_latent, D) W+ -> (B, 1, R, R) images clamped to [-1, 1] (no feature collection)."""
+        images, _ = self.generator([latents], input_is_latent=True, noise=noise, randomize_noise=False)
+        return images.clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def volume(self, index: int, on_batch: Optional[Callable[[int], None]] = None
+               ) -> Tuple[np.ndarray, np.ndarray]:
+        """Volume ``index``: images float32 (N, R, R) and labels uint8 (N, R, R)."""
+        path, volume_noise = self.latents(index)
+        images, labels = [], []
+        for start in range(0, path.shape[0], self.batch_size):
+            stop = min(start + self.batch_size, path.shape[0])
+            img = self.synthesize(path[start:stop], self._batch_noise(index, start, stop, volume_noise))
+            lab = self.ensemble.predict(img).to(torch.uint8).cpu().numpy()
+            if self.keep_largest_component:
+                lab = keep_largest_components(lab)
+            images.append(img[:, 0].float().cpu().numpy())
+            labels.append(lab)
+            if on_batch is not None:
+                on_batch(stop - start)
+        return np.concatenate(images), np.concatenate(labels)
+
+
+def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> Tuple[VolumeFactory, List[Path]]:
+    """Load the checkpoints (once), the generator and the encoding; check every compatibility rule."""
+    device = select_device(cfg.device)
+    paths = resolve_checkpoints(cfg.ckpt_dir, cfg.ensemble_size)
+    ensemble = SegmentationEnsemble.load(paths, cfg.label, cfg.head, device)
+    pc = ensemble.config
+    if pc.label_nc != cfg.n_segmentation_labels:
+        raise InputError(f"checkpoint segments {pc.label_nc} labels but --n_segmentation_labels is "
+                         f"{cfg.n_segmentation_labels}", paths[0])
+    if cfg.generator is not None:
+        generator = load_phase1_generator(cfg.generator)
+        source: Any = cfg.generator
+        if generator.size != pc.output_size:
+            raise InputError(f"generator is {generator.size} px but the checkpoints segment {pc.output_size} px",
+                             cfg.generator)
+        generator.to(device)
+    else:
+        generator, source = ensemble.members[0].net.decoder, paths[0]
+    _check_generator(cfg, generator, source)
+    encoding = load_encoding(cfg.clip_mean, generator.clip_dim).to(device) if cfg.clip_mean is not None else None
+    log(f"segmentation: {len(paths)} checkpoint(s), {ensemble.head} head, label_nc {pc.label_nc}; "
+        f"synthesis: {'phase-1 file ' + str(cfg.generator) if cfg.generator else 'decoder of ' + str(paths[0])} "
+        f"({generator.size} px, {generator.n_zbins} z-bins); device {device}")
+    factory = VolumeFactory(generator, ensemble, cfg.label, cfg.slices_in_one_z, cfg.batch_size, encoding,
+                            cfg.noise, cfg.seed, cfg.keep_largest_component)
+    return factory, paths
+
+
+def _check_generator(cfg: GenerationConfig, generator: Generator, source: Any) -> None:
+    if cfg.n_domains is not None and cfg.n_domains != generator.n_domains:
+        raise InputError(f"generator has n_domains = {generator.n_domains} but --n_domains is {cfg.n_domains}", source)
+    if not 0 <= cfg.label < generator.n_domains:
+        raise InputError(f"--label {cfg.label} is not a domain of the generator (n_domains = {generator.n_domains})",
+                         source)
+    if cfg.z_depth is not None and cfg.z_depth != generator.n_zbins:
+        raise InputError(f"generator has {generator.n_zbins} z-bins but --z_depth is {cfg.z_depth}", source)
+
+
+# ------------------------------------------------------------------------------- writing
+def volume_name(index: int) -> str:
+    return f"{VOLUME_PREFIX}{index}"
+
+
+def write_slices(folder: Path, name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    """``<name>_slice<NNN>.npz`` per slice: data (R,R,1) float32, mask bool one-hot (R,R,L), no weight."""
+    for k in range(images.shape[0]):
+        save_slice(folder / slice_name(name, k), images[k][:, :, None], one_hot(labels[k], n_classes))
+
+
+def write_nifti(folder: Path, name: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Image float32 and label uint8 volumes (R, R, N), identity affine (spacing 1, see module doc)."""
+    import nibabel as nib
+
+    for suffix, array, dtype in (("", images, np.float32), ("_label", labels, np.uint8)):
+        img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(1, 2, 0)).astype(dtype), np.eye(4))
+        img.header.set_data_dtype(dtype)
+        img.header.set_xyzt_units("mm")
+        with atomic_path(folder / f"{name}{suffix}.nii.gz", suffix=".nii.gz") as tmp:
+            nib.save(img, str(tmp))
+
+
+def montage_image(images: np.ndarray, labels: np.ndarray, n: int = MONTAGE_SLICES, alpha: float = 0.45,
+                  min_tile: int = 128) -> np.ndarray:
+    """RGB float (T, m·(T+2)−2, 3): ``n`` evenly spaced slices, labels >= 1 overlaid in colour.
+
+    Tiles smaller than ``min_tile`` px are enlarged by an integer factor (nearest) to stay legible.
+    """
+    picks = np.unique(np.linspace(0, images.shape[0] - 1, min(n, images.shape[0])).round().astype(int))
+    zoom = max(1, min_tile // images.shape[1])
+    tiles = []
+    for k in picks:
+        gray = np.clip((images[k] + 1.0) / 2.0, 0.0, 1.0)
+        rgb = np.repeat(gray[:, :, None], 3, axis=2)
+        fg = labels[k] > 0
+        colours = PALETTE[(labels[k].astype(int) - 1) % len(PALETTE)]
+        rgb[fg] = (1 - alpha) * rgb[fg] + alpha * colours[fg]
+        rgb = rgb.repeat(zoom, axis=0).repeat(zoom, axis=1)
+        tiles.append(rgb)
+        tiles.append(np.ones((rgb.shape[0], 2, 3)))
+    return np.concatenate(tiles[:-1], axis=1)
+
+
+def write_montage(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from matplotlib import image as mpimg
+
+    with atomic_path(path, suffix=".png") as tmp:
+        mpimg.imsave(tmp, montage_image(images, labels), format="png")
+
+
+# ------------------------------------------------------------------------------- driver
+def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, Any]:
+    """Run the whole job (see module doc); returns the summary also written to ``generation.json``."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if out.exists() and not cfg.overwrite:
+        raise InputError("output folder already exists; pass --overwrite to replace it", out)
+    factory, paths = build_factory(cfg, log)
+    n = factory.n_slices
+    log(f"{cfg.n_volumes} volume(s) of N = (n_zbins - 1) * s + 1 = ({factory.generator.n_zbins} - 1) * "
+        f"{cfg.slices_in_one_z} + 1 = {n} slices -> {out}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.n_volumes * n, unit="slice", disable=not progress, dynamic_ncols=True)
+    try:
+        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+            for i in range(cfg.n_volumes):
+                images, labels = factory.volume(i, on_batch=bar.update)
+                name = volume_name(i)
+                write_slices(tmp, name, images, labels, factory.ensemble.label_nc)
+                if cfg.nifti:
+                    write_nifti(tmp / "nifti", name, images, labels)
+                if cfg.montage:
+                    write_montage(tmp / "montage" / f"{name}.png", images, labels)
+            summary = _summary(cfg, factory, paths)
+            write_text_atomic(tmp / "generation.json", json.dumps(summary, indent=2) + "\n")
+    except FileExistsError:
+        raise InputError("output folder already exists; pass --overwrite to replace it", out) from None
+    finally:
+        bar.close()
+    return summary
+
+
+def _summary(cfg: GenerationConfig, factory: VolumeFactory, paths: Sequence[Path]) -> Dict[str, Any]:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {"settings": settings, "n_zbins": factory.generator.n_zbins, "slices_per_volume": factory.n_slices,
+            "slice_count_formula": "(n_zbins - 1) * slices_in_one_z + 1", "head": factory.ensemble.head,
+            "checkpoints": [str(p) for p in paths],
+            "feature_scales": [m.feature_scale for m in factory.ensemble.members],
+            "synthesis_generator": str(cfg.generator) if cfg.generator else f"decoder of {paths[0]}",
+            "nifti_spacing_mm": [1.0, 1.0, 1.0]}

@@ -1,0 +1,347 @@
+"""generate_volumes.py / MultiMedSeg.generation: synthetic labelled source volumes (SPEC §8, §9.40).
+
+Tiny CPU models: 32 px generator (channel cap 16, style_dim 32, n_mlp 2, 5 z-bins), a 2-member
+"best" checkpoint set written through the phase-2 API (PSP.checkpoint_payload + BestIndex).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+
+from model import Generator
+from MultiMedSeg import generation as gen
+from MultiMedSeg.data.slices import group_slices_by_volume, load_slice
+from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.training import checkpoints as ck
+from robustmedseg.errors import InputError, run_cli
+
+torch.set_num_threads(1)
+
+# the top-level script, imported from its file (works whatever the current folder)
+_spec = importlib.util.spec_from_file_location("generate_volumes",
+                                               Path(__file__).resolve().parents[1] / "generate_volumes.py")
+generate_volumes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate_volumes)
+
+N_ZBINS = 5
+LABEL_NC = 3
+GEN_KW = dict(style_dim=32, n_mlp=2, n_domains=3, channel_cap=16, n_zbins=N_ZBINS)
+
+
+def tiny_config(**kw) -> PSPConfig:
+    base = dict(output_size=32, style_dim=32, n_mlp=2, n_domains=3, n_zbins=N_ZBINS, channel_cap=16,
+                src_tgt_domains=[0], label_nc=LABEL_NC, encoder_depth=10, encoder_base_channels=8,
+                encoder_input_size=16)
+    base.update(kw)
+    return PSPConfig(**base)
+
+
+def _noisy(g: Generator) -> None:
+    """Make the synthesis noise matter (NoiseInjection weights start at 0)."""
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.3)
+
+
+def write_checkpoints(exp: Path, config: PSPConfig, steps=(20000, 5000), scores=(0.8, 0.7)) -> List[Path]:
+    """Two 'best' checkpoints sharing one decoder (as a run with a frozen decoder) + best.json."""
+    torch.manual_seed(0)
+    first = PSP(config)
+    _noisy(first.decoder)
+    first.compute_latent_avg(256, seed=0)
+    index = ck.BestIndex(exp / "checkpoints", k=len(steps))
+    for i, (step, score) in enumerate(zip(steps, scores)):
+        torch.manual_seed(100 + i)
+        net = PSP(config)
+        net.decoder.load_state_dict(first.decoder.state_dict())
+        net.compute_latent_avg(256, seed=0)
+        index.add(score, step, {"dice": score}, net.checkpoint_payload(step, {"feature_scale_rate": 1e-4}))
+    return index.paths()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    exp = tmp_path_factory.mktemp("src_run")
+    write_checkpoints(exp, tiny_config())
+    return exp
+
+
+def make_cfg(run_dir: Path, out: Path, **kw) -> gen.GenerationConfig:
+    base = dict(ckpt_dir=run_dir, label=0, n_volumes=1, slices_in_one_z=2, n_segmentation_labels=LABEL_NC,
+                out_dir=out, batch_size=3, device="cpu", nifti=False, montage=False)
+    base.update(kw)
+    return gen.GenerationConfig(**base)
+
+
+def quiet(*_a) -> None:
+    pass
+
+
+def read_volume(folder: Path, name: str = "fakeVolume0") -> Dict[str, np.ndarray]:
+    paths = group_slices_by_volume(folder)[name]
+    slices = [load_slice(p, require_mask=True) for p in paths]
+    return {"data": np.stack([s["data"][..., 0] for s in slices]),
+            "labels": np.stack([s["mask"].argmax(-1) for s in slices])}
+
+
+def phase1_file(path: Path, n_zbins: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    g = Generator(32, **{**GEN_KW, "n_zbins": n_zbins})
+    _noisy(g)
+    args = dict(size=32, channel_multiplier=2, lr_mlp=0.01, clip_dim=768, **{**GEN_KW, "n_zbins": n_zbins})
+    torch.save({"g_ema": g.state_dict(), "args": args}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- latent path
+@pytest.mark.parametrize("n_zbins,s", [(29, 10), (5, 2), (4, 3), (2, 1), (1, 7), (7, 1)])
+def test_slice_count_formula_and_exact_bins(n_zbins, s):
+    torch.manual_seed(n_zbins * 10 + s)
+    w = torch.randn(n_zbins, 3, 8, dtype=torch.float64)
+    path = gen.interpolate_latents(w, s)
+    assert path.shape[0] == gen.slice_count(n_zbins, s) == (n_zbins - 1) * s + 1
+    for i in range(n_zbins):  # every bin latent appears exactly, at slice i*s
+        assert torch.equal(path[i * s], w[i])
+    assert torch.equal(path[0], w[0]) and torch.equal(path[-1], w[-1])
+    flat = path.reshape(path.shape[0], -1)
+    dist = torch.cdist(flat, flat) + torch.eye(flat.shape[0], dtype=flat.dtype) * 1e9
+    assert dist.min() > 1e-6  # no duplicated latent, not even up to rounding
+
+
+def test_interpolated_latents_distinct_and_monotone_along_each_gap():
+    w = torch.randn(4, 2, 6, dtype=torch.float64)
+    s = 5
+    path = gen.interpolate_latents(w, s)
+    steps = path[1:] - path[:-1]
+    assert (steps.flatten(1).norm(dim=1) > 1e-6).all()  # consecutive latents strictly distinct
+    for i in range(w.shape[0] - 1):
+        seg = path[i * s:(i + 1) * s + 1]
+        d = (w[i + 1] - w[i]).flatten()
+        t = ((seg - w[i]).flatten(1) @ d) / (d @ d)
+        assert torch.all(t[1:] > t[:-1])  # monotone progress from bin i to bin i+1
+        torch.testing.assert_close(t, torch.linspace(0, 1, s + 1, dtype=torch.float64))
+
+
+def test_bin_latents_equal_the_generators_forward_latents():
+    torch.manual_seed(0)
+    g = Generator(32, **GEN_KW).eval()
+    z = torch.randn(1, 32)
+    e = torch.randn(1, 768)
+    got = gen.bin_latents(g, z, 1, e)
+    cond = g.condition(1, list(range(N_ZBINS)))
+    _, want = g([z.expand(N_ZBINS, -1)], (cond, e.expand(N_ZBINS, -1)), return_latents=True)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, gen.bin_latents(g, z, 1, None))  # the encoding is used
+
+
+@pytest.mark.parametrize("n_zbins,s,batch", [(3, 2, 2), (4, 3, 4), (2, 4, 3)])
+def test_volume_slice_count_with_batches_not_dividing(run_dir, tmp_path, n_zbins, s, batch):
+    g_file = phase1_file(tmp_path / "g.pt", n_zbins, seed=n_zbins)
+    cfg = make_cfg(run_dir, tmp_path / "out", generator=g_file, slices_in_one_z=s, batch_size=batch)
+    factory, _ = gen.build_factory(cfg, log=quiet)
+    path, _ = factory.latents(0)
+    images, labels = factory.volume(0)
+    n = (n_zbins - 1) * s + 1
+    assert path.shape[0] == images.shape[0] == labels.shape[0] == n
+    # the synthesised slices follow the path exactly, batch after batch (no shift at batch boundaries)
+    for k in (0, batch - 1, batch, n - 1):
+        k = min(k, n - 1)
+        img = factory.synthesize(path[k:k + 1], factory._batch_noise(0, k, k + 1, factory.latents(0)[1]))
+        np.testing.assert_allclose(images[k], img[0, 0].numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_outputs_loaded_once_readable_and_ensemble_mean(run_dir, tmp_path, monkeypatch):
+    ckpts = sorted((run_dir / "checkpoints").glob("best_*.pt"))
+    real_load = torch.load
+    loads: List[str] = []
+
+    def spy(f, *a, **kw):
+        loads.append(str(f))
+        return real_load(f, *a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    out = tmp_path / "fake"
+    summary = gen.generate(make_cfg(run_dir, out, n_volumes=2, nifti=True, montage=True), log=quiet, progress=False)
+    monkeypatch.undo()
+    # each checkpoint read exactly once for 2 volumes x 3 batches
+    assert sorted(p for p in loads if p.endswith(".pt")) == sorted(str(p) for p in ckpts)
+
+    n = (N_ZBINS - 1) * 2 + 1
+    groups = group_slices_by_volume(out)
+    assert list(groups) == ["fakeVolume0", "fakeVolume1"] and all(len(v) == n for v in groups.values())
+    assert [p.name for p in groups["fakeVolume0"]][:2] == ["fakeVolume0_slice000.npz", "fakeVolume0_slice001.npz"]
+    for p in groups["fakeVolume1"]:
+        s = load_slice(p, require_mask=True)
+        assert s["data"].dtype == np.float32 and s["data"].shape == (32, 32, 1) and s["weight"] is None
+        assert s["mask"].dtype == np.bool_ and s["mask"].shape == (32, 32, LABEL_NC)
+        assert np.all(s["mask"].sum(-1) == 1) and np.abs(s["data"]).max() <= 1.0
+    assert summary["slices_per_volume"] == n and summary["head"] == "source"
+    assert json.loads((out / "generation.json").read_text())["checkpoints"] == summary["checkpoints"]
+
+    import nibabel as nib
+    vol = read_volume(out, "fakeVolume1")
+    img = nib.load(str(out / "nifti" / "fakeVolume1.nii.gz"))
+    lab = nib.load(str(out / "nifti" / "fakeVolume1_label.nii.gz"))
+    assert img.shape == lab.shape == (32, 32, n) and lab.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(np.asarray(img.dataobj).transpose(2, 0, 1), vol["data"])
+    np.testing.assert_array_equal(np.asarray(lab.dataobj).transpose(2, 0, 1), vol["labels"])
+    assert (out / "montage" / "fakeVolume1.png").stat().st_size > 100
+
+    # labels = argmax of the mean source-head probabilities of the two checkpoints (independent recomputation)
+    x = torch.from_numpy(vol["data"][:, None])
+    probs = 0
+    for entry in ck.BestIndex.load(run_dir / "checkpoints").entries:
+        net, fs = PSP.from_checkpoint(run_dir / "checkpoints" / entry.file).eval(), min(1.0, 1e-4 * entry.step)
+        with torch.no_grad():
+            probs = probs + net(net.face_pool(x), torch.tensor([[1.0, 0.0]]).expand(n, 2), resize=False,
+                                feature_scale=fs)[:, 1:]
+    np.testing.assert_array_equal(probs.argmax(1).numpy(), vol["labels"])
+    assert len(np.unique(vol["labels"])) > 1  # a non-trivial segmentation was checked
+
+
+def test_deterministic_for_a_seed_and_batch_independent(run_dir, tmp_path):
+    a = gen.generate(make_cfg(run_dir, tmp_path / "a", seed=3, noise="slice"), log=quiet, progress=False)
+    gen.generate(make_cfg(run_dir, tmp_path / "b", seed=3, noise="slice"), log=quiet, progress=False)
+    gen.generate(make_cfg(run_dir, tmp_path / "c", seed=3, noise="slice", batch_size=1), log=quiet, progress=False)
+    gen.generate(make_cfg(run_dir, tmp_path / "d", seed=4, noise="slice"), log=quiet, progress=False)
+    va, vb, vc, vd = (read_volume(tmp_path / k) for k in "abcd")
+    np.testing.assert_array_equal(va["data"], vb["data"])
+    np.testing.assert_array_equal(va["labels"], vb["labels"])
+    np.testing.assert_allclose(va["data"], vc["data"], atol=1e-5)
+    assert (va["labels"] == vc["labels"]).mean() > 0.99
+    assert not np.allclose(va["data"], vd["data"], atol=1e-3)
+    assert a["settings"]["seed"] == 3
+
+
+def test_noise_modes(run_dir, tmp_path):
+    cfg = make_cfg(run_dir, tmp_path / "x", slices_in_one_z=1)
+    vols = {}
+    for mode in gen.NOISE_MODES:
+        factory, _ = gen.build_factory(cfg, log=quiet)
+        factory.noise = mode
+        vols[mode] = factory.volume(0)[0]
+    # the three modes really give different syntheses of the same latent path
+    assert not np.allclose(vols["volume"], vols["slice"], atol=1e-4)
+    assert not np.allclose(vols["volume"], vols["fixed"], atol=1e-4)
+
+
+def test_generator_override_and_ckpt_dir_forms(run_dir, tmp_path):
+    ckpt_form = gen.resolve_checkpoints(run_dir / "checkpoints")
+    assert ckpt_form == gen.resolve_checkpoints(run_dir) and len(ckpt_form) == 2
+    assert gen.resolve_checkpoints(run_dir, 1) == ckpt_form[:1]
+    with pytest.raises(InputError, match="only 2"):
+        gen.resolve_checkpoints(run_dir, 3)
+    base, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o"), log=quiet)
+    g_file = phase1_file(tmp_path / "g.pt", N_ZBINS, 7)
+    other, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o", generator=g_file), log=quiet)
+    assert base.generator is base.ensemble.members[0].net.decoder
+    assert other.generator is not other.ensemble.members[0].net.decoder
+    assert base.ensemble.members[1].net.decoder is base.ensemble.members[0].net.decoder  # equal decoders shared
+    assert not np.allclose(base.volume(0)[0], other.volume(0)[0], atol=1e-3)
+
+
+def test_clip_mean_conditioning(run_dir, tmp_path):
+    good = tmp_path / "clip_mean.npy"
+    np.save(good, np.random.default_rng(0).normal(size=(1, 768)).astype(np.float32))
+    plain, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o"), log=quiet)
+    clip, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o", clip_mean=good), log=quiet)
+    assert not torch.allclose(plain.latents(0)[0], clip.latents(0)[0])
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((1, 12), np.float32))
+    with pytest.raises(InputError, match=r"bad\.npy.*\(1, 768\)"):
+        gen.build_factory(make_cfg(run_dir, tmp_path / "o", clip_mean=bad), log=quiet)
+
+
+# ----------------------------------------------------------------------------- post-processing
+def test_keep_largest_components_per_label_and_slice():
+    lab = np.zeros((2, 8, 8), np.uint8)
+    lab[0, 0:2, 0:3] = 1           # 6 px, label 1: kept
+    lab[0, 5:7, 5:6] = 1           # 2 px, label 1: removed
+    lab[0, 3, 3] = 2               # 1 px, label 2 (only component): kept
+    lab[0, 4, 4] = 2               # diagonal neighbour = separate component of equal size: first kept
+    lab[1, 0, 0] = 1
+    lab[1, 2:5, 2:5] = 1           # slice 1: the 9 px blob wins
+    out = gen.keep_largest_components(lab)
+    assert out[0, 0:2, 0:3].all() and (out[0, 5:7, 5] == 0).all()
+    assert out[0, 3, 3] == 2 and out[0, 4, 4] == 0
+    assert out[1, 0, 0] == 0 and (out[1, 2:5, 2:5] == 1).all()
+    np.testing.assert_array_equal(gen.keep_largest_components(lab[1]), out[1])
+    assert lab[0, 5, 5] == 1  # input untouched
+
+
+def test_keep_largest_component_flag_applies(run_dir, tmp_path):
+    plain, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o"), log=quiet)
+    kept, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o", keep_largest_component=True), log=quiet)
+    lab_plain, lab_kept = plain.volume(0)[1], kept.volume(0)[1]
+    np.testing.assert_array_equal(gen.keep_largest_components(lab_plain), lab_kept)
+
+
+# ----------------------------------------------------------------------------- errors and CLI
+def test_label_count_and_model_mismatches_are_one_line_errors(run_dir, tmp_path):
+    cases = [
+        (dict(n_segmentation_labels=4), "checkpoint segments 3 labels but --n_segmentation_labels is 4"),
+        (dict(n_domains=2), "n_domains = 3 but --n_domains is 2"),
+        (dict(z_depth=29), "5 z-bins but --z_depth is 29"),
+        (dict(label=1), "--label 1 is not a domain of the checkpoints"),
+        (dict(label=1, head="target"), "--head target needs an adaptation checkpoint"),
+        (dict(label=5, head="source"), "--label 5 is not a domain of the generator"),
+        (dict(ckpt_dir=tmp_path / "nope"), "checkpoint folder not found"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(InputError) as err:
+            gen.generate(make_cfg(run_dir, tmp_path / "o", **kw), log=quiet, progress=False)
+        assert msg in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+    # a foreign domain can still be segmented with a named head
+    factory, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o", label=1, head="source"), log=quiet)
+    assert factory.ensemble.head == "source" and factory.label == 1
+
+
+def test_cli_help_and_errors(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as ex:
+        generate_volumes.main(["--help"])
+    assert ex.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--ckpt_dir", "--generator", "--label", "--n_volumes", "--slices_in_one_z",
+                 "--n_segmentation_labels", "--out_dir", "--clip_mean", "--z_depth", "--batch_size", "--device",
+                 "--n_domains", "--ensemble_size", "--keep-largest-component", "--seed", "--nifti", "--montage",
+                 "--overwrite", "--head", "--noise", "(n_zbins - 1) * s + 1"):
+        assert flag in text, flag
+    argv = ["--ckpt_dir", str(run_dir), "--label", "0", "--n_volumes", "1", "--slices_in_one_z", "1",
+            "--n_segmentation_labels", "4", "--out_dir", str(tmp_path / "cli"), "--device", "cpu", "--quiet"]
+    with pytest.raises(SystemExit) as ex:
+        run_cli(generate_volumes.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert ex.value.code == 2 and err.startswith("error: ") and "\n" not in err and "--n_segmentation_labels" in err
+
+
+def test_cli_end_to_end_and_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["--ckpt_dir", str(run_dir / "checkpoints"), "--label", "0", "--n_volumes", "1", "--slices_in_one_z",
+            "1", "--n_segmentation_labels", "3", "--out_dir", str(out), "--device", "cpu", "--no-nifti",
+            "--no-montage", "--remove_largest_components", "--quiet", "--batch_size", "2"]
+    assert generate_volumes.main(argv) == 0
+    assert len(group_slices_by_volume(out)["fakeVolume0"]) == N_ZBINS
+    assert not (out / "nifti").exists() and not (out / "montage").exists()
+    assert json.loads((out / "generation.json").read_text())["settings"]["keep_largest_component"] is True
+    with pytest.raises(InputError, match="already exists"):
+        generate_volumes.main(argv)
+    assert generate_volumes.main(argv + ["--overwrite"]) == 0
+
+
+def test_montage_overlay():
+    images = np.full((9, 32, 32), -1.0, np.float32)
+    labels = np.zeros((9, 32, 32), np.uint8)
+    labels[:, :4, :4] = 2
+    m = gen.montage_image(images, labels, n=3)
+    assert m.shape == (128, 3 * 128 + 2 * 2, 3)  # 32 px tiles enlarged 4x, 2 px separators
+    np.testing.assert_allclose(m[0, 0], 0.45 * gen.PALETTE[1])  # label 2 over black
+    np.testing.assert_allclose(m[-1, -1], 0.0)  # background stays the image (black)
