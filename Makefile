@@ -18,14 +18,18 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The main job on the embedded demo data (tiny CPU settings). DEMO_ARGS=--full prints the paper-scale commands.
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m demo.run $(DEMO_ARGS)
+	$(PY) -m demo.run $(DEMO_ARGS)
 
+# One OpenMP thread per process: the end-to-end tests run several processes (Fed-BioMed nodes) at once.
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/ops.py
 	$(PY) bench/model.py
+	$(PY) bench/train_step.py
+	$(PY) bench/generate.py
+	$(PY) bench/federation.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,322 @@
+"""One-command demo of the whole pipeline on the embedded phantom: ``python -m demo.run`` (``make demo``).
+
+Stages (each runs the project's real command-line tools as subprocesses; the output of stage
+``<name>`` goes to ``OUT/logs/<name>.log``):
+
+1. ``phantom``       3-site brain phantom (``python -m demo.phantom``) + montage PNG
+2. ``preprocess``    each site to 32 px slices (``python -m MultiMedSeg.preprocess``)
+3. ``prepare_data``  one LMDB per site (``prepare_data.py``, CLIP off unless ``--clip-model``)
+4. ``federated``     3 local Fed-BioMed nodes, ``train.py``, ``save_global_model.py``; nodes always stopped
+5. ``pretrain``      source segmenter on site 0 (``MultiMedSeg/pretrain.py``)
+6. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
+7. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
+8. ``inference``     target test volumes: source-only, adapted-real, adapted-synthetic (``MultiMedSeg/inference.py``)
+9. ``report``        ``OUT/REPORT.md`` with figures and the Dice/Hausdorff table (``python -m demo.report``)
+
+A finished stage leaves ``OUT/.stages/<name>.json`` (its wall time); ``--resume`` skips those.
+``--full`` prints the paper-scale commands instead of running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, TextIO
+
+from demo.stages import DEFAULT, QUICK, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
+from robustmedseg.errors import InputError, run_cli
+from robustmedseg.io import write_text_atomic
+
+MARKERS = ".stages"
+RUN_INFO = "demo.json"
+
+
+class StageFailed(Exception):
+    """A stage's command exited with a non-zero status."""
+
+    def __init__(self, stage: str, log: Path, status: int):
+        super().__init__(f"stage '{stage}' failed (exit status {status}); see {log}")
+        self.stage, self.log, self.status = stage, log, status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m demo.run",
+        description="Run the whole pipeline (phantom -> federated data factory -> segmentation pretraining -> "
+                    "synthetic volumes -> adaptation -> inference -> REPORT.md) on the embedded phantom data "
+                    "with tiny CPU settings (about 13 min on 2 cores; --quick about 3 min).",
+        epilog="Every stage calls the real command-line tools; their commands are at the top of each "
+               "OUT/logs/<stage>.log. Use --full to see the paper-scale commands for your own data.")
+    p.add_argument("--out", type=Path, default=Path("demo_output"),
+                   help="output folder (default demo_output); refused if it exists unless --resume or --overwrite")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke configuration (fewer subjects, rounds and steps; used by the test suite)")
+    p.add_argument("--full", action="store_true",
+                   help="print the paper-scale commands (GPU, your own data) and exit without running anything")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo in --out: skip stages that finished (OUT/.stages/)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing demo folder --out and start again")
+    p.add_argument("--target", type=int, choices=[s for s in SITES if s != 0], default=2,
+                   help="target site of the adaptation (default 2, PET-like: the largest domain gap)")
+    p.add_argument("--clip-model", default="none",
+                   help="open_clip model for prepare_data.py's clip_mean.npy (default none: CLIP weights cannot "
+                        "be downloaded here; e.g. ViT-L-14 with --clip-pretrained)")
+    p.add_argument("--clip-pretrained", default=None,
+                   help="local CLIP weights file (or cached open_clip tag) passed to prepare_data.py")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of every command (default 1). On a 2-core machine shared with other "
+                        "work, 2 threads were measured up to 5x SLOWER than 1 (OpenMP threads wait for each other)")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print the demo's own command lines (with the chosen settings) and exit")
+    return p
+
+
+# ----------------------------------------------------------------------------------------- folder handling
+
+def _is_demo_folder(out: Path) -> bool:
+    return (out / RUN_INFO).is_file() or (out / MARKERS).is_dir()
+
+
+def prepare_folder(out: Path, cfg: DemoConfig, args: argparse.Namespace) -> None:
+    """Create ``out`` (fresh), or accept it for ``--resume``; refuse anything else."""
+    info = {"config": cfg.name, "target": args.target, "clip_model": args.clip_model,
+            "clip_pretrained": args.clip_pretrained}
+    if out.exists():
+        if args.resume:
+            if not _is_demo_folder(out):
+                raise InputError("--resume: not a demo output folder (no demo.json)", out)
+            old = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).is_file() else info
+            if old != info:
+                raise InputError(f"--resume: this folder was made with other settings {old}; "
+                                 "use the same flags or --overwrite", out)
+            return
+        if not args.overwrite:
+            raise InputError("output folder already exists (pass --resume to continue it or --overwrite "
+                             "to start again)", out)
+        if not _is_demo_folder(out) and any(out.iterdir()):
+            raise InputError("--overwrite: refusing to delete a non-empty folder that is not a demo output "
+                             "(no demo.json)", out)
+        shutil.rmtree(out)
+    (out / MARKERS).mkdir(parents=True)
+    (out / "logs").mkdir()
+    write_text_atomic(out / RUN_INFO, json.dumps(info, indent=2) + "\n")
+
+
+def marker(out: Path, stage: str) -> Path:
+    return out / MARKERS / f"{stage}.json"
+
+
+def remove_outputs(out: Path, stage: Stage) -> None:
+    """Delete what a previous, unfinished attempt of ``stage`` left (the CLIs refuse existing outputs)."""
+    for rel in stage.outputs:
+        path = out / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------------------- running
+
+THREADS = {"n": 1}
+
+
+def child_env() -> Dict[str, str]:
+    """The environment of every command: no stray Fed-BioMed variables, ``--threads`` torch/OpenMP threads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS["n"])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _terminate(signum, frame) -> None:  # SIGTERM behaves like Ctrl-C: stop the child, stop the nodes
+    raise KeyboardInterrupt
+
+
+class Progress:
+    """Stage lines on stdout; a live elapsed counter on a terminal, a heartbeat line otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stdout, heartbeat: float = 60.0):
+        self.stream, self.tty, self.heartbeat = stream, stream.isatty(), heartbeat
+        self.label, self.t0, self.last = "", 0.0, 0.0
+
+    def start(self, label: str) -> None:
+        self.label, self.t0 = label, time.monotonic()
+        self.last = self.t0
+        self._print(f"{label} ...", final=not self.tty)
+
+    def tick(self, what: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self._print(f"{self.label} ... {now - self.t0:6.0f} s  {what}", final=False)
+        elif now - self.last >= self.heartbeat:
+            self.last = now
+            self._print(f"    {now - self.t0:.0f} s  {what}", final=True)
+
+    def done(self, text: str) -> None:
+        self._print(f"{self.label} {text}", final=True)
+
+    def _print(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str) -> int:
+    """Run one command with stdout/stderr appended to ``log``; returns its exit status."""
+    log.write(f"\n$ {shell_line(cmd)}\n")
+    log.flush()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=os.getcwd())
+    try:
+        while True:
+            try:
+                status = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                progress.tick(what)
+                continue
+            log.write(f"# exit status {status} after {time.monotonic() - t0:.1f} s\n")
+            log.flush()
+            return status
+    finally:
+        if proc.poll() is None:  # interrupted: stop the child before leaving
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def federation_cli(action: str, root: Path, datasets: Optional[Dict[str, str]] = None) -> List[str]:
+    cmd = [sys.executable, "-m", "robustmedseg.federation.local", action, "--root", str(root)]
+    for name, path in (datasets or {}).items():
+        cmd += ["--dataset", f"{name}={path}"]
+    return cmd + (["--threads", "1"] if action == "up" else [])
+
+
+def stop_federation(root: Path, log: TextIO, progress: Progress) -> None:
+    """Stop the local nodes (CLI ``down``; in-process fallback if the CLI fails)."""
+    if not (root / "federation.json").is_file():
+        return
+    if run_command(federation_cli("down", root), log, progress, "stopping the nodes") != 0:
+        from robustmedseg.federation.local import LocalFederation
+
+        LocalFederation(root).stop()
+
+
+def run_stage(stage: Stage, out: Path, progress: Progress) -> float:
+    """Run every command of ``stage`` (nodes up around them if needed); returns the wall time."""
+    log_path = out / "logs" / f"{stage.name}.log"
+    t0 = time.monotonic()
+    with open(log_path, "a") as log:
+        log.write(f"=== stage {stage.name}: {stage.title} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        fed_root = out / "federation"
+        try:
+            if stage.federation is not None:
+                status = run_command(federation_cli("up", fed_root, stage.federation), log, progress,
+                                     "starting 3 Fed-BioMed nodes")
+                if status:
+                    raise StageFailed(stage.name, log_path, status)
+            for k, cmd in enumerate(stage.commands, 1):
+                what = f"command {k}/{len(stage.commands)}: {Path(cmd[1]).name if cmd[1] != '-m' else cmd[2]}"
+                status = run_command(cmd, log, progress, what)
+                if status:
+                    raise StageFailed(stage.name, log_path, status)
+        finally:
+            if stage.federation is not None:
+                stop_federation(fed_root, log, progress)
+        seconds = time.monotonic() - t0
+        log.write(f"=== stage {stage.name} done in {seconds:.1f} s\n")
+    return seconds
+
+
+def _load() -> float:
+    """1-minute load average (the machine may be shared; reported next to the timings)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def run_pipeline(out: Path, stages: List[Stage], resume: bool, cfg: DemoConfig) -> Dict[str, float]:
+    progress = Progress()
+    timings: Dict[str, float] = {}
+    t_all = time.monotonic()
+    print(f"demo ({cfg.name} settings) -> {out}   [load average {_load():.2f}, "
+          f"OMP_NUM_THREADS={THREADS['n']} per command]", flush=True)
+    for i, stage in enumerate(stages, 1):
+        label = f"[{i}/{len(stages)}] {stage.name:<13}"
+        done = marker(out, stage.name)
+        if resume and done.is_file():
+            timings[stage.name] = float(json.loads(done.read_text())["seconds"])
+            print(f"{label} already done ({timings[stage.name]:.0f} s), skipped", flush=True)
+            continue
+        progress.start(f"{label} {stage.title}")
+        if stage.federation is not None:  # nodes left running by a killed earlier attempt
+            with open(out / "logs" / f"{stage.name}.log", "a") as log:
+                stop_federation(out / "federation", log, progress)
+        remove_outputs(out, stage)
+        if stage.name == "report":  # the report reads the timings of the other stages
+            write_text_atomic(out / MARKERS / "timings.json", json.dumps(timings, indent=2) + "\n")
+        seconds = run_stage(stage, out, progress)
+        timings[stage.name] = seconds
+        write_text_atomic(done, json.dumps({"seconds": seconds, "load": _load(),
+                                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        progress.done(f"done in {seconds:.1f} s  (total {time.monotonic() - t_all:.0f} s)")
+    write_text_atomic(out / MARKERS / "timings.json", json.dumps(timings, indent=2) + "\n")
+    return timings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.full:
+        try:
+            print(paper_commands())
+        except BrokenPipeError:  # e.g. piped into head
+            pass
+        return 0
+    cfg = QUICK if args.quick else DEFAULT
+    out = args.out.resolve()
+    try:
+        stages = build_stages(out, cfg, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                              target=args.target)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    if args.print_commands:
+        for stage in stages:
+            print(f"# {stage.name}: {stage.title}")
+            for cmd in stage.commands:
+                print(shell_line(cmd))
+        return 0
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if args.threads < 1:
+        raise InputError("--threads must be >= 1")
+    THREADS["n"] = args.threads
+    prepare_folder(out, cfg, args)
+    signal.signal(signal.SIGTERM, _terminate)
+    t0 = time.monotonic()
+    try:
+        run_pipeline(out, stages, args.resume, cfg)
+    except StageFailed as err:
+        if sys.stdout.isatty():  # end the live progress line
+            print()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted (the command running was stopped, and the Fed-BioMed nodes if they were up). "
+              "Continue with: python -m demo.run --resume "
+              f"--out {args.out}{' --quick' if args.quick else ''}", file=sys.stderr)
+        return 130
+    print(f"demo finished in {time.monotonic() - t0:.0f} s: {out / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

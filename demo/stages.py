@@ -1,0 +1,247 @@
+"""The demo pipeline as a list of stages, each a list of real command lines (see :mod:`demo.run`).
+
+Every stage runs the project's user-facing CLIs as subprocesses, exactly as a user would type
+them; only the settings are tiny so that the whole pipeline fits a 2-core CPU in about 20 minutes.
+:func:`paper_commands` prints the paper-scale equivalent for a GPU user with real data.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+SOURCE_SITE = 0
+#: Target of the adaptation. Site 2 (PET-like: inverted GM/WM contrast, 8 mm blur, Poisson noise) is
+#: the largest domain gap of the phantom, so a source-only model fails there and adaptation has
+#: something to show; site 1 (the same T1 contrast with another scanner's bias/gamma) is much closer.
+TARGET_SITE = 2
+SITES = (0, 1, 2)
+CLASS_NAMES = {"1": "GM", "2": "WM"}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and schedules of one demo run (``default`` ≈ 20 min, ``quick`` = the smoke test)."""
+
+    name: str
+    n_subjects: int
+    spacing: float
+    size: int = 32
+    labeled_train: int = 2
+    val_frac: float = 0.15
+    test_frac: float = 0.25
+    # phase 1 (federated data factory)
+    latent: int = 64
+    n_mlp: int = 2
+    channel_cap: int = 32
+    rounds: int = 12
+    updates: int = 100
+    batch: int = 8
+    # phase 2
+    encoder_depth: int = 10
+    encoder_base_channels: int = 16
+    pretrain_steps: int = 600
+    adapt_steps: int = 600
+    val_interval: int = 100
+    p2_batch: int = 8
+    latent_avg_samples: int = 1024
+    n_best: int = 3
+    # synthetic source
+    n_volumes: int = 6
+    slices_in_one_z: int = 1
+
+
+DEFAULT = DemoConfig(name="default", n_subjects=10, spacing=5.0)
+QUICK = DemoConfig(name="quick", n_subjects=4, spacing=6.0, labeled_train=1, val_frac=0.25, test_frac=0.25,
+                   latent=32, channel_cap=16, rounds=2, updates=8, batch=4, encoder_base_channels=8,
+                   pretrain_steps=6, adapt_steps=6, val_interval=3, p2_batch=4, latent_avg_samples=256,
+                   n_best=2, n_volumes=2)
+
+
+@dataclass
+class Stage:
+    """One pipeline stage: commands run in order, all logged to ``logs/<name>.log``.
+
+    ``outputs`` (relative to the demo folder) are removed before a (re)run, so a stage interrupted
+    half-way can be run again with ``--resume``.  ``federation`` marks the stage that needs the local
+    Fed-BioMed nodes up (they are stopped in a ``finally`` whatever happens).
+    """
+
+    name: str
+    title: str
+    commands: List[List[str]]
+    outputs: List[str]
+    federation: Optional[Dict[str, str]] = None
+
+
+def _py(*args: object) -> List[str]:
+    return [sys.executable, *[str(a) for a in args]]
+
+
+def _repo() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pretrained: Optional[str] = None,
+                 target: int = TARGET_SITE) -> List[Stage]:
+    """The nine demo stages for the output folder ``out`` (absolute paths in every command)."""
+    repo, out = _repo(), out.resolve()
+    data, prep, lmdb, fed = out / "data", out / "prep", out / "lmdb", out / "federation"
+    runs = out / "runs"
+    stages: List[Stage] = []
+
+    stages.append(Stage("phantom", "phantom data (3 sites)", [
+        _py("-m", "demo.phantom", "--out", data, "--seed", 0, "--n-subjects", cfg.n_subjects,
+            "--spacing", cfg.spacing, "--montage", out / "phantom_montage.png")],
+        ["data", "phantom_montage.png"]))
+
+    prep_cmds = []
+    for site in SITES:
+        cmd = _py("-m", "MultiMedSeg.preprocess", "--images", data / f"site{site}" / "images",
+                  "--labels", data / f"site{site}" / "labels", "--out", prep / f"site{site}", "--size", cfg.size,
+                  "--num-classes", 3, "--val-frac", cfg.val_frac, "--test-frac", cfg.test_frac, "--seed", 0,
+                  "--discard-outside-labels")
+        if site != SOURCE_SITE:
+            cmd += ["--labeled-train", str(cfg.labeled_train)]
+        prep_cmds.append(cmd)
+    stages.append(Stage("preprocess", f"preprocess each site to {cfg.size} px slices", prep_cmds, ["prep"]))
+
+    clip = ["--clip-model", clip_model] + (["--clip-pretrained", clip_pretrained] if clip_pretrained else [])
+    stages.append(Stage("prepare_data", "client-side LMDB per site (prepare_data.py)", [
+        _py(repo / "prepare_data.py", prep / f"site{site}" / "train", "--recursive", "--out", lmdb / f"site{site}",
+            "--size", cfg.size, "--label", site, "--n-domains", len(SITES), *clip, "--quiet")
+        for site in SITES], ["lmdb"]))
+
+    clip_dim = [] if clip_model == "none" else ["--clip-dim", str(_clip_dim(clip_model))]
+    fl_train = _py(repo / "train.py", "--researcher-dir", fed / "researcher", "--workdir", runs / "factory",
+                   "--min-nodes", len(SITES), "--size", cfg.size, "--latent", cfg.latent, "--n_mlp", cfg.n_mlp,
+                   "--channel-cap", cfg.channel_cap, "--n_domains", len(SITES), *clip_dim, "--augment",
+                   "--rounds", cfg.rounds, "--num_updates_per_round", cfg.updates, "--batch", cfg.batch,
+                   "--sample-every", max(cfg.updates, 4), "--log-every", max(cfg.updates // 4, 1),
+                   "--keep-breakpoints", 1)
+    stages.append(Stage("federated", "federated data factory: 3 Fed-BioMed nodes, train.py, save_global_model.py", [
+        fl_train,
+        _py(repo / "save_global_model.py", "--researcher-dir", fed / "researcher", "--out",
+            out / "final_global_model.pt")],
+        ["federation", "runs/factory", "final_global_model.pt"],
+        federation={f"site{s}": str(lmdb / f"site{s}") for s in SITES}))
+
+    tiny = ["--encoder_depth", cfg.encoder_depth, "--encoder_base_channels", cfg.encoder_base_channels,
+            "--encoder_input_size", cfg.size, "--lpips_lambda", 0, "--latent_avg_samples", cfg.latent_avg_samples,
+            "--feature_scale_rate", round(1.5 / max(cfg.pretrain_steps, 1), 6), "--batch_size", cfg.p2_batch,
+            "--test_batch_size", 16, "--val_interval", cfg.val_interval, "--n_best", cfg.n_best,
+            "--start_from_latent_avg", "--device", "cpu", "--label_nc", 3]
+    pre = runs / "pretrain_site0"
+    stages.append(Stage("pretrain", "pretrain the source segmenter on site 0 (MultiMedSeg/pretrain.py)", [
+        _py(repo / "MultiMedSeg" / "pretrain.py", "--exp_dir", pre, "--source_data", prep / "site0",
+            "--stylegan_weights", out / "final_global_model.pt", "--src_label", SOURCE_SITE,
+            "--max_steps", cfg.pretrain_steps, *tiny)], ["runs/pretrain_site0"]))
+
+    fake = out / "synthetic_site0"
+    stages.append(Stage("generate", "synthetic labelled source volumes (generate_volumes.py)", [
+        _py(repo / "generate_volumes.py", "--ckpt_dir", pre, "--generator", out / "final_global_model.pt",
+            "--label", SOURCE_SITE, "--n_volumes", cfg.n_volumes, "--slices_in_one_z", cfg.slices_in_one_z,
+            "--n_segmentation_labels", 3, "--keep-largest-component", "--seed", 0, "--batch_size", 8,
+            "--device", "cpu", "--out_dir", fake)], ["synthetic_site0"]))
+
+    adapt_common = ["--target_data", prep / f"site{target}", "--checkpoint_dir", pre, "--src_label", SOURCE_SITE,
+                    "--tgt_label", target, "--one_target_slice", "--max_steps", cfg.adapt_steps,
+                    "--lpips_lambda", 0, "--latent_avg_samples", cfg.latent_avg_samples,
+                    "--feature_scale_rate", round(1.5 / max(cfg.adapt_steps, 1), 6), "--batch_size", cfg.p2_batch,
+                    "--test_batch_size", 16, "--val_interval", cfg.val_interval, "--n_best", cfg.n_best,
+                    "--start_from_latent_avg", "--device", "cpu", "--label_nc", 3]
+    stages.append(Stage("adapt", f"adapt to site {target}: with the real source, then with the synthetic source", [
+        _py(repo / "MultiMedSeg" / "train.py", "--exp_dir", runs / f"adapt_real_site{target}",
+            "--source_data", prep / "site0", *adapt_common),
+        _py(repo / "MultiMedSeg" / "train.py", "--exp_dir", runs / f"adapt_synth_site{target}",
+            "--source_root", fake, *adapt_common)],
+        [f"runs/adapt_real_site{target}", f"runs/adapt_synth_site{target}"]))
+
+    inf = out / "inference"
+    stages.append(Stage("inference", f"segment the site-{target} test volumes (MultiMedSeg/inference.py)", [
+        _py(repo / "MultiMedSeg" / "inference.py", "--exp_dir", inf / name, "--checkpoint_dir", ckpt,
+            "--target_data", prep / f"site{target}", "--ensemble_size", cfg.n_best, "--device", "cpu",
+            "--test_batch_size", 16, "--label_nc", 3)
+        for name, ckpt in [("source_only", pre), ("adapted_real", runs / f"adapt_real_site{target}"),
+                           ("adapted_synthetic", runs / f"adapt_synth_site{target}")]], ["inference"]))
+
+    stages.append(Stage("report", "REPORT.md and figures", [
+        _py("-m", "demo.report", "--out", out, "--target", target)],
+        ["REPORT.md", "generator_grid.png", "synthetic_montage.png", "segmentation_overlay.png"]))
+    return stages
+
+
+def _clip_dim(model: str) -> int:
+    """Embedding width of a few common open_clip models (train.py's --clip-dim must match clip_mean.npy)."""
+    widths = {"ViT-L-14": 768, "ViT-B-32": 512, "ViT-B-16": 512, "RN50": 1024, "ViT-H-14": 1024}
+    if model not in widths:
+        raise ValueError(f"unknown CLIP width for '{model}'; use one of {sorted(widths)} or --clip-model none")
+    return widths[model]
+
+
+def paper_commands() -> str:
+    """The paper-scale pipeline (SPEC §5–§8) for a GPU user with real multi-site data, as shell text."""
+    lines = [
+        "# Paper-scale pipeline (GPU; replace the phantom by your own NIfTI data). Sites: site0 = labeled",
+        "# source, site1/site2 = targets with few labels. Every script documents its flags with --help.",
+        "",
+        "# 1. each hospital: preprocess its volumes into 512 px slices",
+        "python -m MultiMedSeg.preprocess --images DATA/site0/images --labels DATA/site0/labels \\",
+        "    --out prep/site0 --size 512 --num-classes 3 --discard-outside-labels",
+        "for k in 1 2; do",
+        "  python -m MultiMedSeg.preprocess --images DATA/site$k/images --labels DATA/site$k/labels \\",
+        "      --out prep/site$k --size 512 --num-classes 3 --labeled-train 2 --discard-outside-labels",
+        "done",
+        "",
+        "# 2. each hospital: its phase-1 LMDB with the mean CLIP ViT-L-14 embedding (local OpenAI weights)",
+        "for k in 0 1 2; do",
+        "  python prepare_data.py prep/site$k/train --recursive --out lmdb/site$k --size 512 --label $k \\",
+        "      --n-domains 3 --clip-model ViT-L-14 --clip-pretrained /models/ViT-L-14-openai.pt --device cuda",
+        "done",
+        "",
+        "# 3. one Fed-BioMed node per hospital with lmdb/site<k> registered under the tag #im2im (README:",
+        "#    'Real multi-hospital deployment'): fedbiomed component create ...; fedbiomed node -p fbm-node",
+        "#    dataset add; then start it on its GPU:",
+        "fedbiomed node -p fbm-node start --gpu",
+        "#    (a CPU-only test on one machine: python -m robustmedseg.federation.local up --root fed \\",
+        "#       --dataset site0=lmdb/site0 --dataset site1=lmdb/site1 --dataset site2=lmdb/site2",
+        "#     and --researcher-dir fed/researcher without --use-gpu below)",
+        "",
+        "# 4. researcher: the data factory, 350 rounds x 2000 updates, then the CLIP stage to round 385",
+        "python train.py --researcher-dir fbm-researcher --workdir factory_run --min-nodes 3 --size 512 \\",
+        "    --n_domains 3 --augment --num_updates_per_round 2000 --rounds 350 --use-gpu",
+        "python train.py --researcher-dir fbm-researcher --workdir factory_run --min-nodes 3 --resume \\",
+        "    --num_updates_per_round 200 --rounds 385 --clip-weight 50 \\",
+        "    --clip-pretrained /models/ViT-L-14-openai.pt --use-gpu",
+        "python save_global_model.py --researcher-dir fbm-researcher --out final_global_model.pt",
+        "",
+        "# 5. source client: pretrain the segmenter (intra branch), 15000 steps, batch 8",
+        "python MultiMedSeg/pretrain.py --exp_dir runs/pretrain --source_data prep/site0 \\",
+        "    --stylegan_weights final_global_model.pt --src_label 0 --label_nc 3 --batch_size 8 \\",
+        "    --start_from_latent_avg --only_intra --max_steps 15000 \\",
+        "    --backbone_weights pretrained_models/backbone.pth \\",
+        "    --alex_model pretrained_models/alex.pth --alex_pretr_model pretrained_models/alex_pretr.pth",
+        "",
+        "# 6. synthetic labelled source volumes from the data factory",
+        "python generate_volumes.py --ckpt_dir runs/pretrain --label 0 --n_volumes 50 \\",
+        "    --slices_in_one_z 10 --n_segmentation_labels 3 --out_dir fake_site0",
+        "",
+        "# 7. target client: adapt with one labeled slice per target volume, 20000 steps",
+        "#    (--source_data prep/site0 with the real source, or --source_root fake_site0 with the synthetic one)",
+        "python MultiMedSeg/train.py --exp_dir runs/adapt_site2 --source_root fake_site0 \\",
+        "    --target_data prep/site2 --checkpoint_dir runs/pretrain --src_label 0 --tgt_label 2 \\",
+        "    --label_nc 3 --start_from_latent_avg --one_target_slice --max_steps 20000 \\",
+        "    --alex_model pretrained_models/alex.pth --alex_pretr_model pretrained_models/alex_pretr.pth",
+        "",
+        "# 8. inference: ensemble of the 5 best checkpoints, NIfTI on the original grid + metrics.csv",
+        "python MultiMedSeg/inference.py --exp_dir runs/adapt_site2_test --checkpoint_dir runs/adapt_site2 \\",
+        "    --target_data prep/site2 --ensemble_size 5",
+    ]
+    return "\n".join(lines)
+
+
+def shell_line(cmd: Sequence[str]) -> str:
+    """A command list as one copy-pasteable shell line."""
+    return " ".join(shlex.quote(c) for c in cmd)
