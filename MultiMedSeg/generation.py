@@ -53,15 +53,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from model import Generator
 from MultiMedSeg.data.slices import save_slice, slice_name
-from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.models.psp import PSP
 from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.inference import feature_scale_of
+from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, atomic_path, write_text_atomic
 
@@ -173,13 +175,6 @@ class Member:
     path: Path
 
 
-def feature_scale_of(payload: Mapping[str, Any]) -> float:
-    """``min(1, rate * global_step)`` of a checkpoint (rate = its ``feature_scale_rate``, default 1e-4)."""
-    opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", 1e-4)) if isinstance(opts, Mapping) else 1e-4
-    return min(1.0, rate * int(payload.get("global_step", 0)))
-
-
 def resolve_checkpoints(ckpt_dir: Path, ensemble_size: Optional[int] = None) -> List[Path]:
     """Best checkpoints (best first) of a phase-2 run: ``ckpt_dir`` is the experiment folder or its
     ``checkpoints`` folder (both accepted, §9.40)."""
@@ -202,15 +197,8 @@ def resolve_checkpoints(ckpt_dir: Path, ensemble_size: Optional[int] = None) -> 
 def load_member(path: Path) -> Member:
     """Build the PSP stored in one checkpoint (the file is read once), in eval mode on the CPU."""
     payload = ck.load_checkpoint(path, "phase-2 checkpoint")
-    config = payload.get("config")
-    if not isinstance(config, Mapping):
-        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
-    try:
-        net = PSP(PSPConfig.from_dict(config))
-    except (TypeError, ValueError) as err:
-        raise InputError(f"invalid model configuration: {err}", path) from None
-    info = net.load_checkpoint(path, payload)
-    if net.config.start_from_latent_avg and info.get("latent_avg_missing"):
+    net = PSP.from_checkpoint(path, payload)
+    if net.config.start_from_latent_avg and net.load_info.get("latent_avg_missing"):
         net.compute_latent_avg(seed=0)  # deterministic; only for checkpoints saved without latent_avg
     return Member(net.eval(), feature_scale_of(payload), Path(path))
 
@@ -387,15 +375,6 @@ class GenerationConfig:
             raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; ``cuda`` without a GPU is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 # ------------------------------------------------------------------------------- the factory
 class VolumeFactory:
     """Generator + segmentation ensemble + settings; :meth:`volume` makes one labelled volume.
@@ -474,7 +453,7 @@ class VolumeFactory:
 
 def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> Tuple[VolumeFactory, List[Path]]:
     """Load the checkpoints (once), the generator and the encoding; check every compatibility rule."""
-    device = select_device(cfg.device)
+    device = resolve_device(cfg.device)
     paths = resolve_checkpoints(cfg.ckpt_dir, cfg.ensemble_size)
     ensemble = SegmentationEnsemble.load(paths, cfg.label, cfg.head, device)
     pc = ensemble.config

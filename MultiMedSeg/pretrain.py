@@ -20,16 +20,9 @@ from robustmedseg.errors import run_cli  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from MultiMedSeg.training.options import parse_training_options
+    from MultiMedSeg.training.cli import run_training
 
-    opts = parse_training_options(argv, "pretrain")  # --help exits here, before torch is imported
-    from MultiMedSeg.training.coach import Coach
-
-    summary = Coach(opts).train()
-    best = summary["best"][0] if summary["best"] else None
-    print(f"pretraining done at step {summary['step']}; best checkpoint: "
-          f"{best['file'] + ' (score %.4f)' % best['score'] if best else 'none'} in {opts.exp_dir / 'checkpoints'}")
-    return 0
+    return run_training(argv, "pretrain")
 
 
 if __name__ == "__main__":

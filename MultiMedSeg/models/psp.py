@@ -370,14 +370,17 @@ class PSP(nn.Module):
         return {"latent_avg_kept": kept, "latent_avg_missing": missing}
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, os.PathLike], **overrides: Any) -> "PSP":
+    def from_checkpoint(cls, path: Union[str, os.PathLike], payload: Optional[Mapping[str, Any]] = None,
+                        **overrides: Any) -> "PSP":
         """Build a PSP from a checkpoint's stored config (fields in ``overrides`` replace it) and load it.
 
         E.g. ``PSP.from_checkpoint(pretrained, src_tgt_domains=[0, 1])`` starts adaptation from a
-        pretraining checkpoint.  Call :meth:`compute_latent_avg` afterwards if
-        ``load_info['latent_avg_missing']`` is not empty.
+        pretraining checkpoint.  ``payload`` is the already-read file content (the file is then not
+        read again).  Call :meth:`compute_latent_avg` afterwards if ``load_info['latent_avg_missing']``
+        is not empty.
         """
-        payload = read_torch_file(path, "phase-2 checkpoint")
+        if payload is None:
+            payload = read_torch_file(path, "phase-2 checkpoint")
         if not isinstance(payload, Mapping) or not isinstance(payload.get("config"), Mapping):
             raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
         try:

@@ -36,21 +36,13 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import predict_slices, volume_labels
 from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.training.options import options_to_dict
+from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
 
 VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
 
 
 # ---------------------------------------------------------------------------------- setup
-def select_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; ``cuda`` without a GPU is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch; deterministic cuDNN (SPEC §6.6 global setup)."""
     random.seed(seed)
@@ -267,7 +259,7 @@ class Coach:
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
-        self.device = select_device(opts.device)
+        self.device = resolve_device(opts.device)
         self.use_amp = self.device.type == "cuda" and not opts.no_amp
         seed_everything(opts.seed)
         self.exp_dir = check_exp_dir(opts)

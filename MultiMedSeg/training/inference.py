@@ -43,9 +43,10 @@ from torch.utils.data import DataLoader
 from MultiMedSeg.data.images_dataset import VolumeDataset
 from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
-from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
+from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
+from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
@@ -101,14 +102,7 @@ def load_ensemble(checkpoint_dir: Path, n: int, device: torch.device) -> List[Tu
     first = None
     for path in index.paths(n):
         payload = ck.load_checkpoint(path, "checkpoint")
-        if not isinstance(payload.get("config"), Mapping):
-            raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
-        try:
-            config = PSPConfig.from_dict(payload["config"])
-        except (TypeError, ValueError) as err:
-            raise InputError(f"invalid model configuration: {err}", path) from None
-        net = PSP(config)
-        net.load_checkpoint(path, payload)  # the file is read once (payload above)
+        net = PSP.from_checkpoint(path, payload)  # the file is read once (payload above)
         key = (net.config.label_nc, tuple(net.config.src_tgt_domains), net.config.encoder_input_size,
                net.config.output_size)
         if first is None:
@@ -206,9 +200,9 @@ def _fmt(v: float) -> str:
 
 def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
-    from MultiMedSeg.training.coach import seed_everything, select_device
+    from MultiMedSeg.training.coach import seed_everything
 
-    device = select_device(opts.device)
+    device = resolve_device(opts.device)
     seed_everything(opts.seed)
     models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)
     config = models[0][0].config

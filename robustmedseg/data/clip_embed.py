@@ -23,21 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
 
 DEFAULT_CLIP_MODEL = "ViT-L-14"
 DEFAULT_CLIP_PRETRAINED = "openai"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an input error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} requested but no CUDA device is available")
-    return torch.device(device)
 
 
 @dataclass
