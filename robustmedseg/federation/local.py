@@ -45,6 +45,12 @@ MANIFEST = "federation.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _project_pythonpath(env: Mapping[str, str]) -> str:
+    """``PYTHONPATH`` of ``env`` with this checkout first, so child processes import the same code."""
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(PROJECT_ROOT)] + rest)
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -150,10 +156,9 @@ class LocalFederation:
     def _node_env(self, node: LocalNode) -> Dict[str, str]:
         m = self._require()
         env = dict(os.environ)
-        paths = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env.update(FBM_RESEARCHER_IP="127.0.0.1", FBM_RESEARCHER_PORT=str(m.port),
                    FBM_NODE_COMPONENT_ROOT=node.root, OMP_NUM_THREADS=str(m.threads),
-                   MKL_NUM_THREADS=str(m.threads), PYTHONPATH=os.pathsep.join(paths))
+                   MKL_NUM_THREADS=str(m.threads), PYTHONPATH=_project_pythonpath(env))
         env.pop("FBM_RESEARCHER_COMPONENT_ROOT", None)
         return env
 
@@ -215,7 +220,7 @@ class LocalFederation:
     @staticmethod
     def _tool_env() -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-        env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONPATH"] = _project_pythonpath(env)
         return env
 
     @staticmethod
