@@ -113,6 +113,14 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
         help="keep only the newest N breakpoints and the node-reply files they use (0 = keep all; at 512 px "
              "a breakpoint is ~1 GB); default 3")
     add("--tensorboard", type=Path, default=None, help="TensorBoard folder (default WORKDIR/tensorboard)")
+    add("--fidelity-evaluator", dest="fidelity_evaluator", type=Path, default=None,
+        help="frozen fidelity evaluator file (python -m robustmedseg.factory.fidelity train): after every "
+             "--fidelity-every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
+             "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
+    add("--fidelity-every", dest="fidelity_every", type=int, default=1,
+        help="score the aggregated G_ema every N rounds (and after the last round; default 1)")
+    add("--fidelity-n", dest="fidelity_n", type=int, default=64,
+        help="generated slices per domain for each fidelity score (default 64)")
     add("--min-nodes", dest="min_nodes", type=int, default=1,
         help="wait until at least this many nodes answer before starting (default 1)")
     add("--wait-nodes", dest="wait_nodes", type=float, default=120.0,
@@ -139,6 +147,9 @@ def _print_round(report: Any, limit: int) -> None:
     keys = ("d_loss", "g_loss", "r1", "path_length", "ada_p", "clip_loss")
     shown = " ".join(f"{k} {report.metrics[k]:.4g}" for k in keys if k in report.metrics)
     train_s = max(report.node_train_s.values()) if report.node_train_s else float("nan")
+    fid = report.fidelity
+    if fid:
+        shown += (f"  fidelity: domain acc {fid['domain_accuracy']:.3f} z-bin ±1 {fid['zbin_within1']:.3f}")
     print(f"round {report.round}/{limit}  {report.seconds:.1f} s (node training {train_s:.1f} s)  "
           f"nodes {', '.join(report.nodes)}  {shown}", flush=True)
 
@@ -175,10 +186,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = _config_from_args(args)
     if args.rounds < 1 or args.num_updates_per_round < 1 or args.batch < 1 or args.max_nodes < 1:
         raise InputError("--rounds, --num_updates_per_round, --batch and --max-nodes-per-round must be >= 1")
+    if args.fidelity_every < 1 or args.fidelity_n < 2:
+        raise InputError("--fidelity-every must be >= 1 and --fidelity-n >= 2")
     tags = [t for t in args.tags.split(",") if t]
 
     from robustmedseg.federation import researcher as R
 
+    fidelity = None
+    if args.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
+        fidelity = R.fidelity_scorer(args.fidelity_evaluator, args.fidelity_n, args.seed)
     try:
         R.use_researcher_component(researcher_dir, verbose=args.verbose)
         online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
@@ -206,14 +222,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.time()
         rounds = R.previous_rounds(workdir / "run.json", exp.id, exp.round_current())
 
+        if fidelity is not None:
+            fidelity.evaluator.check_generator(exp.training_plan().model().g_ema)
+
         def on_round(report: Any) -> None:
-            rounds.append({"round": report.round, "seconds": report.seconds, "node_train_s": report.node_train_s,
-                           "node_cpu_s": report.node_cpu_s})
+            row = {"round": report.round, "seconds": report.seconds, "node_train_s": report.node_train_s,
+                   "node_cpu_s": report.node_cpu_s}
+            if report.fidelity:
+                row["fidelity"] = report.fidelity
+            rounds.append(row)
             _print_round(report, exp.round_limit())
 
         try:
             R.run_rounds(exp, metrics, writer, workdir / "samples", int(model_args.get("n_sample", 3)),
-                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints)
+                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints,
+                         fidelity=fidelity, fidelity_every=args.fidelity_every)
         finally:
             if writer is not None:
                 writer.close()

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from demo.stages import DEFAULT, QUICK, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
 from robustmedseg.errors import InputError, run_cli
@@ -127,10 +127,19 @@ def remove_outputs(out: Path, stage: Stage) -> None:
 THREADS = {"n": 1}
 
 
-def child_env() -> Dict[str, str]:
-    """The environment of every command: no stray Fed-BioMed variables, ``--threads`` torch/OpenMP threads."""
+def default_threads() -> int:
+    """CPU cores this process may use (the default of ``--threads``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def child_env(threads: Optional[int] = None) -> Dict[str, str]:
+    """The environment of every command: no stray Fed-BioMed variables, ``threads`` torch/OpenMP threads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS["n"])
+    n = THREADS["n"] if threads is None else threads
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, n))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -170,12 +179,24 @@ class Progress:
         self.stream.flush()
 
 
-def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str) -> int:
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # interrupted: stop the child before leaving
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str,
+                threads: Optional[int] = None) -> int:
     """Run one command with stdout/stderr appended to ``log``; returns its exit status."""
     log.write(f"\n$ {shell_line(cmd)}\n")
     log.flush()
     t0 = time.monotonic()
-    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=os.getcwd())
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=child_env(threads),
+                            cwd=os.getcwd())
     try:
         while True:
             try:
@@ -187,13 +208,65 @@ def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str) 
             log.flush()
             return status
     finally:
-        if proc.poll() is None:  # interrupted: stop the child before leaving
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
+
+
+def run_parallel(cmds: Sequence[Sequence[str]], log: TextIO, log_path: Path, progress: Progress, lanes: int,
+                 total_threads: int) -> Tuple[int, int]:
+    """Run ``cmds`` at most ``lanes`` at a time, each with ``total_threads // lanes`` threads (at least 1).
+
+    Each command writes to its own part file; when it ends, the part is appended to ``log`` (so the
+    stage log holds every command's output in one piece).  Returns ``(index, status)`` of the first
+    failure, or ``(-1, 0)``.  On a failure the commands still running are stopped.
+    """
+    pending = list(enumerate(cmds))
+    running: List[Tuple[int, subprocess.Popen, Path, Any, float]] = []
+    lanes = max(1, min(lanes, len(cmds)))
+    threads = max(1, total_threads // lanes)
+    failed = (-1, 0)
+    try:
+        while pending or running:
+            while pending and len(running) < lanes and failed[0] < 0:
+                k, cmd = pending.pop(0)
+                part = log_path.with_name(f".{log_path.stem}.{k}.part")
+                fh = open(part, "w")
+                fh.write(f"\n$ {shell_line(cmd)}\n")
+                fh.flush()
+                proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=child_env(threads),
+                                        cwd=os.getcwd())
+                running.append((k, proc, part, fh, time.monotonic()))
+            if not running:
+                break
+            time.sleep(1.0)
+            names = ", ".join(_short(cmds[k]) for k, *_ in running)
+            progress.tick(f"{len(running)} running ({names}), {len(pending)} waiting")
+            for item in list(running):
+                k, proc, part, fh, t0 = item
+                status = proc.poll()
+                if status is None:
+                    continue
+                fh.write(f"# exit status {status} after {time.monotonic() - t0:.1f} s\n")
+                fh.close()
+                log.write(part.read_text())
+                log.flush()
+                part.unlink()
+                running.remove(item)
+                if status and failed[0] < 0:
+                    failed = (k, status)
+                    pending.clear()
+    finally:
+        for k, proc, part, fh, _ in running:
+            _stop(proc)
+            fh.close()
+            if part.exists():
+                log.write(part.read_text() + "# stopped\n")
+                part.unlink()
+        log.flush()
+    return failed
+
+
+def _short(cmd: Sequence[str]) -> str:
+    return Path(cmd[1]).name if cmd[1] != "-m" else cmd[2]
 
 
 def federation_cli(action: str, root: Path, datasets: Optional[Dict[str, str]] = None) -> List[str]:
@@ -213,6 +286,14 @@ def stop_federation(root: Path, log: TextIO, progress: Progress) -> None:
         LocalFederation(root).stop()
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes of this process (and their children)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_stage(stage: Stage, out: Path, progress: Progress) -> float:
     """Run every command of ``stage`` (nodes up around them if needed); returns the wall time."""
     log_path = out / "logs" / f"{stage.name}.log"
@@ -226,11 +307,16 @@ def run_stage(stage: Stage, out: Path, progress: Progress) -> float:
                                      "starting 3 Fed-BioMed nodes")
                 if status:
                     raise StageFailed(stage.name, log_path, status)
-            for k, cmd in enumerate(stage.commands, 1):
-                what = f"command {k}/{len(stage.commands)}: {Path(cmd[1]).name if cmd[1] != '-m' else cmd[2]}"
-                status = run_command(cmd, log, progress, what)
+            if stage.parallel > 1 and len(stage.commands) > 1:
+                k, status = run_parallel(stage.commands, log, log_path, progress, stage.parallel, THREADS["n"])
                 if status:
                     raise StageFailed(stage.name, log_path, status)
+            else:
+                for k, cmd in enumerate(stage.commands, 1):
+                    what = f"command {k}/{len(stage.commands)}: {_short(cmd)}"
+                    status = run_command(cmd, log, progress, what, threads=stage.threads or THREADS["n"])
+                    if status:
+                        raise StageFailed(stage.name, log_path, status)
         finally:
             if stage.federation is not None:
                 stop_federation(fed_root, log, progress)
@@ -264,9 +350,11 @@ def run_pipeline(out: Path, stages: List[Stage], resume: bool, cfg: DemoConfig) 
         remove_outputs(out, stage)
         if stage.name == "report":  # the report reads the timings of the other stages
             write_text_atomic(out / MARKERS / "timings.json", json.dumps(timings, indent=2) + "\n")
+        cpu0 = children_cpu()
         seconds = run_stage(stage, out, progress)
         timings[stage.name] = seconds
-        write_text_atomic(done, json.dumps({"seconds": seconds, "load": _load(),
+        write_text_atomic(done, json.dumps({"seconds": seconds, "cpu_seconds": children_cpu() - cpu0,
+                                            "load": _load(), "threads": THREADS["n"],
                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         progress.done(f"done in {seconds:.1f} s  (total {time.monotonic() - t_all:.0f} s)")
     write_text_atomic(out / MARKERS / "timings.json", json.dumps(timings, indent=2) + "\n")
