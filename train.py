@@ -32,14 +32,15 @@ from robustmedseg.errors import InputError, run_cli
 MODEL_FLAGS = {
     "size": "size", "latent": "style_dim", "n_mlp": "n_mlp", "n_domains": "n_domains",
     "channel_multiplier": "channel_multiplier", "n_zbins": "n_zbins", "clip_dim": "clip_dim",
-    "channel_cap": "channel_cap", "r1": "r1", "path_regularize": "path_regularize",
+    "channel_cap": "channel_cap", "lr_mlp": "lr_mlp", "r1": "r1", "path_regularize": "path_regularize",
     "path_batch_shrink": "path_batch_shrink", "d_reg_every": "d_reg_every", "g_reg_every": "g_reg_every",
     "mixing": "mixing", "augment": "augment", "augment_p": "augment_p", "ada_target": "ada_target",
     "ada_length": "ada_length", "ada_every": "ada_every", "clip_weight": "clip_weight",
     "clip_model": "clip_model", "clip_pretrained": "clip_pretrained", "n_sample": "n_sample",
     "sample_every": "sample_every", "log_every": "log_every", "seed": "seed",
 }
-ARCH_FLAGS = ("size", "latent", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim", "channel_cap")
+ARCH_FLAGS = ("size", "latent", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim", "channel_cap",
+              "lr_mlp")
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -88,6 +89,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
         help="StyleGAN2 channel multiplier (default 2)")
     add("--channel-cap", "--channel_cap", dest="channel_cap", type=int, default=None,
         help="cap on the channels of every layer (small CPU runs); default none = paper widths")
+    add("--lr_mlp", "--lr-mlp", dest="lr_mlp", type=float, default=0.01,
+        help="learning-rate multiplier of the mapping network (default 0.01, the paper's; fixed by the first run). "
+             "Short CPU runs learn the site conditioning much faster with 1 (BENCHMARKS.md); "
+             "save_global_model.py exports in the paper's parametrisation either way")
     add("--r1", type=float, default=10.0, help="R1 weight (default 10)")
     add("--path_regularize", type=float, default=2.0, help="path-length weight (default 2)")
     add("--path_batch_shrink", type=int, default=2, help="batch divisor of the path-length step (default 2)")

@@ -146,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         row = {"updates": done, "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall0,
                **evaluate(ev, model, a.eval_n, a.seed), **(extra or {})}
         trace.append(row)
+        dump()
         ge = row["g_ema"]
         print(f"[{a.mode}] {done:6d} updates  cpu {row['cpu_s']:7.0f} s  g_ema: domain acc {ge['domain_accuracy']:.3f} "
               f"z-bin acc {ge['zbin_accuracy']:.3f} (±1 {ge['zbin_within1']:.3f}) KID "
@@ -153,6 +154,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               + " per domain " + " ".join(f"{ge[f'domain_accuracy_domain{d}']:.2f}" for d in range(len(sites)))
               + f" | g: domain acc {row['g']['domain_accuracy']:.3f}" + (f" nodes {extra['nodes']}" if extra else ""),
               flush=True)
+
+    def dump() -> None:
+        result = {"args": vars(a), "trace": trace,
+                  "real": {k: ev.real[k] for k in ("domain_accuracy", "zbin_accuracy", "zbin_within1", "kid_real")}}
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.replace(a.out)
 
     record(0)
     if a.mode == "central":
@@ -189,15 +198,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             done = (r + 1) * a.updates
             if done % a.eval_every == 0 or r == rounds - 1:
                 record(done, {"round": r + 1, "nodes": chosen})
-    result = {"args": vars(a), "trace": trace,
-              "real": {k: ev.real[k] for k in ("domain_accuracy", "zbin_accuracy", "zbin_within1", "kid_real")}}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if a.save is not None:
-        from robustmedseg.factory.network import split_state_dict
+        from robustmedseg.federation.export import build_export
 
-        parts = split_state_dict(model.state_dict())
-        torch.save({**parts, "args": cfg.model_kwargs()}, a.save)
+        torch.save(build_export(model.state_dict(), {"model_args": cfg.to_model_args()}), a.save)
     return 0
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
-from demo.stages import DEFAULT, QUICK, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
+from demo.stages import PRESETS, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                "OUT/logs/<stage>.log. Use --full to see the paper-scale commands for your own data.")
     p.add_argument("--out", type=Path, default=Path("demo_output"),
                    help="output folder (default demo_output); refused if it exists unless --resume or --overwrite")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke configuration (fewer subjects, rounds and steps; used by the test suite)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="settings: 'default' (32 px, < 20 min on 2 cores), 'quick' (smoke configuration used by the "
+                        "test suite, a few minutes, numbers meaningless), 'quality' (64 px, longer schedules; "
+                        "1-3 h on 2 CPU cores, see BENCHMARKS.md)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--full", action="store_true",
                    help="print the paper-scale commands (GPU, your own data) and exit without running anything")
     p.add_argument("--resume", action="store_true",
@@ -369,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # e.g. piped into head
             pass
         return 0
-    cfg = QUICK if args.quick else DEFAULT
+    cfg = PRESETS["quick" if args.quick else args.preset]
     out = args.out.resolve()
     try:
         stages = build_stages(out, cfg, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
@@ -400,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (the command running was stopped, and the Fed-BioMed nodes if they were up). "
               "Continue with: python -m demo.run --resume "
-              f"--out {args.out}{' --quick' if args.quick else ''}", file=sys.stderr)
+              f"--out {args.out} --preset {cfg.name}", file=sys.stderr)
         return 130
     print(f"demo finished in {time.monotonic() - t0:.0f} s: {out / 'REPORT.md'}")
     return 0

@@ -71,6 +71,8 @@ QUICK = DemoConfig(name="quick", n_subjects=4, spacing=6.0, labeled_train=1, val
                    evaluator_steps=20, latent=32, channel_cap=16, rounds=2, updates=8, batch=4, fidelity_n=8,
                    encoder_base_channels=8, pretrain_steps=6, adapt_steps=6, val_interval=3, p2_batch=4,
                    latent_avg_samples=256, n_best=2, n_volumes=2)
+QUALITY = DemoConfig(name="quality", n_subjects=16, spacing=3.0, size=64)
+PRESETS = {c.name: c for c in (DEFAULT, QUICK, QUALITY)}
 
 
 @dataclass

@@ -220,7 +220,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Ten
 
 
 def train_classifier(train: RealSlices, cfg: EvaluatorConfig, steps: int = 800, batch: int = 64,
-                     lr: float = 1e-3, seed: int = 0, zbin_weight: float = 0.5,
+                     lr: float = 3e-3, seed: int = 0, zbin_weight: float = 0.5,
                      log: Optional[Any] = None) -> SliceClassifier:
     """Train :class:`SliceClassifier` on ``train`` (cross-entropy on domain + ``zbin_weight`` x z-bin)."""
     torch.manual_seed(seed)
@@ -250,13 +250,13 @@ def train_classifier(train: RealSlices, cfg: EvaluatorConfig, steps: int = 800, 
 
 
 def train_evaluator(train: RealSlices, heldout: RealSlices, cfg: EvaluatorConfig, steps: int = 800,
-                    batch: int = 64, seed: int = 0, log: Optional[Any] = None) -> Dict[str, Any]:
+                    batch: int = 64, seed: int = 0, lr: float = 3e-3, log: Optional[Any] = None) -> Dict[str, Any]:
     """Train the evaluator, measure it on ``heldout`` and build the evaluator payload (see module doc)."""
     for name, part in (("training", train), ("held-out", heldout)):
         missing = sorted(set(range(cfg.n_domains)) - set(part.domains.unique().tolist()))
         if missing:
             raise InputError(f"the {name} slices of the evaluator have no slice of domain(s) {missing}")
-    net = train_classifier(train, cfg, steps=steps, batch=batch, seed=seed, log=log)
+    net = train_classifier(train, cfg, steps=steps, batch=batch, lr=lr, seed=seed, log=log)
     pred_d, pred_z, feats = classify(net, heldout.images)
     # KID is not scale invariant: features are divided by their RMS over the held-out real slices
     feature_scale = float(1.0 / feats.pow(2).mean().sqrt().clamp_min(1e-12))
@@ -274,7 +274,7 @@ def train_evaluator(train: RealSlices, heldout: RealSlices, cfg: EvaluatorConfig
     return {"format": FORMAT, "config": asdict(cfg), "state_dict": {k: v.clone() for k, v in net.state_dict().items()},
             "reference": {"features": feats.float().clone(), "domains": heldout.domains.clone(),
                           "zbins": heldout.zbins.clone(), "halves": halves, "feature_scale": feature_scale},
-            "real": real, "train": {"steps": steps, "batch": batch, "seed": seed}}
+            "real": real, "train": {"steps": steps, "batch": batch, "lr": lr, "seed": seed}}
 
 
 # ------------------------------------------------------------------------------------------ evaluator
@@ -416,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-zbins", type=int, default=29, help="number of z-bins (default 29)")
     t.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     t.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-annealed (default 3e-3)")
     t.add_argument("--width", type=int, default=16, help="channels of the first block (default 16)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", type=Path, default=None, help="also write the held-out measurements as JSON")
@@ -446,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.time()
         train = RealSlices.concat([load_slice_folder(f, d, cfg.size, cfg.n_zbins) for d, f in args.train])
         held = RealSlices.concat([load_slice_folder(f, d, cfg.size, cfg.n_zbins) for d, f in args.heldout])
-        payload = train_evaluator(train, held, cfg, steps=args.steps, batch=args.batch, seed=args.seed,
+        payload = train_evaluator(train, held, cfg, steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr,
                                   log=lambda m: print(m, flush=True))
         payload["sources"] = {"train": [f"{d}={f}" for d, f in args.train],
                               "heldout": [f"{d}={f}" for d, f in args.heldout]}
