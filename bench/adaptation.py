@@ -54,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target", type=int, default=2)
     p.add_argument("--split", choices=("val", "test"), default="val", help="volumes scored (choose settings on val)")
     p.add_argument("--tag", default="", help="suffix of the run folders (to keep variants apart)")
+    p.add_argument("--adapt-tag", default="", help="extra suffix of the adapted runs only (variants of the "
+                   "adaptation that reuse the same pretraining runs)")
     p.add_argument("--size", type=int, default=32, help="slice and generator size (phantom mode)")
     p.add_argument("--subjects", type=int, default=16, help="phantom subjects per site (phantom mode)")
     p.add_argument("--spacing", type=float, default=5.0, help="phantom voxel size in mm (phantom mode)")
@@ -71,7 +73,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true", help="also the synthetic-source row (generate_volumes.py)")
     p.add_argument("--n-volumes", type=int, default=6, help="synthetic volumes")
     p.add_argument("--slices-in-one-z", type=int, default=1)
-    p.add_argument("--extra-adapt", default="", help="extra train.py flags (quoted), e.g. '--train_decoder'")
+    p.add_argument("--extra-adapt", default="", help="extra train.py flags (quoted), e.g. '--use_da'")
+    p.add_argument("--adapt-learning-rate", type=float, default=None, help="encoder lr of train.py (default: --learning-rate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
     p.add_argument("--report", type=Path, default=None, help="write a markdown report")
@@ -193,6 +196,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     adapt = ["--target_data", prep / f"site{t}", "--checkpoint_dir", folders["source_only"], "--src_label", SOURCE,
              "--tgt_label", t, "--one_target_slice", "--max_steps", a.adapt_steps,
              "--feature_scale_rate", round(1.5 / a.adapt_steps, 6), *common, *shlex.split(a.extra_adapt)]
+    if a.adapt_learning_rate is not None:
+        adapt += ["--learning_rate", a.adapt_learning_rate]  # the later flag wins
+    tag = a.tag + a.adapt_tag
     folders["adapted_real"] = runs / f"adapted_real{tag}"
     cpu["adapted_real"] = run("MultiMedSeg/train.py", train_cli.main, [
         "--exp_dir", folders["adapted_real"], "--overwrite", "--source_data", prep / "site0", *adapt], log,
@@ -200,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.synthetic:
         import generate_volumes
 
-        fake = runs / f"synthetic_source{tag}"
+        fake = runs / f"synthetic_source{a.tag}"
         cpu["generate"] = run("generate_volumes.py", generate_volumes.main, [
             "--ckpt_dir", folders["source_only"], "--generator", gen, "--label", SOURCE, "--n_volumes", a.n_volumes,
             "--slices_in_one_z", a.slices_in_one_z, "--n_segmentation_labels", 3, "--keep-largest-component",
@@ -215,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, Any] = {}
     branches: Dict[str, Any] = {}
     for name, folder in folders.items():
-        out = a.work / "inference" / f"{name}{tag}_{a.split}_w{weights.replace(',', '-')}"
+        out = a.work / "inference" / f"{folder.name}_{a.split}_w{weights.replace(',', '-')}"
         if not (out / "metrics.csv").is_file():
             run("MultiMedSeg/inference.py", inference_cli.main, [
                 "--exp_dir", out, "--overwrite", "--checkpoint_dir", folder, "--test_root", scored,
