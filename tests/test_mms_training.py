@@ -191,12 +191,36 @@ def test_mirror_flips_weight_like_mask():
 def test_rotate_scale_keeps_one_hot_and_border():
     s = _sample(32)
     s["data"][:] = 1.0
-    out = RandomRotateScale(angle_range=(0.5, 0.5), scale_range=(0.7, 0.7))(s, np.random.default_rng(0))
+    # coordinates x 1.4: the content shrinks (batchgenerators convention), the corners are padding
+    out = RandomRotateScale(angle_range=(0.5, 0.5), scale_range=(1.4, 1.4))(s, np.random.default_rng(0))
     assert out["data"].shape == (32, 32, 1) and out["mask"].shape == (32, 32, 3)
     assert np.all(out["mask"].sum(-1) == 1)
     assert np.isclose(out["data"][0, 0, 0], -1.0)  # zoomed-out rotated corner is padding (-1)
     assert np.isclose(out["data"][16, 16, 0], 1.0, atol=1e-3)
     assert not out["mask"][0, 0, 1:].any()  # border: background
+
+
+def test_rotate_scale_draws_batchgenerators_scale_law():
+    """Coordinate scale: U(0.7, 1) or U(1, 1.4) with probability 1/2 each (not U(0.7, 1.4))."""
+    t = RandomRotateScale()
+    rng = np.random.default_rng(0)
+    n = 20000
+    scales = np.array([t.draw(rng)[1] for _ in range(n)])
+    below = scales < 1
+    assert abs(below.mean() - 0.5) < 5 * np.sqrt(0.25 / n)  # U(0.7, 1.4) would give 3/7 = 0.43
+    assert scales.min() >= 0.7 and scales.max() <= 1.4
+    assert abs(scales[below].mean() - 0.85) < 0.01 and abs(scales[~below].mean() - 1.2) < 0.01
+
+
+def test_rotate_scale_coordinate_scale_shrinks_content():
+    s = _sample(32)
+    area = s["mask"][..., 1:].sum()
+    grow = RandomRotateScale(angle_range=(0.0, 0.0), scale_range=(0.8, 0.8))
+    grow.draw = lambda rng: (0.0, 0.8)
+    shrink = RandomRotateScale(angle_range=(0.0, 0.0))
+    shrink.draw = lambda rng: (0.0, 1.25)
+    rng = np.random.default_rng(0)
+    assert grow(s, rng)["mask"][..., 1:].sum() > area > shrink(s, rng)["mask"][..., 1:].sum()
 
 
 def test_train_and_eval_transforms_shapes():
@@ -467,3 +491,32 @@ def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, 
     err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(tmp_path / "i"), "--checkpoint_dir",
                                                     str(tmp_path), "--target_data", str(site2)])
     assert "best.json" in err
+
+
+# ------------------------------------------------------------------------------------ mask resizing rule
+def test_mask_downsampling_keeps_each_channel_at_half():
+    """The original's rule (batchgenerators 0.24 resize_segmentation(order=1) on the one-hot array),
+    implemented once in MultiMedSeg.data.resample, whatever batchgenerators is installed."""
+    from skimage.transform import resize as sk_resize
+
+    from MultiMedSeg.data import transforms
+    from MultiMedSeg.data.resample import resize_labels, resize_onehot
+
+    lab = np.zeros((64, 64), np.int64)
+    lab[:, 10] = 2            # a vertical 1-px line (vessel-like)
+    lab[30:50, 30:50] = 1     # a block
+    mask = lab[..., None] == np.arange(3)
+    out = transforms.resize_mask(mask, 32)
+    expected = np.stack([sk_resize(mask[..., c].astype(float), (32, 32), order=1, mode="edge", clip=True,
+                                   anti_aliasing=False) >= 0.5 for c in range(3)], axis=-1)
+    assert np.array_equal(out, expected)
+    assert out[:, 5, 2].all()                 # the thin line survives in every row (0.5 >= 0.5) ...
+    assert out[:, 5, 0].all()                 # ... and so does its background: that pixel has 2 channels
+    assert np.array_equal(transforms.resize_weight(mask[..., 2:3], 32), out[..., 2:3])
+    # an integer map: classes written in increasing order (the larger label wins an overlap)
+    small = resize_labels(lab, (32, 32))
+    assert (small[:, 5] == 2).all() and small.dtype == lab.dtype
+    # four classes meeting (2x2 -> 1x1): each indicator is 0.25 there, the pixel gets no channel
+    quad = (np.arange(4).reshape(2, 2)[..., None] == np.arange(4))
+    assert not resize_onehot(quad, (1, 1)).any()
+    assert np.array_equal(resize_onehot(np.zeros((8, 8, 3), bool), (4, 4)), np.zeros((4, 4, 3), bool))
