@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of z-bins; default and only accepted value: the generator's n_zbins (29 in the paper)")
     g.add_argument("--n_domains", type=int, default=None,
                    help="number of phase-1 domains; default and only accepted value: the generator's n_domains")
-    g.add_argument("--noise", choices=("volume", "slice", "fixed"), default="volume",
-                   help="synthesis noise: 'volume' one seeded noise set per volume shared by its slices (default), "
-                        "'slice' fresh seeded noise per slice, 'fixed' the generator's stored noise buffers")
+    g.add_argument("--noise", choices=("slice", "volume", "fixed"), default="slice",
+                   help="synthesis noise: 'slice' fresh seeded noise per slice (default, as the original), "
+                        "'volume' one seeded noise set per volume shared by its slices, 'fixed' the generator's "
+                        "stored noise buffers")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed; volume i depends only on (seed, i) (default 0)")
     g = p.add_argument_group("segmentation")
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-largest-component", "--keep_largest_component", dest="keep_largest_component",
                    action="store_true",
                    help="per slice and per foreground label keep ONLY the largest 2-D connected component "
-                        "(the reference's --remove_largest_components did this despite its name)")
+                        "(8-connected; components tied for the largest are all kept), as the reference's "
+                        "--remove_largest_components did despite its name")
     g.add_argument("--remove_largest_components", dest="keep_largest_component", action="store_true",
                    help=argparse.SUPPRESS)  # the reference's misleading name, kept as an alias
     g = p.add_argument_group("output and execution")

@@ -19,7 +19,7 @@ feature collection, equivalent to ``g_synthesis``) with reproducible noise and s
 by the ensemble of the best phase-2 checkpoints, each file read ONCE and the networks kept in
 memory (the reference reloaded every checkpoint from disk for every batch).  Class
 probabilities are averaged over the ensemble and the argmax is taken; optionally only the
-largest 2-D connected component of every foreground label is kept.  Output, in the phase-2
+largest 2-D connected component(s) of every foreground label are kept (8-connected, ties kept).  Output, in the phase-2
 slice format so that the folder can be used directly as the source folder of
 ``MultiMedSeg/train.py``::
 
@@ -43,10 +43,10 @@ Choices made explicit here (the reference hard-coded them):
   (``source`` = one-hot [1, 0], ``target`` = [0, 1]); a ``label`` that is not a checkpoint
   domain is an error unless the head is named (the reference always used [1, 0]);
 * feature scale: each checkpoint uses its own ``min(1, rate * global_step)``, as inference;
-* noise: ``'volume'`` (default) one seeded noise set per volume shared by its slices (slices
-  differ only by their latent, so the volume is coherent along z), ``'slice'`` fresh seeded
-  noise per slice (the reference drew unseeded noise per slice), ``'fixed'`` the generator's
-  stored noise buffers.  ``z`` and the noise of volume ``i`` depend only on ``(seed, i)``.
+* noise: ``'slice'`` (default) fresh noise per slice, as the original (which drew it unseeded;
+  here it is seeded), ``'volume'`` one seeded noise set per volume shared by its slices (slices
+  then differ only by their latent: smoother along z), ``'fixed'`` the generator's stored noise
+  buffers.  ``z`` and the noise of volume ``i`` depend only on ``(seed, i)``.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, atomic_path, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
-NOISE_MODES = ("volume", "slice", "fixed")
+NOISE_MODES = ("slice", "volume", "fixed")
 HEADS = ("auto", "source", "target")
 MONTAGE_SLICES = 6
 # Overlay colours of labels 1, 2, ... (RGB in [0, 1]); cycled for more labels.
@@ -138,25 +138,28 @@ def draw_noise(generator: Generator, rng: torch.Generator, batch: int = 1) -> Li
 
 # ------------------------------------------------------------------------------- post-processing
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
-    """Per 2-D slice and per foreground label, keep only the largest connected component.
+    """Per 2-D slice and per foreground label, keep only the largest connected component(s).
 
     ``labels`` (H, W) or (B, H, W) integer label maps; removed pixels become background (0).
-    Connectivity: edge neighbours (scipy.ndimage default, as acvl_utils).  Ties keep the
-    component met first in raster order.
+    As the original's helper (acvl_utils ``remove_all_but_largest_component`` with its default
+    connectivity = the number of dimensions): components are 8-connected (diagonal neighbours join),
+    and every component tied for the largest size is kept.
     """
     from scipy import ndimage
 
     single = labels.ndim == 2
     maps = labels[None] if single else labels
     out = maps.copy()
+    full = np.ones((3, 3), dtype=bool)  # 8-connectivity
     for b in range(maps.shape[0]):
         for value in np.unique(maps[b]):
             if value == 0:
                 continue
-            comp, n = ndimage.label(maps[b] == value)
+            comp, n = ndimage.label(maps[b] == value, structure=full)
             if n > 1:
                 sizes = np.bincount(comp.ravel())[1:]
-                out[b][(comp > 0) & (comp != int(np.argmax(sizes)) + 1)] = 0
+                keep = np.flatnonzero(sizes == sizes.max()) + 1
+                out[b][(comp > 0) & ~np.isin(comp, keep)] = 0
     return out[0] if single else out
 
 
@@ -353,7 +356,7 @@ class GenerationConfig:
     ensemble_size: Optional[int] = None
     head: str = "auto"
     keep_largest_component: bool = False
-    noise: str = "volume"
+    noise: str = "slice"
     seed: int = 0
     nifti: bool = True
     montage: bool = True
@@ -384,7 +387,7 @@ class VolumeFactory:
     """
 
     def __init__(self, generator: Generator, ensemble: SegmentationEnsemble, label: int, slices_in_one_z: int,
-                 batch_size: int = 4, encoding: Optional[torch.Tensor] = None, noise: str = "volume",
+                 batch_size: int = 4, encoding: Optional[torch.Tensor] = None, noise: str = "slice",
                  seed: int = 0, keep_largest_component: bool = False):
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
