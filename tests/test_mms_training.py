@@ -26,7 +26,7 @@ from MultiMedSeg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
-from MultiMedSeg.training.metrics import binary_scores, selection_score, volume_scores
+from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.training.options import parse_inference_options, parse_training_options
 from robustmedseg.errors import InputError, run_cli
 
@@ -268,7 +268,89 @@ def test_ensemble_weights_are_honoured():
     assert (out["intra"] == 1).all() and (out["inter"] == 2).all() and (out["pred"] == 2).all()
     assert (label_volumes(pred, (0.3, 0.7))["pred"] == 1).all()
     pred["weight"][0, 0, 0, 0] = 0
-    assert label_volumes(pred, (0.6, 0.4))["pred"][0, 0, 0] == 0  # outside the weight: background
+    # as the original, the weight map is not applied at inference; --mask_outside_weight applies it
+    assert label_volumes(pred, (0.6, 0.4))["pred"][0, 0, 0] == 2
+    assert label_volumes(pred, (0.6, 0.4), mask_outside_weight=True)["pred"][0, 0, 0] == 0
+
+
+def test_translation_volume_and_invert_intensity_undo():
+    from MultiMedSeg.training.inference import translation_volume
+
+    pred = {"trans": torch.full((1, 1, 2, 2), 0.5), "weight": torch.ones(1, 1, 2, 2)}
+    pred["weight"][0, 0, 1, 1] = 0
+    assert np.allclose(translation_volume(pred), 0.5)
+    masked = translation_volume(pred, mask_outside_weight=True)
+    assert masked[0, 1, 1] == -1.0 and masked[0, 0, 0] == 0.5
+
+
+def test_invert_intensity_translation_is_negated_back_on_background():
+    """As the original: with invert_intensity the interpreter negates the translated image where it predicts
+    background; inference negates it again there, which gives back the generator's intensities."""
+    from types import SimpleNamespace
+
+    from MultiMedSeg.training.inference import predict_volume
+
+    seg = torch.zeros(1, 3, 4, 4)
+    seg[:, 0, :2] = 1.0   # background on the top half
+    seg[:, 2, 2:] = 1.0
+
+    class Stub:
+        def __init__(self, invert):
+            self.config = SimpleNamespace(invert_intensity=invert)
+
+        def __call__(self, x, label, resize=False, feature_scale=1.0):
+            image = torch.full((x.shape[0], 1, 4, 4), 0.5)
+            if self.config.invert_intensity:  # what the interpreter does
+                image = torch.where(seg.argmax(1, keepdim=True) == 0, -image, image)
+            return torch.cat([image, seg.expand(x.shape[0], -1, -1, -1)], 1)
+
+    batch = {"data": torch.zeros(2, 1, 4, 4), "domain": torch.tensor([[0.0, 1.0]] * 2),
+             "weight": torch.ones(2, 1, 4, 4)}
+    out = predict_volume([(Stub(True), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    assert torch.allclose(out["trans"], torch.full((2, 1, 4, 4), 0.5))
+    plain = predict_volume([(Stub(False), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    assert torch.allclose(plain["trans"], torch.full((2, 1, 4, 4), 0.5))
+
+
+def test_consider_only_vessels_within_brain_scores_label_2_only():
+    """As the original: label 2 is scored inside the GT non-background region; the other labels and
+    the foreground Dice are those of the unrestricted prediction."""
+    gt = np.zeros((4, 8, 8), np.int64)
+    gt[:, 2:6, 2:6] = 1
+    gt[:, 3:5, 3:5] = 2
+    pred = gt.copy()
+    pred[:, 0, 0] = 2          # a vessel outside the brain: ignored for label 2 only
+    pred[:, 7, 7] = 1          # a false brain voxel: counts for label 1 whatever the flag
+    plain = volume_scores(pred, gt, 3, distances=("hd",))
+    within = volume_scores(pred, gt, 3, distances=("hd",), vessels_within_gt=True)
+    assert plain["2"]["dice"] < 1.0 and within["2"]["dice"] == 1.0
+    assert within["1"] == plain["1"] and within["foreground"] == plain["foreground"]
+    assert within["foreground"]["dice"] < 1.0
+    flat = branch_metrics({"intra_": pred}, gt, 3, only_inside_gt=True)
+    assert flat["intra_dice_2"] == 1.0 and flat["intra_dice_foreground"] == plain["foreground"]["dice"]
+    assert "intra_dice_0" in flat  # background scored too, as the original
+
+
+def test_favoured_mode_selects_channels_as_the_original():
+    from types import SimpleNamespace
+
+    from MultiMedSeg.losses import LossConfig
+    from MultiMedSeg.training.coach import Coach
+
+    def selected(**kw):
+        opts = SimpleNamespace(label_nc=3, optimize_mode="favoured")
+        coach = SimpleNamespace(opts=opts, losses=SimpleNamespace(
+            favoured_channels=LossConfig(optimize_mode="favoured", **kw).favoured))
+        return Coach.selected_channels(coach)
+
+    assert selected() == ["0", "1", "2"]                         # no weights: every class, background too
+    assert selected(ce_weights=[1, 1, 3]) == ["2"]
+    assert selected(ce_weights=[1, 2, 1], dice_weights=[1, 1, 5]) == ["2"]  # Dice has the larger maximum
+    assert selected(ce_weights=[1, 5, 1], dice_weights=[1, 1, 5]) == ["1"]  # tie of maxima: CE
+    assert selected(dice_weights=[2, 1, 2]) == ["0", "2"]
+    foreground = SimpleNamespace(opts=SimpleNamespace(label_nc=3, optimize_mode="foreground"),
+                                 losses=SimpleNamespace(favoured_channels=lambda: []))
+    assert Coach.selected_channels(foreground) == ["1", "2"]
 
 
 # ------------------------------------------------------------------------------------ checkpoints / options
@@ -306,7 +388,13 @@ def test_options_config_file_and_dash_aliases(tmp_path):
                                 "--stylegan_weights", "g", "--ce_weights", "1,2"], "pretrain")
     opts = parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d"])
     assert opts.test_root == Path("d/test") and opts.metadata == Path("d/metadata.json")
-    assert opts.ensemble_weights == [0.6, 0.4]
+    assert opts.ensemble_weights == [0.6, 0.4] and not opts.mask_outside_weight
+    assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
+                                    "--mask-outside-weight"]).mask_outside_weight
+    train = ["--exp_dir", "x", "--source_root", "s", "--target_labeled", "t", "--val_root", "v", "--src_label", "0",
+             "--tgt_label", "1", "--checkpoint_dir", "c"]
+    assert not parse_training_options(train, "train").reinit_encoder
+    assert parse_training_options(train + ["--reinit-encoder"], "train").reinit_encoder
 
 
 @pytest.mark.parametrize("script, flag", [("MultiMedSeg/pretrain.py", "--stylegan_weights"),

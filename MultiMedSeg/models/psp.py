@@ -340,6 +340,21 @@ class PSP(nn.Module):
         self.load_info = info
         return info
 
+    def reinitialise_encoder(self, arcface_weights: Optional[Union[str, os.PathLike]] = None) -> None:
+        """A fresh encoder (ArcFace backbone weights if given, the rest random) and no valid mean latent:
+        what the original did when adapting a pretraining checkpoint to two domains (§9.38), where only
+        the decoder and the interpreter carry over."""
+        c = self.config
+        device = self.latent_avg.device
+        self.encoder = FeatureStyleEncoder(self.layout, c.style_dim, c.encoder_input_size, c.encoder_depth,
+                                           c.encoder_base_channels, c.residual, c.dsbn, c.bn_mode).to(device)
+        load_arcface_weights(self.encoder.backbone, arcface_weights)
+        with torch.no_grad():
+            self.latent_avg.zero_()
+            self.latent_avg_valid.zero_()
+        self.load_info.update(encoder_reinitialised=True, latent_avg_kept=[],
+                              latent_avg_missing=list(c.src_tgt_domains))
+
     def _checkpoint_domains(self, payload: Mapping[str, Any], state: Mapping[str, Any], path: Any) -> List[int]:
         config = payload.get("config")
         if isinstance(config, Mapping) and "src_tgt_domains" in config:

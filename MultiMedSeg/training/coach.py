@@ -220,6 +220,8 @@ def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
     except (TypeError, ValueError) as err:
         raise InputError(f"invalid model configuration: {err}", path) from None
     net.load_checkpoint(path, payload)
+    if getattr(opts, "reinit_encoder", False):  # the original's behaviour (§9.38)
+        net.reinitialise_encoder(opts.backbone_weights)
     return net, path
 
 
@@ -350,11 +352,13 @@ class Coach:
         return contextlib.nullcontext()
 
     def selected_channels(self) -> List[str]:
-        """Classes whose Dice selects the best checkpoints (``--optimize_mode``)."""
+        """Classes whose Dice selects the best checkpoints (``--optimize_mode``), as the original:
+        ``foreground`` every class but the background; ``favoured`` the favoured classes (max CE/Dice
+        weight, background included if it has it), or every class *including the background* when
+        no class weights are given."""
         chans = list(range(1, self.opts.label_nc))
         if self.opts.optimize_mode == "favoured":
-            fav = self.losses.favoured_channels()
-            chans = [c for c in fav if c > 0] or chans
+            chans = self.losses.favoured_channels() or list(range(self.opts.label_nc))
         return [str(c) for c in chans]
 
     # ---------------------------------------------------------------- training

@@ -11,7 +11,10 @@ checkpoints of a training run (``best.json``, best first; each file is loaded on
 * ``trans`` = the translated image of the best checkpoint, written as float32 (never
   quantised to the header's integer type).
 
-Pixels outside a slice's weight map are background (and -1 in ``trans``).  Label volumes
+As the original, the weight maps are not applied at inference; with ``--mask_outside_weight``
+pixels outside a slice's weight map are background (and -1 in ``trans``).  With
+``invert_intensity`` the translated image is negated again where that checkpoint's inter
+prediction is background (undoing the interpreter's inversion there), as the original.  Label volumes
 and the translation are mapped back to the original grid with the preprocessing metadata
 (:func:`MultiMedSeg.data.restore.restore_volume`) and written with the original affine
 (:func:`~MultiMedSeg.data.restore.write_nifti_like`) as ``<id>_intra``, ``<id>_inter``,
@@ -45,7 +48,7 @@ from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta,
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
+from MultiMedSeg.training.metrics import volume_scores
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
@@ -170,7 +173,10 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
                 if key in out:
                     sums[key] = sums.get(key, 0) + out[key]
             if k == 0 and "trans" in out:
-                acc.trans.append(out["trans"].cpu())
+                trans = out["trans"]
+                if net.config.invert_intensity:  # undo the interpreter's inversion where it predicts background
+                    trans = torch.where(out["inter"].argmax(1, keepdim=True) == 0, -trans, trans)
+                acc.trans.append(trans.cpu())
         acc.intra.append((sums["intra"] / len(models)).cpu())
         if inter:
             acc.inter.append((sums["inter"] / len(models)).cpu())
@@ -182,9 +188,11 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
     return result
 
 
-def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, np.ndarray]:
-    """intra / inter / pred label volumes (Z, H, W) from the ensemble means."""
-    w = pred["weight"]
+def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float],
+                  mask_outside_weight: bool = False) -> Dict[str, np.ndarray]:
+    """intra / inter / pred label volumes (Z, H, W) from the ensemble means; background outside the
+    weight maps only with ``mask_outside_weight`` (the original applied no weight at inference)."""
+    w = pred["weight"] if mask_outside_weight else torch.ones_like(pred["weight"])
     out = {"intra": volume_labels(pred["intra"], w).numpy()}
     if "inter" in pred:
         w_inter, w_intra = weights
@@ -192,6 +200,15 @@ def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) ->
         mix = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
         out["pred"] = volume_labels(mix, w).numpy()
     return out
+
+
+def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bool = False) -> np.ndarray:
+    """(Z, H, W) float32 translated image of the best checkpoint; -1 outside the weight maps only
+    with ``mask_outside_weight``."""
+    trans = pred["trans"][:, 0].numpy()
+    if mask_outside_weight:
+        trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0)
+    return trans.astype(np.float32)
 
 
 def _fmt(v: float) -> str:
@@ -226,13 +243,12 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
             batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
             pred = predict_volume(models, loader, device, inter)
-            labels = label_volumes(pred, opts.ensemble_weights)
+            labels = label_volumes(pred, opts.ensemble_weights, opts.mask_outside_weight)
             restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
             for k, v in restored.items():
                 written.append(str(write_nifti_like(v, vmeta, out_dir / f"{vid}_{k}.nii.gz").name))
             if inter:
-                trans = pred["trans"][:, 0].numpy()
-                trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0).astype(np.float32)
+                trans = translation_volume(pred, opts.mask_outside_weight)
                 image = restore_volume(trans, vmeta, kind="image").astype(np.float32)
                 written.append(str(write_nifti_like(image, vmeta, out_dir / f"{vid}_trans.nii.gz").name))
             gt_path = ground_truth_path(vid, vmeta, opts.labels)
@@ -241,9 +257,9 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                 spacing = spacing_from_affine(vmeta["affine"])
                 for branch, vol in restored.items():
                     vol = vol.astype(np.int64)
-                    if opts.consider_only_vessels_within_brain:
-                        vol = restrict_to_gt_foreground(vol, gt)
-                    for cls, s in volume_scores(vol, gt, config.label_nc, spacing).items():
+                    scores = volume_scores(vol, gt, config.label_nc, spacing,
+                                           vessels_within_gt=opts.consider_only_vessels_within_brain)
+                    for cls, s in scores.items():
                         rows.append({"volume": vid, "prediction": branch, "class": cls,
                                      "dice": s["dice"], "hd95": s["hd95"], "hd": s["hd"]})
             log(f"{vid}: wrote {', '.join(f'{vid}_{k}' for k in list(restored) + (['trans'] if inter else []))}")

@@ -116,7 +116,8 @@ def _losses(p: _Parser) -> None:
     p.add("alex_model", type=Path, default=None, help="LPIPS v0.1 linear heads alex.pth")
     p.add("alex_pretr_model", type=Path, default=None, help="AlexNet ImageNet weights (alex_pretr.pth)")
     p.add("consider_only_vessels_within_brain", action="store_true",
-          help="metrics: labels >= 2 predicted outside the GT foreground count as background")
+          help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
+               "original; the other classes and 'foreground' are unchanged")
 
 
 def training_parser(mode: str) -> _Parser:
@@ -142,6 +143,10 @@ def training_parser(mode: str) -> _Parser:
         p.add("checkpoint_dir", type=Path, default=None,
               help="pretrain output (its folder or checkpoints/): its best checkpoint initialises this run (required)")
         p.add("one_target_slice", action="store_true", help="keep only the middle labeled slice of each target volume")
+        p.add("reinit_encoder", action="store_true",
+              help="as the original: do not carry the pretrained encoder over, start it again from the ArcFace "
+                   "backbone (--backbone_weights; the rest random) and recompute both mean latents; only the "
+                   "generator and the classifiers come from --checkpoint_dir (default: the encoder is kept)")
     else:
         p.add("stylegan_weights", type=Path, default=None, help="phase-1 final_global_model.pt (g_ema used; required)")
         p.add("only_intra", action="store_true", help="accepted for the paper command; pretraining is always intra-only")
@@ -185,9 +190,13 @@ def inference_parser() -> _Parser:
     p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged")
     p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
           help="weights of the inter and intra probabilities in _pred (default 0.6,0.4)")
+    p.add("mask_outside_weight", action="store_true",
+          help="predict background (and -1 in _trans) outside each slice's weight map; default: the weight map "
+               "is not applied at inference, as the original")
     p.add("label_nc", type=int, default=None, help="check: must equal the checkpoints' label_nc")
     p.add("consider_only_vessels_within_brain", action="store_true",
-          help="metrics: labels >= 2 predicted outside the GT foreground count as background")
+          help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
+               "original; the other classes and 'foreground' are unchanged")
     return p
 
 
