@@ -33,7 +33,11 @@ def bash_blocks(path: Path) -> List[Tuple[int, str]]:
 
 
 def shell_commands(block: str) -> List[List[str]]:
-    """Simple commands of a block as token lists (bash continuation, comment and operator rules)."""
+    """Simple commands of a block as token lists (bash continuation, comment and operator rules).
+
+    ``for VAR in A B ...; do ... done`` loops are unrolled with their first value (``$VAR`` and
+    ``${VAR}`` substituted); the ``do``/``done`` keywords are dropped.
+    """
     logical, current = [], ""
     for line in block.splitlines():
         if line.endswith("\\"):
@@ -44,20 +48,28 @@ def shell_commands(block: str) -> List[List[str]]:
     if current:
         logical.append(current)
     commands: List[List[str]] = []
+    loop_vars: dict = {}
     for line in logical:
         lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
         lexer.whitespace_split = True
         lexer.commenters = "#"
         words: List[str] = []
-        for token in lexer:
-            if token in OPERATORS:
+        for token in list(lexer) + [";"]:
+            if token not in OPERATORS:
+                words.append(token)
+                continue
+            if words and words[0] == "for" and len(words) >= 4 and words[2] == "in":
+                loop_vars[words[1]] = words[3]
+            elif words and words[0] == "done":
+                loop_vars.clear()
+            else:
+                if words and words[0] == "do":
+                    words = words[1:]
+                for var, value in loop_vars.items():
+                    words = [w.replace("${" + var + "}", value).replace("$" + var, value) for w in words]
                 if words:
                     commands.append(words)
-                words = []
-            else:
-                words.append(token)
-        if words:
-            commands.append(words)
+            words = []
     return commands
 
 
@@ -78,6 +90,10 @@ def documented_commands():
         for line_no, block in bash_blocks(path):
             for words in shell_commands(block):
                 cases.append(pytest.param(words, id=f"{path.name}:{line_no}:{' '.join(words[:3])}"))
+    from demo.stages import paper_commands  # what `make demo DEMO_ARGS=--full` prints for users to copy
+
+    for i, words in enumerate(shell_commands(paper_commands())):
+        cases.append(pytest.param(words, id=f"demo-full:{i}:{' '.join(words[:3])}"))
     return cases
 
 
@@ -117,9 +133,11 @@ def test_documented_commands_were_found():
 
 def test_bash_rules_of_the_extractor():
     cmds = shell_commands("python a.py --x 1 \\\n    --y '#tag'  # comment\nmake demo && python -m m --z\n"
-                          "python b.py \\   # not a continuation\n  --w 2\n")
+                          "python b.py \\   # not a continuation\n  --w 2\n"
+                          "for k in 1 2; do\n  python c.py --site site$k --n ${k}\ndone\npython d.py $k\n")
     assert cmds == [["python", "a.py", "--x", "1", "--y", "#tag"], ["make", "demo"], ["python", "-m", "m", "--z"],
-                    ["python", "b.py", " "], ["--w", "2"]]
+                    ["python", "b.py", " "], ["--w", "2"], ["python", "c.py", "--site", "site1", "--n", "1"],
+                    ["python", "d.py", "$k"]]
 
 
 @pytest.mark.parametrize("words", documented_commands())
