@@ -164,7 +164,8 @@ def training_parser(mode: str) -> _Parser:
     p.add("save_interval", type=int, default=None, help="write iteration_<step>.pt every N steps (default: at the end)")
     p.add("n_best", "--ensemble_size", "--ensemble-size", type=int, default=5, help="k best checkpoints kept")
     p.add("optimize_mode", choices=("foreground", "favoured"), default="foreground",
-          help="best-checkpoint classes: all foreground classes, or the favoured (max-weight) ones")
+          help="best-checkpoint classes: all foreground classes, or the favoured ones (largest weight in the CE or "
+               "Dice weights, whichever has the larger maximum; every class incl. background without weights)")
     p.add("train_decoder", action="store_true", help="also train the generator")
     p.add("disable_balanced_sampling", action="store_true", help="plain random source/target pairs")
     p.add("use_da", action="store_true", help="mirror + rotation/scale augmentation")
