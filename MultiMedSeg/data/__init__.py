@@ -5,6 +5,7 @@
 * :mod:`.preprocessing` -- NIfTI -> slices pipeline (:func:`preprocess`, :class:`PreprocessConfig`).
 * :mod:`.restore` -- ``metadata.json`` schema, :func:`load_metadata`, :func:`restore_volume`,
   :func:`write_nifti_like`.
+* :mod:`.resample` -- image and mask resampling: the one home of the mask resizing rule.
 """
 from .slices import (  # noqa: F401
     group_slices_by_volume,
