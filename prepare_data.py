@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Client-side phase-1 data preparation: a folder of slice files -> an LMDB dataset folder.
 
-Reads every ``*.npz`` slice directly in PATH (or below it with --recursive; sorted by full
-path, index i = position),
-writes OUT/ with the images at every ``--size``, ``labels.npy`` (domain label), ``zaxes.npy``
+Reads every ``<volume>_slice<NNN>.npz`` slice directly in PATH (or below it with --recursive;
+ordered by volume, then slice number, as phase 2 orders them; index i = position), writes OUT/ with the images at every ``--size``, ``labels.npy`` (domain label), ``zaxes.npy``
 (z-bin from the slice's rank in its volume), ``meta.json`` and ``clip_mean.npy`` (mean unit
 CLIP image embedding).  Register OUT itself as the node's Fed-BioMed dataset.
 Layout and rules: robustmedseg/data/lmdb_store.py.

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from model import Generator
-from MultiMedSeg.data.slices import save_slice, slice_name
+from robustmedseg.data.slices import save_slice, slice_name
 from MultiMedSeg.models.psp import PSP
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import feature_scale_of

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from MultiMedSeg.data.slices import convert_legacy_folder  # noqa: E402
+from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
 from robustmedseg.errors import InputError, run_cli  # noqa: E402
 
 EPILOG = """\

@@ -16,7 +16,7 @@ import torch
 
 from model import Generator
 from MultiMedSeg import generation as gen
-from MultiMedSeg.data.slices import group_slices_by_volume, load_slice
+from robustmedseg.data.slices import group_slices_by_volume, load_slice
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli

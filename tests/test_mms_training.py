@@ -22,7 +22,7 @@ from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
-from MultiMedSeg.data.slices import save_slice
+from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes

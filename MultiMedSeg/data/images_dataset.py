@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from MultiMedSeg.data import slices as slice_files
-from MultiMedSeg.data.slices import load_slice, slice_index, volume_id
+from robustmedseg.data import slices as slice_files
+from robustmedseg.data.slices import load_slice, slice_index, volume_id
 from robustmedseg.errors import InputError
 
 

@@ -22,7 +22,7 @@ Pipeline (:func:`preprocess`), per volume unless noted:
    (256 bins), both interpolated inside their bin in the same way;
 9. per slice: clip to the window, scale to [-1, 1], pad with -1 (mask: background,
    weight: 1 if the slice's weight is all ones else 0) or centre-crop to ``size``,
-   one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`MultiMedSeg.data.slices`).
+   one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`robustmedseg.data.slices`).
 
 Everything is written into a temporary folder that becomes ``out`` only when complete;
 ``out/metadata.json`` (schema in :mod:`MultiMedSeg.data.restore`) records what is needed
@@ -44,10 +44,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import nibabel as nib
 import numpy as np
 
+from robustmedseg.data.slices import save_slice, slice_name
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
-
-from .slices import save_slice, slice_name
 
 METADATA_NAME = "metadata.json"
 METADATA_FORMAT = "multimedseg-slices"
