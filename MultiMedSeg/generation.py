@@ -59,13 +59,13 @@ import numpy as np
 import torch
 
 from model import Generator
-from robustmedseg.data.slices import save_slice, slice_name
+from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from MultiMedSeg.models.psp import PSP
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import feature_scale_of
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir, atomic_path, write_text_atomic
+from robustmedseg.io import atomic_dir, atomic_path, load_torch_file, strip_module_prefix, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
 NOISE_MODES = ("volume", "slice", "fixed")
@@ -160,11 +160,6 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     return out[0] if single else out
 
 
-def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(..., H, W) integer labels -> bool one-hot (..., H, W, n_classes)."""
-    return labels[..., None] == np.arange(n_classes)
-
-
 # ------------------------------------------------------------------------------- models
 @dataclass
 class Member:
@@ -196,7 +191,7 @@ def resolve_checkpoints(ckpt_dir: Path, ensemble_size: Optional[int] = None) -> 
 
 def load_member(path: Path) -> Member:
     """Build the PSP stored in one checkpoint (the file is read once), in eval mode on the CPU."""
-    payload = ck.load_checkpoint(path, "phase-2 checkpoint")
+    payload = load_torch_file(path, "phase-2 checkpoint", mapping=True)
     net = PSP.from_checkpoint(path, payload)
     if net.config.start_from_latent_avg and net.load_info.get("latent_avg_missing"):
         net.compute_latent_avg(seed=0)  # deterministic; only for checkpoints saved without latent_avg
@@ -300,8 +295,8 @@ def load_phase1_generator(path: Path) -> Generator:
     from MultiMedSeg.training.coach import generator_args
 
     args = generator_args(Path(path))
-    payload = ck.load_checkpoint(path, "phase-1 generator file")
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in payload["g_ema"].items()}
+    payload = load_torch_file(path, "phase-1 generator file", mapping=True)
+    state = strip_module_prefix(payload["g_ema"])
     try:
         g = Generator(int(args.get("size") or args["output_size"]), style_dim=int(args["style_dim"]),
                       n_mlp=int(args["n_mlp"]), n_domains=int(args["n_domains"]),

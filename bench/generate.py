@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from MultiMedSeg import generation as gen  # noqa: E402
 from MultiMedSeg.models.psp import PSP, PSPConfig  # noqa: E402
 from MultiMedSeg.training import checkpoints as ck  # noqa: E402
+from robustmedseg.io import load_torch_file  # noqa: E402
 
 PRESETS: Dict[str, Dict] = {
     # the test configuration
@@ -96,7 +97,8 @@ class Reference:
     def __init__(self, paths: List[Path], label: int, s: int, batch: int):
         self.paths, self.label, self.s, self.batch = paths, label, s, batch
         self.net = PSP.from_checkpoint(paths[0]).eval()  # built once, as the reference
-        self.fs = gen.feature_scale_of(ck.load_checkpoint(paths[0]))  # the best checkpoint's, for all
+        # the best checkpoint's feature scale, for all
+        self.fs = gen.feature_scale_of(load_torch_file(paths[0], "phase-2 checkpoint", mapping=True))
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import nibabel as nib
 import numpy as np
 
-from robustmedseg.data.slices import save_slice, slice_name
+from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
@@ -481,11 +481,6 @@ def fit_slices(volume: np.ndarray, size: int, fill, windows: Sequence[Tuple[int,
     out = np.full((volume.shape[0], size, size), fill, dtype=volume.dtype)
     out[:, rd:rd + rn, cd:cd + cn] = volume[:, rs:rs + rn, cs:cs + cn]
     return out
-
-
-def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Integer map (...,) -> bool one-hot (..., C)."""
-    return labels[..., None] == np.arange(num_classes, dtype=labels.dtype)
 
 
 # --------------------------------------------------------------------------- intensities

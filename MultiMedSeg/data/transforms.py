@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from skimage.transform import resize as sk_resize
 
+from robustmedseg.data.slices import one_hot
+
 Sample = Dict[str, np.ndarray]
 Transform = Callable[[Sample, np.random.Generator], Dict[str, torch.Tensor]]
 
@@ -61,11 +63,6 @@ def resize_label_map(labels: np.ndarray, size: int) -> np.ndarray:
     from batchgenerators.augmentations.utils import resize_segmentation
 
     return resize_segmentation(labels, (size, size), order=1).astype(labels.dtype)
-
-
-def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(H, W) integer labels -> bool (H, W, n_classes)."""
-    return labels[..., None] == np.arange(n_classes, dtype=labels.dtype)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from torch import nn
 
 from model import Generator
 from robustmedseg.errors import InputError
-from robustmedseg.io import save_torch_atomic
+from robustmedseg.io import load_torch_file, save_torch_atomic, strip_module_prefix
 
 from .dsbn import check_bn_mode, domain_norms
 from .encoder import FeatureStyleEncoder, GeneratorLayout
@@ -115,11 +115,6 @@ def flip_label(label: torch.Tensor) -> torch.Tensor:
     return label.flip(1)
 
 
-def _strip_module(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Remove a DataParallel ``module.`` prefix from every key that has it."""
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
 def _plain(obj: Any) -> Any:
     """Recursively convert to types ``torch.load(weights_only=True)`` accepts (no custom classes)."""
     if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
@@ -135,16 +130,6 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "__dict__") and not isinstance(obj, type):  # argparse.Namespace and the like
         return _plain(vars(obj))
     return str(obj)
-
-
-def read_torch_file(path: Union[str, os.PathLike], what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; a missing/bad file is an InputError."""
-    if not os.path.isfile(path):
-        raise InputError(f"{what} not found", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad/foreign file
-        raise InputError(f"cannot read {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]})", path) from err
 
 
 def _describe_generator(state: Mapping[str, torch.Tensor]) -> str:
@@ -294,10 +279,10 @@ class PSP(nn.Module):
     # ------------------------------------------------------------------ loading
     def load_generator(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
         """Load ``g_ema`` of a phase-1 ``final_global_model.pt`` strictly; returns its ``args`` (dict or {})."""
-        payload = read_torch_file(path, "phase-1 generator file")
+        payload = load_torch_file(path, "phase-1 generator file")
         if not isinstance(payload, Mapping) or not isinstance(payload.get("g_ema"), Mapping):
             raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
-        state = _strip_module(payload["g_ema"])
+        state = strip_module_prefix(payload["g_ema"])
         own = self.decoder.state_dict()
         problem = _first_mismatch(own, state)
         if problem is not None:
@@ -318,10 +303,10 @@ class PSP(nn.Module):
         ``latent_avg_missing`` (domain ids).
         """
         if payload is None:
-            payload = read_torch_file(path, "phase-2 checkpoint")
+            payload = load_torch_file(path, "phase-2 checkpoint")
         if not isinstance(payload, Mapping) or not isinstance(payload.get("state_dict"), Mapping):
             raise InputError("not a phase-2 checkpoint (no 'state_dict')", path)
-        state = _strip_module(payload["state_dict"])
+        state = strip_module_prefix(payload["state_dict"])
         ckpt_domains = self._checkpoint_domains(payload, state, path)
         own = {k: v for k, v in self.state_dict().items() if not k.startswith("latent_avg")}
         body = {k: v for k, v in state.items() if not k.startswith("latent_avg")}
@@ -380,7 +365,7 @@ class PSP(nn.Module):
         is not empty.
         """
         if payload is None:
-            payload = read_torch_file(path, "phase-2 checkpoint")
+            payload = load_torch_file(path, "phase-2 checkpoint")
         if not isinstance(payload, Mapping) or not isinstance(payload.get("config"), Mapping):
             raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
         try:

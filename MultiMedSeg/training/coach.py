@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import random
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -36,22 +34,14 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import predict_slices, volume_labels
 from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.training.options import options_to_dict
-from robustmedseg.device import resolve_device
+from robustmedseg.device import resolve_device, seed_everything
 from robustmedseg.errors import InputError
+from robustmedseg.io import load_torch_file, strip_module_prefix
 
 VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
 
 
 # ---------------------------------------------------------------------------------- setup
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; deterministic cuDNN (SPEC §6.6 global setup)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
 def check_exp_dir(opts: argparse.Namespace) -> Path:
     """Refuse an existing ``--exp_dir`` unless ``--resume``/``--overwrite`` (no side effects)."""
     exp = Path(opts.exp_dir)
@@ -80,7 +70,7 @@ def infer_generator_args(state: Mapping[str, Any]) -> Dict[str, Any]:
     """Generator geometry read from a ``g_ema`` state dict (used for keys missing from ``args``)."""
     from model import channel_table
 
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = strip_module_prefix(state)
     out: Dict[str, Any] = {}
     emb = state.get("label_embed.weight")
     if isinstance(emb, torch.Tensor) and emb.ndim == 2:
@@ -114,7 +104,7 @@ def infer_generator_args(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 def generator_args(path: Path) -> Dict[str, Any]:
     """Architecture of a phase-1 generator file: its ``args`` completed from the ``g_ema`` tensors."""
-    payload = ck.load_checkpoint(path, "phase-1 generator file")
+    payload = load_torch_file(path, "phase-1 generator file", mapping=True)
     if not isinstance(payload.get("g_ema"), Mapping):
         raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
     args = payload.get("args")
@@ -192,7 +182,7 @@ def best_checkpoint(folder: Path) -> Path:
 def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
     """PSP for ``train.py``: the pretraining checkpoint with two domains [src, tgt]."""
     path = best_checkpoint(opts.checkpoint_dir)
-    payload = ck.load_checkpoint(path, "pretraining checkpoint")
+    payload = load_torch_file(path, "pretraining checkpoint", mapping=True)
     config = payload.get("config")
     if not isinstance(config, Mapping):
         raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
@@ -282,7 +272,7 @@ class Coach:
     def _build_model(self) -> PSP:
         opts = self.opts
         if opts.resume:
-            payload = ck.load_checkpoint(self.ckpt_dir / ck.LAST_NAME, "resume checkpoint")
+            payload = load_torch_file(self.ckpt_dir / ck.LAST_NAME, "resume checkpoint", mapping=True)
             self._resume_payload = payload
             net = PSP(PSPConfig.from_dict(payload["config"]))
             net.load_checkpoint(self.ckpt_dir / ck.LAST_NAME, payload)

@@ -46,9 +46,9 @@ from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
-from robustmedseg.device import resolve_device
+from robustmedseg.device import resolve_device, seed_everything
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir
+from robustmedseg.io import atomic_dir, load_torch_file
 
 BRANCHES = ("intra", "inter", "pred")
 
@@ -101,7 +101,7 @@ def load_ensemble(checkpoint_dir: Path, n: int, device: torch.device) -> List[Tu
     models: List[Tuple[PSP, float, Path]] = []
     first = None
     for path in index.paths(n):
-        payload = ck.load_checkpoint(path, "checkpoint")
+        payload = load_torch_file(path, "checkpoint", mapping=True)
         net = PSP.from_checkpoint(path, payload)  # the file is read once (payload above)
         key = (net.config.label_nc, tuple(net.config.src_tgt_domains), net.config.encoder_input_size,
                net.config.output_size)
@@ -200,8 +200,6 @@ def _fmt(v: float) -> str:
 
 def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
-    from MultiMedSeg.training.coach import seed_everything
-
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)

@@ -108,6 +108,11 @@ def group_slices_by_volume(folder: PathLike, recursive: bool = False) -> "Ordere
     return groups
 
 
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Integer label map (...) -> bool one-hot (..., n_classes), the layout of a slice's ``mask``."""
+    return labels[..., None] == np.arange(n_classes, dtype=labels.dtype)
+
+
 def validate_slice(arrays: Dict[str, np.ndarray], path: PathLike, require_mask: bool = False) -> None:
     """Check keys, dtypes, shapes and one-hotness of a slice dict; :class:`InputError` naming ``path``."""
     unknown = set(arrays) - set(SLICE_KEYS)

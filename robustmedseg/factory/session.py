@@ -15,8 +15,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from robustmedseg.device import seed_everything
+
 from .config import FactoryConfig
-from .state import load_state, rng_state, run_dir, save_state, seed_everything, set_rng_state
+from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state
 from .trainer import FactoryTrainer
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSe
     if state is not None:
         set_rng_state(state["rng"])
     else:
-        seed_everything(cfg.seed, node_id)
+        seed_everything(node_seed(cfg.seed, node_id), deterministic_cudnn=False)
     mean = dataset.clip_mean() if hasattr(dataset, "clip_mean") else None
     clip_mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     clip_loss = _clip_loss(cfg) if cfg.clip_weight > 0 and clip_mean is not None else None

@@ -87,13 +87,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int, node_id: Optional[str]) -> None:
-    """Seed all generators from (seed, node id): distinct, reproducible streams per node."""
+def node_seed(seed: int, node_id: Optional[str]) -> int:
+    """The seed of one node's generators, from (seed, node id): distinct, reproducible streams per node."""
     digest = sum((i + 1) * ord(ch) for i, ch in enumerate(node_id or "local"))
-    value = (int(seed) * 1_000_003 + digest) % (2 ** 31)
-    torch.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value)
+    return (int(seed) * 1_000_003 + digest) % (2 ** 31)
 
 
 def list_states(directory: Path) -> List[Tuple[int, Path]]:
