@@ -65,7 +65,8 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import feature_scale_of
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir, atomic_path, load_torch_file, strip_module_prefix, write_text_atomic
+from robustmedseg.federation.export import load_factory_file
+from robustmedseg.io import atomic_dir, atomic_path, load_torch_file, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
 NOISE_MODES = ("volume", "slice", "fixed")
@@ -290,26 +291,6 @@ class SegmentationEnsemble:
         return self.probabilities(images).argmax(1)
 
 
-def load_phase1_generator(path: Path) -> Generator:
-    """``g_ema`` of a phase-1 ``final_global_model.pt`` (architecture from its ``args``), eval mode."""
-    from MultiMedSeg.training.coach import generator_args
-
-    args = generator_args(Path(path))
-    payload = load_torch_file(path, "phase-1 generator file", mapping=True)
-    state = strip_module_prefix(payload["g_ema"])
-    try:
-        g = Generator(int(args.get("size") or args["output_size"]), style_dim=int(args["style_dim"]),
-                      n_mlp=int(args["n_mlp"]), n_domains=int(args["n_domains"]),
-                      channel_multiplier=int(args.get("channel_multiplier") or 2),
-                      lr_mlp=float(args.get("lr_mlp") or 0.01), n_zbins=int(args["n_zbins"]),
-                      clip_dim=int(args.get("clip_dim") or 768), channel_cap=args.get("channel_cap"))
-        g.load_state_dict(state, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise InputError(f"cannot build the generator from this file ({msg})", path) from None
-    return g.eval()
-
-
 def load_encoding(path: Path, clip_dim: int) -> torch.Tensor:
     """``clip_mean.npy`` as float32 (1, clip_dim); a (clip_dim,) vector is accepted."""
     path = Path(path)
@@ -456,7 +437,7 @@ def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> 
         raise InputError(f"checkpoint segments {pc.label_nc} labels but --n_segmentation_labels is "
                          f"{cfg.n_segmentation_labels}", paths[0])
     if cfg.generator is not None:
-        generator = load_phase1_generator(cfg.generator)
+        generator, _ = load_factory_file(cfg.generator)
         source: Any = cfg.generator
         if generator.size != pc.output_size:
             raise InputError(f"generator is {generator.size} px but the checkpoints segment {pc.output_size} px",

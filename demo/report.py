@@ -93,19 +93,11 @@ def _save_fig(fig, path: Path) -> Path:
 
 def load_generator(path: Path):
     """``g_ema`` of a ``final_global_model.pt`` as a ``model.Generator`` in eval mode."""
-    import torch
-
-    from model import Generator
+    from robustmedseg.federation.export import load_factory_file
 
     if not path.is_file():
         raise InputError("global model not found (did the federated stage run?)", path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    a = ckpt["args"]
-    g = Generator(a["size"], style_dim=a["style_dim"], n_mlp=a["n_mlp"], n_domains=a["n_domains"],
-                  channel_multiplier=a["channel_multiplier"], n_zbins=a["n_zbins"], clip_dim=a["clip_dim"],
-                  channel_cap=a.get("channel_cap"))
-    g.load_state_dict(ckpt["g_ema"])
-    return g.eval()
+    return load_factory_file(path)[0]
 
 
 def generator_grid(out: Path, png: Path, n_cols: int = 8, n_z: int = 2, seed: int = 0) -> Path:

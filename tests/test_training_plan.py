@@ -411,7 +411,7 @@ def test_uniform_aggregation_weights():
 
 
 def test_export_layout_and_strict_reload(tmp_path):
-    from robustmedseg.federation.export import build_export, load_generator
+    from robustmedseg.federation.export import build_export, load_factory_file
     from robustmedseg.io import save_torch_atomic
 
     cfg = FactoryConfig.from_model_args({**TINY, "run_id": "x"})
@@ -421,7 +421,7 @@ def test_export_layout_and_strict_reload(tmp_path):
     assert "style.0.weight" in export["g_ema"] and "final_linear.1.weight" in export["d"]
     path = tmp_path / "final_global_model.pt"
     save_torch_atomic(export, path)
-    g = load_generator(path)
+    g, _ = load_factory_file(path)
     assert torch.equal(g.state_dict()["style.0.weight"], model.g_ema.state_dict()["style.0.weight"])
     assert torch.load(path, weights_only=True)["meta"]["round"] == 3
 

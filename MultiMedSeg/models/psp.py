@@ -36,6 +36,7 @@ from torch import nn
 
 from model import Generator
 from robustmedseg.errors import InputError
+from robustmedseg.federation.export import read_factory_file
 from robustmedseg.io import load_torch_file, save_torch_atomic, strip_module_prefix
 
 from .dsbn import check_bn_mode, domain_norms
@@ -59,6 +60,7 @@ class PSPConfig:
     clip_dim: int = 768
     channel_multiplier: int = 2
     channel_cap: Optional[int] = None
+    lr_mlp: float = 0.01
     src_tgt_domains: List[int] = field(default_factory=lambda: [0])
     label_nc: int = 3
     encoder_depth: int = 50
@@ -96,6 +98,12 @@ class PSPConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def generator_args(self) -> Dict[str, Any]:
+        """Constructor arguments of the decoder (``model.Generator.from_args``), as in a factory file's ``args``."""
+        return {"size": self.output_size, "style_dim": self.style_dim, "n_mlp": self.n_mlp,
+                "n_domains": self.n_domains, "channel_multiplier": self.channel_multiplier, "lr_mlp": self.lr_mlp,
+                "n_zbins": self.n_zbins, "clip_dim": self.clip_dim, "channel_cap": self.channel_cap}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PSPConfig":
@@ -177,9 +185,7 @@ class PSP(nn.Module):
         config.validate()
         self.config = config
         c = config
-        self.decoder = Generator(c.output_size, style_dim=c.style_dim, n_mlp=c.n_mlp, n_domains=c.n_domains,
-                                 channel_multiplier=c.channel_multiplier, n_zbins=c.n_zbins, clip_dim=c.clip_dim,
-                                 channel_cap=c.channel_cap)
+        self.decoder = Generator.from_args(c.generator_args())
         self.layout = GeneratorLayout.from_generator(self.decoder)
         self.encoder = FeatureStyleEncoder(self.layout, c.style_dim, c.encoder_input_size, c.encoder_depth,
                                            c.encoder_base_channels, c.residual, c.dsbn, c.bn_mode)
@@ -278,11 +284,9 @@ class PSP(nn.Module):
 
     # ------------------------------------------------------------------ loading
     def load_generator(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
-        """Load ``g_ema`` of a phase-1 ``final_global_model.pt`` strictly; returns its ``args`` (dict or {})."""
-        payload = load_torch_file(path, "phase-1 generator file")
-        if not isinstance(payload, Mapping) or not isinstance(payload.get("g_ema"), Mapping):
-            raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
-        state = strip_module_prefix(payload["g_ema"])
+        """Load ``g_ema`` of a phase-1 ``final_global_model.pt`` strictly; returns its generator ``args``
+        (:func:`robustmedseg.federation.export.read_factory_file`)."""
+        state, args = read_factory_file(Path(path))
         own = self.decoder.state_dict()
         problem = _first_mismatch(own, state)
         if problem is not None:
@@ -291,8 +295,7 @@ class PSP(nn.Module):
                              f"phase 1): {problem}", path)
         self.decoder.load_state_dict(state)
         self.latent_avg_valid.zero_()
-        args = payload.get("args")
-        return dict(args) if isinstance(args, Mapping) else {}
+        return args
 
     def load_checkpoint(self, path: Union[str, os.PathLike], payload: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:

@@ -36,7 +36,8 @@ from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection
 from MultiMedSeg.training.options import options_to_dict
 from robustmedseg.device import resolve_device, seed_everything
 from robustmedseg.errors import InputError
-from robustmedseg.io import load_torch_file, strip_module_prefix
+from robustmedseg.federation.export import read_factory_file
+from robustmedseg.io import load_torch_file
 
 VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
 
@@ -66,71 +67,6 @@ def create_exp_dir(opts: argparse.Namespace) -> Path:
     return exp
 
 
-def infer_generator_args(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Generator geometry read from a ``g_ema`` state dict (used for keys missing from ``args``)."""
-    from model import channel_table
-
-    state = strip_module_prefix(state)
-    out: Dict[str, Any] = {}
-    emb = state.get("label_embed.weight")
-    if isinstance(emb, torch.Tensor) and emb.ndim == 2:
-        out["style_dim"], out["n_cond"] = int(emb.shape[0]), int(emb.shape[1])
-    enc = state.get("encoding_embed.0.weight")
-    if isinstance(enc, torch.Tensor) and enc.ndim == 2:
-        out["clip_dim"] = int(enc.shape[1])
-    mlp = {k.split(".")[1] for k in state if k.startswith("style.")}
-    if mlp:
-        out["n_mlp"] = len(mlp)
-    n_rgb = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
-    if n_rgb:
-        size = 2 ** (n_rgb + 2)
-        out["size"] = size
-        chans = {4: None}
-        const = state.get("input.input")
-        if isinstance(const, torch.Tensor):
-            chans[4] = int(const.shape[1])
-        for i in range(n_rgb):
-            w = state.get(f"to_rgbs.{i}.conv.weight")
-            if isinstance(w, torch.Tensor):
-                chans[2 ** (i + 3)] = int(w.shape[2])
-        for cm in (2, 1, 4):
-            for cap in (None, chans[4]):
-                table = channel_table(size, cm, cap)
-                if all(v is None or table.get(r) == v for r, v in chans.items()):
-                    out.setdefault("channel_multiplier", cm)
-                    out.setdefault("channel_cap", cap)
-    return out
-
-
-def generator_args(path: Path) -> Dict[str, Any]:
-    """Architecture of a phase-1 generator file: its ``args`` completed from the ``g_ema`` tensors."""
-    payload = load_torch_file(path, "phase-1 generator file", mapping=True)
-    if not isinstance(payload.get("g_ema"), Mapping):
-        raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
-    args = payload.get("args")
-    args = dict(args) if isinstance(args, Mapping) else {}
-    inferred = infer_generator_args(payload["g_ema"])
-    n_cond = inferred.pop("n_cond", None)
-    for key, value in inferred.items():
-        if args.get(key) is None and not (key == "size" and args.get("output_size") is not None):
-            args[key] = value
-    if n_cond is not None:  # condition width = n_domains + n_zbins
-        if args.get("n_domains") is None and args.get("n_zbins") is not None:
-            args["n_domains"] = n_cond - int(args["n_zbins"])
-        elif args.get("n_domains") is None:
-            args["n_zbins"], args["n_domains"] = 29, n_cond - 29
-        elif args.get("n_zbins") is None:
-            args["n_zbins"] = n_cond - int(args["n_domains"])
-    return args
-
-
-def _pick(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if args.get(n) is not None:
-            return args[n]
-    return default
-
-
 def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> None:
     """Domain ids must index the generator's conditioning (one-line error naming ``source``)."""
     for flag in ("src_label", "tgt_label"):
@@ -142,23 +78,22 @@ def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> Non
 def pretrain_config(opts: argparse.Namespace) -> PSPConfig:
     """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
     path = Path(opts.stylegan_weights)
-    args = generator_args(path)
-    n_domains = int(_pick(args, "n_domains", default=opts.n_domains or 3))
+    _, args = read_factory_file(path)
+    n_domains = int(args["n_domains"])
     if opts.n_domains is not None and opts.n_domains != n_domains:
         raise InputError(f"generator file was trained with n_domains = {n_domains} but --n_domains is "
                          f"{opts.n_domains}", path)
-    size = int(_pick(args, "size", "output_size", default=opts.output_size or 512))
+    size = int(args["size"])
     if opts.output_size is not None and opts.output_size != size:
         raise InputError(f"generator file is {size} px but --output_size is {opts.output_size}", path)
     check_domains(opts, n_domains, path)
     try:
         return PSPConfig(
-            output_size=size, style_dim=int(_pick(args, "style_dim", "latent", default=512)),
-            n_mlp=int(_pick(args, "n_mlp", default=8)), n_domains=n_domains,
-            n_zbins=int(_pick(args, "n_zbins", default=29)), clip_dim=int(_pick(args, "clip_dim", default=768)),
-            channel_multiplier=int(_pick(args, "channel_multiplier", default=2)),
-            channel_cap=_pick(args, "channel_cap"), src_tgt_domains=[opts.src_label], label_nc=opts.label_nc,
-            encoder_depth=opts.encoder_depth or 50, encoder_base_channels=opts.encoder_base_channels or 64,
+            output_size=size, style_dim=args["style_dim"], n_mlp=args["n_mlp"], n_domains=n_domains,
+            n_zbins=args["n_zbins"], clip_dim=args["clip_dim"], channel_multiplier=args["channel_multiplier"],
+            channel_cap=args["channel_cap"], lr_mlp=args["lr_mlp"], src_tgt_domains=[opts.src_label],
+            label_nc=opts.label_nc, encoder_depth=opts.encoder_depth or 50,
+            encoder_base_channels=opts.encoder_base_channels or 64,
             encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
             dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
             start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode)
