@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from MultiMedSeg import generation as gen  # noqa: E402
+from MultiMedSeg.ensemble import feature_scale_of  # noqa: E402
 from MultiMedSeg.models.psp import PSP, PSPConfig  # noqa: E402
 from MultiMedSeg.training import checkpoints as ck  # noqa: E402
 from robustmedseg.io import load_torch_file  # noqa: E402
@@ -98,7 +99,7 @@ class Reference:
         self.paths, self.label, self.s, self.batch = paths, label, s, batch
         self.net = PSP.from_checkpoint(paths[0]).eval()  # built once, as the reference
         # the best checkpoint's feature scale, for all
-        self.fs = gen.feature_scale_of(load_torch_file(paths[0], "phase-2 checkpoint", mapping=True))
+        self.fs = feature_scale_of(load_torch_file(paths[0], "phase-2 checkpoint", mapping=True))
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
