@@ -195,7 +195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             schedule = R.Schedule(args.rounds, args.num_updates_per_round, args.batch, args.lr, args.max_nodes,
                                   args.aggregation, args.seed, args.use_gpu)
-            exp = R.create_experiment(cfg, schedule, tags)
+            from training_plan import FactoryTrainingPlan
+
+            exp = R.create_experiment(cfg, schedule, tags, FactoryTrainingPlan)
             print(f"experiment {exp.id}: {len(exp.all_federation_nodes())} node(s) with data, "
                   f"{args.rounds} rounds x {args.num_updates_per_round} updates, run id {exp.model_args()['run_id']}",
                   flush=True)

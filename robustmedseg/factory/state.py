@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from robustmedseg.io import save_torch_atomic
+from robustmedseg.io import load_torch_file, save_torch_atomic
 
 STATE_VERSION = 1
 KEEP = 2  # the current round's state and the one before (needed to re-run a failed round)
@@ -110,7 +110,7 @@ def load_state(directory: Path, current_round: Optional[int]) -> Optional[Dict[s
     if not candidates:
         return None
     _, path = candidates[-1]
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "node state", mapping=True)
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: unsupported node state version {state.get('version')}")
     return state
