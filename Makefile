@@ -24,12 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks are modules of the bench/ folder, run from the repository root.
 bench: $(STAMP)
-	$(PY) bench/ops.py
-	$(PY) bench/model.py
-	$(PY) bench/train_step.py
-	$(PY) bench/generate.py
-	$(PY) bench/federation.py
+	$(PY) -m bench.bench_ops
+	$(PY) -m bench.bench_model
+	$(PY) -m bench.bench_train_step
+	$(PY) -m bench.bench_generate
+	$(PY) -m bench.bench_federation
 
 clean-venv:
 	rm -rf $(VENV)

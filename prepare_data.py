@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from robustmedseg.data.lmdb_store import RESAMPLE_METHODS, PrepareOptions, prepare_lmdb
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import CliParser, run_cli
 
 
 def _sizes(text: str) -> List[int]:
@@ -27,8 +27,8 @@ def _sizes(text: str) -> List[int]:
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, help="folder of <volume>_slice<NNN>.npz slice files (MultiMedSeg/preprocess.py)")
     p.add_argument("--out", type=Path, required=True, help="output LMDB folder (refused if it exists, see --overwrite)")
     p.add_argument("--size", type=_sizes, default=[512],

@@ -12,7 +12,6 @@ and writes ``generator_grid.png`` (domains x z-bins from the global generator), 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}
@@ -276,8 +275,8 @@ Logs of every stage (with the exact commands run): `logs/<stage>.log`.
     return out / "REPORT.md"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo.report", description="Write OUT/REPORT.md and its figures "
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m demo.report", description="Write OUT/REPORT.md and its figures "
                                 "from the outputs of a demo run (python -m demo.run).")
     p.add_argument("--out", type=Path, required=True, help="the demo output folder")
     p.add_argument("--target", type=int, default=2, help="target site of the adaptation (default 2)")

@@ -1,7 +1,7 @@
 """Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7) and ``inference.py``.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
-with dashes (``--batch-size``).  Any option can also come from one JSON file given with
+with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.CliParser`).  Any option can also come from one JSON file given with
 ``--config FILE``: an object whose keys are option names (underscores), e.g.::
 
     {"source_root": "prep/site0/train", "val_root": "prep/site0/val", "label_nc": 3}
@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from robustmedseg.errors import InputError
+from robustmedseg.errors import CliParser, InputError
 
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
                   "--stylegan_weights final_global_model.pt --only_intra --src_label 0")
@@ -40,20 +39,12 @@ PAPER_TRAIN = ("--start_from_latent_avg --label_nc 3 --max_steps 20000 --checkpo
                "--one_target_slice --src_label 0 --tgt_label 1")
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose usage errors are one ``error:`` line (exit status 2, as argparse does)."""
+class _Parser(CliParser):
+    """The project's parser (both spellings of every flag, one-line usage errors) with :meth:`add`."""
 
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-    def add(self, name: str, *args: Any, **kwargs: Any) -> argparse.Action:
-        """Add ``--name`` with its dash spelling as an alias."""
-        names = [f"--{name}"]
-        if "_" in name:
-            names.append(f"--{name.replace('_', '-')}")
-        names += list(args)
-        return self.add_argument(*names, dest=name, **kwargs)
+    def add(self, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
+        """Add ``--name`` (destination ``name``) with other names of the same concept as aliases."""
+        return self.add_argument(f"--{name}", *aliases, dest=name, **kwargs)
 
 
 def _floats(text: str) -> List[float]:
@@ -76,7 +67,8 @@ def _common(p: _Parser) -> None:
 
 
 def _model(p: _Parser, mode: str) -> None:
-    p.add("label_nc", type=int, default=3, help="number of segmentation classes incl. background (default 3)")
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, default=3,
+          help="number of segmentation classes incl. background (default 3)")
     p.add("src_label", type=int, default=None, help="phase-1 domain id of the source (required)")
     if mode == "train":
         p.add("tgt_label", type=int, default=None, help="phase-1 domain id of the target (required)")
@@ -91,7 +83,7 @@ def _model(p: _Parser, mode: str) -> None:
                "train: from the checkpoint)")
     p.add("encoder_base_channels", type=int, default=None,
           help="channels of the encoder's first stage (pretrain default 64 as the paper; train: from the checkpoint)")
-    p.add("backbone_weights", "--arcface_model", "--arcface-model", type=Path, default=None,
+    p.add("backbone_weights", "--arcface_model", type=Path, default=None,
           help="ArcFace IResNet backbone.pth to initialise the encoder (paper); default: random init")
     p.add("start_from_latent_avg", action="store_true", help="add the domain's average W to the codes (paper: on)")
     p.add("disable_residuals", action="store_true", help="no content features injected into the generator")
@@ -157,7 +149,7 @@ def training_parser(mode: str) -> _Parser:
     p.add("board_interval", type=int, default=100, help="TensorBoard scalars every N steps")
     p.add("val_interval", type=int, default=1000, help="validate every N steps (and at --max_steps)")
     p.add("save_interval", type=int, default=None, help="write iteration_<step>.pt every N steps (default: at the end)")
-    p.add("n_best", "--ensemble_size", "--ensemble-size", type=int, default=5, help="k best checkpoints kept")
+    p.add("n_best", "--ensemble_size", type=int, default=5, help="k best checkpoints kept")
     p.add("optimize_mode", choices=("foreground", "favoured"), default="foreground",
           help="best-checkpoint classes: all foreground classes, or the favoured (max-weight) ones")
     p.add("train_decoder", action="store_true", help="also train the generator")
@@ -185,7 +177,8 @@ def inference_parser() -> _Parser:
     p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged")
     p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
           help="weights of the inter and intra probabilities in _pred (default 0.6,0.4)")
-    p.add("label_nc", type=int, default=None, help="check: must equal the checkpoints' label_nc")
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, default=None,
+          help="check: must equal the checkpoints' label_nc")
     p.add("consider_only_vessels_within_brain", action="store_true",
           help="metrics: labels >= 2 predicted outside the GT foreground count as background")
     return p
@@ -193,7 +186,7 @@ def inference_parser() -> _Parser:
 
 def _apply_config(parser: _Parser, argv: Optional[Sequence[str]]) -> None:
     """Load ``--config`` (if any) into the parser defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = CliParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config is None:
