@@ -1,10 +1,11 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv when missing.
+# Two entry points (see README): `make demo` and `make test` (`make test-fast` skips the slow tests).
+# All create .venv when missing.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test test-fast bench clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +24,10 @@ demo: $(STAMP)
 # One OpenMP thread per process: the end-to-end tests run several processes (Fed-BioMed nodes) at once.
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: every test not marked slow (no Fed-BioMed federation, no whole demo).
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Benchmarks are modules of the bench/ folder, run from the repository root.
 bench: $(STAMP)
