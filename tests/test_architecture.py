@@ -3,7 +3,8 @@
 * ``robustmedseg/`` (phase 1, data, federation, shared helpers) is the lower layer: it never
   imports ``MultiMedSeg`` (phase 2), the root ``training_plan`` or a root script;
 * no import cycle between the project's modules (lazy imports inside functions count too);
-* the small shared helpers have one definition each.
+* the small shared helpers have one definition each;
+* the README's layout table names the tree as it is.
 """
 from __future__ import annotations
 
@@ -140,3 +141,33 @@ def test_shared_helpers_have_one_home():
         if "torch.load(" in text.replace("``torch.load(", "").replace("`torch.load(", ""):
             readers.append(module)
     assert readers == ["robustmedseg.io"], f"torch.load outside robustmedseg.io: {readers}"
+
+
+def test_readme_layout_table_matches_the_tree():
+    """Every path the README's layout table names exists, and every top-level module/folder (and every
+    entry of robustmedseg/ and MultiMedSeg/) is in the table."""
+    import re
+    import subprocess
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("## Repository layout"):].split("\n## ")[0]
+    named = set()
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            named |= {t.rstrip("/") for t in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    assert named and all((REPO / p).exists() for p in named), sorted(p for p in named if not (REPO / p).exists())
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:  # not a git checkout
+        tracked = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and ".venv" not in p.parts]
+    required = set()
+    for path in tracked:
+        parts = path.split("/")
+        if parts[0].startswith(".") or (len(parts) == 1 and not path.endswith(".py")):
+            continue  # hidden entries, README/Makefile/...
+        if parts[0] in ("robustmedseg", "MultiMedSeg") and len(parts) > 1:
+            if parts[1] != "__init__.py":
+                required.add("/".join(parts[:2]))
+        else:
+            required.add(parts[0])
+    missing = sorted(p for p in required if not any(p == n or p.startswith(n + "/") for n in named))
+    assert not missing, f"not in the README layout table: {missing}"
