@@ -38,8 +38,9 @@ def build_parser() -> CliParser:
     g.add_argument("--slices_in_one_z", type=int, required=True,
                    help="s: slices per gap between consecutive z-bins; a volume has (n_zbins - 1) * s + 1 slices")
     g.add_argument("--label_nc", "--n_segmentation_labels", "--num_classes", dest="n_segmentation_labels", type=int,
-                   required=True, help="L, number of classes incl. background; must equal the checkpoints' label_nc")
-    g.add_argument("--n_zbins", "--z_depth", dest="z_depth", type=int, default=None,
+                   metavar="L", required=True,
+                   help="number of classes incl. background; must equal the checkpoints' label_nc")
+    g.add_argument("--n_zbins", "--z_depth", dest="z_depth", type=int, default=None, metavar="N",
                    help="number of z-bins; default and only accepted value: the generator's n_zbins (29 in the paper)")
     g.add_argument("--n_domains", type=int, default=None,
                    help="number of phase-1 domains; default and only accepted value: the generator's n_domains")

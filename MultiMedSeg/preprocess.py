@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess  # noqa: E402
 from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
@@ -86,7 +86,7 @@ def build_parser() -> CliParser:
     inten.add_argument("--percentiles", type=float, nargs=2, default=(0.1, 99.9), metavar=("LOW", "HIGH"),
                        help="intensity window from the train+val histogram, mapped to [-1, 1] (default 0.1 99.9)")
     inten.add_argument("--label-nc", "--num-classes", "--n-segmentation-labels", dest="num_classes", type=int,
-                       default=None,
+                       default=None, metavar="L",
                        help="mask channels including background (default: largest label value + 1)")
 
     legacy = p.add_argument_group("legacy data")

@@ -67,7 +67,7 @@ def _common(p: _Parser) -> None:
 
 
 def _model(p: _Parser, mode: str) -> None:
-    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, default=3,
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=3,
           help="number of segmentation classes incl. background (default 3)")
     p.add("src_label", type=int, default=None, help="phase-1 domain id of the source (required)")
     if mode == "train":
@@ -177,7 +177,7 @@ def inference_parser() -> _Parser:
     p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged")
     p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
           help="weights of the inter and intra probabilities in _pred (default 0.6,0.4)")
-    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, default=None,
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=None,
           help="check: must equal the checkpoints' label_nc")
     p.add("consider_only_vessels_within_brain", action="store_true",
           help="metrics: labels >= 2 predicted outside the GT foreground count as background")
