@@ -636,6 +636,16 @@ def test_fused_leaky_relu_cuda_matches_ref() -> None:
     assert fused_leaky_relu(x.detach(), b.detach()).device.type == "cuda"
 
 
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("name", ["upfirdn2d", "fused_leaky_relu"])
+def test_selfcheck_passes_on_cuda(name, dtype) -> None:
+    """The first-use self-check of the real kernels passes (else the model would run on the ref path)."""
+    result = _backend.run_selfcheck(name, torch.device("cuda"), dtype)
+    assert result.ok, result.detail
+
+
 # --------------------------------------------------------------------------- CUDA sources compile
 
 
