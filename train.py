@@ -38,6 +38,7 @@ MODEL_FLAGS = {
     "ada_length": "ada_length", "ada_every": "ada_every", "clip_weight": "clip_weight",
     "clip_model": "clip_model", "clip_pretrained": "clip_pretrained", "n_sample": "n_sample",
     "sample_every": "sample_every", "log_every": "log_every", "seed": "seed",
+    "allow_tf32": "allow_tf32", "cudnn_benchmark": "cudnn_benchmark",
 }
 ARCH_FLAGS = ("size", "latent", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim", "channel_cap")
 
@@ -122,6 +123,14 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--use-gpu", dest="use_gpu", action="store_true", default=False,
         help="ask the nodes to train on their GPU (nodes must be started with --gpu)")
     add("--verbose", action="store_true", default=False, help="Fed-BioMed INFO logs")
+
+    group[0] = p.add_argument_group("GPU switches of the nodes (no effect on CPU; may change on --resume)")
+    add("--allow-tf32", "--allow_tf32", dest="allow_tf32", action=argparse.BooleanOptionalAction, default=False,
+        help="TF32 tensor cores for float32 convolutions and matrix products on the nodes' GPUs (Ampere+): "
+             "faster, about 1e-3 relative error per product; off by default, as NVlabs keeps it for GAN training")
+    add("--cudnn-benchmark", "--cudnn_benchmark", dest="cudnn_benchmark", action=argparse.BooleanOptionalAction,
+        default=False, help="cuDNN times the convolution algorithms once per (fixed) training shape and keeps the "
+                            "fastest; runs are no longer bit-reproducible; off by default")
     return p
 
 
