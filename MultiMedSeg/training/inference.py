@@ -46,7 +46,7 @@ from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
-from robustmedseg.device import resolve_device
+from robustmedseg.device import configure_backends, resolve_device
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
@@ -204,6 +204,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
 
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
+    configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)
     config = models[0][0].config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
