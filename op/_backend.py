@@ -199,7 +199,7 @@ class SelfCheckResult:
 
 _selfcheck_override: Optional[bool] = None
 _check_lock = threading.Lock()
-#: op name -> function (device, dtype) -> list of cases; registered by the op modules.
+#: op name -> function returning its cases; registered by the op modules at import.
 _check_cases: Dict[str, Callable[[], List[SelfCheckCase]]] = {}
 #: (op, dtype) -> result of the check run in this process.
 _results: Dict[Tuple[str, torch.dtype], SelfCheckResult] = {}
