@@ -63,7 +63,15 @@ MODEL_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "n_sample": ((), "sample grids: N z vectors x every domain"),
     "seed": ((), "seed of the node streams, node sampling and grids"),
 }
-FLAG_FIELDS = {**SCHEDULE_FIELDS, **MODEL_FIELDS}
+# GPU switches of the nodes (added with --no-... forms in their own group; may change on --resume)
+GPU_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "allow_tf32": ((), "TF32 tensor cores for float32 convolutions and matrix products on the nodes' GPUs (Ampere+): "
+                       "faster, about 1e-3 relative error per product; off by default, as NVlabs keeps it for GAN "
+                       "training"),
+    "cudnn_benchmark": ((), "cuDNN times the convolution algorithms once per (fixed) training shape and keeps the "
+                            "fastest; runs are no longer bit-reproducible; off by default"),
+}
+FLAG_FIELDS = {**SCHEDULE_FIELDS, **MODEL_FIELDS, **GPU_FIELDS}
 # architecture: fixed by the first run (lr_mlp is not a flag: always the paper's 0.01)
 ARCH_FLAGS = tuple(k for k in MODEL_KEYS if k in FLAG_FIELDS)
 
@@ -132,6 +140,11 @@ def build_parser(suppress: bool = False) -> CliParser:
     add("--use-gpu", dest="use_gpu", action="store_true", default=False,
         help="ask the nodes to train on their GPU (nodes must be started with --gpu)")
     add("--verbose", action="store_true", default=False, help="Fed-BioMed INFO logs")
+
+    group[0] = p.add_argument_group("GPU switches of the nodes (no effect on CPU; may change on --resume)")
+    for name, (_, text) in GPU_FIELDS.items():
+        add(f"--{name}", dest=name, action=argparse.BooleanOptionalAction, default=getattr(FactoryConfig(), name),
+            help=text)
     return p
 
 

@@ -285,6 +285,29 @@ def test_options_config_file_and_dash_aliases(tmp_path):
     assert opts.ensemble_weights == [0.6, 0.4]
 
 
+def test_gpu_options_amp_tf32_cudnn_benchmark(monkeypatch):
+    """--amp fp16|bf16|off (fp16 default, as the reference; --no_amp = off), --allow_tf32, --cudnn_benchmark."""
+    from MultiMedSeg.training.coach import amp_dtype
+
+    base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
+    opts = parse_training_options(base, "pretrain")
+    assert opts.amp == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
+    assert parse_training_options(base + ["--no-amp"], "pretrain").amp == "off"
+    opts = parse_training_options(base + ["--amp", "bf16", "--allow-tf32", "--cudnn_benchmark"], "pretrain")
+    assert opts.amp == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
+    assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
+                                    "--allow_tf32"]).allow_tf32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("fp16", cpu) is None and amp_dtype("bf16", cpu) is None  # never on CPU
+    assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("off", cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype("bf16", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(InputError, match="--amp bf16: Tesla V100"):
+        amp_dtype("bf16", cuda)
+
+
 @pytest.mark.parametrize("script, flag", [("MultiMedSeg/pretrain.py", "--stylegan_weights"),
                                           ("-m MultiMedSeg.train", "--one_target_slice"),
                                           ("MultiMedSeg/inference.py", "--ensemble_weights")])

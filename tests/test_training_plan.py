@@ -438,3 +438,29 @@ def test_train_cli_help_and_resume_refuses_architecture_flags():
 
     with pytest.raises(Exception, match="--size"):
         train._resume_updates({"size": 64, "resume": "LATEST"}, train.build_parser().parse_args(["--size", "64"]))
+
+
+def test_gpu_switches_travel_in_model_args_and_are_applied_on_the_node(lmdb_plain, state_dir):
+    """--allow-tf32 / --cudnn-benchmark: researcher flags -> model_args -> torch.backends on the node."""
+    import train
+
+    parser = train.build_parser()
+    assert not train._config_from_args(parser.parse_args([])).allow_tf32
+    cfg = train._config_from_args(parser.parse_args(["--allow-tf32", "--cudnn_benchmark"]))
+    assert cfg.allow_tf32 and cfg.cudnn_benchmark and cfg.to_model_args()["allow_tf32"] is True
+    argv = ["--resume", "--no-allow-tf32"]
+    explicit = vars(train.build_parser(suppress=True).parse_args(argv))
+    model_up, _, _, _ = train._resume_updates(explicit, parser.parse_args(argv))
+    assert model_up == {"allow_tf32": False}
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    try:
+        _round(lmdb_plain, 1, allow_tf32=True, cudnn_benchmark=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+        _round(lmdb_plain, 1, run_id="test2")
+        assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.deterministic) = saved

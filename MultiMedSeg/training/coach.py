@@ -34,11 +34,21 @@ from MultiMedSeg.training.inference import predict_slices, volume_labels
 from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.training.options import options_to_dict
 from MultiMedSeg.training.setup import adaptation_model, check_exp_dir, create_exp_dir, pretrain_config
-from robustmedseg.device import resolve_device, seed_everything
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 
 VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
+
+
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype of ``--amp`` on ``device`` (None: no autocast; AMP is CUDA only)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                         "use --amp fp16 or --amp off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 class LossBundle:
@@ -78,8 +88,10 @@ class Coach:
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
         self.device = resolve_device(opts.device)
-        self.use_amp = self.device.type == "cuda" and not opts.no_amp
+        self.amp_dtype = amp_dtype(opts.amp, self.device)
+        self.use_amp = self.amp_dtype is not None
         seed_everything(opts.seed)
+        configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
         self.exp_dir = check_exp_dir(opts)
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.global_step = 0
@@ -90,7 +102,7 @@ class Coach:
         self.losses = LossBundle(opts, self.device)
         self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
         self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if opts.resume:
             self._resume()
         create_exp_dir(opts)
@@ -164,7 +176,7 @@ class Coach:
 
     def _autocast(self):
         if self.use_amp:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def selected_channels(self) -> List[str]:

@@ -48,7 +48,7 @@ from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
-from robustmedseg.device import resolve_device, seed_everything
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
@@ -173,6 +173,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
+    configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     # up to --ensemble_size: a run that kept fewer best checkpoints uses all it kept
     models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False), device)
     config = models[0].net.config

@@ -64,6 +64,12 @@ def _common(p: _Parser) -> None:
     p.add("seed", type=int, default=0, help="seed of torch/numpy/random (default 0, as the reference)")
     p.add("test_batch_size", type=int, default=8, help="slices per forward pass in validation/inference")
     p.add("test_workers", type=int, default=0, help="DataLoader workers for validation/inference (reference: 6)")
+    p.add("allow_tf32", action="store_true",
+          help="CUDA: TF32 tensor cores for float32 convolutions and matrix products (Ampere+; faster, about 1e-3 "
+               "relative error per product); off by default")
+    p.add("cudnn_benchmark", action="store_true",
+          help="CUDA: cuDNN times the convolution algorithms once per input shape and keeps the fastest (fixed "
+               "shapes); turns off the deterministic cuDNN setting of the reference; off by default")
 
 
 def _model(p: _Parser, mode: str) -> None:
@@ -157,7 +163,10 @@ def training_parser(mode: str) -> _Parser:
     p.add("use_da", action="store_true", help="mirror + rotation/scale augmentation")
     p.add("feature_scale_rate", type=float, default=1e-4,
           help="feature_scale = min(1, rate*step) (paper 1e-4: full injection at step 10000)")
-    p.add("no_amp", action="store_true", help="disable mixed precision on CUDA (AMP is never used on CPU)")
+    p.add("amp", choices=("fp16", "bf16", "off"), default="fp16",
+          help="CUDA mixed precision: autocast to float16 with a gradient scaler (default, as the reference), to "
+               "bfloat16 (no scaler; Ampere+), or off (float32). Never used on CPU")
+    p.add("no_amp", action="store_true", help="same as --amp off (kept for older commands)")
     return p
 
 
@@ -294,6 +303,8 @@ def parse_training_options(argv: Optional[Sequence[str]], mode: str) -> argparse
     _check_class_weights(opts)
     if opts.save_interval is None:
         opts.save_interval = opts.max_steps
+    if opts.no_amp:
+        opts.amp = "off"
     return opts
 
 

@@ -15,8 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from robustmedseg.device import seed_everything
-
+from ..device import configure_backends, seed_everything
 from .config import FactoryConfig
 from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state
 from .trainer import FactoryTrainer
@@ -57,6 +56,7 @@ def _reporter(history_monitor: Any, num_updates: int, batch_size: int, total: in
 def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSession:
     """Prepare the trainer of this round (see module docstring). ``dataset`` exposes ``clip_mean()``."""
     cfg = FactoryConfig.from_model_args(plan.model_args())
+    configure_backends(cfg.allow_tf32, cfg.cudnn_benchmark)
     node_id, round_ = plan.node_id(), plan.round()
     directory = run_dir(cfg.run_id, node_id)
     state = load_state(directory, round_)
