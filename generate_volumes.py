@@ -17,13 +17,13 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import CliParser, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
-    g.add_argument("--ckpt_dir", type=Path, required=True,
+    g.add_argument("--checkpoint_dir", "--ckpt_dir", dest="ckpt_dir", type=Path, required=True,
                    help="phase-2 experiment folder of the SOURCE run (pretrain.py --exp_dir) or its checkpoints/ "
                         "sub-folder; both are accepted. The best checkpoints are read from checkpoints/best.json")
     g.add_argument("--generator", type=Path, default=None,
@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_volumes", type=int, required=True, help="number of volumes")
     g.add_argument("--slices_in_one_z", type=int, required=True,
                    help="s: slices per gap between consecutive z-bins; a volume has (n_zbins - 1) * s + 1 slices")
-    g.add_argument("--n_segmentation_labels", type=int, required=True,
-                   help="L, number of classes incl. background; must equal the checkpoints' label_nc")
-    g.add_argument("--z_depth", type=int, default=None,
+    g.add_argument("--label_nc", "--n_segmentation_labels", "--num_classes", dest="n_segmentation_labels", type=int,
+                   metavar="L", required=True,
+                   help="number of classes incl. background; must equal the checkpoints' label_nc")
+    g.add_argument("--n_zbins", "--z_depth", dest="z_depth", type=int, default=None, metavar="N",
                    help="number of z-bins; default and only accepted value: the generator's n_zbins (29 in the paper)")
     g.add_argument("--n_domains", type=int, default=None,
                    help="number of phase-1 domains; default and only accepted value: the generator's n_domains")

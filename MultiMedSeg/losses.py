@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from pytorch_msssim import ssim as _ssim
 from torch import nn
 
 from robustmedseg.errors import InputError
+from robustmedseg.io import load_torch_file
 
 DICE_SMOOTH = 1e-5
 DICE_EPS = 1e-8
@@ -116,13 +117,7 @@ LPIPS_HELP = ("LPIPS needs --alex-model (v0.1 linear heads alex.pth) and --alex-
 def _load_state(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise InputError(f"{what} not found ({LPIPS_HELP})", path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise InputError(f"cannot read {what} ({type(err).__name__})", path) from err
-    if not isinstance(state, Mapping):
-        raise InputError(f"{what} is not a state dict", path)
-    return dict(state)
+    return dict(load_torch_file(path, what, mapping=True))
 
 
 def _alexnet_features() -> nn.Sequential:

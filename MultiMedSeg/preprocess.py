@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from MultiMedSeg.data.slices import convert_legacy_folder  # noqa: E402
-from robustmedseg.errors import InputError, run_cli  # noqa: E402
+from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
+from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
 
 EPILOG = """\
 output layout:
@@ -35,8 +35,8 @@ slice file: np.savez archive (no pickle) with data float32 (S,S,1) in [-1,1] (pa
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> CliParser:
+    p = CliParser(
         prog="python -m MultiMedSeg.preprocess", description=__doc__.split("\n\n")[0],
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the per-volume (x - mean) / std standardisation")
     inten.add_argument("--percentiles", type=float, nargs=2, default=(0.1, 99.9), metavar=("LOW", "HIGH"),
                        help="intensity window from the train+val histogram, mapped to [-1, 1] (default 0.1 99.9)")
-    inten.add_argument("--num-classes", type=int, default=None,
+    inten.add_argument("--label-nc", "--num-classes", "--n-segmentation-labels", dest="num_classes", type=int,
+                       default=None, metavar="L",
                        help="mask channels including background (and the brain class with --brain-masks); "
                             "default: largest label value + 1 (+ 1 for the brain class)")
     inten.add_argument("--no-brain-class", dest="brain_class", action="store_false",

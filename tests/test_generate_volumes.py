@@ -16,7 +16,7 @@ import torch
 
 from model import Generator
 from MultiMedSeg import generation as gen
-from MultiMedSeg.data.slices import group_slices_by_volume, load_slice
+from robustmedseg.data.slices import group_slices_by_volume, load_slice
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
@@ -239,11 +239,14 @@ def test_noise_modes(run_dir, tmp_path):
 
 
 def test_generator_override_and_ckpt_dir_forms(run_dir, tmp_path):
-    ckpt_form = gen.resolve_checkpoints(run_dir / "checkpoints")
-    assert ckpt_form == gen.resolve_checkpoints(run_dir) and len(ckpt_form) == 2
-    assert gen.resolve_checkpoints(run_dir, 1) == ckpt_form[:1]
+    from MultiMedSeg.ensemble import resolve_checkpoints
+
+    ckpt_form = resolve_checkpoints(run_dir / "checkpoints")
+    assert ckpt_form == resolve_checkpoints(run_dir) and len(ckpt_form) == 2
+    assert resolve_checkpoints(run_dir, 1) == ckpt_form[:1]
     with pytest.raises(InputError, match="only 2"):
-        gen.resolve_checkpoints(run_dir, 3)
+        resolve_checkpoints(run_dir, 3)
+    assert resolve_checkpoints(run_dir, 3, exact=False) == ckpt_form  # inference: up to --ensemble_size
     base, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o"), log=quiet)
     g_file = phase1_file(tmp_path / "g.pt", N_ZBINS, 7)
     other, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o", generator=g_file), log=quiet)

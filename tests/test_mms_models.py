@@ -346,7 +346,8 @@ def test_load_generator(tmp_path):
     torch.manual_seed(5)
     g = Generator(32, style_dim=32, n_mlp=2, n_domains=3, channel_cap=16)
     torch.save({"g": g.state_dict(), "d": {}, "g_ema": g.state_dict(), "args": {"size": 32}}, tmp_path / "ok.pt")
-    assert net.load_generator(tmp_path / "ok.pt") == {"size": 32}
+    args = net.load_generator(tmp_path / "ok.pt")  # the file's args, completed from its tensors
+    assert (args["size"], args["style_dim"], args["n_mlp"], args["n_domains"], args["n_zbins"]) == (32, 32, 2, 3, 29)
     assert torch.equal(net.decoder.input.input, g.input.input)
     assert not bool(net.latent_avg_valid.any())  # recomputed for the new generator
     big = Generator(64, style_dim=32, n_mlp=2, n_domains=3, channel_cap=16)

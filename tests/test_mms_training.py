@@ -22,7 +22,7 @@ from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
-from MultiMedSeg.data.slices import save_slice
+from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
@@ -288,6 +288,7 @@ def test_invert_intensity_translation_is_negated_back_on_background():
     background; inference negates it again there, which gives back the generator's intensities."""
     from types import SimpleNamespace
 
+    from MultiMedSeg.ensemble import Member
     from MultiMedSeg.training.inference import predict_volume
 
     seg = torch.zeros(1, 3, 4, 4)
@@ -306,9 +307,9 @@ def test_invert_intensity_translation_is_negated_back_on_background():
 
     batch = {"data": torch.zeros(2, 1, 4, 4), "domain": torch.tensor([[0.0, 1.0]] * 2),
              "weight": torch.ones(2, 1, 4, 4)}
-    out = predict_volume([(Stub(True), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    out = predict_volume([Member(Stub(True), 1.0, None)], [batch], torch.device("cpu"), inter=True)
     assert torch.allclose(out["trans"], torch.full((2, 1, 4, 4), 0.5))
-    plain = predict_volume([(Stub(False), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    plain = predict_volume([Member(Stub(False), 1.0, None)], [batch], torch.device("cpu"), inter=True)
     assert torch.allclose(plain["trans"], torch.full((2, 1, 4, 4), 0.5))
 
 
@@ -395,6 +396,29 @@ def test_options_config_file_and_dash_aliases(tmp_path):
              "--tgt_label", "1", "--checkpoint_dir", "c"]
     assert not parse_training_options(train, "train").reinit_encoder
     assert parse_training_options(train + ["--reinit-encoder"], "train").reinit_encoder
+
+
+def test_gpu_options_amp_tf32_cudnn_benchmark(monkeypatch):
+    """--amp fp16|bf16|off (fp16 default, as the reference; --no_amp = off), --allow_tf32, --cudnn_benchmark."""
+    from MultiMedSeg.training.coach import amp_dtype
+
+    base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
+    opts = parse_training_options(base, "pretrain")
+    assert opts.amp == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
+    assert parse_training_options(base + ["--no-amp"], "pretrain").amp == "off"
+    opts = parse_training_options(base + ["--amp", "bf16", "--allow-tf32", "--cudnn_benchmark"], "pretrain")
+    assert opts.amp == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
+    assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
+                                    "--allow_tf32"]).allow_tf32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("fp16", cpu) is None and amp_dtype("bf16", cpu) is None  # never on CPU
+    assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("off", cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype("bf16", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(InputError, match="--amp bf16: Tesla V100"):
+        amp_dtype("bf16", cuda)
 
 
 @pytest.mark.parametrize("script, flag", [("MultiMedSeg/pretrain.py", "--stylegan_weights"),

@@ -17,7 +17,7 @@ from MultiMedSeg import preprocess as cli
 from MultiMedSeg.data import (PreprocessConfig, group_slices_by_volume, load_metadata, load_slice, preprocess,
                               restore_volume, save_slice, slice_index, volume_id, write_nifti_like)
 from MultiMedSeg.data.preprocessing import axis_crop, pick_labeled_train, split_volumes, z_range
-from MultiMedSeg.data.slices import convert_legacy_folder
+from robustmedseg.data.slices import convert_legacy_folder
 from robustmedseg.errors import InputError
 
 QUIET = {"log": lambda *a, **k: None}

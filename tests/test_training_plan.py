@@ -514,7 +514,7 @@ def test_uniform_aggregation_weights():
 
 
 def test_export_layout_and_strict_reload(tmp_path):
-    from robustmedseg.federation.export import build_export, load_generator
+    from robustmedseg.federation.export import build_export, load_factory_file
     from robustmedseg.io import save_torch_atomic
 
     cfg = FactoryConfig.from_model_args({**TINY, "run_id": "x"})
@@ -524,7 +524,7 @@ def test_export_layout_and_strict_reload(tmp_path):
     assert "style.0.weight" in export["g_ema"] and "final_linear.1.weight" in export["d"]
     path = tmp_path / "final_global_model.pt"
     save_torch_atomic(export, path)
-    g = load_generator(path)
+    g, _ = load_factory_file(path)
     assert torch.equal(g.state_dict()["style.0.weight"], model.g_ema.state_dict()["style.0.weight"])
     assert torch.load(path, weights_only=True)["meta"]["round"] == 3
 
@@ -541,3 +541,29 @@ def test_train_cli_help_and_resume_refuses_architecture_flags():
 
     with pytest.raises(Exception, match="--size"):
         train._resume_updates({"size": 64, "resume": "LATEST"}, train.build_parser().parse_args(["--size", "64"]))
+
+
+def test_gpu_switches_travel_in_model_args_and_are_applied_on_the_node(lmdb_plain, state_dir):
+    """--allow-tf32 / --cudnn-benchmark: researcher flags -> model_args -> torch.backends on the node."""
+    import train
+
+    parser = train.build_parser()
+    assert not train._config_from_args(parser.parse_args([])).allow_tf32
+    cfg = train._config_from_args(parser.parse_args(["--allow-tf32", "--cudnn_benchmark"]))
+    assert cfg.allow_tf32 and cfg.cudnn_benchmark and cfg.to_model_args()["allow_tf32"] is True
+    argv = ["--resume", "--no-allow-tf32"]
+    explicit = vars(train.build_parser(suppress=True).parse_args(argv))
+    model_up, _, _, _ = train._resume_updates(explicit, parser.parse_args(argv))
+    assert model_up == {"allow_tf32": False}
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    try:
+        _round(lmdb_plain, 1, allow_tf32=True, cudnn_benchmark=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+        _round(lmdb_plain, 1, run_id="test2")
+        assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.deterministic) = saved

@@ -35,7 +35,7 @@ Pipeline (:func:`preprocess`), per volume unless noted:
    (as the original);
 10. per slice: clip to the window, scale to [-1, 1], pad with -1 (mask: background,
     weight: 1 if the slice's weight is all ones else 0) or centre-crop to ``size``,
-    one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`MultiMedSeg.data.slices`).
+    one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`robustmedseg.data.slices`).
 
 Everything is written into a temporary folder that becomes ``out`` only when complete;
 ``out/metadata.json`` (schema in :mod:`MultiMedSeg.data.restore`) records what is needed
@@ -57,11 +57,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import nibabel as nib
 import numpy as np
 
+from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
 from .resample import resize_image, resize_labels  # noqa: F401  (re-exported)
-from .slices import save_slice, slice_name
 
 METADATA_NAME = "metadata.json"
 METADATA_FORMAT = "multimedseg-slices"
@@ -515,11 +515,6 @@ def fit_slices(volume: np.ndarray, size: int, fill, windows: Sequence[Tuple[int,
     out = np.full((volume.shape[0], size, size), fill, dtype=volume.dtype)
     out[:, rd:rd + rn, cd:cd + cn] = volume[:, rs:rs + rn, cs:cs + cn]
     return out
-
-
-def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Integer map (...,) -> bool one-hot (..., C)."""
-    return labels[..., None] == np.arange(num_classes, dtype=labels.dtype)
 
 
 # --------------------------------------------------------------------------- intensities

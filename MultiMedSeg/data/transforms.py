@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from skimage.transform import resize as sk_resize
 
+from robustmedseg.data.slices import one_hot
+
 from .resample import resize_onehot
 
 Sample = Dict[str, np.ndarray]
@@ -57,11 +59,6 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     out = sk_resize(image.astype(np.float64), (size, size, image.shape[2]), order=3, mode="edge",
                     anti_aliasing=False, preserve_range=True)
     return out.astype(np.float32)
-
-
-def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(H, W) integer labels -> bool (H, W, n_classes)."""
-    return labels[..., None] == np.arange(n_classes, dtype=labels.dtype)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Inference library (SPEC §7, with the §9.39 fixes): ensemble prediction, NIfTI output, metrics.
 
 :func:`run_inference` segments every test volume with the ``--ensemble_size`` best
-checkpoints of a training run (``best.json``, best first; each file is loaded once):
+checkpoints of a training run (``best.json``, best first; each file is loaded once by
+:mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept):
 
 * ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
   domain; ``inter`` = mean of the probabilities of the translated slice segmented by the
@@ -46,10 +47,11 @@ from torch.utils.data import DataLoader
 from MultiMedSeg.data.images_dataset import VolumeDataset
 from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
+from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.metrics import volume_scores
-from robustmedseg.device import resolve_device
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
@@ -85,37 +87,6 @@ def predict_slices(net: PSP, x: torch.Tensor, label: torch.Tensor, feature_scale
 def volume_labels(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(Z, L, H, W) scores + (Z, 1, H, W) weight -> (Z, H, W) int64 labels; 0 outside the weight."""
     return (probs * weight).argmax(1)
-
-
-# ---------------------------------------------------------------------------------- models
-def feature_scale_of(payload: Mapping[str, Any]) -> float:
-    """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
-    opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", 1e-4))
-    return min(1.0, rate * int(payload.get("global_step", 0)))
-
-
-def load_ensemble(checkpoint_dir: Path, n: int, device: torch.device) -> List[Tuple[PSP, float, Path]]:
-    """The ``n`` best checkpoints of a run as (model in eval mode, feature_scale, path), best first."""
-    folder = ck.checkpoints_folder(Path(checkpoint_dir))
-    index = ck.BestIndex.load(folder)
-    if not index.entries:
-        raise InputError("the run has no best checkpoint yet (no validation happened)", index.path)
-    models: List[Tuple[PSP, float, Path]] = []
-    first = None
-    for path in index.paths(n):
-        payload = ck.load_checkpoint(path, "checkpoint")
-        net = PSP.from_checkpoint(path, payload)  # the file is read once (payload above)
-        key = (net.config.label_nc, tuple(net.config.src_tgt_domains), net.config.encoder_input_size,
-               net.config.output_size)
-        if first is None:
-            first = key
-        elif key != first:
-            raise InputError(f"checkpoint differs from the best one in (label_nc, domains, encoder size, "
-                             f"output size): {key} vs {first}", path)
-        net.to(device).eval()
-        models.append((net, feature_scale_of(payload), path))
-    return models
 
 
 # ---------------------------------------------------------------------------------- ground truth
@@ -158,7 +129,7 @@ class VolumePrediction:
         self.weight: List[torch.Tensor] = []
 
 
-def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader, device: torch.device,
+def predict_volume(models: Sequence[Member], loader: DataLoader, device: torch.device,
                    inter: bool) -> Dict[str, torch.Tensor]:
     """Ensemble means over the models for every slice batch of one volume (CPU tensors)."""
     acc = VolumePrediction()
@@ -167,14 +138,14 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
         label = batch["domain"].to(device)
         size = batch["weight"].shape[-2:]
         sums: Dict[str, torch.Tensor] = {}
-        for k, (net, fs, _) in enumerate(models):
-            out = predict_slices(net, x, label, fs, size, inter=inter)
+        for k, member in enumerate(models):
+            out = predict_slices(member.net, x, label, member.feature_scale, size, inter=inter)
             for key in ("intra", "inter"):
                 if key in out:
                     sums[key] = sums.get(key, 0) + out[key]
             if k == 0 and "trans" in out:
                 trans = out["trans"]
-                if net.config.invert_intensity:  # undo the interpreter's inversion where it predicts background
+                if member.net.config.invert_intensity:  # undo the interpreter's inversion where it predicts background
                     trans = torch.where(out["inter"].argmax(1, keepdim=True) == 0, -trans, trans)
                 acc.trans.append(trans.cpu())
         acc.intra.append((sums["intra"] / len(models)).cpu())
@@ -217,15 +188,15 @@ def _fmt(v: float) -> str:
 
 def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
-    from MultiMedSeg.training.coach import seed_everything
-
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)
-    config = models[0][0].config
+    configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
+    # up to --ensemble_size: a run that kept fewer best checkpoints uses all it kept
+    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False), device)
+    config = models[0].net.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
-                         models[0][2])
+                         models[0].path)
     inter = len(config.src_tgt_domains) == 2
     domain = 1 if inter else 0  # test data is the target domain of an adapted run, the source otherwise
     meta = load_metadata(opts.metadata)
@@ -270,7 +241,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                 for r in rows:
                     w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})
         ck.write_json(out_dir / "inference.json", {
-            "checkpoints": [str(p) for _, _, p in models], "feature_scales": [fs for _, fs, _ in models],
+            "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
             "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written})
     summary = summarize(rows, "pred" if inter else "intra")

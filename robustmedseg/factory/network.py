@@ -20,13 +20,7 @@ def build_networks(cfg: FactoryConfig) -> Tuple[nn.Module, nn.Module]:
     from model import Discriminator, Generator
 
     kw = cfg.model_kwargs()
-    g = Generator(kw["size"], style_dim=kw["style_dim"], n_mlp=kw["n_mlp"], n_domains=kw["n_domains"],
-                  channel_multiplier=kw["channel_multiplier"], lr_mlp=kw["lr_mlp"], n_zbins=kw["n_zbins"],
-                  clip_dim=kw["clip_dim"], channel_cap=kw["channel_cap"])
-    d = Discriminator(kw["size"], n_domains=kw["n_domains"], channel_multiplier=kw["channel_multiplier"],
-                      n_zbins=kw["n_zbins"], clip_dim=kw["clip_dim"], channel_cap=kw["channel_cap"],
-                      style_dim=kw["style_dim"])
-    return g, d
+    return Generator.from_args(kw), Discriminator.from_args(kw)
 
 
 class FactoryModel(nn.Module):

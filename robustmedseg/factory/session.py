@@ -15,8 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..device import configure_backends, seed_everything
 from .config import FactoryConfig
-from .state import load_state, rng_state, run_dir, save_state, seed_everything, set_rng_state
+from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state
 from .trainer import FactoryTrainer
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,14 @@ def _reporter(history_monitor: Any, num_updates: int, batch_size: int, total: in
 def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSession:
     """Prepare the trainer of this round (see module docstring). ``dataset`` exposes ``clip_mean()``."""
     cfg = FactoryConfig.from_model_args(plan.model_args())
+    configure_backends(cfg.allow_tf32, cfg.cudnn_benchmark)
     node_id, round_ = plan.node_id(), plan.round()
     directory = run_dir(cfg.run_id, node_id)
     state = load_state(directory, round_)
     if state is not None:
         set_rng_state(state["rng"])
     else:
-        seed_everything(cfg.seed, node_id)
+        seed_everything(node_seed(cfg.seed, node_id), deterministic_cudnn=False)
     mean = dataset.clip_mean() if hasattr(dataset, "clip_mean") else None
     clip_mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     clip_loss = _clip_loss(cfg) if cfg.clip_weight > 0 and clip_mean is not None else None
