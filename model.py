@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from op import FusedLeakyReLU, conv2d_gradfix, fused_leaky_relu, upfirdn2d
+from robustmedseg.factory.config import MAX_SIZE, MIN_SIZE, check_image_size  # noqa: F401 (re-exported)
 
 __all__ = [
     "PixelNorm", "EqualLinear", "EqualConv2d", "ModulatedConv2d", "Blur", "Upsample", "NoiseInjection",
@@ -58,9 +59,6 @@ __all__ = [
 
 Labels = Union[Tensor, Tuple[Tensor, Optional[Tensor]], Sequence[Optional[Tensor]]]
 FeatureEntry = Optional[Union[Tensor, Tuple[Tensor, Union[Tensor, float]]]]
-
-MIN_SIZE, MAX_SIZE = 16, 1024
-
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -100,9 +98,9 @@ def _constructor_args(cls: type, args: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _log2_size(size: int) -> int:
-    """log2 of a power-of-two ``size`` in [16, 1024]; ValueError otherwise."""
-    if not isinstance(size, int) or size < MIN_SIZE or size > MAX_SIZE or size & (size - 1):
-        raise ValueError(f"size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    """log2 of a power-of-two ``size`` in [MIN_SIZE, MAX_SIZE]; ValueError otherwise (the one rule,
+    :func:`robustmedseg.factory.config.check_image_size`)."""
+    check_image_size(size)
     return int(math.log2(size))
 
 

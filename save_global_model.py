@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 
 
 def build_parser() -> CliParser:
@@ -27,11 +27,14 @@ def build_parser() -> CliParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from robustmedseg.federation.export import build_export, find_breakpoint, load_breakpoint_params
-    from robustmedseg.io import save_torch_atomic
-
     args = build_parser().parse_args(argv)
+    from robustmedseg.federation.export import build_export, experiments_dir, find_breakpoint, load_breakpoint_params
+    from robustmedseg.io import check_apart, save_torch_atomic
+
+    if args.out.is_dir():
+        raise InputError("is a folder; --out takes the path of the file to write", args.out)
     root = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
+    check_apart({"--out": args.out}, {"--breakpoint": args.breakpoint, "experiments folder": experiments_dir(root)})
     folder, state_file = find_breakpoint(root, args.breakpoint)
     params, state = load_breakpoint_params(folder, state_file)
     export = build_export(params, state)

@@ -65,7 +65,7 @@ from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
 from robustmedseg.federation.export import load_factory_file
-from robustmedseg.io import atomic_dir, atomic_path, write_text_atomic
+from robustmedseg.io import atomic_dir, atomic_path, check_apart, check_new_output, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
 NOISE_MODES = ("slice", "volume", "fixed")
@@ -393,8 +393,9 @@ def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress
     """Run the whole job (see module doc); returns the summary also written to ``generation.json``."""
     cfg.validate()
     out = Path(cfg.out_dir)
-    if out.exists() and not cfg.overwrite:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out)
+    check_apart({"--out_dir": out}, {"--ckpt_dir": cfg.ckpt_dir, "--generator": cfg.generator,
+                                     "--clip_mean": cfg.clip_mean})
+    check_new_output(out, cfg.overwrite)
     factory, paths = build_factory(cfg, log)
     n = factory.n_slices
     log(f"{cfg.n_volumes} volume(s) of N = (n_zbins - 1) * s + 1 = ({factory.generator.n_zbins} - 1) * "
@@ -414,8 +415,6 @@ def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress
                     write_montage(tmp / "montage" / f"{name}.png", images, labels)
             summary = _summary(cfg, factory, paths)
             write_text_atomic(tmp / "generation.json", json.dumps(summary, indent=2) + "\n")
-    except FileExistsError:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out) from None
     finally:
         bar.close()
     return summary

@@ -36,7 +36,7 @@ from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.preprocessing import PreprocessConfig, _count, preprocess
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 
 SOURCE, TARGET = 0, 2
 CLASS_NAMES = {"1": "GM", "2": "WM", "foreground": "brain"}
@@ -175,4 +175,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

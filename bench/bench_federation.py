@@ -27,11 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,8 +117,8 @@ def build_parser() -> CliParser:
     return p
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_fed_") as tmp:
         root = Path(tmp)
         lmdbs = make_lmdbs(root, args.size)
@@ -161,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from MultiMedSeg import generation as gen
 from MultiMedSeg.ensemble import feature_scale_of
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 from robustmedseg.io import load_torch_file
 
 PRESETS: Dict[str, Dict] = {
@@ -174,8 +174,8 @@ def build_parser() -> CliParser:
     return p
 
 
-def main() -> None:
-    a = build_parser().parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    a = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     config = PSPConfig(n_zbins=a.n_zbins, src_tgt_domains=[0], label_nc=3, **PRESETS[a.preset])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}: {PRESETS[a.preset]}")
@@ -217,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -580,4 +580,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from robustmedseg.errors import run_cli
+
+    run_cli(main)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import model as M
 import op.fused_act
 from op import conv2d_gradfix
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,4 +179,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

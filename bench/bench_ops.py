@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from op import fused_leaky_relu, upfirdn2d
 from op.upfirdn import parse_params
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 
 Shape = Tuple[int, int, int, int]
 Op = Callable[[torch.Tensor], torch.Tensor]
@@ -184,4 +184,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,11 +15,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.factory.optim import AlternatingAdam
@@ -86,8 +86,8 @@ def build_parser() -> CliParser:
     return p
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     rows = bench_all(args, {"ADA off": (False, 0.0), "ADA p=0": (True, 0.0), "ADA p=0.3": (True, 0.3)})
     base = rows["ADA off"]
     cols = ["D", "D+R1", "G", "G+PL", "cycle"]
@@ -108,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -290,8 +290,6 @@ def generate_phantom(out: Path, seed: int = 0, n_subjects: int = 10, spacing: fl
             info = describe(seed, spacing, n_subjects, chosen)
             (tmp / "sites.json").write_text(json.dumps(info, indent=2) + "\n")
             (tmp / "README.txt").write_text(readme_text(info))
-    except FileExistsError:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out) from None
     finally:
         load_template.cache_clear()
     if montage is not None:

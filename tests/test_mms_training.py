@@ -550,6 +550,57 @@ def test_resume_adaptation(pipeline, preprocessed_sites):
     assert any(not torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in tgt_head)
 
 
+def test_inference_refuses_the_metadata_of_another_site(pipeline, preprocessed_sites, tmp_path, capsys):
+    """Same volume ids and slice counts at two sites: only the fingerprint tells the metadata apart."""
+    site1, site2 = preprocessed_sites[1], preprocessed_sites[2]
+    out = tmp_path / "out"
+    meta1 = json.loads((site1 / "metadata.json").read_text())
+    meta2 = json.loads((site2 / "metadata.json").read_text())
+    vid = meta2["splits"]["test"][0]
+    assert vid in meta1["volumes"]
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]),
+                                                    "--target_data", str(site2), "--metadata",
+                                                    str(site1 / "metadata.json"), "--device", "cpu"])
+    assert err.startswith(f"error: {site1 / 'metadata.json'}: volume {vid!r}")
+    other = tmp_path / "other" / "metadata.json"  # site 1's metadata made to list this volume's slice files
+    other.parent.mkdir()
+    for key in ("slices", "shape_before_padding"):
+        meta1["volumes"][vid][key] = meta2["volumes"][vid][key]
+    meta1["volumes"][vid]["fingerprint"]["slice"] = meta2["volumes"][vid]["fingerprint"]["slice"]
+    other.write_text(json.dumps(meta1))
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]),
+                                                    "--target_data", str(site2), "--metadata", str(other),
+                                                    "--device", "cpu"])
+    assert err.startswith(f"error: {other}: volume {vid!r}") and "fingerprint differs" in err
+    assert not out.exists()
+
+
+def test_inference_without_some_ground_truth_writes_predictions_and_the_other_metrics(
+        pipeline, preprocessed_sites, tmp_path, capsys):
+    site2 = preprocessed_sites[2]
+    meta = json.loads((site2 / "metadata.json").read_text())
+    test_root = tmp_path / "slices"  # the val and the test volume of site 2
+    for split in ("val", "test"):
+        shutil.copytree(site2 / split, test_root, dirs_exist_ok=True)
+    scored, missing = meta["splits"]["test"][0], meta["splits"]["val"][0]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(meta["volumes"][scored]["label"], labels / f"{scored}.nii.gz")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    inference_cli.main(["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]), "--test_root",
+                        str(test_root), "--metadata", str(site2 / "metadata.json"), "--labels", str(labels),
+                        "--device", "cpu"])
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: {out}: no ground truth for 1 of 2 test volume(s) ({missing}: no {missing}.nii.gz "
+                       f"in {labels}): predictions written, metrics.csv covers the other 1"]
+    assert all((out / f"{vid}_pred.nii.gz").is_file() for vid in (scored, missing))
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert rows and {r.split(",")[0] for r in rows} == {scored}
+    assert json.loads((out / "inference.json").read_text())["no_ground_truth"] == {
+        missing: f"no {missing}.nii.gz in {labels}"}
+
+
 # ------------------------------------------------------------------------------------ one-line errors
 def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, tmp_path, capsys):
     site0, site2 = preprocessed_sites[0], preprocessed_sites[2]
@@ -600,8 +651,9 @@ def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, 
                                                     str(pipeline["adapt"]), "--target_data", str(site2),
                                                     "--label_nc", "4", "--device", "cpu"])
     assert "--label_nc is 4" in err
+    (tmp_path / "empty").mkdir()
     err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(tmp_path / "i"), "--checkpoint_dir",
-                                                    str(tmp_path), "--target_data", str(site2)])
+                                                    str(tmp_path / "empty"), "--target_data", str(site2)])
     assert "best.json" in err
 
 

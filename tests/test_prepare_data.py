@@ -352,7 +352,7 @@ def test_out_inside_input_is_refused(tmp_path):
     make_site(tmp_path / "site", {"v": range(2)})
     argv = [str(tmp_path / "site"), "--out", str(tmp_path), "--size", "32", "--label", "0",
             "--clip-model", "none", "--overwrite"]
-    _expect_error(tmp_path, argv, "must not be the slice folder or one of its parents")
+    _expect_error(tmp_path, argv, "--out contains the input PATH")
 
 
 def test_full_zbin_coverage_with_29_plus_slices_per_volume_and_recursive(tmp_path):

@@ -18,6 +18,10 @@ target ``(i//2) mod n_tgt``; the length is ``2*max(n_src, n_tgt)`` (minus one wh
 volume (sorted ids, slices sorted by index), one domain, true masks (or all-False when a
 slice has none).
 
+Both check every slice file when they are built (format, finite values in [-1, 1], mask
+channels; :func:`check_slices`), so a bad file stops the run before any work, with a one-line
+error naming it, rather than hours into training.
+
 Items are dicts (the default collate stacks them): ``data`` (1, E, E), ``mask`` (C, ., .),
 ``weight`` (1, ., .), ``domain`` one-hot (2,) float32 ``[src, tgt]``, ``has_gt`` bool and
 ``index`` (position in the dataset; see :meth:`ImagesDataset.path`).
@@ -68,6 +72,12 @@ def read_slice(path: Path, label_nc: Optional[int]) -> Dict[str, np.ndarray]:
     if weight.ndim == 2:
         weight = weight[..., None]
     return {"data": data, "mask": mask, "weight": weight, "has_mask": np.asarray(has_mask)}
+
+
+def check_slices(paths: Sequence[Path], label_nc: Optional[int]) -> None:
+    """Read every slice once (:func:`read_slice`): the first bad file is an :class:`InputError` naming it."""
+    for path in paths:
+        read_slice(path, label_nc)
 
 
 def is_informative(sample: Dict[str, np.ndarray]) -> bool:
@@ -126,8 +136,7 @@ class ImagesDataset(Dataset):
             raise InputError("no training slices: give a source folder and/or a target folder")
         if target_unlabeled is not None and target_labeled is None:
             raise InputError(f"an unlabeled target folder needs a labeled one ({flags[1]})", target_unlabeled)
-        if self.source and label_nc is not None:
-            read_slice(self.source[0], label_nc)  # fail early on a channel mismatch
+        check_slices(self.source + unlabeled, label_nc)  # fail before any work on a bad file
         kept = [p for p in labeled if is_informative(read_slice(p, label_nc))]
         if one_target_slice:
             kept = middle_per_volume(kept)
@@ -194,6 +203,7 @@ class VolumeDataset(Dataset):
     def __init__(self, folder: Path, domain: int, transform=None, label_nc: Optional[int] = None,
                  invert_intensity: bool = False, flag: str = "--val_root"):
         self.paths = flag_folder_slices(folder, flag)
+        check_slices(self.paths, label_nc)  # fail before any work on a bad file
         self.domain = domain
         self.transform = transform
         self.label_nc = label_nc

@@ -29,7 +29,8 @@ Pipeline (:func:`preprocess`), per volume unless noted:
 7. with brain masks and ``brain_class`` (default) the mask layout is the original's [background,
    brain, label 1, label 2, ...]: label k becomes class k + 1, brain voxels without a label class 1
    (:func:`with_brain_class`); without ``brain_class`` the brain mask only selects slices;
-8. optional standardisation (x - mean) / (std + 1e-8) over the kept volume;
+8. optional standardisation (x - mean) / (std + 1e-8) over the kept volume (statistics and
+   arithmetic in float64, so that no intensity range overflows float32);
 9. intensity window: percentiles (default 0.1 / 99.9) of the train+val histogram
    (256 bins), each read as the upper edge of the bin where the cumulative count reaches it
    (as the original);
@@ -37,12 +38,20 @@ Pipeline (:func:`preprocess`), per volume unless noted:
     weight: 1 if the slice's weight is all ones else 0) or centre-crop to ``size``,
     one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`robustmedseg.data.slices`).
 
+Bad values (one rule each, see docs/bad-input.md): image voxels that are NaN or +-inf are
+repaired -- set to the volume's smallest finite value (background) with a ``warning:`` line
+counting them; an image without any finite voxel, and label, weight or brain-mask volumes with
+a NaN or inf voxel, are refused; an empty volume (a dimension of length 0) is refused.  No NaN
+is ever written (the slice format refuses it).
+
 Everything is written into a temporary folder that becomes ``out`` only when complete;
 ``out/metadata.json`` (schema in :mod:`MultiMedSeg.data.restore`) records what is needed
-to map predictions back onto the original NIfTI grid.
+to map predictions back onto the original NIfTI grid, and per volume a ``fingerprint`` of
+its slices that inference checks (:func:`slice_fingerprint`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,9 +66,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import nibabel as nib
 import numpy as np
 
-from robustmedseg.data.slices import one_hot, save_slice, slice_name
-from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir
+from robustmedseg.data.slices import data_digest, one_hot, save_slice, slice_name
+from robustmedseg.errors import InputError, warn
+from robustmedseg.io import atomic_dir, check_apart, check_new_output
 
 from .resample import resize_image, resize_labels  # noqa: F401  (re-exported)
 
@@ -168,13 +177,14 @@ def find_images(folder: Path, path_rule: str = "") -> List[Path]:
     from its start; :class:`InputError` when the folder is missing or nothing matches."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError("image folder does not exist", folder)
+        raise InputError("image folder does not exist" if not folder.exists() else "is a file; the image "
+                         "folder is expected here", folder)
     pattern = re.compile(path_rule)
     found: List[Path] = []
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders (temporaries) are skipped
         for name in sorted(files):
-            if is_nifti(name) and pattern.match(name):
+            if is_nifti(name) and pattern.match(name) and not name.startswith("."):
                 found.append(Path(root) / name)
     if not found:
         raise InputError(f"no .nii/.nii.gz file matching --path-rule {path_rule!r} found", folder)
@@ -310,18 +320,35 @@ def volume_shape(img: nib.Nifti1Image, path: Path) -> Tuple[int, int, int]:
         shape = shape[:-1]
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {shape}", path)
+    if min(shape) < 1:
+        raise InputError(f"empty volume (shape {shape})", path)
     return shape  # type: ignore[return-value]
 
 
-def read_array(img: nib.Nifti1Image, path: Path, flip_axis: Optional[int], dtype=np.float32) -> np.ndarray:
-    """Voxel array (3-D, float32 by default) with ``flip_axis`` reversed."""
+def read_array(img: nib.Nifti1Image, path: Path, flip_axis: Optional[int], dtype=np.float32,
+               nonfinite: str = "refuse", kind: str = "volume") -> np.ndarray:
+    """Voxel array (3-D, float32 by default) with ``flip_axis`` reversed.
+
+    NaN/inf voxels (also values beyond the float32 range): ``nonfinite='refuse'`` raises an
+    :class:`InputError` counting them (labels, weights, brain masks); ``'repair'`` sets them to
+    the smallest finite value of the volume, ``'warn'`` does the same and prints a ``warning:``
+    line counting them (images; an image without any finite voxel is refused).
+    """
     shape = volume_shape(img, path)
     try:
         array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as err:  # noqa: BLE001 - truncated data etc.
         raise InputError(f"cannot read voxel data: {err}", path) from None
-    if not np.all(np.isfinite(array)):
-        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        if nonfinite == "refuse" or bad == finite.size:
+            raise InputError(f"{kind} has {bad} of {finite.size} voxel(s) that are NaN or inf", path)
+        fill = float(array[finite].min())
+        array = np.where(finite, array, np.float32(fill))
+        if nonfinite == "warn":
+            warn(f"{bad} of {finite.size} voxel(s) are NaN or inf: set to the volume's smallest finite value "
+                 f"{fill:.6g}", path)
     if flip_axis is not None:
         array = np.flip(array, axis=flip_axis)
     return np.ascontiguousarray(array, dtype=dtype)
@@ -333,7 +360,7 @@ def read_labels(path: Path, shape: Sequence[int], flip_axis: Optional[int], num_
     img = load_nifti(path)
     if volume_shape(img, path) != tuple(shape):
         raise InputError(f"label shape {volume_shape(img, path)} differs from the image shape {tuple(shape)}", path)
-    values = read_array(img, path, flip_axis)
+    values = read_array(img, path, flip_axis, kind="label volume")
     labels = np.rint(values)
     if not np.allclose(values, labels, atol=1e-3) or labels.min() < 0:
         raise InputError("labels must be non-negative integers", path)
@@ -348,7 +375,7 @@ def read_weight(path: Path, shape: Sequence[int], flip_axis: Optional[int], kind
     img = load_nifti(path)
     if volume_shape(img, path) != tuple(shape):
         raise InputError(f"{kind} shape {volume_shape(img, path)} differs from the image shape {tuple(shape)}", path)
-    return read_array(img, path, flip_axis) > 0
+    return read_array(img, path, flip_axis, kind=kind) > 0
 
 
 def header_info(img: nib.Nifti1Image) -> dict:
@@ -575,8 +602,9 @@ def inspect_volume(src: VolumeSource, cfg: PreprocessConfig) -> VolumeInfo:
         read_weight(src.weight, shape, cfg.flip_axis)  # validate early
     if src.brain is not None:
         read_weight(src.brain, shape, cfg.flip_axis, kind="brain mask")
+    image = read_array(img, src.image, cfg.flip_axis, nonfinite="warn", kind="image")  # the one warning
     if cfg.crop:
-        box = union_with_labels(heuristic_crop(read_array(img, src.image, cfg.flip_axis)), labels)
+        box = union_with_labels(heuristic_crop(image), labels)
     else:
         box = [(0, n) for n in shape]
     spacing = [float(z) for z in img.header.get_zooms()[:3]]
@@ -598,7 +626,7 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
     """
     src = info.source
     img = load_nifti(src.image)
-    image = crop_array(read_array(img, src.image, cfg.flip_axis), info.crop)
+    image = crop_array(read_array(img, src.image, cfg.flip_axis, nonfinite="repair", kind="image"), info.crop)
     labels = crop_array(read_labels(src.label, info.shape, cfg.flip_axis, cfg.num_classes), info.crop) \
         if src.label else None
     weight = crop_array(read_weight(src.weight, info.shape, cfg.flip_axis), info.crop) if src.weight else None
@@ -625,9 +653,10 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
     brain = None if brain is None else brain[first:stop]
     if labels is not None and cfg.brain_masks is not None and cfg.brain_class:
         labels = with_brain_class(labels, brain)
-    mean, std = float(image.mean()), float(image.std())
+    # float64 statistics and arithmetic: a float32 sum of large intensities (e.g. 1e38) overflows
+    mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
     if cfg.standardize:
-        image = ((image - mean) / (std + 1e-8)).astype(np.float32)
+        image = ((image.astype(np.float64) - mean) / (std + 1e-8)).astype(np.float32)
     geometry = {
         "target_spacing": vol_target,
         "shape_after_resampling": [int(n) for n in new_shape],
@@ -645,14 +674,18 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
 
 def write_volume_slices(folder: Path, vid: str, image: np.ndarray, labels: Optional[np.ndarray],
                         weight: Optional[np.ndarray], cfg: PreprocessConfig, num_classes: Optional[int],
-                        window: Tuple[float, float]) -> Tuple[List[Path], List[List[int]]]:
-    """Normalise, pad/crop and write one volume's slices; return the paths and in-plane windows."""
+                        window: Tuple[float, float]) -> Tuple[List[Path], List[List[int]], str]:
+    """Normalise, pad/crop and write one volume's slices; return the paths, the in-plane windows and
+    the fingerprint of the middle slice (:func:`robustmedseg.data.slices.data_digest`)."""
     size = cfg.size
     windows = [inplane_window(image.shape[1], size), inplane_window(image.shape[2], size)]
     scaled = scale_to_unit(image, *window)
     paths = []
+    digest = ""
     for z in range(scaled.shape[0]):  # one slice at a time: memory stays at one volume
         data = fit_slices(scaled[z:z + 1], size, -1.0, windows)[0]
+        if z == scaled.shape[0] // 2:
+            digest = data_digest(data[:, :, None])
         mask = None
         if labels is not None and num_classes is not None:
             mask = one_hot(fit_slices(labels[z:z + 1], size, 0, windows)[0], num_classes)
@@ -663,7 +696,7 @@ def write_volume_slices(folder: Path, vid: str, image: np.ndarray, labels: Optio
         path = folder / slice_name(vid, z)
         save_slice(path, data[:, :, None], mask, slice_weight)
         paths.append(path)
-    return paths, [list(w) for w in windows]
+    return paths, [list(w) for w in windows], digest
 
 
 def split_folder(split: str, subset: Optional[str]) -> str:
@@ -674,8 +707,9 @@ def preprocess(cfg: PreprocessConfig, log=print) -> dict:
     """Run the whole pipeline; write ``cfg.out`` atomically and return the metadata dict."""
     cfg.check()
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out)
+    check_apart({"--out": out}, {"--images": cfg.images, "--labels": cfg.labels, "--weights": cfg.weights,
+                                 "--brain-masks": cfg.brain_masks})
+    check_new_output(out, cfg.overwrite)
     sources = discover_volumes(cfg)
     infos = [inspect_volume(src, cfg) for src in sources]
     labeled_ids = [i.source.id for i in infos if i.source.label is not None]
@@ -706,12 +740,9 @@ def preprocess(cfg: PreprocessConfig, log=print) -> dict:
     log(f"{len(infos)} volumes ({len(labeled_ids)} labeled): train {len(splits['train'])}, "
         f"val {len(splits['val'])}, test {len(splits['test'])}; target spacing {np.round(target, 4).tolist()}")
 
-    try:
-        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            meta = _run_passes(tmp, infos, cfg, target, num_classes, splits, labeled_train, log)
-            (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=1) + "\n")
-    except FileExistsError:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out) from None
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        meta = _run_passes(tmp, infos, cfg, target, num_classes, splits, labeled_train, log)
+        (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -754,9 +785,11 @@ def _run_passes(tmp: Path, infos: List[VolumeInfo], cfg: PreprocessConfig, targe
         image = np.load(work / f"{vid}.image.npy")
         labels = np.load(work / f"{vid}.labels.npy") if info.source.label else None
         weight = np.load(work / f"{vid}.weight.npy") if info.source.weight else None
-        paths, windows = write_volume_slices(tmp / folder_rel, vid, image, labels, weight, cfg, num_classes,
-                                             (low, high))
-        volumes[vid] = _volume_entry(info, windows, [f"{folder_rel}/{p.name}" for p in paths], cfg)
+        paths, windows, digest = write_volume_slices(tmp / folder_rel, vid, image, labels, weight, cfg,
+                                                     num_classes, (low, high))
+        slices = [f"{folder_rel}/{p.name}" for p in paths]
+        volumes[vid] = _volume_entry(info, windows, slices, cfg)
+        volumes[vid]["fingerprint"] = {"slice": slices[len(slices) // 2], "sha256": digest}
         log(f"  {info.split:5s} {vid}: {len(paths)} slices -> {folder_rel}/")
     shutil.rmtree(work)
     return {

@@ -32,7 +32,9 @@ version 1)::
           "shape_before_padding": [Z, X', Y'],     # Z = stop - first = number of slices
           "inplane_window": [[src, dst, n], [src, dst, n]],  # rows, cols: slice[dst:dst+n] = vol[src:src+n]
           "mean", "std": before standardisation, "min", "max": after,
-          "slices": ["test/<id>_slice000.npz", ...]   # relative to OUT, index order
+          "slices": ["test/<id>_slice000.npz", ...],  # relative to OUT, index order
+          "fingerprint": {"slice": "test/<id>_slice012.npz", "sha256": "<16 hex>"}  # the middle slice's
+                                         # data_digest; checked by check_slices_match
         }, ...
       }
     }
@@ -48,12 +50,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import nibabel as nib
 import numpy as np
 
-from robustmedseg.errors import InputError
+from robustmedseg.data.slices import data_digest, load_slice
+from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_path
 
 from .preprocessing import METADATA_FORMAT, METADATA_NAME, METADATA_VERSION
@@ -180,3 +183,47 @@ def volume_meta(meta: dict, vid: str, source: Optional[PathLike] = None) -> dict
         return meta["volumes"][vid]
     except KeyError:
         raise InputError(f"volume {vid!r} is not in the metadata", source) from None
+
+
+def check_slices_match(meta: dict, volumes: Mapping[str, Sequence[Path]], source: Optional[PathLike] = None) -> None:
+    """Refuse metadata that does not describe these slices (``{volume id: slice paths in index order}``).
+
+    Per volume: known to the metadata; the same slice file names as recorded (hence the same
+    count); slices of the metadata's ``size``; and, when the metadata has one (written since the
+    fingerprints exist), the fingerprint of the recorded slice equals
+    :func:`robustmedseg.data.slices.data_digest` of that file.  Another site's or another
+    preprocessing run's metadata fails one of these: a one-line :class:`InputError` naming
+    ``source`` (the metadata file).  Metadata without fingerprints gets a ``warning:``.
+    """
+    unchecked = []
+    for vid, paths in volumes.items():
+        vmeta = volume_meta(meta, vid, source)
+        recorded = [Path(name).name for name in vmeta.get("slices", [])]
+        names = [Path(p).name for p in paths]
+        if recorded and names != recorded:
+            raise InputError(f"volume {vid!r} has {len(names)} slice file(s) in {Path(paths[0]).parent} but the "
+                             f"metadata lists {len(recorded)} other(s) ({recorded[0]} ...): these slices are not "
+                             "the ones this metadata describes", source)
+        depth = vmeta["shape_before_padding"][0]
+        if len(names) != depth:
+            raise InputError(f"volume {vid!r} has {len(names)} slice file(s), the metadata {depth}", source)
+        by_name = {Path(p).name: Path(p) for p in paths}
+        fingerprint = vmeta.get("fingerprint")
+        if not fingerprint:
+            unchecked.append(vid)
+            probe = Path(paths[len(paths) // 2])
+        else:
+            probe = by_name.get(Path(fingerprint["slice"]).name)
+            if probe is None:
+                raise InputError(f"volume {vid!r}: its fingerprint slice {fingerprint['slice']} is missing", source)
+        data = load_slice(probe)["data"]
+        if "size" in meta and data.shape[0] != meta["size"]:
+            raise InputError(f"slices of volume {vid!r} are {data.shape[0]} px but the metadata says {meta['size']} "
+                             f"px ({probe})", source)
+        if fingerprint and data_digest(data) != fingerprint["sha256"]:
+            raise InputError(f"volume {vid!r}: {probe} is not the slice this metadata was written with "
+                             "(fingerprint differs): metadata of another site or another preprocessing run?",
+                             source)
+    if unchecked:
+        warn(f"no slice fingerprints in this metadata (written by an older version): {len(unchecked)} volume(s) "
+             "checked by names and sizes only", source)

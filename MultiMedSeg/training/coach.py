@@ -33,7 +33,7 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import predict_slices, volume_labels
 from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.training.options import options_to_dict
-from MultiMedSeg.training.setup import adaptation_model, check_exp_dir, create_exp_dir, pretrain_config
+from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
@@ -92,7 +92,9 @@ class Coach:
         self.use_amp = self.amp_dtype is not None
         seed_everything(opts.seed)
         configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
-        self.exp_dir = check_exp_dir(opts)
+        check_exp_dir(opts)
+        self.run = RunFolder(opts)  # nothing is created before the model and the data are ready
+        self.exp_dir = self.run.path  # where this run writes (a hidden temporary while replacing an old run)
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.global_step = 0
         self.best = ck.BestIndex(self.ckpt_dir, opts.n_best)
@@ -105,8 +107,12 @@ class Coach:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if opts.resume:
             self._resume()
-        create_exp_dir(opts)
-        ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+        self.run.open()
+        try:
+            ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+        except BaseException:
+            self.run.abandon()
+            raise
 
     # ---------------------------------------------------------------- building
     def _build_model(self) -> PSP:
@@ -253,6 +259,21 @@ class Coach:
                    disable=not sys.stderr.isatty())
         batches = self._batches()
         try:
+            self._loop(opts, bar, batches, last_val)
+        except BaseException:
+            note = self.run.abandon()
+            if note:
+                print(note, file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        self.run.commit()
+        return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
+
+    def _loop(self, opts: argparse.Namespace, bar, batches, last_val: Dict[str, float]) -> None:
+        try:
             while self.global_step < opts.max_steps:
                 logs = self.train_step(next(batches))
                 if self.global_step % opts.board_interval == 0:
@@ -265,22 +286,18 @@ class Coach:
                 final = self.global_step == opts.max_steps
                 validate = self.global_step % opts.val_interval == 0 or final
                 if validate:
-                    last_val = self.validate()
+                    last_val.clear()
+                    last_val.update(self.validate())
                 if self.global_step % opts.save_interval == 0 or final:
                     self.save_training_state(f"iteration_{self.global_step}.pt")  # also refreshes last.pt
                 elif validate:
                     self.save_training_state()
-        except KeyboardInterrupt:
-            if self.global_step > 0:
-                self.save_training_state()  # Ctrl-C: keep the progress for --resume
-                print(f"interrupted at step {self.global_step}; state saved to {self.ckpt_dir / ck.LAST_NAME}",
-                      file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
+            if self.global_step > 0 and self.run.keeps_progress:
+                self.save_training_state()  # keep the progress for --resume
+                print(f"interrupted at step {self.global_step}; state saved to "
+                      f"{self.run.final / 'checkpoints' / ck.LAST_NAME}", file=sys.stderr)
             raise
-        finally:
-            bar.close()
-            if self._writer is not None:
-                self._writer.close()
-        return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
 
     # ---------------------------------------------------------------- validation
     @torch.no_grad()

@@ -26,9 +26,16 @@ Determinism (§9.36): models run in ``eval()`` -- the generator uses its fixed n
 buffers and BatchNorm its running statistics (``bn_mode='running'``, the default), so the
 same inputs always give the same files, whatever the batch composition.
 
+Before any work, the test slices are checked against the metadata
+(:func:`MultiMedSeg.data.restore.check_slices_match`: every volume known, same slice files,
+same size, and the slice fingerprint preprocessing recorded), so another site's metadata is
+refused instead of restoring onto the wrong grid.
+
 With ground truth (the label path recorded in the metadata, or ``--labels DIR`` holding
 ``<id>.nii.gz``) a ``metrics.csv`` lists per volume, prediction and class the Dice and the
-95th-percentile and maximum Hausdorff distances in mm (voxel spacing from the affine).
+95th-percentile and maximum Hausdorff distances in mm (voxel spacing from the affine).  Volumes
+without a ground-truth file still get their predictions; a ``warning:`` line names them,
+``inference.json`` lists them under ``no_ground_truth`` and ``metrics.csv`` covers the others.
 """
 from __future__ import annotations
 
@@ -45,15 +52,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from MultiMedSeg.data.images_dataset import VolumeDataset
-from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta, write_nifti_like
+from MultiMedSeg.data.restore import check_slices_match, load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.metrics import volume_scores
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
-from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir
+from robustmedseg.errors import InputError, warn
+from robustmedseg.io import atomic_dir, check_new_output
 
 BRANCHES = ("intra", "inter", "pred")
 
@@ -95,17 +102,22 @@ def spacing_from_affine(affine: Sequence[Sequence[float]]) -> Tuple[float, float
     return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
-def ground_truth_path(vid: str, meta: Mapping[str, Any], labels_dir: Optional[Path]) -> Optional[Path]:
-    """``--labels DIR/<id>.nii[.gz]`` if given (must exist), else the metadata's label path, else None."""
+def ground_truth_path(vid: str, meta: Mapping[str, Any], labels_dir: Optional[Path]) -> Tuple[Optional[Path], str]:
+    """``(path, "")`` of the ground truth -- ``--labels DIR/<id>.nii[.gz]`` if given, else the
+    metadata's label path -- or ``(None, why)`` when there is none."""
     if labels_dir is not None:
+        if not labels_dir.is_dir():
+            raise InputError("ground-truth folder not found (given by --labels)", labels_dir)
         for name in (f"{vid}.nii.gz", f"{vid}.nii"):
             if (labels_dir / name).is_file():
-                return labels_dir / name
-        raise InputError(f"no ground-truth file {vid}.nii.gz for test volume {vid!r} (given by --labels)", labels_dir)
+                return labels_dir / name, ""
+        return None, f"no {vid}.nii.gz in {labels_dir}"
     label = meta.get("label")
-    if label and Path(label).is_file():
-        return Path(label)
-    return None
+    if not label:
+        return None, "no label file at preprocessing"
+    if not Path(label).is_file():
+        return None, f"{label} not found"
+    return Path(label), ""
 
 
 def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
@@ -115,6 +127,10 @@ def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
         raise InputError(f"cannot read ground-truth NIfTI ({err})", path) from None
     if arr.shape != tuple(shape):
         raise InputError(f"ground truth has shape {arr.shape}, the test volume {tuple(shape)}", path)
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(f"ground truth has {bad} voxel(s) that are NaN or inf", path)
     return np.rint(arr).astype(np.int64)
 
 
@@ -202,12 +218,12 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     meta = load_metadata(opts.metadata)
     dataset = VolumeDataset(opts.test_root, domain, eval_transform(config.encoder_input_size),
                             label_nc=config.label_nc, invert_intensity=config.invert_intensity, flag="--test_root")
-    for vid in dataset.volumes:  # fail before any work when a volume is unknown
-        volume_meta(meta, vid, opts.metadata)
-    if opts.exp_dir.exists() and not opts.overwrite:
-        raise InputError("output folder already exists (pass --overwrite to replace it)", opts.exp_dir)
+    check_slices_match(meta, {vid: [dataset.paths[i] for i in idx] for vid, idx in dataset.volumes.items()},
+                       opts.metadata)  # fail before any work when the metadata describes other slices
+    check_new_output(opts.exp_dir, opts.overwrite)
     rows: List[Dict[str, Any]] = []
     written: List[str] = []
+    no_gt: Dict[str, str] = {}
     with atomic_dir(opts.exp_dir, overwrite=opts.overwrite) as out_dir:
         for vid, idx in dataset.volumes.items():
             vmeta = volume_meta(meta, vid, opts.metadata)
@@ -222,8 +238,10 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                 trans = translation_volume(pred, opts.mask_outside_weight)
                 image = restore_volume(trans, vmeta, kind="image").astype(np.float32)
                 written.append(str(write_nifti_like(image, vmeta, out_dir / f"{vid}_trans.nii.gz").name))
-            gt_path = ground_truth_path(vid, vmeta, opts.labels)
-            if gt_path is not None:
+            gt_path, why = ground_truth_path(vid, vmeta, opts.labels)
+            if gt_path is None:
+                no_gt[vid] = why
+            else:
                 gt = read_ground_truth(gt_path, vmeta["shape"])
                 spacing = spacing_from_affine(vmeta["affine"])
                 for branch, vol in restored.items():
@@ -243,12 +261,18 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
         ck.write_json(out_dir / "inference.json", {
             "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
-            "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written})
+            "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written,
+            "no_ground_truth": no_gt})
+    if no_gt:
+        scored = len(dataset.volumes) - len(no_gt)
+        warn(f"no ground truth for {len(no_gt)} of {len(dataset.volumes)} test volume(s) ("
+             + "; ".join(f"{vid}: {why}" for vid, why in no_gt.items()) + "): predictions written, "
+             + (f"metrics.csv covers the other {scored}" if scored else "no metrics.csv"), opts.exp_dir)
     summary = summarize(rows, "pred" if inter else "intra")
     if summary:
         log(summary["line"])
     return {"volumes": list(dataset.volumes), "files": written, "rows": rows, "summary": summary,
-            "n_checkpoints": len(models)}
+            "n_checkpoints": len(models), "no_ground_truth": no_gt}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], branch: str) -> Dict[str, Any]:

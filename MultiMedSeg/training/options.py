@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from robustmedseg.errors import CliParser, InputError
+from robustmedseg.io import check_apart
 
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
                   "--stylegan_weights final_global_model.pt --only_intra --src_label 0")
@@ -238,7 +239,16 @@ def _apply_config(parser: _Parser, argv: Optional[Sequence[str]]) -> None:
 
 def parse(parser: _Parser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _apply_config(parser, argv)
-    return parser.parse_args(argv)
+    opts = parser.parse_args(argv)
+    opts._path_flags = [a.dest for a in parser._actions if a.type is Path]
+    return opts
+
+
+def check_exp_dir_apart(opts: argparse.Namespace) -> None:
+    """``--exp_dir`` may not be, contain or lie inside any input path of the command (every other
+    path option: data folders, checkpoints, weights, metadata, the config file)."""
+    inputs = {f"--{name}": getattr(opts, name) for name in opts._path_flags if name != "exp_dir"}
+    check_apart({"--exp_dir": opts.exp_dir}, inputs)
 
 
 def _subfolder(root: Path, *names: str) -> Optional[Path]:
@@ -311,6 +321,7 @@ def parse_training_options(argv: Optional[Sequence[str]], mode: str) -> argparse
     if opts.label_nc < 2:
         raise InputError("--label_nc must be >= 2 (background + at least one class)")
     _check_class_weights(opts)
+    check_exp_dir_apart(opts)
     if opts.save_interval is None:
         opts.save_interval = opts.max_steps
     if opts.no_amp:
@@ -331,6 +342,7 @@ def parse_inference_options(argv: Optional[Sequence[str]]) -> argparse.Namespace
         raise InputError("--ensemble_size must be >= 1")
     if len(opts.ensemble_weights) != 2 or min(opts.ensemble_weights) < 0 or sum(opts.ensemble_weights) <= 0:
         raise InputError("--ensemble_weights needs two non-negative numbers (inter, intra) with a positive sum")
+    check_exp_dir_apart(opts)
     return opts
 
 
@@ -338,6 +350,8 @@ def options_to_dict(opts: argparse.Namespace) -> Dict[str, Any]:
     """JSON/``weights_only``-safe dict of the options (paths as strings)."""
     out: Dict[str, Any] = {}
     for key, value in vars(opts).items():
+        if key.startswith("_"):
+            continue
         if isinstance(value, Path):
             value = str(value)
         elif isinstance(value, (list, tuple)):

@@ -1,6 +1,7 @@
 """Set-up of a phase-2 run, before the training loop (:class:`MultiMedSeg.training.coach.Coach`).
 
-* the experiment-folder policy: :func:`check_exp_dir` (no side effects) and :func:`create_exp_dir`;
+* the experiment-folder policy: :func:`check_exp_dir` (no side effects) and :class:`RunFolder`
+  (where the run writes, and what is left when it ends);
 * the model of a pretraining run: :func:`pretrain_config` (generator geometry from the phase-1 file,
   read by :func:`robustmedseg.federation.export.read_factory_file`, the rest from the flags);
 * the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
@@ -14,13 +15,13 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError
 from robustmedseg.federation.export import read_factory_file
-from robustmedseg.io import load_torch_file
+from robustmedseg.io import clean_stale_temporaries, load_torch_file, replace_dir, temp_sibling
 
 
 def check_exp_dir(opts: argparse.Namespace) -> Path:
@@ -38,13 +39,62 @@ def check_exp_dir(opts: argparse.Namespace) -> Path:
     return exp
 
 
-def create_exp_dir(opts: argparse.Namespace) -> Path:
-    """Create ``--exp_dir`` (an old run is removed only now, once the new one has been set up)."""
-    exp = Path(opts.exp_dir)
-    if exp.exists() and opts.overwrite and not opts.resume:
-        shutil.rmtree(exp)
-    (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return exp
+class RunFolder:
+    """The folder a phase-2 run writes to, and what is left of it when the run ends.
+
+    * a new run (``--exp_dir`` absent) writes into ``--exp_dir``; if it fails or is interrupted
+      before a resumable state (``checkpoints/last.pt``) was saved, the folder is removed, so
+      nothing blocks the rerun; with a saved state it stays for ``--resume``;
+    * ``--overwrite`` of an existing run writes into a hidden sibling temporary
+      (:func:`robustmedseg.io.temp_sibling`) that replaces the old run only when the new one
+      completes; on a failure or an interruption the temporary is removed and the old run is
+      left as it was;
+    * ``--resume`` writes into ``--exp_dir`` and leaves it as it is on a failure.
+    """
+
+    def __init__(self, opts: argparse.Namespace):
+        self.final = Path(opts.exp_dir)
+        if opts.resume:
+            self.mode, self.path = "resume", self.final
+        elif self.final.exists():
+            self.mode, self.path = "replace", temp_sibling(self.final, "new")
+        else:
+            self.mode, self.path = "new", self.final
+        self.opened = False
+
+    def open(self) -> Path:
+        """Create the folder (and ``checkpoints/``); returns it."""
+        if self.mode == "replace":
+            clean_stale_temporaries(self.final)
+        elif self.mode == "new" and self.final.exists():
+            raise InputError("experiment folder appeared while this run was being set up", self.final)
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.opened = True
+        return self.path
+
+    def commit(self) -> None:
+        """The run completed: a replacement run takes the place of the old one now."""
+        if self.mode == "replace" and self.opened:
+            replace_dir(self.path, self.final)
+
+    def abandon(self) -> Optional[str]:
+        """The run failed or was interrupted: remove what cannot be resumed; returns a note for the user."""
+        if not self.opened:
+            return None
+        if self.mode == "replace":
+            shutil.rmtree(self.path, ignore_errors=True)
+            return f"the new run was discarded; the previous run in {self.final} is unchanged"
+        if self.mode == "new":
+            if (self.path / "checkpoints" / ck.LAST_NAME).is_file():
+                return f"the run in {self.final} keeps its last saved state: --resume continues it"
+            shutil.rmtree(self.path, ignore_errors=True)
+            return f"removed the incomplete run folder {self.final} (nothing to resume yet)"
+        return None
+
+    @property
+    def keeps_progress(self) -> bool:
+        """Whether a state saved now survives :meth:`abandon` (False while replacing an old run)."""
+        return self.mode != "replace"
 
 
 def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> None:

@@ -16,6 +16,19 @@ MODEL_KEYS = ("size", "style_dim", "n_mlp", "n_domains", "channel_multiplier", "
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # StyleGAN2's G_ema half-life: 10k images at batch 32
 
+MIN_SIZE, MAX_SIZE = 16, 1024  # image sizes the generator/discriminator pyramid supports
+
+
+def check_image_size(size: int) -> None:
+    """The one image-size rule of the data factory (ValueError): a power of two in [16, 1024].
+
+    Used by ``model.Generator``/``Discriminator``, by :class:`FactoryConfig` (``train.py --size``)
+    and by ``prepare_data.py --size``, so a size training would refuse is refused at preparation.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIZE or size > MAX_SIZE \
+            or size & (size - 1):
+        raise ValueError(f"size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+
 
 @dataclass
 class FactoryConfig:
@@ -72,8 +85,7 @@ class FactoryConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.size < 8 or self.size & (self.size - 1):
-            raise ValueError(f"size must be a power of two >= 8, got {self.size}")
+        check_image_size(self.size)
         for name in ("style_dim", "n_mlp", "n_domains", "n_zbins", "clip_dim", "path_batch_shrink",
                      "d_reg_every", "g_reg_every", "ada_every", "ada_length", "n_sample", "sample_every",
                      "log_every"):

@@ -25,7 +25,7 @@ import torch
 from robustmedseg.errors import InputError
 from robustmedseg.factory.config import MODEL_KEYS, FactoryConfig
 from robustmedseg.factory.network import split_state_dict
-from robustmedseg.io import load_torch_file, strip_module_prefix
+from robustmedseg.io import first_nonfinite, load_torch_file, strip_module_prefix
 
 FILE_WHAT = "phase-1 generator file"
 # canonical name -> other names found in ``args`` of files written by the original code
@@ -52,8 +52,8 @@ def find_breakpoint(researcher_root: Optional[Path], breakpoint: Optional[Path])
             raise InputError("breakpoint folder not found", base)
     try:
         folder, state_file = find_breakpoint_path(str(base), None if breakpoint is None else str(breakpoint))
-    except (FileNotFoundError, OSError) as err:
-        raise InputError(f"no breakpoint found ({err})", base) from err
+    except Exception as err:  # noqa: BLE001 - OSError, FedbiomedError...: no usable breakpoint there
+        raise InputError(f"no breakpoint found ({' '.join(str(err).split()) or type(err).__name__})", base) from None
     return Path(folder), Path(folder) / state_file
 
 
@@ -63,8 +63,10 @@ def load_breakpoint_params(breakpoint: Path, state_file: Path) -> Tuple[Dict[str
 
     try:
         state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read breakpoint state: {err}", state_file) from err
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read breakpoint state: {err}", state_file) from None
+    if not isinstance(state, dict):
+        raise InputError("breakpoint state is not a JSON object", state_file)
     weights = state.get("model_weights_path")
     if not weights:
         raise InputError("breakpoint has no model_weights_path", state_file)
@@ -75,14 +77,29 @@ def load_breakpoint_params(breakpoint: Path, state_file: Path) -> Tuple[Dict[str
         path = breakpoint / Path(weights).name
     if not path.is_file():
         raise InputError("breakpoint parameter file not found", weights)
-    params = Serializer.load(str(path))
-    return {k: torch.as_tensor(v).detach().cpu().clone() for k, v in params.items()}, state
+    try:
+        params = Serializer.load(str(path))
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{type(params).__name__}, not a parameter dict")
+        tensors = {str(k): torch.as_tensor(v).detach().cpu().clone() for k, v in params.items()}
+    except Exception as err:  # noqa: BLE001 - msgpack/Fed-BioMed errors of a truncated or foreign file
+        msg = " ".join(str(err).split())[:200] or type(err).__name__
+        raise InputError(f"cannot read breakpoint parameters (truncated or corrupt file? {msg})", path) from None
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise InputError(f"breakpoint parameters hold NaN or inf (in {bad}): the federated training diverged",
+                         path)
+    return tensors, state
 
 
 def build_export(params: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Dict[str, Any]:
     """The ``final_global_model.pt`` dict (see module docstring)."""
-    cfg = FactoryConfig.from_model_args(state.get("model_args") or {})
-    nets = split_state_dict(params)
+    try:
+        cfg = FactoryConfig.from_model_args(state.get("model_args") or {})
+        nets = split_state_dict(params)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"breakpoint does not hold a data factory ({' '.join(str(err).split())[:200]})",
+                         state.get("model_weights_path", "breakpoint")) from None
     args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     meta = {"experiment_id": str(state.get("id", "")), "round": int(state.get("round_current", 0)),
             "run_id": cfg.run_id}
