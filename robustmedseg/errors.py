@@ -83,10 +83,16 @@ def _install_signal_handlers() -> None:
             return
 
 
+def _out_of_memory(message: str) -> bool:
+    """A torch allocation failure (CPU: a RuntimeError from the allocator; CUDA: OutOfMemoryError)."""
+    return "can't allocate memory" in message or "out of memory" in message.lower()
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main(argv)`` as a command: the project's error and interruption policy.
 
-    * :class:`InputError` and :class:`OSError` -> one line ``error: <file>: <problem>`` on stderr, exit 2;
+    * :class:`InputError` and :class:`OSError` -> one line ``error: <file>: <problem>`` on stderr, exit 2
+      (:class:`MemoryError` too: ``error: out of memory (...)``);
     * Ctrl-C, SIGTERM, SIGHUP -> ``interrupted (<signal>)``, exit 128 + signal number, after the
       ``finally`` blocks have removed the temporary outputs.
     """
@@ -98,6 +104,13 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         raise SystemExit(2)
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        raise SystemExit(2)
+    except (MemoryError, RuntimeError) as err:  # e.g. a size flag far too large for this machine
+        detail = " ".join(str(err).split())
+        if isinstance(err, RuntimeError) and not _out_of_memory(detail):
+            raise
+        detail = detail.split("DefaultCPUAllocator: ")[-1][:200]
+        print(f"error: out of memory{f' ({detail})' if detail else ''}; check the size options", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt as err:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT

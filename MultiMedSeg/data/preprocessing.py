@@ -78,6 +78,8 @@ METADATA_VERSION = 1
 SPLITS = ("train", "val", "test")
 RULE_FIELDS = {"name", "id", "ext"}
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+MAX_SLICE_SIZE = 4096  # the generator stops at 1024 px; larger slices can only be a typo
+MAX_CLASSES = 256
 
 
 # --------------------------------------------------------------------------- configuration
@@ -114,8 +116,8 @@ class PreprocessConfig:
 
     def check(self) -> None:
         """Raise :class:`InputError` for inconsistent options (before any work)."""
-        if self.size < 4:
-            raise InputError(f"--size must be >= 4, got {self.size}")
+        if not 4 <= self.size <= MAX_SLICE_SIZE:
+            raise InputError(f"--size must be in [4, {MAX_SLICE_SIZE}], got {self.size}")
         for name in ("val_frac", "test_frac"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -124,9 +126,11 @@ class PreprocessConfig:
             raise InputError("--val-frac + --test-frac must be < 1")
         if self.labeled_train is not None and (self.labeled_train < 0 or self.labels is None):
             raise InputError("--labeled-train needs --labels and a count >= 0")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise InputError(f"--num-classes counts the background and must be >= 2, got {self.num_classes}")
-        if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+        if self.num_classes is not None and not 2 <= self.num_classes <= MAX_CLASSES:
+            raise InputError(f"--num-classes counts the background and must be in [2, {MAX_CLASSES}], "
+                             f"got {self.num_classes}")
+        if self.target_spacing is not None and (len(self.target_spacing) != 3 or not all(
+                math.isfinite(v) and v > 0 for v in self.target_spacing)):
             raise InputError(f"--target-spacing needs 3 positive numbers, got {self.target_spacing}")
         if self.flip_axis not in (None, 0, 1, 2):
             raise InputError(f"--flip-axis must be 0, 1 or 2, got {self.flip_axis}")
@@ -608,8 +612,10 @@ def inspect_volume(src: VolumeSource, cfg: PreprocessConfig) -> VolumeInfo:
     else:
         box = [(0, n) for n in shape]
     spacing = [float(z) for z in img.header.get_zooms()[:3]]
-    if min(spacing) <= 0:
-        raise InputError(f"non-positive voxel spacing {spacing} in the header", src.image)
+    if not all(math.isfinite(z) and z > 0 for z in spacing):
+        raise InputError(f"voxel spacing {spacing} in the header is not positive and finite", src.image)
+    if not np.isfinite(np.asarray(img.affine, dtype=np.float64)).all():
+        raise InputError("the header's affine holds NaN or inf", src.image)
     return VolumeInfo(source=src, shape=shape, spacing=spacing, header=header_info(img), crop=box,
                       label_max=int(labels.max()) if labels is not None else 0)
 

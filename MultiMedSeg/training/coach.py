@@ -236,8 +236,10 @@ class Coach:
         self.optimizer_seg.zero_grad(set_to_none=True)
         with self._autocast():
             loss, logs, out = (self.intra_loss if intra else self.inter_loss)(b, fs)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite training loss at step {self.global_step}: {logs}")
+        if not torch.isfinite(loss):  # the slices are checked finite: the settings made training diverge
+            raise InputError(f"training diverged: non-finite loss at step {self.global_step} "
+                             f"({', '.join(f'{k} {v:.3g}' for k, v in logs.items())}); lower --learning_rate / "
+                             "--head_learning_rate or check the loss weights", self.run.final)
         self._step_optimizers(loss)
         self._last = (b, out.detach())
         prefix = "" if intra else "inter_"

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -241,7 +243,36 @@ def parse(parser: _Parser, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     _apply_config(parser, argv)
     opts = parser.parse_args(argv)
     opts._path_flags = [a.dest for a in parser._actions if a.type is Path]
+    _check_numbers(opts, parser)
     return opts
+
+
+# lowest accepted value of the integer options (default 1); the domain ids are checked against the generator
+_MAX_WORKERS = 4 * (os.cpu_count() or 1)  # DataLoader processes: more can only exhaust the machine
+_INT_MIN = {"seed": 0, "workers": 0, "test_workers": 0, "src_label": 0, "tgt_label": 0, "label_nc": 2}
+
+
+def _check_numbers(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every number option: finite, floats >= 0, integers >= their minimum (one-line errors)."""
+    for action in parser._actions:
+        value = getattr(opts, action.dest, None)
+        if value is None or action.type not in (int, float, _floats):
+            continue
+        flag = f"--{action.dest}"
+        numbers = value if isinstance(value, list) and action.type is _floats else [value]
+        if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers) or \
+                (action.type is int and not isinstance(value, int)):
+            raise InputError(f"{flag} must be {'an integer' if action.type is int else 'a number'}, got {value!r}")
+        if action.type is int:
+            low = _INT_MIN.get(action.dest, 1)
+            high = {"seed": 2**32 - 1, "workers": _MAX_WORKERS, "test_workers": _MAX_WORKERS}.get(action.dest)
+            if value < low or (high is not None and value > high):
+                raise InputError(f"{flag} must be in [{low}, {high}], got {value}" if high is not None else
+                                 f"{flag} must be >= {low}, got {value}")
+            continue
+        for number in numbers:
+            if not math.isfinite(number) or number < 0:
+                raise InputError(f"{flag} must be a finite number >= 0, got {number}")
 
 
 def check_exp_dir_apart(opts: argparse.Namespace) -> None:

@@ -173,8 +173,9 @@ def check_options(opts: PrepareOptions) -> None:
             raise InputError(f"--size {size}: {err} (train.py would refuse it)") from None
     if opts.resample is not None and opts.resample not in RESAMPLE_METHODS:
         raise InputError(f"--resample must be one of {', '.join(RESAMPLE_METHODS)}, got '{opts.resample}'")
-    if opts.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {opts.workers}")
+    if not 0 <= opts.workers <= 4 * (os.cpu_count() or 1):
+        raise InputError(f"--workers must be in [0, {4 * (os.cpu_count() or 1)}] (4 x the CPU count), "
+                         f"got {opts.workers}")
     if opts.clip_batch < 1:
         raise InputError(f"--clip-batch must be >= 1, got {opts.clip_batch}")
     clip_file = opts.clip_pretrained if opts.clip_model and opts.clip_pretrained and \
