@@ -84,7 +84,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--secagg-clip", "--secagg_clip", dest="secagg_clip", type=float, default=None,
         help="with --secagg: largest change of one stored weight during one round that is represented "
              "(larger changes are clipped, reported as secagg_clipped); precision of the average: clip/8192 "
-             "per round (default 1.0; measured max change after 2000 updates: 0.52)")
+             "per round (default 2.0 = lr x steps per network of a 2000-update round; measured max 0.74)")
 
     group[0] = p.add_argument_group("model, losses and augmentation (architecture flags are fixed by the first run)")
     add("--size", type=int, default=512, help="image size (paper: 512; the LMDBs must contain it)")

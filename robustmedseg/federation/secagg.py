@@ -17,8 +17,9 @@ What a node encodes (node side, :class:`NodeRound`):
 * why the change and not the weights: the stored weights of the mapping network are
   N(0, 1)/lr_mlp, i.e. up to ~±500, the others ~±5 (equalised learning rate), so one clipping
   range over the weights would leave a resolution of ~0.12 on weights of unit scale; a change
-  during one round is bounded by the optimiser (measured: max 0.52 after 2000 updates, BENCHMARKS.md)
-  whatever the weight's scale.
+  during one round is bounded by the optimiser whatever the weight's scale: Adam (beta1 = 0) moves
+  a value by about lr per step, so by ~lr x (steps of its network) per round, 2.0 for the paper's
+  2000-update rounds (:data:`DEFAULT_CLIP`); measured max 0.74 at 32 px, BENCHMARKS.md.
 
 Aggregation weights: Fed-BioMed's secure sum multiplies each node's integers by the sample count
 the node reports and divides by their total. The method averages nodes uniformly (as the plain
@@ -48,7 +49,7 @@ TARGET_RANGE = int(SAParameters.TARGET_RANGE)
 #: clipping range handed to Fed-BioMed (an integer); ours is applied by scaling before
 FBM_CLIPPING_RANGE = 1
 #: default clipping range of the per-round change of one stored parameter (``--secagg-clip``)
-DEFAULT_CLIP = 1.0
+DEFAULT_CLIP = 2.0
 #: what a Fed-BioMed 6.4.1 node replies when its secure-aggregation setting and the request disagree
 NODE_REFUSAL = "Could not configure secure aggregation on node"
 WEIGHTINGS = ("uniform", "samples")
