@@ -258,7 +258,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.md:
         cmd = "python bench/secagg.py " + " ".join(sys.argv[1:])
-        text = "## Phase 1: secure aggregation (bench/secagg.py)\n\n" + "\n".join(f"- {ln}" for ln in lines)
+        text = "## Phase 1: secure aggregation (`bench/secagg.py`)\n\n" + "\n".join(f"- {ln}" for ln in lines)
         text += f"\n\nCommand: `OMP_NUM_THREADS={args.threads} {cmd}`\n"
         with open(args.md, "a") as handle:
             handle.write(text + "\n")
