@@ -114,13 +114,16 @@ def test_secure_aggregation_schedule_privacy_and_refusal(federation, tmp_path):
                     "--keep-breakpoints", "0")
     assert secure.returncode == 0, secure.stderr[-3000:]
     assert "secure aggregation: LOM" in secure.stdout and "round 2/2" in secure.stdout
-    resumed = _train(fed, secure_dir, "--resume", "--rounds", "3", "--min-nodes", "3", "--keep-breakpoints", "0")
+    # a stage-2-like resume: new schedule flags, secure aggregation kept from the breakpoint
+    resumed = _train(fed, secure_dir, "--resume", "--rounds", "3", "--num_updates_per_round", "4", "--min-nodes", "3",
+                     "--keep-breakpoints", "0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed experiment" in resumed.stdout and "round 3/3" in resumed.stdout
     assert "secure aggregation: LOM" in resumed.stdout  # kept from the breakpoint
 
     info = json.loads((secure_dir / "run.json").read_text())
     assert info["round_current"] == 3 and info["secagg"]["active"] and info["secagg"]["weighting"] == "uniform"
+    assert info["training_args"]["num_updates"] == 4
     assert all(len(info["sampled"][r]) == 2 for r in ("0", "1", "2"))
     assert forced_id in info["sampled"]["1"] or forced_id in info["sampled"]["2"]  # the forced node trained
     # a new Diffie-Hellman key set for every round here: new node set in rounds 2 and 3, resume in 3
