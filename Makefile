@@ -1,10 +1,11 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv when missing.
+# Two entry points (see README): `make demo` and `make test` (`make test-fast` skips the slow tests).
+# All create .venv when missing.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test test-fast bench clean-venv
 
 venv: $(STAMP)
 
@@ -24,12 +25,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
+# The edit-test loop: every test not marked slow (no Fed-BioMed federation, no whole demo).
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Benchmarks are modules of the bench/ folder, run from the repository root.
 bench: $(STAMP)
-	$(PY) bench/ops.py
-	$(PY) bench/model.py
-	$(PY) bench/train_step.py
-	$(PY) bench/generate.py
-	$(PY) bench/federation.py
+	$(PY) -m bench.bench_ops
+	$(PY) -m bench.bench_model
+	$(PY) -m bench.bench_train_step
+	$(PY) -m bench.bench_generate
+	$(PY) -m bench.bench_federation
 
 clean-venv:
 	rm -rf $(VENV)

@@ -40,8 +40,9 @@ entries past its end count as ``None``, and a non-``None`` entry at an invalid i
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,12 @@ def channel_table(size: int, channel_multiplier: int = 2, channel_cap: Optional[
             break
         table[res] = ch if channel_cap is None else min(ch, channel_cap)
     return table
+
+
+def _constructor_args(cls: type, args: Mapping[str, Any]) -> Dict[str, Any]:
+    """The entries of ``args`` that are parameters of ``cls.__init__`` (others are ignored)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in args.items() if k in params and k != "self"}
 
 
 def _log2_size(size: int) -> int:
@@ -470,6 +477,13 @@ class Generator(nn.Module):
             self.to_rgbs.append(ToRGB(out_ch, style_dim, blur_kernel=blur_kernel))
             in_ch = out_ch
 
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "Generator":
+        """Build from constructor arguments given by name: the ``args`` of ``final_global_model.pt``
+        or ``FactoryConfig.model_kwargs()``.  Keys that are not parameters are ignored, missing ones
+        take their defaults (``size`` is required)."""
+        return cls(**_constructor_args(cls, args))
+
     # -- conditioning / mapping ---------------------------------------------------------------
     @property
     def _device(self) -> torch.device:
@@ -709,6 +723,11 @@ class Discriminator(nn.Module):
         self.final_conv = ConvLayer(in_ch + 1, ch[4], 3)
         self.final_linear = nn.Sequential(EqualLinear(ch[4] * 4 * 4, ch[4], activation="fused_lrelu"),
                                           EqualLinear(ch[4], style_dim))
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "Discriminator":
+        """Build from constructor arguments given by name (as :meth:`Generator.from_args`)."""
+        return cls(**_constructor_args(cls, args))
 
     def condition(self, domains: Union[int, Sequence[int], Tensor],
                   zbins: Union[int, Sequence[int], Tensor]) -> Tensor:

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import CliParser, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--researcher-dir", dest="researcher_dir", type=Path, default=None,
                    help="researcher component whose latest breakpoint is exported "
                         "(default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher)")

@@ -12,7 +12,6 @@ and writes ``generator_grid.png`` (domains x z-bins from the global generator), 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}
@@ -93,19 +92,11 @@ def _save_fig(fig, path: Path) -> Path:
 
 def load_generator(path: Path):
     """``g_ema`` of a ``final_global_model.pt`` as a ``model.Generator`` in eval mode."""
-    import torch
-
-    from model import Generator
+    from robustmedseg.federation.export import load_factory_file
 
     if not path.is_file():
         raise InputError("global model not found (did the federated stage run?)", path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    a = ckpt["args"]
-    g = Generator(a["size"], style_dim=a["style_dim"], n_mlp=a["n_mlp"], n_domains=a["n_domains"],
-                  channel_multiplier=a["channel_multiplier"], n_zbins=a["n_zbins"], clip_dim=a["clip_dim"],
-                  channel_cap=a.get("channel_cap"))
-    g.load_state_dict(ckpt["g_ema"])
-    return g.eval()
+    return load_factory_file(path)[0]
 
 
 def generator_grid(out: Path, png: Path, n_cols: int = 8, n_z: int = 2, seed: int = 0) -> Path:
@@ -284,8 +275,8 @@ Logs of every stage (with the exact commands run): `logs/<stage>.log`.
     return out / "REPORT.md"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo.report", description="Write OUT/REPORT.md and its figures "
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m demo.report", description="Write OUT/REPORT.md and its figures "
                                 "from the outputs of a demo run (python -m demo.run).")
     p.add_argument("--out", type=Path, required=True, help="the demo output folder")
     p.add_argument("--target", type=int, default=2, help="target site of the adaptation (default 2)")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
 from demo.stages import DEFAULT, QUICK, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
 MARKERS = ".stages"
@@ -45,8 +45,8 @@ class StageFailed(Exception):
         self.stage, self.log, self.status = stage, log, status
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> CliParser:
+    p = CliParser(
         prog="python -m demo.run",
         description="Run the whole pipeline (phantom -> federated data factory -> segmentation pretraining -> "
                     "synthetic volumes -> adaptation -> inference -> REPORT.md) on the embedded phantom data "

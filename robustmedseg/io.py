@@ -1,4 +1,11 @@
-"""Atomic file and folder writes: nothing half-written is ever left at the final path."""
+"""File helpers shared by every phase.
+
+* atomic writes (:func:`atomic_path`, :func:`atomic_dir`, :func:`save_torch_atomic`,
+  :func:`write_text_atomic`): nothing half-written is ever left at the final path;
+* :func:`load_torch_file`: the one way to read a ``.pt`` file (``weights_only=True``, a one-line
+  :class:`~robustmedseg.errors.InputError` naming the file when it is missing or unreadable);
+* :func:`strip_module_prefix`: state-dict keys without DataParallel's ``module.`` prefix.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Dict, Iterator, Mapping, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,3 +87,31 @@ def save_torch_atomic(obj, path: PathLike) -> None:
 def write_text_atomic(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def load_torch_file(path: PathLike, what: str = "file", mapping: bool = False) -> Any:
+    """``torch.load(path, map_location='cpu', weights_only=True)``; never unpickles code.
+
+    ``what`` names the file in the messages (e.g. ``"phase-2 checkpoint"``).  A missing file, a
+    corrupt or foreign pickle, or (with ``mapping``) content that is not a dict is an
+    :class:`~robustmedseg.errors.InputError` naming the file, in one line.
+    """
+    import torch
+
+    from robustmedseg.errors import InputError
+
+    if not os.path.isfile(path):
+        raise InputError(f"{what} not found", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad or foreign file
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise InputError(f"cannot read {what} ({type(err).__name__}: {first})", path) from None
+    if mapping and not isinstance(payload, Mapping):
+        raise InputError(f"{what} is not a dict payload", path)
+    return payload
+
+
+def strip_module_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Remove a DataParallel ``module.`` prefix from every key that has it."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from MultiMedSeg.data import slices as slice_files
-from MultiMedSeg.data.slices import load_slice, slice_index, volume_id
+from robustmedseg.data import slices as slice_files
+from robustmedseg.data.slices import load_slice, slice_index, volume_id
 from robustmedseg.errors import InputError
 
 
-def list_slices(folder: Path, flag: str) -> List[Path]:
-    """Sorted slice files of ``folder``; :class:`InputError` naming ``flag`` when missing or empty."""
+def flag_folder_slices(folder: Path, flag: str) -> List[Path]:
+    """:func:`robustmedseg.data.slices.list_slices` of ``folder``; :class:`InputError` naming ``flag``
+    (the option that gave the folder) when it is missing or empty."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"slice folder not found (given by {flag})", folder)
@@ -117,9 +118,9 @@ class ImagesDataset(Dataset):
         self.transform = transform
         self.invert_intensity = invert_intensity
         self.label_nc = label_nc
-        self.source = list_slices(source_root, flags[0]) if source_root is not None else []
-        labeled = list_slices(target_labeled, flags[1]) if target_labeled is not None else []
-        unlabeled = list_slices(target_unlabeled, flags[2]) if target_unlabeled is not None else []
+        self.source = flag_folder_slices(source_root, flags[0]) if source_root is not None else []
+        labeled = flag_folder_slices(target_labeled, flags[1]) if target_labeled is not None else []
+        unlabeled = flag_folder_slices(target_unlabeled, flags[2]) if target_unlabeled is not None else []
         self.target = labeled + unlabeled
         if not self.source and not self.target:
             raise InputError("no training slices: give a source folder and/or a target folder")
@@ -192,7 +193,7 @@ class VolumeDataset(Dataset):
 
     def __init__(self, folder: Path, domain: int, transform=None, label_nc: Optional[int] = None,
                  invert_intensity: bool = False, flag: str = "--val_root"):
-        self.paths = list_slices(folder, flag)
+        self.paths = flag_folder_slices(folder, flag)
         self.domain = domain
         self.transform = transform
         self.label_nc = label_nc

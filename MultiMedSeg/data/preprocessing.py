@@ -1,28 +1,41 @@
 """NIfTI volumes -> normalised 2-D slice files (SPEC §2.3, with the §9 fixes).
 
+Inputs per volume: the image, and optionally a label map (integer classes, 0 = background), a
+weight map (> 0 where losses and metrics count) and a brain mask (> 0 inside the brain), each
+found with ``label_rule`` in its own folder.  A volume without a label file is *unlabeled*: its
+slices carry no mask.
+
 Pipeline (:func:`preprocess`), per volume unless noted:
 
 1. discovery: ``.nii``/``.nii.gz`` files under ``images`` (recursive, sorted), basename
-   matching ``path_rule`` from its start; label and weight files are found with
-   ``label_rule`` (:func:`find_companion`);
+   matching ``path_rule`` from its start; label, weight and brain-mask files are found with
+   ``label_rule`` (:func:`find_companion`); with ``annotation_required`` the unlabeled volumes
+   are left out altogether (the original's "annotation required" dataset mode);
 2. split (:func:`split_volumes`): seeded val/test draws from the labeled volumes;
-3. optional flip of one axis, then the heuristic crop (:func:`heuristic_crop`, FIX §9.17:
-   the end bin is searched in the reversed histogram), widened to contain every labeled
-   voxel so that no annotation is ever cropped away;
+3. optional flip of one axis, then the heuristic crop (:func:`heuristic_crop`, integer histogram
+   counts as the original, FIX §9.17: the end bin is searched in the reversed histogram),
+   widened to contain every labeled voxel so that no annotation is ever cropped away;
 4. target spacing from train+val (:func:`compute_target_spacing`); resampling: images
-   with a cubic spline (skimage ``resize`` order 3, mode edge, no anti-aliasing), labels
-   and weights class by class with linear interpolation thresholded at 0.5
-   (:func:`resize_labels`, the algorithm of batchgenerators ``resize_segmentation(order=1)``);
-   ``ignore_z`` keeps the z spacing without mutating shared state (FIX §9.18);
+   with a cubic spline (skimage ``resize`` order 3, mode edge, no anti-aliasing), labels,
+   weights and brain masks class by class with linear interpolation thresholded at 0.5 (the
+   mask rule of :mod:`MultiMedSeg.data.resample`, batchgenerators 0.24
+   ``resize_segmentation(order=1)``); ``ignore_z`` keeps the z spacing without mutating shared
+   state (FIX §9.18);
 5. transpose (X, Y, Z) -> (Z, X, Y): a slice is an (X, Y) plane of the 3rd NIfTI axis;
-6. optional z-split keeping the slices from the first to the last labeled slice
-   *inclusive* (FIX §9.19);
-7. optional standardisation (x - mean) / (std + 1e-8) over the kept volume;
-8. intensity window: percentiles (default 0.1 / 99.9) of the train+val histogram
-   (256 bins), both interpolated inside their bin in the same way;
-9. per slice: clip to the window, scale to [-1, 1], pad with -1 (mask: background,
-   weight: 1 if the slice's weight is all ones else 0) or centre-crop to ``size``,
-   one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`MultiMedSeg.data.slices`).
+6. z-split (:func:`split_region`): every volume with a non-empty brain mask, labeled or not, keeps
+   the slices from its first to its last brain slice *inclusive* (FIX §9.19), as the original's
+   default ``discard_extracerebral_slices`` (off with ``discard_extracerebral=False``); a volume
+   without a brain mask keeps all slices, or with ``discard_outside_labels`` its labeled slices;
+7. with brain masks and ``brain_class`` (default) the mask layout is the original's [background,
+   brain, label 1, label 2, ...]: label k becomes class k + 1, brain voxels without a label class 1
+   (:func:`with_brain_class`); without ``brain_class`` the brain mask only selects slices;
+8. optional standardisation (x - mean) / (std + 1e-8) over the kept volume;
+9. intensity window: percentiles (default 0.1 / 99.9) of the train+val histogram
+   (256 bins), each read as the upper edge of the bin where the cumulative count reaches it
+   (as the original);
+10. per slice: clip to the window, scale to [-1, 1], pad with -1 (mask: background,
+    weight: 1 if the slice's weight is all ones else 0) or centre-crop to ``size``,
+    one-hot masks, write ``<volume>_slice<NNN>.npz`` (:mod:`robustmedseg.data.slices`).
 
 Everything is written into a temporary folder that becomes ``out`` only when complete;
 ``out/metadata.json`` (schema in :mod:`MultiMedSeg.data.restore`) records what is needed
@@ -44,10 +57,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import nibabel as nib
 import numpy as np
 
+from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
-from .slices import save_slice, slice_name
+from .resample import resize_image, resize_labels  # noqa: F401  (re-exported)
 
 METADATA_NAME = "metadata.json"
 METADATA_FORMAT = "multimedseg-slices"
@@ -68,6 +82,7 @@ class PreprocessConfig:
     out: Path
     labels: Optional[Path] = None
     weights: Optional[Path] = None
+    brain_masks: Optional[Path] = None
     label_rule: str = "{name}"
     path_rule: str = ""
     size: int = 512
@@ -81,6 +96,9 @@ class PreprocessConfig:
     standardize: bool = True
     num_classes: Optional[int] = None
     discard_outside_labels: bool = False
+    discard_extracerebral: bool = True
+    brain_class: bool = True
+    annotation_required: bool = False
     flip_axis: Optional[int] = None
     percentiles: Tuple[float, float] = (0.1, 99.9)
     overwrite: bool = False
@@ -113,6 +131,10 @@ class PreprocessConfig:
             raise InputError(f"--path-rule is not a valid regular expression: {err}") from None
         if self.discard_outside_labels and self.labels is None:
             raise InputError("--discard-outside-labels needs --labels")
+        if self.annotation_required and self.labels is None:
+            raise InputError("--annotation-required needs --labels")
+        if self.num_classes is not None and self.brain_masks is not None and self.brain_class and self.num_classes < 3:
+            raise InputError(f"with --brain-masks (brain = class 1) --num-classes must be >= 3, got {self.num_classes}")
 
 
 # --------------------------------------------------------------------------- discovery
@@ -120,12 +142,13 @@ class PreprocessConfig:
 
 @dataclass
 class VolumeSource:
-    """An image and its optional label and weight files."""
+    """An image and its optional label, weight and brain-mask files."""
 
     id: str
     image: Path
     label: Optional[Path] = None
     weight: Optional[Path] = None
+    brain: Optional[Path] = None
 
 
 def strip_nifti_extension(name: str) -> str:
@@ -189,9 +212,14 @@ def find_companion(image: Path, images_root: Path, companion_root: Optional[Path
 
 
 def discover_volumes(cfg: PreprocessConfig) -> List[VolumeSource]:
-    """Images with their label/weight files; :class:`InputError` on duplicate volume ids."""
+    """Images with their label/weight/brain-mask files; :class:`InputError` on duplicate volume ids.
+
+    With ``annotation_required`` the volumes without a label file are left out (the original's
+    "vessel annotation required" dataset mode): splits, training slices and statistics then use the
+    annotated volumes only.
+    """
     images_root = Path(cfg.images)
-    for folder, flag in ((cfg.labels, "--labels"), (cfg.weights, "--weights")):
+    for folder, flag in ((cfg.labels, "--labels"), (cfg.weights, "--weights"), (cfg.brain_masks, "--brain-masks")):
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"{flag} folder does not exist", folder)
     sources: List[VolumeSource] = []
@@ -204,7 +232,12 @@ def discover_volumes(cfg: PreprocessConfig) -> List[VolumeSource]:
         sources.append(VolumeSource(
             id=vid, image=image.resolve(),
             label=_resolved(find_companion(image, images_root, cfg.labels, cfg.label_rule)),
-            weight=_resolved(find_companion(image, images_root, cfg.weights, cfg.label_rule))))
+            weight=_resolved(find_companion(image, images_root, cfg.weights, cfg.label_rule)),
+            brain=_resolved(find_companion(image, images_root, cfg.brain_masks, cfg.label_rule))))
+    if cfg.annotation_required:
+        sources = [src for src in sources if src.label is not None]
+        if not sources:
+            raise InputError("--annotation-required: no image has a label file", cfg.labels)
     return sources
 
 
@@ -310,11 +343,11 @@ def read_labels(path: Path, shape: Sequence[int], flip_axis: Optional[int], num_
     return labels.astype(np.uint8 if top < 256 else np.int16)
 
 
-def read_weight(path: Path, shape: Sequence[int], flip_axis: Optional[int]) -> np.ndarray:
-    """Boolean weight volume (True where losses/metrics count)."""
+def read_weight(path: Path, shape: Sequence[int], flip_axis: Optional[int], kind: str = "weight") -> np.ndarray:
+    """Boolean volume (> 0): a weight map (True where losses/metrics count) or a brain mask."""
     img = load_nifti(path)
     if volume_shape(img, path) != tuple(shape):
-        raise InputError(f"weight shape {volume_shape(img, path)} differs from the image shape {tuple(shape)}", path)
+        raise InputError(f"{kind} shape {volume_shape(img, path)} differs from the image shape {tuple(shape)}", path)
     return read_array(img, path, flip_axis) > 0
 
 
@@ -339,28 +372,31 @@ def header_info(img: nib.Nifti1Image) -> dict:
 # --------------------------------------------------------------------------- geometry
 
 
-def _threshold_minimum(values: np.ndarray) -> Optional[float]:
+def _threshold_minimum(counts: np.ndarray) -> Optional[float]:
+    """skimage ``threshold_minimum`` of the histogram counts, passed as the integer "image" the
+    original passed: skimage then histograms it with one bin per integer value."""
     from skimage.filters import threshold_minimum
 
     try:
-        return float(threshold_minimum(values.astype(np.float64)))
+        return float(threshold_minimum(np.asarray(counts, dtype=np.int64)))
     except (RuntimeError, ValueError):
         return None
 
 
 def axis_crop(profile: np.ndarray) -> Tuple[int, int]:
-    """Crop ``[start, stop)`` along one axis from its intensity profile (SPEC §2.3.4, FIX §9.17).
+    """Crop ``[start, stop)`` along one axis from its max-intensity profile (SPEC §2.3.4, FIX §9.17).
 
-    ``c`` = cumulative sum of the profile (float64: no overflow for integer data), histogram
-    of ``c`` in 255 bins, threshold of the counts by ``threshold_minimum``.  The start bin
-    is the first bin with a count <= threshold, the end bin the first such bin searched from
-    the *end* (the reference reused the start index).  ``start`` is the first index where
-    ``c`` reaches the start bin's left edge, ``stop`` one past the first index where ``c``
-    reaches the end bin's right edge.  The full axis is kept when the heuristic fails.
+    ``c`` = cumulative sum of the profile (float64), histogram of ``c`` in 255 bins, threshold of the
+    integer bin counts by ``threshold_minimum`` (as the original: integer counts, so skimage uses one
+    bin per integer count value).  The start bin is the first bin with a count <= threshold, the end
+    bin the first such bin searched from the *end* (the original reused the start index, §9.17).
+    ``start`` is the first index where ``c`` reaches the start bin's left edge, ``stop`` one past the
+    first index where ``c`` reaches the end bin's right edge.  The full axis is kept when the
+    heuristic fails.
     """
     length = int(profile.shape[0])
     c = np.cumsum(profile.astype(np.float64))
-    if length < 3 or c[-1] <= c[0]:
+    if length < 3 or c[-1] == c[0]:
         return 0, length
     counts, edges = np.histogram(c, bins=255)
     thr = _threshold_minimum(counts)
@@ -378,12 +414,12 @@ def axis_crop(profile: np.ndarray) -> Tuple[int, int]:
 
 
 def heuristic_crop(volume: np.ndarray) -> List[Tuple[int, int]]:
-    """Per-axis ``[start, stop)`` bounding box from :func:`axis_crop` of the max-intensity profiles."""
-    vol = np.abs(volume)
+    """Per-axis ``[start, stop)`` bounding box from :func:`axis_crop` of the max-intensity profiles
+    (the raw maximum over the other two axes, as the original; not of ``|volume|``)."""
     box = []
-    for axis in range(vol.ndim):
-        others = tuple(a for a in range(vol.ndim) if a != axis)
-        box.append(axis_crop(vol.max(axis=others)))
+    for axis in range(volume.ndim):
+        others = tuple(a for a in range(volume.ndim) if a != axis)
+        box.append(axis_crop(volume.max(axis=others)))
     return box
 
 
@@ -429,40 +465,37 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     return tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target))
 
 
-def resize_image(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Cubic-spline resampling (skimage ``resize`` order 3, mode edge, no anti-aliasing); float32."""
-    if tuple(volume.shape) == tuple(shape):
-        return volume.astype(np.float32, copy=False)
-    from skimage.transform import resize
-
-    return resize(volume.astype(np.float32), tuple(shape), order=3, mode="edge", cval=0, clip=True,
-                  preserve_range=True, anti_aliasing=False).astype(np.float32)
-
-
-def resize_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Resample an integer label map: per class > 0, linear interpolation of its indicator,
-    thresholded at 0.5 (later classes win overlaps).  Same dtype; a copy when resampled."""
-    if tuple(labels.shape) == tuple(shape):
-        return labels
-    from skimage.transform import resize
-
-    out = np.zeros(tuple(shape), dtype=labels.dtype)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        indicator = resize((labels == value).astype(np.float32), tuple(shape), order=1, mode="edge",
-                           clip=True, preserve_range=True, anti_aliasing=False)
-        out[indicator >= 0.5] = value
-    return out
-
-
-def z_range(labels_zxy: Optional[np.ndarray], depth: int, discard: bool) -> Tuple[int, int]:
-    """``[first, stop)`` of the slices to keep: the labeled slices inclusive (FIX §9.19) when
-    ``discard`` and the label is non-empty, else all ``depth`` slices."""
-    if not discard or labels_zxy is None or not labels_zxy.any():
+def z_range(region_zxy: Optional[np.ndarray], depth: int, discard: bool) -> Tuple[int, int]:
+    """``[first, stop)`` of the slices to keep: the slices where ``region`` (a brain mask, or a label
+    map) is non-zero, the last one included (FIX §9.19), when ``discard`` and the region is non-empty;
+    else all ``depth`` slices."""
+    if not discard or region_zxy is None or not region_zxy.any():
         return 0, depth
-    present = np.nonzero(labels_zxy.reshape(labels_zxy.shape[0], -1).any(axis=1))[0]
+    present = np.nonzero(region_zxy.reshape(region_zxy.shape[0], -1).any(axis=1))[0]
     return int(present[0]), int(present[-1]) + 1
+
+
+def split_region(brain: Optional[np.ndarray], labels: Optional[np.ndarray], cfg: "PreprocessConfig"
+                 ) -> Tuple[Optional[np.ndarray], str]:
+    """The (Z, X, Y) region that selects the kept slices and its name: the brain mask of a volume that
+    has a non-empty one (unless ``--keep-extracerebral-slices``), else its labels with
+    ``--discard-outside-labels``, else none."""
+    if brain is not None and brain.any() and cfg.discard_extracerebral:
+        return brain, "brain"
+    if labels is not None and cfg.discard_outside_labels:
+        return labels, "labels"
+    return None, "none"
+
+
+def with_brain_class(labels: np.ndarray, brain: Optional[np.ndarray]) -> np.ndarray:
+    """The original's mask layout [background, brain, vessel...]: label k > 0 becomes class k + 1 and
+    brain voxels without a label become class 1 (the brain mask and the labels are both resampled
+    first, as the original)."""
+    out = np.where(labels > 0, labels.astype(np.int16) + 1, 0)
+    if brain is not None:
+        out = np.where((labels == 0) & brain, 1, out)
+    top = int(out.max(initial=0))
+    return out.astype(np.uint8 if top < 256 else np.int16)
 
 
 def inplane_window(length: int, size: int) -> Tuple[int, int, int]:
@@ -484,27 +517,25 @@ def fit_slices(volume: np.ndarray, size: int, fill, windows: Sequence[Tuple[int,
     return out
 
 
-def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Integer map (...,) -> bool one-hot (..., C)."""
-    return labels[..., None] == np.arange(num_classes, dtype=labels.dtype)
-
-
 # --------------------------------------------------------------------------- intensities
 
 
 def histogram_window(volumes: Iterable[np.ndarray], low: float, high: float, vmin: float, vmax: float,
                      bins: int = 256) -> Tuple[float, float]:
-    """Percentiles ``low``/``high`` (in %) of the voxels of ``volumes`` from a ``bins``-bin
-    histogram on ``[vmin, vmax]``, linearly interpolated inside the bin (both ends alike)."""
+    """Percentiles ``low``/``high`` (in %) of the voxels of ``volumes`` from a ``bins``-bin histogram
+    on ``[vmin, vmax]``, read as the original does: the **upper edge** of the first bin whose
+    cumulative percentage reaches the percentile (for both ends)."""
     edges = np.linspace(vmin, vmax, bins + 1)
     counts = np.zeros(bins, dtype=np.float64)
     for vol in volumes:
         counts += np.histogram(vol, bins=edges)[0]
-    cdf = np.concatenate([[0.0], np.cumsum(counts)])
-    cdf = cdf / cdf[-1] * 100.0
-    keep = np.concatenate([[True], np.diff(cdf) > 0])  # strictly increasing for interpolation
-    lo, hi = np.interp([low, high], cdf[keep], edges[keep])
-    return float(lo), float(hi)
+    cumulative = np.cumsum(counts / counts.sum() * 100.0)
+
+    def upper_edge(p: float) -> float:
+        index = int(np.nonzero(cumulative >= p)[0][0]) if p <= cumulative[-1] else bins - 1
+        return float(edges[index + 1])
+
+    return upper_edge(low), upper_edge(high)
 
 
 def scale_to_unit(volume: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -542,6 +573,8 @@ def inspect_volume(src: VolumeSource, cfg: PreprocessConfig) -> VolumeInfo:
     labels = read_labels(src.label, shape, cfg.flip_axis, cfg.num_classes) if src.label else None
     if src.weight is not None:
         read_weight(src.weight, shape, cfg.flip_axis)  # validate early
+    if src.brain is not None:
+        read_weight(src.brain, shape, cfg.flip_axis, kind="brain mask")
     if cfg.crop:
         box = union_with_labels(heuristic_crop(read_array(img, src.image, cfg.flip_axis)), labels)
     else:
@@ -569,22 +602,29 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
     labels = crop_array(read_labels(src.label, info.shape, cfg.flip_axis, cfg.num_classes), info.crop) \
         if src.label else None
     weight = crop_array(read_weight(src.weight, info.shape, cfg.flip_axis), info.crop) if src.weight else None
+    brain = crop_array(read_weight(src.brain, info.shape, cfg.flip_axis, "brain mask"), info.crop) \
+        if src.brain else None
 
     vol_target = volume_target_spacing(target, info.spacing, cfg.ignore_z)
     new_shape = resampled_shape(image.shape, info.spacing, vol_target)
     image = resize_image(image, new_shape)
     labels = resize_labels(labels, new_shape) if labels is not None else None
     weight = resize_labels(weight.astype(np.uint8), new_shape).astype(bool) if weight is not None else None
+    brain = resize_labels(brain.astype(np.uint8), new_shape).astype(bool) if brain is not None else None
 
     def to_zxy(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
         return None if a is None else np.ascontiguousarray(np.transpose(a, (2, 0, 1)))
 
-    image, labels, weight = to_zxy(image), to_zxy(labels), to_zxy(weight)
+    image, labels, weight, brain = to_zxy(image), to_zxy(labels), to_zxy(weight), to_zxy(brain)
     depth = image.shape[0]
-    first, stop = z_range(labels, depth, cfg.discard_outside_labels)
+    region, region_name = split_region(brain, labels, cfg)
+    first, stop = z_range(region, depth, region is not None)
     image = image[first:stop]
     labels = None if labels is None else labels[first:stop]
     weight = None if weight is None else weight[first:stop]
+    brain = None if brain is None else brain[first:stop]
+    if labels is not None and cfg.brain_masks is not None and cfg.brain_class:
+        labels = with_brain_class(labels, brain)
     mean, std = float(image.mean()), float(image.std())
     if cfg.standardize:
         image = ((image - mean) / (std + 1e-8)).astype(np.float32)
@@ -593,6 +633,7 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
         "shape_after_resampling": [int(n) for n in new_shape],
         "depth_before_split": int(depth),
         "z_split": [int(first), int(stop)],
+        "z_split_by": region_name,
         "shape_before_padding": [int(n) for n in image.shape],
         "mean": mean,
         "std": std,
@@ -638,9 +679,16 @@ def preprocess(cfg: PreprocessConfig, log=print) -> dict:
     sources = discover_volumes(cfg)
     infos = [inspect_volume(src, cfg) for src in sources]
     labeled_ids = [i.source.id for i in infos if i.source.label is not None]
+    shift = 1 if cfg.brain_masks is not None and cfg.brain_class else 0  # brain = class 1
     num_classes = cfg.num_classes
     if num_classes is None and labeled_ids:
-        num_classes = max(2, max(i.label_max for i in infos) + 1)
+        num_classes = max(2 + shift, max(i.label_max for i in infos) + 1 + shift)
+    elif num_classes is not None:
+        for info in infos:
+            if info.label_max + shift >= num_classes:
+                raise InputError(f"label value {info.label_max} needs {info.label_max + shift + 1} mask channels "
+                                 f"(brain = class 1 shifts the labels by one) but --num-classes is {num_classes}",
+                                 info.source.label)
 
     splits = split_volumes([i.source.id for i in infos], labeled_ids, cfg.val_frac, cfg.test_frac, cfg.seed)
     labeled_train = (pick_labeled_train(splits["train"], labeled_ids, cfg.labeled_train, cfg.seed)
@@ -738,6 +786,7 @@ def _volume_entry(info: VolumeInfo, windows: List[List[int]], slices: List[str],
         "image": str(src.image),
         "label": None if src.label is None else str(src.label),
         "weight": None if src.weight is None else str(src.weight),
+        "brain_mask": None if src.brain is None else str(src.brain),
         "shape": list(info.shape),
         "spacing": info.spacing,
         "header": info.header,

@@ -56,7 +56,8 @@ import numpy as np
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_path
 
-from .preprocessing import METADATA_FORMAT, METADATA_NAME, METADATA_VERSION, resize_image, resize_labels
+from .preprocessing import METADATA_FORMAT, METADATA_NAME, METADATA_VERSION
+from .resample import resize_image, resize_labels
 
 PathLike = Union[str, os.PathLike]
 VOLUME_KEYS = ("id", "shape", "affine", "header", "crop", "shape_after_crop", "shape_before_padding",

@@ -11,7 +11,8 @@ Layout under ``<exp_dir>/checkpoints``:
   ``last.pt`` (at every validation/save and at the end) -- model + optimiser states,
   the step and the best index, for ``--resume``.
 
-Everything is written atomically and read with ``torch.load(weights_only=True)``.
+Everything is written atomically and read with ``torch.load(weights_only=True)``
+(:func:`robustmedseg.io.load_torch_file`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
-
-import torch
 
 from robustmedseg.errors import InputError
 from robustmedseg.io import save_torch_atomic, write_text_atomic
@@ -117,20 +116,6 @@ def checkpoints_folder(path: Path) -> Path:
     if (path / "checkpoints" / INDEX_NAME).is_file() or (path / "checkpoints" / LAST_NAME).is_file():
         return path / "checkpoints"
     return path
-
-
-def load_checkpoint(path: Path, what: str = "checkpoint") -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` with a one-line :class:`InputError` on failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, foreign pickle, ...
-        raise InputError(f"cannot read {what} ({type(err).__name__}: {err})", path) from None
-    if not isinstance(payload, dict):
-        raise InputError(f"{what} is not a dict payload", path)
-    return payload
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Inference library (SPEC §7, with the §9.39 fixes): ensemble prediction, NIfTI output, metrics.
 
 :func:`run_inference` segments every test volume with the ``--ensemble_size`` best
-checkpoints of a training run (``best.json``, best first; each file is loaded once):
+checkpoints of a training run (``best.json``, best first; each file is loaded once by
+:mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept):
 
 * ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
   domain; ``inter`` = mean of the probabilities of the translated slice segmented by the
@@ -11,7 +12,10 @@ checkpoints of a training run (``best.json``, best first; each file is loaded on
 * ``trans`` = the translated image of the best checkpoint, written as float32 (never
   quantised to the header's integer type).
 
-Pixels outside a slice's weight map are background (and -1 in ``trans``).  Label volumes
+As the original, the weight maps are not applied at inference; with ``--mask_outside_weight``
+pixels outside a slice's weight map are background (and -1 in ``trans``).  With
+``invert_intensity`` the translated image is negated again where that checkpoint's inter
+prediction is background (undoing the interpreter's inversion there), as the original.  Label volumes
 and the translation are mapped back to the original grid with the preprocessing metadata
 (:func:`MultiMedSeg.data.restore.restore_volume`) and written with the original affine
 (:func:`~MultiMedSeg.data.restore.write_nifti_like`) as ``<id>_intra``, ``<id>_inter``,
@@ -43,10 +47,11 @@ from torch.utils.data import DataLoader
 from MultiMedSeg.data.images_dataset import VolumeDataset
 from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
+from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
-from robustmedseg.device import resolve_device
+from MultiMedSeg.training.metrics import volume_scores
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir
 
@@ -82,37 +87,6 @@ def predict_slices(net: PSP, x: torch.Tensor, label: torch.Tensor, feature_scale
 def volume_labels(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(Z, L, H, W) scores + (Z, 1, H, W) weight -> (Z, H, W) int64 labels; 0 outside the weight."""
     return (probs * weight).argmax(1)
-
-
-# ---------------------------------------------------------------------------------- models
-def feature_scale_of(payload: Mapping[str, Any]) -> float:
-    """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
-    opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", 1e-4))
-    return min(1.0, rate * int(payload.get("global_step", 0)))
-
-
-def load_ensemble(checkpoint_dir: Path, n: int, device: torch.device) -> List[Tuple[PSP, float, Path]]:
-    """The ``n`` best checkpoints of a run as (model in eval mode, feature_scale, path), best first."""
-    folder = ck.checkpoints_folder(Path(checkpoint_dir))
-    index = ck.BestIndex.load(folder)
-    if not index.entries:
-        raise InputError("the run has no best checkpoint yet (no validation happened)", index.path)
-    models: List[Tuple[PSP, float, Path]] = []
-    first = None
-    for path in index.paths(n):
-        payload = ck.load_checkpoint(path, "checkpoint")
-        net = PSP.from_checkpoint(path, payload)  # the file is read once (payload above)
-        key = (net.config.label_nc, tuple(net.config.src_tgt_domains), net.config.encoder_input_size,
-               net.config.output_size)
-        if first is None:
-            first = key
-        elif key != first:
-            raise InputError(f"checkpoint differs from the best one in (label_nc, domains, encoder size, "
-                             f"output size): {key} vs {first}", path)
-        net.to(device).eval()
-        models.append((net, feature_scale_of(payload), path))
-    return models
 
 
 # ---------------------------------------------------------------------------------- ground truth
@@ -155,7 +129,7 @@ class VolumePrediction:
         self.weight: List[torch.Tensor] = []
 
 
-def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader, device: torch.device,
+def predict_volume(models: Sequence[Member], loader: DataLoader, device: torch.device,
                    inter: bool) -> Dict[str, torch.Tensor]:
     """Ensemble means over the models for every slice batch of one volume (CPU tensors)."""
     acc = VolumePrediction()
@@ -164,13 +138,16 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
         label = batch["domain"].to(device)
         size = batch["weight"].shape[-2:]
         sums: Dict[str, torch.Tensor] = {}
-        for k, (net, fs, _) in enumerate(models):
-            out = predict_slices(net, x, label, fs, size, inter=inter)
+        for k, member in enumerate(models):
+            out = predict_slices(member.net, x, label, member.feature_scale, size, inter=inter)
             for key in ("intra", "inter"):
                 if key in out:
                     sums[key] = sums.get(key, 0) + out[key]
             if k == 0 and "trans" in out:
-                acc.trans.append(out["trans"].cpu())
+                trans = out["trans"]
+                if member.net.config.invert_intensity:  # undo the interpreter's inversion where it predicts background
+                    trans = torch.where(out["inter"].argmax(1, keepdim=True) == 0, -trans, trans)
+                acc.trans.append(trans.cpu())
         acc.intra.append((sums["intra"] / len(models)).cpu())
         if inter:
             acc.inter.append((sums["inter"] / len(models)).cpu())
@@ -182,9 +159,11 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
     return result
 
 
-def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, np.ndarray]:
-    """intra / inter / pred label volumes (Z, H, W) from the ensemble means."""
-    w = pred["weight"]
+def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float],
+                  mask_outside_weight: bool = False) -> Dict[str, np.ndarray]:
+    """intra / inter / pred label volumes (Z, H, W) from the ensemble means; background outside the
+    weight maps only with ``mask_outside_weight`` (the original applied no weight at inference)."""
+    w = pred["weight"] if mask_outside_weight else torch.ones_like(pred["weight"])
     out = {"intra": volume_labels(pred["intra"], w).numpy()}
     if "inter" in pred:
         w_inter, w_intra = weights
@@ -194,21 +173,30 @@ def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) ->
     return out
 
 
+def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bool = False) -> np.ndarray:
+    """(Z, H, W) float32 translated image of the best checkpoint; -1 outside the weight maps only
+    with ``mask_outside_weight``."""
+    trans = pred["trans"][:, 0].numpy()
+    if mask_outside_weight:
+        trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0)
+    return trans.astype(np.float32)
+
+
 def _fmt(v: float) -> str:
     return f"{v:.6f}" if math.isfinite(v) else str(v)
 
 
 def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
-    from MultiMedSeg.training.coach import seed_everything
-
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)
-    config = models[0][0].config
+    configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
+    # up to --ensemble_size: a run that kept fewer best checkpoints uses all it kept
+    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False), device)
+    config = models[0].net.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
-                         models[0][2])
+                         models[0].path)
     inter = len(config.src_tgt_domains) == 2
     domain = 1 if inter else 0  # test data is the target domain of an adapted run, the source otherwise
     meta = load_metadata(opts.metadata)
@@ -226,13 +214,12 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
             batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
             pred = predict_volume(models, loader, device, inter)
-            labels = label_volumes(pred, opts.ensemble_weights)
+            labels = label_volumes(pred, opts.ensemble_weights, opts.mask_outside_weight)
             restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
             for k, v in restored.items():
                 written.append(str(write_nifti_like(v, vmeta, out_dir / f"{vid}_{k}.nii.gz").name))
             if inter:
-                trans = pred["trans"][:, 0].numpy()
-                trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0).astype(np.float32)
+                trans = translation_volume(pred, opts.mask_outside_weight)
                 image = restore_volume(trans, vmeta, kind="image").astype(np.float32)
                 written.append(str(write_nifti_like(image, vmeta, out_dir / f"{vid}_trans.nii.gz").name))
             gt_path = ground_truth_path(vid, vmeta, opts.labels)
@@ -241,9 +228,9 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                 spacing = spacing_from_affine(vmeta["affine"])
                 for branch, vol in restored.items():
                     vol = vol.astype(np.int64)
-                    if opts.consider_only_vessels_within_brain:
-                        vol = restrict_to_gt_foreground(vol, gt)
-                    for cls, s in volume_scores(vol, gt, config.label_nc, spacing).items():
+                    scores = volume_scores(vol, gt, config.label_nc, spacing,
+                                           vessels_within_gt=opts.consider_only_vessels_within_brain)
+                    for cls, s in scores.items():
                         rows.append({"volume": vid, "prediction": branch, "class": cls,
                                      "dice": s["dice"], "hd95": s["hd95"], "hd": s["hd"]})
             log(f"{vid}: wrote {', '.join(f'{vid}_{k}' for k in list(restored) + (['trans'] if inter else []))}")
@@ -254,7 +241,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                 for r in rows:
                     w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})
         ck.write_json(out_dir / "inference.json", {
-            "checkpoints": [str(p) for _, _, p in models], "feature_scales": [fs for _, fs, _ in models],
+            "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
             "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written})
     summary = summarize(rows, "pred" if inter else "intra")

@@ -1,7 +1,7 @@
 """Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7) and ``inference.py``.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
-with dashes (``--batch-size``).  Any option can also come from one JSON file given with
+with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.CliParser`).  Any option can also come from one JSON file given with
 ``--config FILE``: an object whose keys are option names (underscores), e.g.::
 
     {"source_root": "prep/site0/train", "val_root": "prep/site0/val", "label_nc": 3}
@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from robustmedseg.errors import InputError
+from robustmedseg.errors import CliParser, InputError
 
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
                   "--stylegan_weights final_global_model.pt --only_intra --src_label 0")
@@ -40,20 +39,12 @@ PAPER_TRAIN = ("--start_from_latent_avg --label_nc 3 --max_steps 20000 --checkpo
                "--one_target_slice --src_label 0 --tgt_label 1")
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose usage errors are one ``error:`` line (exit status 2, as argparse does)."""
+class _Parser(CliParser):
+    """The project's parser (both spellings of every flag, one-line usage errors) with :meth:`add`."""
 
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-    def add(self, name: str, *args: Any, **kwargs: Any) -> argparse.Action:
-        """Add ``--name`` with its dash spelling as an alias."""
-        names = [f"--{name}"]
-        if "_" in name:
-            names.append(f"--{name.replace('_', '-')}")
-        names += list(args)
-        return self.add_argument(*names, dest=name, **kwargs)
+    def add(self, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
+        """Add ``--name`` (destination ``name``) with other names of the same concept as aliases."""
+        return self.add_argument(f"--{name}", *aliases, dest=name, **kwargs)
 
 
 def _floats(text: str) -> List[float]:
@@ -73,10 +64,17 @@ def _common(p: _Parser) -> None:
     p.add("seed", type=int, default=0, help="seed of torch/numpy/random (default 0, as the reference)")
     p.add("test_batch_size", type=int, default=8, help="slices per forward pass in validation/inference")
     p.add("test_workers", type=int, default=0, help="DataLoader workers for validation/inference (reference: 6)")
+    p.add("allow_tf32", action="store_true",
+          help="CUDA: TF32 tensor cores for float32 convolutions and matrix products (Ampere+; faster, about 1e-3 "
+               "relative error per product); off by default")
+    p.add("cudnn_benchmark", action="store_true",
+          help="CUDA: cuDNN times the convolution algorithms once per input shape and keeps the fastest (fixed "
+               "shapes); turns off the deterministic cuDNN setting of the reference; off by default")
 
 
 def _model(p: _Parser, mode: str) -> None:
-    p.add("label_nc", type=int, default=3, help="number of segmentation classes incl. background (default 3)")
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=3,
+          help="number of segmentation classes incl. background (default 3)")
     p.add("src_label", type=int, default=None, help="phase-1 domain id of the source (required)")
     if mode == "train":
         p.add("tgt_label", type=int, default=None, help="phase-1 domain id of the target (required)")
@@ -91,7 +89,7 @@ def _model(p: _Parser, mode: str) -> None:
                "train: from the checkpoint)")
     p.add("encoder_base_channels", type=int, default=None,
           help="channels of the encoder's first stage (pretrain default 64 as the paper; train: from the checkpoint)")
-    p.add("backbone_weights", "--arcface_model", "--arcface-model", type=Path, default=None,
+    p.add("backbone_weights", "--arcface_model", type=Path, default=None,
           help="ArcFace IResNet backbone.pth to initialise the encoder (paper); default: random init")
     p.add("start_from_latent_avg", action="store_true", help="add the domain's average W to the codes (paper: on)")
     p.add("disable_residuals", action="store_true", help="no content features injected into the generator")
@@ -116,7 +114,8 @@ def _losses(p: _Parser) -> None:
     p.add("alex_model", type=Path, default=None, help="LPIPS v0.1 linear heads alex.pth")
     p.add("alex_pretr_model", type=Path, default=None, help="AlexNet ImageNet weights (alex_pretr.pth)")
     p.add("consider_only_vessels_within_brain", action="store_true",
-          help="metrics: labels >= 2 predicted outside the GT foreground count as background")
+          help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
+               "original; the other classes and 'foreground' are unchanged")
 
 
 def training_parser(mode: str) -> _Parser:
@@ -142,6 +141,10 @@ def training_parser(mode: str) -> _Parser:
         p.add("checkpoint_dir", type=Path, default=None,
               help="pretrain output (its folder or checkpoints/): its best checkpoint initialises this run (required)")
         p.add("one_target_slice", action="store_true", help="keep only the middle labeled slice of each target volume")
+        p.add("reinit_encoder", action="store_true",
+              help="as the original: do not carry the pretrained encoder over, start it again from the ArcFace "
+                   "backbone (--backbone_weights; the rest random) and recompute both mean latents; only the "
+                   "generator and the classifiers come from --checkpoint_dir (default: the encoder is kept)")
     else:
         p.add("stylegan_weights", type=Path, default=None, help="phase-1 final_global_model.pt (g_ema used; required)")
         p.add("only_intra", action="store_true", help="accepted for the paper command; pretraining is always intra-only")
@@ -157,15 +160,19 @@ def training_parser(mode: str) -> _Parser:
     p.add("board_interval", type=int, default=100, help="TensorBoard scalars every N steps")
     p.add("val_interval", type=int, default=1000, help="validate every N steps (and at --max_steps)")
     p.add("save_interval", type=int, default=None, help="write iteration_<step>.pt every N steps (default: at the end)")
-    p.add("n_best", "--ensemble_size", "--ensemble-size", type=int, default=5, help="k best checkpoints kept")
+    p.add("n_best", "--ensemble_size", type=int, default=5, help="k best checkpoints kept")
     p.add("optimize_mode", choices=("foreground", "favoured"), default="foreground",
-          help="best-checkpoint classes: all foreground classes, or the favoured (max-weight) ones")
+          help="best-checkpoint classes: all foreground classes, or the favoured ones (largest weight in the CE or "
+               "Dice weights, whichever has the larger maximum; every class incl. background without weights)")
     p.add("train_decoder", action="store_true", help="also train the generator")
     p.add("disable_balanced_sampling", action="store_true", help="plain random source/target pairs")
     p.add("use_da", action="store_true", help="mirror + rotation/scale augmentation")
     p.add("feature_scale_rate", type=float, default=1e-4,
           help="feature_scale = min(1, rate*step) (paper 1e-4: full injection at step 10000)")
-    p.add("no_amp", action="store_true", help="disable mixed precision on CUDA (AMP is never used on CPU)")
+    p.add("amp", choices=("fp16", "bf16", "off"), default="fp16",
+          help="CUDA mixed precision: autocast to float16 with a gradient scaler (default, as the reference), to "
+               "bfloat16 (no scaler; Ampere+), or off (float32). Never used on CPU")
+    p.add("no_amp", action="store_true", help="same as --amp off (kept for older commands)")
     return p
 
 
@@ -185,15 +192,20 @@ def inference_parser() -> _Parser:
     p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged")
     p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
           help="weights of the inter and intra probabilities in _pred (default 0.6,0.4)")
-    p.add("label_nc", type=int, default=None, help="check: must equal the checkpoints' label_nc")
+    p.add("mask_outside_weight", action="store_true",
+          help="predict background (and -1 in _trans) outside each slice's weight map; default: the weight map "
+               "is not applied at inference, as the original")
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=None,
+          help="check: must equal the checkpoints' label_nc")
     p.add("consider_only_vessels_within_brain", action="store_true",
-          help="metrics: labels >= 2 predicted outside the GT foreground count as background")
+          help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
+               "original; the other classes and 'foreground' are unchanged")
     return p
 
 
 def _apply_config(parser: _Parser, argv: Optional[Sequence[str]]) -> None:
     """Load ``--config`` (if any) into the parser defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = CliParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config is None:
@@ -301,6 +313,8 @@ def parse_training_options(argv: Optional[Sequence[str]], mode: str) -> argparse
     _check_class_weights(opts)
     if opts.save_interval is None:
         opts.save_interval = opts.max_steps
+    if opts.no_amp:
+        opts.amp = "off"
     return opts
 
 

@@ -12,8 +12,9 @@ Layout of an LMDB folder ``OUT/`` (format version 1):
   resampling method, CLIP model info, format version.
 - ``clip_mean.npy``: float32 (1, D) mean unit CLIP embedding (absent with ``--clip-model none``).
 
-Index i is the position of the slice file in the folder listing sorted by full path (files
-directly in the folder; with ``recursive``, also in its subfolders, e.g. a target site's
+Index i is the position of the slice file in :func:`robustmedseg.data.slices.list_slices`
+order, the order phase 2 uses too: by volume id, then slice number, then path (files directly
+in the folder; with ``recursive``, also in its subfolders, e.g. a target site's
 ``train/labeled`` and ``train/unlabeled``).  A volume's slices may sit in several subfolders;
 its z-bins are computed over all of them.
 
@@ -39,6 +40,8 @@ import numpy as np
 
 from robustmedseg.errors import InputError
 
+from .slices import list_slices, load_slice
+
 PathLike = Union[str, Path]
 
 FORMAT_VERSION = 1
@@ -60,28 +63,13 @@ def image_key(size: int, index: int, label: int, zbin: int) -> bytes:
 
 # --------------------------------------------------------------------------- slice input
 
-def list_slice_files(folder: PathLike, recursive: bool = False) -> List[Path]:
-    """Every ``*.npz`` directly in ``folder`` (or below it with ``recursive``), sorted by full
-    path; none is an input error."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError("slice folder not found", folder)
-    pattern = "**/*.npz" if recursive else "*.npz"
-    files = sorted((p for p in folder.glob(pattern) if p.is_file()), key=lambda p: str(p))
-    if not files:
-        raise InputError(f"no slice files ({pattern}) in folder", folder)
-    return files
-
-
 def read_slice_data(path: PathLike) -> np.ndarray:
     """Validated ``data`` array (H, W, 1) float32 of one slice file.
 
     Format checks (keys, dtypes, shapes, one-hot mask, corrupt files) are those of
-    :func:`MultiMedSeg.data.slices.load_slice`; phase 1 adds that the image must be finite
+    :func:`robustmedseg.data.slices.load_slice`; phase 1 adds that the image must be finite
     and within [-1, 1].  Every violation is one InputError naming the file.
     """
-    from MultiMedSeg.data.slices import load_slice
-
     data = load_slice(path)["data"]
     if not np.isfinite(data).all() or data.min() < -1.0 or data.max() > 1.0:
         raise InputError("'data' values must be finite and in [-1, 1]", path)
@@ -260,7 +248,9 @@ def prepare_lmdb(opts: PrepareOptions) -> Dict[str, Any]:
     from .zbins import zbins_for_files
 
     check_options(opts)
-    files = list_slice_files(opts.source, opts.recursive)
+    files = list_slices(opts.source, opts.recursive)
+    if not files:
+        raise InputError(f"no slice files ({'**/' if opts.recursive else ''}*.npz) in folder", opts.source)
     zbins = zbins_for_files(files, opts.n_zbins)
     labels = np.full(len(files), opts.label, dtype=np.int64)
     encoder = None

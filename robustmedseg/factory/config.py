@@ -49,6 +49,9 @@ class FactoryConfig:
     clip_model: str = "ViT-L-14"
     clip_pretrained: Optional[str] = "openai"
     clip_prob: float = 0.5
+    # GPU switches of the node processes (see robustmedseg.device.configure_backends; no effect on CPU)
+    allow_tf32: bool = False
+    cudnn_benchmark: bool = False
     # node-side bookkeeping
     n_sample: int = 3
     sample_every: int = 100

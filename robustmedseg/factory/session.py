@@ -18,8 +18,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..device import configure_backends, seed_everything
 from .config import FactoryConfig
-from .state import load_state, rng_state, run_dir, save_state, seed_everything, set_rng_state
+from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state
 from .trainer import FactoryTrainer
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def prepare_round(plan: Any) -> Tuple[Path, Optional[Dict[str, Any]]]:
     if state is not None:
         set_rng_state(state["rng"])
     else:
-        seed_everything(cfg.seed, node_id)
+        seed_everything(node_seed(cfg.seed, node_id), deterministic_cudnn=False)
     plan._factory_round_state = (directory, state)
     return directory, state
 
@@ -77,6 +78,7 @@ def prepare_round(plan: Any) -> Tuple[Path, Optional[Dict[str, Any]]]:
 def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSession:
     """Prepare the trainer of this round (see module docstring). ``dataset`` exposes ``clip_mean()``."""
     cfg = FactoryConfig.from_model_args(plan.model_args())
+    configure_backends(cfg.allow_tf32, cfg.cudnn_benchmark)
     round_ = plan.round()
     prepared = getattr(plan, "_factory_round_state", None)
     directory, state = prepared if prepared is not None else prepare_round(plan)

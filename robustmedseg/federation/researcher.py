@@ -139,12 +139,13 @@ def initial_global_state(cfg: FactoryConfig) -> Dict[str, torch.Tensor]:
         return FactoryModel(cfg).state_dict()
 
 
-def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str],
+def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str], plan_class: type,
                       nodes: Optional[Sequence[str]] = None) -> Any:
-    """A new Fed-BioMed Experiment of the factory plan (breakpoints on, FedAverage, k-of-N sampling,
-    secure aggregation if ``schedule.secagg``)."""
+    """A new Fed-BioMed Experiment of the training plan ``plan_class`` (breakpoints on, FedAverage,
+    k-of-N sampling, secure aggregation if ``schedule.secagg``).  ``train.py`` passes
+    ``training_plan.FactoryTrainingPlan``: the plan is a top-level module that Fed-BioMed ships to
+    the nodes, so this library does not import it."""
     from fedbiomed.researcher.aggregators import FedAverage
-    from training_plan import FactoryTrainingPlan
 
     from .experiment import FactoryExperiment, lom_secure_aggregation
     from .strategy import SampleAtMostK
@@ -152,8 +153,7 @@ def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str
     run_id = uuid.uuid4().hex[:12] if cfg.run_id in ("", "default") else cfg.run_id
     cfg = FactoryConfig.from_model_args({**cfg.to_model_args(), "run_id": run_id,
                                          **secagg_model_args(schedule.secagg, schedule.secagg_clip, schedule.weighting)})
-    exp = FactoryExperiment(tags=list(tags), nodes=list(nodes) if nodes else None,
-                            training_plan_class=FactoryTrainingPlan,
+    exp = FactoryExperiment(tags=list(tags), nodes=list(nodes) if nodes else None, training_plan_class=plan_class,
                             model_args=cfg.to_model_args(), training_args=schedule.training_args(),
                             aggregator=FedAverage(),
                             node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),

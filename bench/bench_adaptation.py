@@ -15,7 +15,7 @@ target = site 2 (PET-like).  Steps, all through the public CLIs' ``main`` functi
 
 Targets (issue): adaptation >= source-only + 0.10 mean Dice and >= 0.80 mean GM/WM Dice.
 
-    OMP_NUM_THREADS=1 python bench/adaptation.py --work /tmp/bench_phase2 --report notes.md
+    OMP_NUM_THREADS=1 python -m bench.bench_adaptation --work /tmp/bench_phase2 --report notes.md
 """
 from __future__ import annotations
 
@@ -28,24 +28,22 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import model  # noqa: E402
-from demo.phantom import generate_phantom  # noqa: E402
-from MultiMedSeg import inference as inference_cli  # noqa: E402
-from MultiMedSeg import pretrain as pretrain_cli  # noqa: E402
-from MultiMedSeg import train as train_cli  # noqa: E402
-from MultiMedSeg.data.preprocessing import PreprocessConfig, _count, preprocess  # noqa: E402
+import model
+from demo.phantom import generate_phantom
+from MultiMedSeg import inference as inference_cli
+from MultiMedSeg import pretrain as pretrain_cli
+from MultiMedSeg import train as train_cli
+from MultiMedSeg.data.preprocessing import PreprocessConfig, _count, preprocess
+from robustmedseg.errors import CliParser
 
 SOURCE, TARGET = 0, 2
 CLASS_NAMES = {"1": "GM", "2": "WM", "foreground": "brain"}
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (phantom, slices, runs; reused)")
     p.add_argument("--report", type=Path, default=None, help="markdown report to write")
     p.add_argument("--size", type=int, default=64, help="slice and generator size (px)")
@@ -61,7 +59,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--learning-rate", type=float, default=1e-4, help="encoder learning rate (paper 1e-4)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return p
 
 
 def prepare_data(a: argparse.Namespace) -> Dict[int, Path]:
@@ -113,7 +111,7 @@ def run(label: str, main, argv: List[str], log: List[str], skip: bool = False) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(argv)
+    a = build_parser().parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sites = prepare_data(a)
@@ -167,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = "\n".join([header, "", *lines, "", *verdict, "",
                       "Wall times (s, this invocation; 2 shared CPU cores): "
                       + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} reused" for k, v in times.items()), "",
-                      "Commands:", "```", " ".join(["OMP_NUM_THREADS=1 python bench/adaptation.py",
+                      "Commands:", "```", " ".join(["OMP_NUM_THREADS=1 python -m bench.bench_adaptation",
                                                     *(argv if argv is not None else sys.argv[1:])]),
                       *commands, "```", ""])
     print(text)

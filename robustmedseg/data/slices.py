@@ -1,4 +1,8 @@
-"""Per-slice files: the input of every phase-1 and phase-2 script.
+"""Per-slice files: the input of every phase-1 and phase-2 script (the one definition of the format).
+
+Phase 1 (``prepare_data.py``, :mod:`robustmedseg.data.lmdb_store`) and phase 2
+(``MultiMedSeg/``) both list, name and read slices through this module, so they agree on what a
+slice file is and in which order slices come (:func:`list_slices`).
 
 Format (replaces the reference's pickled ``.npy`` dicts, SPEC §2.1):
 
@@ -72,12 +76,19 @@ def slice_index(slice_path: PathLike) -> int:
 
 
 def list_slices(folder: PathLike, recursive: bool = False) -> List[Path]:
-    """Slice files in ``folder`` (optionally its subfolders), sorted by (volume, index, path)."""
+    """Slice files in ``folder`` (optionally its subfolders), sorted by (volume, index, path).
+
+    Every ``*.npz`` file found must be named ``<volume>_slice<NNN>.npz``; another name is an
+    :class:`InputError` naming it (a renamed or stray file is a mistake, not something to skip).
+    An empty list is returned when there is no ``.npz`` file: callers word that error.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError("slice folder does not exist", folder)
     pattern = "**/*" + SLICE_SUFFIX if recursive else "*" + SLICE_SUFFIX
-    paths = [p for p in folder.glob(pattern) if p.is_file() and SLICE_RE.match(p.name)]
+    paths = [p for p in folder.glob(pattern) if p.is_file()]
+    for p in paths:
+        _match(p)
     return sorted(paths, key=lambda p: (volume_id(p), slice_index(p), str(p)))
 
 
@@ -95,6 +106,11 @@ def group_slices_by_volume(folder: PathLike, recursive: bool = False) -> "Ordere
         if len(set(indices)) != len(indices):
             raise InputError(f"volume {vol!r} has several slice files with the same index", folder)
     return groups
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Integer label map (...) -> bool one-hot (..., n_classes), the layout of a slice's ``mask``."""
+    return labels[..., None] == np.arange(n_classes, dtype=labels.dtype)
 
 
 def validate_slice(arrays: Dict[str, np.ndarray], path: PathLike, require_mask: bool = False) -> None:

@@ -1,0 +1,130 @@
+"""Set-up of a phase-2 run, before the training loop (:class:`MultiMedSeg.training.coach.Coach`).
+
+* the experiment-folder policy: :func:`check_exp_dir` (no side effects) and :func:`create_exp_dir`;
+* the model of a pretraining run: :func:`pretrain_config` (generator geometry from the phase-1 file,
+  read by :func:`robustmedseg.federation.export.read_factory_file`, the rest from the flags);
+* the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
+  :func:`adaptation_model` (its config with two domains);
+* :func:`check_domains`: domain ids must index the generator's conditioning.
+
+Every problem is a one-line :class:`~robustmedseg.errors.InputError` naming the file.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.training import checkpoints as ck
+from robustmedseg.errors import InputError
+from robustmedseg.federation.export import read_factory_file
+from robustmedseg.io import load_torch_file
+
+
+def check_exp_dir(opts: argparse.Namespace) -> Path:
+    """Refuse an existing ``--exp_dir`` unless ``--resume``/``--overwrite`` (no side effects)."""
+    exp = Path(opts.exp_dir)
+    if opts.resume:
+        if not (exp / "checkpoints" / ck.LAST_NAME).is_file():
+            raise InputError(f"nothing to resume: checkpoints/{ck.LAST_NAME} not found", exp)
+    elif exp.exists():
+        if not opts.overwrite:
+            raise InputError("experiment folder already exists (pass --resume to continue it or --overwrite "
+                             "to replace it)", exp)
+        if any(exp.iterdir()) and not ((exp / "opt.json").is_file() or (exp / "checkpoints").is_dir()):
+            raise InputError("refusing to --overwrite a non-empty folder that is not a training output", exp)
+    return exp
+
+
+def create_exp_dir(opts: argparse.Namespace) -> Path:
+    """Create ``--exp_dir`` (an old run is removed only now, once the new one has been set up)."""
+    exp = Path(opts.exp_dir)
+    if exp.exists() and opts.overwrite and not opts.resume:
+        shutil.rmtree(exp)
+    (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return exp
+
+
+def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> None:
+    """Domain ids must index the generator's conditioning (one-line error naming ``source``)."""
+    for flag in ("src_label", "tgt_label"):
+        value = getattr(opts, flag, None)
+        if value is not None and not 0 <= value < n_domains:
+            raise InputError(f"--{flag} {value} is not a domain of this generator (n_domains = {n_domains})", source)
+
+
+def pretrain_config(opts: argparse.Namespace) -> PSPConfig:
+    """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
+    path = Path(opts.stylegan_weights)
+    _, args = read_factory_file(path)
+    n_domains = int(args["n_domains"])
+    if opts.n_domains is not None and opts.n_domains != n_domains:
+        raise InputError(f"generator file was trained with n_domains = {n_domains} but --n_domains is "
+                         f"{opts.n_domains}", path)
+    size = int(args["size"])
+    if opts.output_size is not None and opts.output_size != size:
+        raise InputError(f"generator file is {size} px but --output_size is {opts.output_size}", path)
+    check_domains(opts, n_domains, path)
+    try:
+        return PSPConfig(
+            output_size=size, style_dim=args["style_dim"], n_mlp=args["n_mlp"], n_domains=n_domains,
+            n_zbins=args["n_zbins"], clip_dim=args["clip_dim"], channel_multiplier=args["channel_multiplier"],
+            channel_cap=args["channel_cap"], lr_mlp=args["lr_mlp"], src_tgt_domains=[opts.src_label],
+            label_nc=opts.label_nc, encoder_depth=opts.encoder_depth or 50,
+            encoder_base_channels=opts.encoder_base_channels or 64,
+            encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
+            dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
+            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode)
+    except ValueError as err:
+        raise InputError(f"invalid model configuration: {err}", path) from None
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The best checkpoint of a finished run (``best.json``; ``last.pt`` when nothing was validated)."""
+    folder = ck.checkpoints_folder(Path(folder))
+    if (folder / ck.INDEX_NAME).is_file():
+        index = ck.BestIndex.load(folder)
+        if index.entries:
+            return index.paths(1)[0]
+    if (folder / ck.LAST_NAME).is_file():
+        return folder / ck.LAST_NAME
+    raise InputError("no checkpoint found (expected checkpoints/best.json or last.pt; given by --checkpoint_dir)",
+                     folder)
+
+
+def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
+    """PSP for ``train.py``: the pretraining checkpoint with two domains [src, tgt]."""
+    path = best_checkpoint(opts.checkpoint_dir)
+    payload = load_torch_file(path, "pretraining checkpoint", mapping=True)
+    config = payload.get("config")
+    if not isinstance(config, Mapping):
+        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
+    n_domains = int(config.get("n_domains", 0))
+    if opts.n_domains is not None and opts.n_domains != n_domains:
+        raise InputError(f"checkpoint has n_domains = {n_domains} but --n_domains is {opts.n_domains}", path)
+    check_domains(opts, n_domains, path)
+    src = list(config.get("src_tgt_domains", []))[:1]
+    if src and src[0] != opts.src_label:
+        raise InputError(f"checkpoint was pretrained with source domain {src[0]} but --src_label is "
+                         f"{opts.src_label}", path)
+    overrides: Dict[str, Any] = dict(src_tgt_domains=[opts.src_label, opts.tgt_label], label_nc=opts.label_nc,
+                                     invert_intensity=opts.invert_intensity, bn_mode=opts.bn_mode,
+                                     start_from_latent_avg=opts.start_from_latent_avg or
+                                     bool(config.get("start_from_latent_avg")),
+                                     residual=not opts.disable_residuals, dsbn=not opts.disable_DSBN)
+    for flag in ("output_size", "encoder_depth", "encoder_base_channels", "encoder_input_size"):
+        if getattr(opts, flag) is not None:
+            overrides[flag] = getattr(opts, flag)
+    if int(config.get("label_nc", opts.label_nc)) != opts.label_nc:
+        raise InputError(f"checkpoint segments {config.get('label_nc')} classes but --label_nc is {opts.label_nc}",
+                         path)
+    try:
+        net = PSP(PSPConfig.from_dict(config).replace(**overrides))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"invalid model configuration: {err}", path) from None
+    net.load_checkpoint(path, payload)
+    if getattr(opts, "reinit_encoder", False):  # the original's behaviour (§9.38)
+        net.reinitialise_encoder(opts.backbone_weights)
+    return net, path
