@@ -34,7 +34,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/report.py": _module_parser("demo.report"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
-       for name in ("adaptation", "federation", "generate", "gpu_check", "model", "ops", "train_step")},
+       for name in ("adaptation", "federation", "generate", "gpu_check", "model", "ops", "secagg", "train_step")},
 }
 
 
@@ -113,6 +113,7 @@ PARSES = {
     "bench/bench_model.py": (["--channel-cap", "8", "--no-reg"], ["--channel_cap", "8", "--no_reg"]),
     "bench/bench_ops.py": (["--quick"], ["--quick"]),
     "bench/bench_gpu_check.py": (["--budget-s", "3", "--tiny"], ["--budget_s", "3", "--tiny"]),
+    "bench/bench_secagg.py": (["--long-updates", "0", "--skip-federation"], ["--long_updates", "0", "--skip_federation"]),
     "bench/bench_train_step.py": (["--size", "32"], ["--size=32"]),
 }
 

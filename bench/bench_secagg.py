@@ -12,7 +12,7 @@
    rounds). Per-round wall time (median of rounds 2..R) and process time; the global model after
    round 1 of both runs: max and relative difference (the quantisation error).
 
-Usage: ``python bench/secagg.py [--updates 200] [--rounds 4] [--md FILE]``.
+Usage: ``python -m bench.bench_secagg [--updates 200] [--rounds 4] [--md FILE]``.
 """
 from __future__ import annotations
 
@@ -28,17 +28,16 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-_HERE = Path(__file__).resolve().parent
-REPO = _HERE.parent
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from bench.bench_federation import make_lmdbs, model_flags
+from robustmedseg.errors import CliParser
+from robustmedseg.factory.config import FactoryConfig
+from robustmedseg.factory.network import FactoryModel
+from robustmedseg.federation import secagg as codec
 
-from bench.federation import make_lmdbs, model_flags  # noqa: E402
-from robustmedseg.factory.config import FactoryConfig  # noqa: E402
-from robustmedseg.factory.network import FactoryModel  # noqa: E402
-from robustmedseg.federation import secagg as codec  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 PAPER_VALUES: List[int] = []
@@ -217,8 +216,8 @@ def round1_error(runs: Dict[str, Dict[str, object]]) -> List[str]:
     ]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=200, help="updates per round (default 200)")
     p.add_argument("--long-updates", type=int, default=2000,
                    help="also measure the change over one round of this many updates (0: skip; default 2000)")
@@ -232,7 +231,11 @@ def main() -> None:
     p.add_argument("--values", type=int, default=2_000_000, help="values for the codec cost (default 2e6)")
     p.add_argument("--skip-federation", action="store_true", help="only parts 1-3")
     p.add_argument("--md", type=Path, default=None, help="also append the figures as markdown to this file")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     lines = weight_ranges()
     lines += codec_cost(args.values)
@@ -257,8 +260,8 @@ def main() -> None:
             lines += round1_error(runs)
     print("\n".join(lines))
     if args.md:
-        cmd = "python bench/secagg.py " + " ".join(sys.argv[1:])
-        text = "## Phase 1: secure aggregation (`bench/secagg.py`)\n\n" + "\n".join(f"- {ln}" for ln in lines)
+        cmd = "python -m bench.bench_secagg " + " ".join(sys.argv[1:])
+        text = "## Phase 1: secure aggregation (`bench/bench_secagg.py`)\n\n" + "\n".join(f"- {ln}" for ln in lines)
         text += f"\n\nCommand: `OMP_NUM_THREADS={args.threads} {cmd}`\n"
         with open(args.md, "a") as handle:
             handle.write(text + "\n")
