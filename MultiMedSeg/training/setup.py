@@ -5,7 +5,9 @@
   read by :func:`robustmedseg.federation.export.read_factory_file`, the rest from the flags);
 * the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
   :func:`adaptation_model` (its config with two domains);
-* :func:`check_domains`: domain ids must index the generator's conditioning.
+* :func:`check_domains`: domain ids must index the generator's conditioning;
+* the run's preprocessing plan (:mod:`MultiMedSeg.data.plan`): :func:`training_plan` finds the
+  ``metadata.json`` of the site the run segments and :func:`run_plan` builds the plan from it.
 
 Every problem is a one-line :class:`~robustmedseg.errors.InputError` naming the file.
 """
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from MultiMedSeg.data.plan import PreprocessingPlan, plan_from_metadata
+from MultiMedSeg.data.preprocessing import METADATA_NAME
+from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError
@@ -128,3 +134,48 @@ def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
     if getattr(opts, "reinit_encoder", False):  # the original's behaviour (§9.38)
         net.reinitialise_encoder(opts.backbone_weights)
     return net, path
+
+
+# ---------------------------------------------------------------------------------- preprocessing plan
+def run_plan(metadata: Path, domains: Sequence[int], label_nc: int) -> PreprocessingPlan:
+    """The plan of a run with checkpoint domains ``domains`` ([src] or [src, tgt]) from the
+    ``metadata.json`` of the site it segments (the target of an adapted run, else the source)."""
+    meta = load_metadata(metadata)
+    adapted = len(domains) == 2
+    plan = plan_from_metadata(meta, Path(metadata), int(domains[-1] if adapted else domains[0]),
+                              "target" if adapted else "source")
+    if plan.num_classes != int(label_nc):
+        raise InputError(f"label count mismatch: the preprocessed site has {plan.num_classes} classes, the run "
+                         f"{label_nc}", metadata)
+    return plan
+
+
+def find_site_metadata(*folders: Optional[Path]) -> Optional[Path]:
+    """``metadata.json`` of the preprocessed site holding one of ``folders`` (the folder itself, or
+    its parent or grandparent: ``SITE/val``, ``SITE/train/labeled``); None when there is none."""
+    for folder in folders:
+        if folder is None:
+            continue
+        folder = Path(folder)
+        for candidate in (folder, folder.parent, folder.parent.parent):
+            if (candidate / METADATA_NAME).is_file():
+                return candidate / METADATA_NAME
+    return None
+
+
+def training_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
+    """The plan of this training run (pretraining: the source site, adaptation: the target site), or
+    None with a note on stderr when no ``metadata.json`` is found next to its data."""
+    if opts.only_intra:
+        folders = (opts.source_data, opts.val_root, opts.source_root)
+        domains = [opts.src_label]
+    else:
+        folders = (opts.target_data, opts.val_root, opts.target_labeled)
+        domains = [opts.src_label, opts.tgt_label]
+    metadata = find_site_metadata(*folders)
+    if metadata is None:
+        print(f"note: no {METADATA_NAME} found next to the {'source' if opts.only_intra else 'target'} data: this "
+              "run will have no preprocessing plan for predict; write one later with python -m MultiMedSeg.plan "
+              "--checkpoint_dir EXP --metadata PREP/metadata.json", file=sys.stderr)
+        return None
+    return run_plan(metadata, domains, opts.label_nc)
