@@ -1,11 +1,13 @@
 """Write (or show) the preprocessing plan of a training run, for runs trained before plans existed.
 
-    python -m MultiMedSeg.plan --checkpoint_dir runs/adapt_site2 --metadata prep/site2/metadata.json
+    python -m MultiMedSeg.plan --checkpoint_dir runs/adapt_site2 [--metadata prep/site2/metadata.json]
 
 Pretraining and adaptation write ``checkpoints/plan.json`` themselves, from the ``metadata.json`` of
 the site they segment (the source site for ``pretrain.py``, the target site for ``train.py``).  This
-command writes it afterwards from the metadata you name; the domain and the number of classes are
-checked against the run's best checkpoint.  ``--show`` prints a run's plan.  Also ``rms-plan``.
+command writes it afterwards: from the site the run's checkpoint says it was trained on (its saved
+options), or from ``--metadata`` -- which must then be that site's unless ``--force`` (the data may
+have moved).  The domain and the number of classes come from the run's best checkpoint.
+``--show`` prints a run's plan.  Also ``rms-plan``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ def build_parser() -> CliParser:
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="training run (its folder or checkpoints/)")
     p.add_argument("--metadata", type=Path, default=None,
                    help="metadata.json (or its folder) of the preprocessed site the run segments: the target site "
-                        "of an adapted run, the source site of a pretraining run")
+                        "of an adapted run, the source site of a pretraining run (default: the one named by the "
+                        "run's saved options)")
+    p.add_argument("--force", action="store_true",
+                   help="accept a --metadata other than the one the run's options name (e.g. the data moved)")
     p.add_argument("--show", action="store_true", help="print the run's plan and stop")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan.json")
     return p
@@ -40,22 +45,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from MultiMedSeg.data.preprocessing import METADATA_NAME
     from MultiMedSeg.ensemble import resolve_checkpoints
     from MultiMedSeg.training import checkpoints as ck
-    from MultiMedSeg.training.setup import run_plan
+    from MultiMedSeg.training.setup import run_plan, site_metadata
     from robustmedseg.io import load_torch_file
 
     folder = ck.checkpoints_folder(args.checkpoint_dir)
     if args.show:
         print(json.dumps(load_plan(folder).to_dict(), indent=1))
         return 0
-    if args.metadata is None:
-        raise InputError("--metadata is required (unless --show)")
     if (folder / PLAN_NAME).exists() and not args.overwrite:
         raise InputError("the run already has a plan (pass --overwrite to replace it)", folder / PLAN_NAME)
     best = resolve_checkpoints(args.checkpoint_dir, 1)[0]
-    config = load_torch_file(best, "phase-2 checkpoint", mapping=True).get("config")
+    payload = load_torch_file(best, "phase-2 checkpoint", mapping=True)
+    config, opts = payload.get("config"), payload.get("opts") or {}
     if not isinstance(config, dict):
         raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", best)
-    metadata = args.metadata / METADATA_NAME if args.metadata.is_dir() else args.metadata
+    trained_on = site_metadata(opts)
+    if args.metadata is None:
+        if trained_on is None:
+            raise InputError("the run's options name no preprocessed site that still exists; give its "
+                             "metadata.json with --metadata", best)
+        metadata = trained_on
+    else:
+        metadata = args.metadata / METADATA_NAME if args.metadata.is_dir() else args.metadata
+        if trained_on is not None and metadata.resolve() != trained_on.resolve() and not args.force:
+            raise InputError(f"the run was trained on the site of {trained_on}, not this one (pass --force if the "
+                             f"data moved)", metadata)
     plan = run_plan(metadata, list(config["src_tgt_domains"]), int(config["label_nc"]))
     path = save_plan(plan, folder)
     print(f"wrote {path} ({plan.domain['role']} domain {plan.domain['label']}, {plan.num_classes} classes, "

@@ -163,19 +163,23 @@ def find_site_metadata(*folders: Optional[Path]) -> Optional[Path]:
     return None
 
 
+def site_metadata(opts: Mapping[str, Any]) -> Optional[Path]:
+    """``metadata.json`` of the site a run segments, from its options (a parsed namespace's ``vars`` or
+    the ``opts`` saved in its checkpoints): the source data of a pretraining run (``only_intra``), the
+    target data of an adaptation run."""
+    keys = (("source_data", "val_root", "source_root") if opts.get("only_intra")
+            else ("target_data", "val_root", "target_labeled"))
+    return find_site_metadata(*(Path(opts[k]) for k in keys if opts.get(k)))
+
+
 def training_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
     """The plan of this training run (pretraining: the source site, adaptation: the target site), or
     None with a note on stderr when no ``metadata.json`` is found next to its data."""
-    if opts.only_intra:
-        folders = (opts.source_data, opts.val_root, opts.source_root)
-        domains = [opts.src_label]
-    else:
-        folders = (opts.target_data, opts.val_root, opts.target_labeled)
-        domains = [opts.src_label, opts.tgt_label]
-    metadata = find_site_metadata(*folders)
+    metadata = site_metadata(vars(opts))
     if metadata is None:
         print(f"note: no {METADATA_NAME} found next to the {'source' if opts.only_intra else 'target'} data: this "
               "run will have no preprocessing plan for predict; write one later with python -m MultiMedSeg.plan "
               "--checkpoint_dir EXP --metadata PREP/metadata.json", file=sys.stderr)
         return None
+    domains = [opts.src_label] if opts.only_intra else [opts.src_label, opts.tgt_label]
     return run_plan(metadata, domains, opts.label_nc)
