@@ -9,6 +9,7 @@ preprocessed by the plan must give exactly the slices ``MultiMedSeg.preprocess``
 from __future__ import annotations
 
 import json
+import locale
 import os
 import shutil
 import subprocess
@@ -277,7 +278,16 @@ def test_itk_formats_keep_their_geometry_exactly(runs, tmp_path):
 
 
 def write_dicom_series(volume: np.ndarray, geometry: ItkGeometry, folder: Path, uid: str) -> None:
-    """An int16 (x, y, z) volume as a DICOM series (one file per slice) with ``geometry``."""
+    """An int16 (x, y, z) volume as a DICOM series (one file per slice) with ``geometry``.  GDCM's writer
+    switches the process locale to "C" (Python's default text encoding becomes ASCII): restored after."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(volume, geometry, folder, uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(volume: np.ndarray, geometry: ItkGeometry, folder: Path, uid: str) -> None:
     image = nifti_to_itk(volume.astype(np.int16), geometry)
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
