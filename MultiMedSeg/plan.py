@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
+from robustmedseg.errors import CliParser, run_cli  # noqa: E402
 
 
 def build_parser() -> CliParser:
@@ -41,37 +41,14 @@ def build_parser() -> CliParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from MultiMedSeg.data.plan import PLAN_NAME, load_plan, save_plan
-    from MultiMedSeg.data.preprocessing import METADATA_NAME
-    from MultiMedSeg.ensemble import resolve_checkpoints
+    from MultiMedSeg.data.plan import load_plan
     from MultiMedSeg.training import checkpoints as ck
-    from MultiMedSeg.training.setup import run_plan, site_metadata
-    from robustmedseg.io import load_torch_file
+    from MultiMedSeg.training.setup import write_run_plan
 
-    folder = ck.checkpoints_folder(args.checkpoint_dir)
     if args.show:
-        print(json.dumps(load_plan(folder).to_dict(), indent=1))
+        print(json.dumps(load_plan(ck.checkpoints_folder(args.checkpoint_dir)).to_dict(), indent=1))
         return 0
-    if (folder / PLAN_NAME).exists() and not args.overwrite:
-        raise InputError("the run already has a plan (pass --overwrite to replace it)", folder / PLAN_NAME)
-    best = resolve_checkpoints(args.checkpoint_dir, 1)[0]
-    payload = load_torch_file(best, "phase-2 checkpoint", mapping=True)
-    config, opts = payload.get("config"), payload.get("opts") or {}
-    if not isinstance(config, dict):
-        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", best)
-    trained_on = site_metadata(opts)
-    if args.metadata is None:
-        if trained_on is None:
-            raise InputError("the run's options name no preprocessed site that still exists; give its "
-                             "metadata.json with --metadata", best)
-        metadata = trained_on
-    else:
-        metadata = args.metadata / METADATA_NAME if args.metadata.is_dir() else args.metadata
-        if trained_on is not None and metadata.resolve() != trained_on.resolve() and not args.force:
-            raise InputError(f"the run was trained on the site of {trained_on}, not this one (pass --force if the "
-                             f"data moved)", metadata)
-    plan = run_plan(metadata, list(config["src_tgt_domains"]), int(config["label_nc"]))
-    path = save_plan(plan, folder)
+    path, plan = write_run_plan(args.checkpoint_dir, args.metadata, force=args.force, overwrite=args.overwrite)
     print(f"wrote {path} ({plan.domain['role']} domain {plan.domain['label']}, {plan.num_classes} classes, "
           f"{plan.size} px, orientation {plan.orientation})")
     return 0

@@ -57,8 +57,9 @@ PLAN_VERSION = 1
 ROLES = ("source", "target")
 #: spacing ratio (scan / training median, per axis) beyond which predict warns
 SPACING_TOLERANCE = 2.0
-WRITE_PLAN_HINT = ("re-train the run, or write its plan from the metadata.json of the preprocessed site it segments: "
-                   "python -m MultiMedSeg.plan --checkpoint_dir RUN --metadata PREP/metadata.json")
+WRITE_PLAN_HINT = ("write it with: python -m MultiMedSeg.plan --checkpoint_dir {run} (from the site named by the run's "
+                   "options; add --metadata PREP/metadata.json of the site the run segments if that data moved), or "
+                   "re-train the run")
 
 
 @dataclass
@@ -196,8 +197,9 @@ def load_plan(folder: Union[str, Path]) -> PreprocessingPlan:
     :class:`InputError` that says how to get one."""
     path = Path(folder) / PLAN_NAME
     if not path.is_file():
+        run = Path(folder).parent if Path(folder).name == "checkpoints" else Path(folder)
         raise InputError(f"this run has no preprocessing plan ({PLAN_NAME}; runs trained before plans existed have "
-                         f"none): {WRITE_PLAN_HINT}", Path(folder))
+                         f"none); {WRITE_PLAN_HINT.format(run=run)}", Path(folder))
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:

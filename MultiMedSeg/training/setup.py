@@ -7,7 +7,8 @@
   :func:`adaptation_model` (its config with two domains);
 * :func:`check_domains`: domain ids must index the generator's conditioning;
 * the run's preprocessing plan (:mod:`MultiMedSeg.data.plan`): :func:`training_plan` finds the
-  ``metadata.json`` of the site the run segments and :func:`run_plan` builds the plan from it.
+  ``metadata.json`` of the site the run segments and :func:`run_plan` builds the plan from it;
+  :func:`write_run_plan` writes the plan of a finished run (``python -m MultiMedSeg.plan``).
 
 Every problem is a one-line :class:`~robustmedseg.errors.InputError` naming the file.
 """
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from MultiMedSeg.data.plan import PreprocessingPlan, plan_from_metadata
+from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, plan_from_metadata, save_plan
 from MultiMedSeg.data.preprocessing import METADATA_NAME
 from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.models.psp import PSP, PSPConfig
@@ -183,3 +184,35 @@ def training_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
         return None
     domains = [opts.src_label] if opts.only_intra else [opts.src_label, opts.tgt_label]
     return run_plan(metadata, domains, opts.label_nc)
+
+
+def write_run_plan(checkpoint_dir: Path, metadata: Optional[Path] = None, force: bool = False,
+                   overwrite: bool = False) -> Tuple[Path, PreprocessingPlan]:
+    """Write ``checkpoints/plan.json`` of a finished run: from the site its saved options name, or from
+    ``metadata`` (a ``metadata.json`` or its folder), which must be that site unless ``force``.  Domains
+    and classes come from the run's best checkpoint."""
+    folder = ck.checkpoints_folder(Path(checkpoint_dir))
+    if (folder / PLAN_NAME).exists() and not overwrite:
+        raise InputError("the run already has a plan (pass --overwrite to replace it)", folder / PLAN_NAME)
+    index = ck.BestIndex.load(folder)
+    if not index.entries:
+        raise InputError("best-checkpoint index is empty (the run never validated)", index.path)
+    best = index.paths(1)[0]
+    payload = load_torch_file(best, "phase-2 checkpoint", mapping=True)
+    config, opts = payload.get("config"), payload.get("opts") or {}
+    if not isinstance(config, Mapping):
+        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", best)
+    trained_on = site_metadata(opts)
+    if metadata is None:
+        if trained_on is None:
+            raise InputError("the run's options name no preprocessed site that still exists; give its "
+                             "metadata.json with --metadata", best)
+        metadata = trained_on
+    else:
+        metadata = Path(metadata)
+        metadata = metadata / METADATA_NAME if metadata.is_dir() else metadata
+        if trained_on is not None and metadata.resolve() != trained_on.resolve() and not force:
+            raise InputError(f"the run was trained on the site of {trained_on}, not this one (pass --force if the "
+                             f"data moved)", metadata)
+    plan = run_plan(metadata, list(config["src_tgt_domains"]), int(config["label_nc"]))
+    return save_plan(plan, folder), plan
