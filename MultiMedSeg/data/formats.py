@@ -299,6 +299,8 @@ def read_scan(src: ScanSource) -> Scan:
         raise InputError(f"cannot read {src.format} image: {_first_line(err)}", src.path) from None
     if image.GetDimension() != 3:
         check_volume_shape(image.GetSize(), src.path)  # 2-D and 4-D get their own message
+        size = list(image.GetSize())  # a 4-D image with one time point: its 3-D volume
+        image = sitk.Extract(image, size[:3] + [0] * (len(size) - 3), [0] * len(size))
     img, geometry = itk_to_nifti(image, src.path)
     return Scan(src, img, geometry)
 
