@@ -82,8 +82,13 @@ def build_parser() -> CliParser:
                      help="heuristic bounding-box crop of each volume, widened to keep every labeled voxel "
                           "(default on; --no-crop keeps the full volume)")
     geo.add_argument("--ignore-z", action="store_true", help="do not resample the slice (3rd) axis")
+    geo.add_argument("--orientation", default="RAS", metavar="CODE",
+                     help="reorient every volume to these nibabel axis codes before anything else (axis "
+                          "permutations and reversals only, undone when mapping back); slices are planes of the "
+                          "3rd axis: S/I axial, A/P coronal, R/L sagittal (default RAS: axial slices). 'stored' "
+                          "keeps the array order as stored (the original code's behaviour)")
     geo.add_argument("--flip-axis", type=int, choices=(0, 1, 2), default=None,
-                     help="reverse this axis of every volume after reading (undone when mapping back)")
+                     help="reverse this axis of every volume after reorientation (undone when mapping back)")
     geo.add_argument("--keep-extracerebral-slices", dest="discard_extracerebral", action="store_false",
                      help="keep every slice of volumes with a brain mask (default: only the slices from the "
                           "first to the last brain slice, inclusive, as the original)")
@@ -126,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         target_spacing=tuple(args.target_spacing) if args.target_spacing else None, crop=args.crop,
         ignore_z=args.ignore_z, standardize=args.standardize, num_classes=args.num_classes,
         discard_outside_labels=args.discard_outside_labels, flip_axis=args.flip_axis,
+        orientation=args.orientation,
         percentiles=tuple(args.percentiles), overwrite=args.overwrite)
 
 
@@ -142,5 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-preprocess``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

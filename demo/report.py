@@ -5,10 +5,11 @@
 * ``phantom_montage.png`` (stage phantom), ``final_global_model.pt`` (stage federated),
 * ``synthetic_site0/montage/*.png`` (stage generate),
 * ``inference/{source_only,adapted_real,adapted_synthetic}/metrics.csv`` and predictions (stage inference),
+* ``predict/scans/*.nrrd`` and ``predict/segmentations/`` (stage predict: new scans in another orientation),
 * ``.stages/*.json`` (wall time per stage),
 
 and writes ``generator_grid.png`` (domains x z-bins from the global generator), ``synthetic_montage.png``,
-``segmentation_overlay.png`` and ``REPORT.md`` (figures, Dice/HD95 table, timings).
+``segmentation_overlay.png``, ``predict_overlay.png`` and ``REPORT.md`` (figures, Dice/HD95 tables, timings).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ METHODS = (("source_only", "intra", "source only (pretrained on site 0, no adapt
 SHORT = {"source_only": "source only", "adapted_real": "adapted (real source)",
          "adapted_synthetic": "adapted (synthetic source)"}
 STAGE_ORDER = ("phantom", "preprocess", "prepare_data", "federated", "pretrain", "generate", "adapt",
-               "inference", "report")
+               "inference", "predict", "report")
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -192,6 +193,88 @@ def segmentation_overlay(out: Path, target: int, png: Path) -> Tuple[Path, str, 
     return _save_fig(fig, png), vid, z
 
 
+# ----------------------------------------------------------------------------------------- new scans
+
+def _read_itk(path: Path):
+    """An NRRD/MetaImage file as a nibabel image (array x, y, z; RAS affine)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from MultiMedSeg.data.formats import ItkGeometry
+
+    if not path.is_file():
+        raise InputError("file not found (did the predict stage run?)", path)
+    image = sitk.ReadImage(str(path))
+    return nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), ItkGeometry.of(image).affine())
+
+
+def _on_grid(img, reference) -> np.ndarray:
+    """``img``'s array brought onto ``reference``'s voxel grid: the two differ by axis order and direction
+    only (the same scan stored another way), so this is an exact reorientation."""
+    from nibabel import orientations as ornt
+
+    t = ornt.ornt_transform(ornt.io_orientation(img.affine), ornt.io_orientation(reference.affine))
+    out = ornt.apply_orientation(np.asarray(img.dataobj), t)
+    if out.shape != reference.shape or not np.allclose(img.affine @ ornt.inv_ornt_aff(t, img.shape),
+                                                       reference.affine, atol=1e-3):
+        raise InputError("the segmentation is not on the scan's grid", reference.get_filename())
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def predict_section(out: Path, target: int, png: Path) -> str:
+    """Markdown for the predict stage: per new scan, its stored axes, Dice against the ground truth and
+    against inference.py's ``_pred`` of the same volume, and ``predict_overlay.png``."""
+    import nibabel as nib
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = json.loads((out / "predict" / "segmentations" / "predict.json").read_text())
+    rows = ["| scan (NRRD) | stored axes | shape | Dice GM | Dice WM | agreement with inference.py `_pred` (mean Dice) |",
+            "|---|---|---|---|---|---|"]
+    shown = None
+    for scan in summary["scans"]:
+        vid = scan["id"]
+        reference = nib.load(str(out / "data" / f"site{target}" / "images" / f"{vid}.nii.gz"))
+        labels = _on_grid(_read_itk(out / "predict" / "segmentations" / scan["output"]), reference)
+        gt = _nifti(out / "data" / f"site{target}" / "labels" / f"{vid}.nii.gz")
+        ref_pred = _nifti(out / "inference" / "adapted_real" / f"{vid}_pred.nii.gz")
+        dice = [_dice(labels == int(c), gt == int(c)) for c, _ in CLASSES]
+        agree = float(np.nanmean([_dice(labels == int(c), ref_pred == int(c)) for c, _ in CLASSES]))
+        rows.append(f"| `{scan['output']}` | {scan['stored_axcodes']} | {' x '.join(map(str, scan['shape']))} | "
+                    f"{_fmt(dice[0])} | {_fmt(dice[1])} | {_fmt(agree)} |")
+        if shown is None:
+            shown = (scan, _read_itk(out / "predict" / "scans" / Path(scan["input"]).name),
+                     _read_itk(out / "predict" / "segmentations" / scan["output"]), reference, labels)
+    scan, stored, seg, reference, labels = shown
+    image = np.asarray(stored.dataobj)
+    k = image.shape[2] // 2
+    axial = np.asarray(reference.dataobj)
+    z = int(np.argmax((labels > 0).sum(axis=(0, 1))))
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.2))
+    for ax, (title, img2d, lab2d) in zip(axes, [
+            (f"stored array, slice {k} of its 3rd axis ({scan['stored_axcodes'][2]})", image[:, :, k],
+             np.asarray(seg.dataobj)[:, :, k]),
+            (f"mapped to the NIfTI scan, axial slice {z}", axial[:, :, z], labels[:, :, z])]):
+        lo, hi = np.percentile(img2d, [1, 99])
+        ax.imshow(img2d.T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+        ax.imshow(_label_rgba(lab2d.T.astype(int)), origin="lower")
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"predict on {scan['output']} (NRRD, stored {scan['stored_axcodes']}; red GM, blue WM)",
+                 fontsize=8)
+    _save_fig(fig, png)
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------------------- report
 
 def read_timings(out: Path) -> Dict[str, Dict[str, float]]:
@@ -227,6 +310,7 @@ def write_report(out: Path, target: int) -> Path:
     generator_grid(out, out / "generator_grid.png")
     synthetic_montage(out, out / "synthetic_montage.png")
     _, vid, z = segmentation_overlay(out, target, out / "segmentation_overlay.png")
+    new_scans = predict_section(out, target, out / "predict_overlay.png")
     factory_rounds = sorted((out / "runs" / "factory" / "samples").glob("round_*.png"))
     text = f"""# RobustMedSeg demo report
 
@@ -265,7 +349,24 @@ Mean over the {n_test} test volume(s) of site {target} (`inference/*/metrics.csv
 
 {table}
 
-## 5. Wall time per stage
+## 5. Segmenting new scans (`MultiMedSeg/predict.py`)
+
+The site-{target} test volumes, stored again as NRRD with their axes permuted and reversed (`python -m
+demo.reorient`, axis codes PIL: the stored slice axis is now left-right), segmented as new scans by the
+adapted run: its preprocessing plan (`runs/adapt_real_site{target}/checkpoints/plan.json`) reorients each
+scan to RAS, preprocesses it like the training data, and the labels are written back in NRRD on the
+scan's own grid (`predict/segmentations/`). Left: the stored array with the labels written by `predict`;
+right: the same labels on the original NIfTI scan.
+
+![predict overlay](predict_overlay.png)
+
+{new_scans}
+
+Agreement with `inference.py` is not 1: the demo preprocessing keeps only the labeled slices of each
+volume (`--discard-outside-labels`), so `inference.py` segments that slab, standardised over it, whereas a
+new scan has no labels and every slice of it is segmented and standardised together.
+
+## 6. Wall time per stage
 
 {timing_table(read_timings(out))}
 

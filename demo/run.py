@@ -11,7 +11,9 @@ Stages (each runs the project's real command-line tools as subprocesses; the out
 6. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
 7. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
 8. ``inference``     target test volumes: source-only, adapted-real, adapted-synthetic (``MultiMedSeg/inference.py``)
-9. ``report``        ``OUT/REPORT.md`` with figures and the Dice/Hausdorff table (``python -m demo.report``)
+9. ``predict``       the target test scans stored as NRRD in another axis order (``python -m demo.reorient``),
+                     segmented like new scans (``MultiMedSeg/predict.py``)
+10. ``report``       ``OUT/REPORT.md`` with figures and the Dice/Hausdorff table (``python -m demo.report``)
 
 A finished stage leaves ``OUT/.stages/<name>.json`` (its wall time); ``--resume`` skips those.
 ``--full`` prints the paper-scale commands instead of running anything.
@@ -318,5 +320,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-demo``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -86,7 +86,7 @@ def _repo() -> Path:
 
 def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pretrained: Optional[str] = None,
                  target: int = TARGET_SITE) -> List[Stage]:
-    """The nine demo stages for the output folder ``out`` (absolute paths in every command)."""
+    """The ten demo stages for the output folder ``out`` (absolute paths in every command)."""
     repo, out = _repo(), out.resolve()
     data, prep, lmdb, fed = out / "data", out / "prep", out / "lmdb", out / "federation"
     runs = out / "runs"
@@ -167,9 +167,19 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         for name, ckpt in [("source_only", pre), ("adapted_real", runs / f"adapt_real_site{target}"),
                            ("adapted_synthetic", runs / f"adapt_synth_site{target}")]], ["inference"]))
 
+    new_scans = out / "predict"
+    stages.append(Stage("predict", f"segment the site-{target} test scans stored as NRRD in another orientation "
+                                   "(MultiMedSeg/predict.py)", [
+        _py("-m", "demo.reorient", "--metadata", prep / f"site{target}" / "metadata.json", "--split", "test",
+            "--axcodes", "PIL", "--format", "nrrd", "--out", new_scans / "scans"),
+        _py(repo / "MultiMedSeg" / "predict.py", "-i", new_scans / "scans", "-o", new_scans / "segmentations",
+            "--checkpoint_dir", runs / f"adapt_real_site{target}", "--ensemble_size", cfg.n_best,
+            "--output_format", "input", "--device", "cpu")], ["predict"]))
+
     stages.append(Stage("report", "REPORT.md and figures", [
         _py("-m", "demo.report", "--out", out, "--target", target)],
-        ["REPORT.md", "generator_grid.png", "synthetic_montage.png", "segmentation_overlay.png"]))
+        ["REPORT.md", "generator_grid.png", "synthetic_montage.png", "segmentation_overlay.png",
+         "predict_overlay.png"]))
     return stages
 
 
@@ -238,6 +248,10 @@ def paper_commands() -> str:
         "# 8. inference: ensemble of the 5 best checkpoints, NIfTI on the original grid + metrics.csv",
         "python MultiMedSeg/inference.py --exp_dir runs/adapt_site2_test --checkpoint_dir runs/adapt_site2 \\",
         "    --target_data prep/site2 --ensemble_size 5",
+        "",
+        "# 9. new scans of site 2 (NIfTI, NRRD, MetaImage or DICOM series folders, any orientation): labels on",
+        "#    each scan's own grid, preprocessed by the run's plan (runs/adapt_site2/checkpoints/plan.json)",
+        "python MultiMedSeg/predict.py -i new_scans -o segmentations --checkpoint_dir runs/adapt_site2",
     ]
     return "\n".join(lines)
 

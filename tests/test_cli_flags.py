@@ -29,12 +29,15 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "MultiMedSeg/pretrain.py": _module_parser("MultiMedSeg.training.options", "training_parser", "pretrain"),
     "MultiMedSeg/train.py": _module_parser("MultiMedSeg.training.options", "training_parser", "train"),
     "MultiMedSeg/inference.py": _module_parser("MultiMedSeg.training.options", "inference_parser"),
+    "MultiMedSeg/predict.py": _module_parser("MultiMedSeg.training.options", "predict_parser"),
+    "MultiMedSeg/plan.py": _module_parser("MultiMedSeg.plan"),
     "demo/run.py": _module_parser("demo.run"),
     "demo/phantom.py": _module_parser("demo.phantom"),
     "demo/report.py": _module_parser("demo.report"),
+    "demo/reorient.py": _module_parser("demo.reorient"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
-       for name in ("adaptation", "federation", "generate", "gpu_check", "model", "ops", "train_step")},
+       for name in ("adaptation", "federation", "generate", "gpu_check", "model", "ops", "secagg", "train_step")},
 }
 
 
@@ -83,8 +86,10 @@ def test_every_flag_accepts_both_spellings(script):
 PARSES = {
     "prepare_data.py": (["slices", "--out", "o", "--label", "1", "--n-domains", "2", "--clip-batch", "4"],
                         ["slices", "--out", "o", "--label", "1", "--n_domains", "2", "--clip_batch", "4"]),
-    "train.py": (["--num_updates_per_round", "5", "--clip-weight", "50", "--latent", "64", "--batch", "3"],
-                 ["--num-updates-per-round", "5", "--clip_weight", "50", "--style-dim", "64", "--batch-size", "3"]),
+    "train.py": (["--num_updates_per_round", "5", "--clip-weight", "50", "--latent", "64", "--batch", "3",
+                  "--secagg", "--secagg-clip", "1.5"],
+                 ["--num-updates-per-round", "5", "--clip_weight", "50", "--style-dim", "64", "--batch-size", "3",
+                  "--secagg", "--secagg_clip", "1.5"]),
     "save_global_model.py": (["--researcher-dir", "r"], ["--researcher_dir", "r"]),
     "generate_volumes.py": (
         ["--ckpt_dir", "c", "--label", "0", "--n_volumes", "2", "--slices_in_one_z", "3",
@@ -100,9 +105,15 @@ PARSES = {
     "MultiMedSeg/inference.py": (["--checkpoint_dir", "c", "--ensemble_weights", "0.5,0.5", "--label_nc", "3"],
                                  ["--checkpoint-dir", "c", "--ensemble-weights", "0.5,0.5",
                                   "--n_segmentation_labels", "3"]),
+    "MultiMedSeg/predict.py": (["-i", "a", "b", "-o", "o", "--checkpoint_dir", "c", "--save_probabilities",
+                                "--output_format", "input"],
+                               ["--input", "a", "b", "--output=o", "--checkpoint-dir", "c", "--save-probabilities",
+                                "--output-format", "input"]),
+    "MultiMedSeg/plan.py": (["--checkpoint_dir", "c", "--metadata", "m"], ["--checkpoint-dir=c", "--metadata=m"]),
     "demo/run.py": (["--clip-model", "none", "--print-commands"], ["--clip_model", "none", "--print_commands"]),
     "demo/phantom.py": (["--out", "o", "--n-subjects", "2"], ["--out", "o", "--n_subjects", "2"]),
     "demo/report.py": (["--out", "o", "--target", "1"], ["--out=o", "--target=1"]),
+    "demo/reorient.py": (["--metadata", "m", "--out", "o", "--axcodes", "LPS"], ["--metadata=m", "--out=o", "--axcodes=LPS"]),
     "robustmedseg/federation/local.py": (["up", "--root", "r", "--dataset", "a=b"],
                                          ["up", "--root=r", "--dataset=a=b"]),
     "bench/bench_adaptation.py": (["--work", "w", "--pretrain-steps", "3"], ["--work", "w", "--pretrain_steps", "3"]),
@@ -111,6 +122,7 @@ PARSES = {
     "bench/bench_model.py": (["--channel-cap", "8", "--no-reg"], ["--channel_cap", "8", "--no_reg"]),
     "bench/bench_ops.py": (["--quick"], ["--quick"]),
     "bench/bench_gpu_check.py": (["--budget-s", "3", "--tiny"], ["--budget_s", "3", "--tiny"]),
+    "bench/bench_secagg.py": (["--long-updates", "0", "--skip-federation"], ["--long_updates", "0", "--skip_federation"]),
     "bench/bench_train_step.py": (["--size", "32"], ["--size=32"]),
 }
 
@@ -157,7 +169,8 @@ def test_train_flags_are_the_factory_config_fields():
     assert cfg == FactoryConfig()  # no flag repeats (or changes) a default
     fields = {f.name for f in dataclasses.fields(FactoryConfig)}
     assert set(train.FLAG_FIELDS) <= fields
-    assert fields - set(train.FLAG_FIELDS) == {"lr_mlp", "clip_prob", "run_id"}
+    # not flags of their own: secagg_clip and secagg_weighting follow --secagg, --secagg-clip and --aggregation
+    assert fields - set(train.FLAG_FIELDS) == {"lr_mlp", "clip_prob", "run_id", "secagg_clip", "secagg_weighting"}
 
 
 def test_usage_error_is_one_line(capsys):
@@ -183,3 +196,41 @@ def test_prefixes_and_collisions():
     bad.add_argument("--a_b")
     with pytest.raises(ValueError, match="differ only"):
         bad.parse_args([])
+
+
+# ------------------------------------------------------------------------------------------ console scripts
+def _console_scripts() -> Dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_every_user_facing_command_has_a_console_script():
+    scripts = _console_scripts()
+    expected = {"rms-preprocess", "rms-prepare-data", "rms-federation", "rms-train", "rms-export", "rms-pretrain",
+                "rms-generate", "rms-adapt", "rms-infer", "rms-plan", "rms-predict", "rms-demo", "rms-phantom"}
+    assert set(scripts) == expected
+    assert all(name.startswith("rms-") and name == name.lower() for name in scripts)
+    # the modules behind them are installed: a top-level py-module or a module of an installed package
+    tomllib = pytest.importorskip("tomllib")
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in tool["packages"]["find"]["include"]]
+    for target in scripts.values():
+        module = target.split(":")[0]
+        assert module in tool["py-modules"] or module.split(".")[0] in packages, target
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()) if sys.version_info >= (3, 11) else [])
+def test_console_script_resolves_and_answers_help(name, capsys):
+    """The entry point object exists, runs its script's main() and answers --help (exit 0)."""
+    module, attr = _console_scripts()[name].split(":")
+    entry = getattr(importlib.import_module(module), attr)
+    with pytest.raises(SystemExit) as info:
+        entry(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--help" in out
+    with pytest.raises(SystemExit) as info:  # the one-line usage-error policy, as `python script.py`
+        entry(["--no-such-flag"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err

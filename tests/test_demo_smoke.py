@@ -2,7 +2,7 @@
 
 Runs the whole pipeline once (phantom, preprocessing, LMDBs, 3 local Fed-BioMed nodes with
 ``train.py`` + ``save_global_model.py``, pretraining, synthetic volumes, two adaptations, three
-inferences, report) with the quick settings, then checks what a user looks at: REPORT.md with the
+inferences, predict on new scans, report) with the quick settings, then checks what a user looks at: REPORT.md with the
 three-way Dice/HD95 table holding numbers, the PNG figures it links, the per-stage logs and markers,
 that no node process is left running, and the resume/refusal behaviour of the driver.
 """
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("phantom", "preprocess", "prepare_data", "federated", "pretrain", "generate", "adapt", "inference",
-          "report")
+          "predict", "report")
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -74,12 +74,29 @@ def test_report_figures_exist_and_are_linked(demo_out: Path) -> None:
     report = (demo_out / "REPORT.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {"phantom_montage.png", "generator_grid.png", "synthetic_montage.png",
-            "segmentation_overlay.png"} <= set(links)
+            "segmentation_overlay.png", "predict_overlay.png"} <= set(links)
     for link in links:
         png = demo_out / link
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
     for stage in STAGES[:-1]:
         assert re.search(rf"^\| {stage} \| [0-9.]+ \|", report, re.M), stage
+
+
+def test_predict_stage_segments_reoriented_nrrd_scans(demo_out: Path) -> None:
+    """The target test volumes stored as NRRD in another axis order get labels in NRRD on their own
+    grid, scored in the report's new-scans table."""
+    import SimpleITK as sitk
+
+    scans = sorted((demo_out / "predict" / "scans").glob("*.nrrd"))
+    assert scans
+    report = (demo_out / "REPORT.md").read_text()
+    for scan in scans:
+        image, seg = sitk.ReadImage(str(scan)), sitk.ReadImage(str(demo_out / "predict" / "segmentations" / scan.name))
+        assert (seg.GetSize(), seg.GetOrigin(), seg.GetSpacing(), seg.GetDirection()) == (
+            image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+        row = next(ln for ln in report.splitlines() if ln.startswith(f"| `{scan.name}`"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "PIL" and all(0.0 <= float(c) <= 1.0 for c in cells[3:6])
 
 
 def test_nodes_are_stopped(demo_out: Path) -> None:

@@ -84,6 +84,18 @@ def python_invocation(words: List[str]) -> Tuple[str, List[str]] | None:
     raise AssertionError(f"unrecognised python command: {' '.join(words)}")
 
 
+def console_invocation(words: List[str]) -> Tuple[str, List[str]] | None:
+    """(module name, argv) of an ``rms-...`` console-script command (``[project.scripts]`` of pyproject.toml)."""
+    if not words or not words[0].startswith("rms-"):
+        return None
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    if words[0] not in scripts:
+        raise AssertionError(f"unknown console script: {words[0]}")
+    return scripts[words[0]].split(":")[0], words[1:]
+
+
 def documented_commands():
     cases = []
     for path in DOCS:
@@ -144,7 +156,7 @@ def test_bash_rules_of_the_extractor():
 def test_documented_command_parses(words, monkeypatch, capsys):
     assert not words[0].startswith("-"), (
         f"'{' '.join(words)}' is a command of its own for bash: the previous line does not end with a backslash")
-    inv = python_invocation(words)
+    inv = python_invocation(words) or console_invocation(words)
     if inv is None:
         return  # make, fedbiomed, ...: not ours to parse
     module_name, argv = inv

@@ -500,3 +500,50 @@ def test_brain_mask_cli_flags(tmp_path):
     assert not cfg.discard_extracerebral and not cfg.brain_class
     defaults = cli.config_from_args(cli.build_parser().parse_args(["--images", "i", "--out", "o"]))
     assert defaults.discard_extracerebral and defaults.brain_class and not defaults.annotation_required
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def _reoriented_site(phantom_dir: Path, dest: Path, transform) -> Path:
+    """Phantom site 0 with every image and label stored with permuted/reversed axes (affine updated)."""
+    for kind in ("images", "labels"):
+        for path in sorted((phantom_dir / "site0" / kind).glob("*.nii.gz")):
+            (dest / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.load(str(path)).as_reoriented(np.asarray(transform)), str(dest / kind / path.name))
+    return dest
+
+
+def test_reoriented_volumes_give_the_same_slices_and_restore_to_their_own_grid(phantom_dir, tmp_path):
+    """Default RAS: a site stored in another axis order (sagittal-first, reversed axes) is sliced along
+    the same anatomical axis (axial) -- identical slice files -- and restore_volume maps back onto each
+    volume's stored grid.  With --orientation stored (the original's behaviour) the slices differ."""
+    copy = _reoriented_site(phantom_dir, tmp_path / "copy", [[2, -1], [0, 1], [1, -1]])
+    kw = dict(size=48, num_classes=3, val_frac=0.25, test_frac=0.25, target_spacing=(5.0, 5.0, 5.0))
+    ref = preprocess(_site_config(phantom_dir, 0, tmp_path / "ref", **kw), **QUIET)
+    args = ["--images", str(copy / "images"), "--labels", str(copy / "labels"), "--out", str(tmp_path / "rot"),
+            "--size", "48", "--num-classes", "3", "--val-frac", "0.25", "--test-frac", "0.25",
+            "--target-spacing", "5", "5", "5", "--discard-outside-labels", "--quiet"]
+    assert cli.main(args) == 0
+    rot = load_metadata(tmp_path / "rot")
+    assert rot["orientation"] == ref["orientation"] == "RAS"
+    for vid, vol in rot["volumes"].items():
+        assert vol["orientation"]["stored_axcodes"] == "AIL" and vol["orientation"]["code"] == "RAS"
+        assert vol["orientation"]["shape"] == ref["volumes"][vid]["shape"] != vol["shape"]
+        assert vol["slices"] == ref["volumes"][vid]["slices"]
+        for rel in vol["slices"]:
+            a, b = load_slice(tmp_path / "ref" / rel), load_slice(tmp_path / "rot" / rel)
+            assert np.array_equal(a["data"], b["data"]) and np.array_equal(a["mask"], b["mask"])
+        label = restore_volume(_stack(tmp_path / "rot", vol, "mask"), vol, kind="label")
+        stored = np.asarray(nib.load(vol["label"]).dataobj)
+        assert label.shape == stored.shape
+        for c in (1, 2):
+            assert dc(label == c, stored == c) >= 0.95  # 6 mm -> 5 mm -> 6 mm
+    # the original's behaviour: slices of the 3rd stored axis (sagittal here), another slice count
+    assert cli.main(args[:5] + [str(tmp_path / "stored")] + args[6:] + ["--orientation", "stored"]) == 0
+    stored_meta = load_metadata(tmp_path / "stored")
+    vid = next(iter(stored_meta["volumes"]))
+    assert stored_meta["volumes"][vid]["orientation"]["transform"] == [[0, 1], [1, 1], [2, 1]]
+    assert len(stored_meta["volumes"][vid]["slices"]) != len(ref["volumes"][vid]["slices"])
+    with pytest.raises(InputError, match="--orientation"):
+        preprocess(_site_config(phantom_dir, 0, tmp_path / "bad", orientation="RAX"), **QUIET)

@@ -7,6 +7,9 @@
 * :mod:`.restore` -- ``metadata.json`` schema, :func:`load_metadata`, :func:`restore_volume`,
   :func:`write_nifti_like`.
 * :mod:`.resample` -- image and mask resampling: the one home of the mask resizing rule.
+* :mod:`.orientation` -- canonical orientation (default RAS) of every volume, undone on restore.
+* :mod:`.plan` -- a run's preprocessing plan (``plan.json``) and :func:`prepare_scan` for new scans.
+* :mod:`.formats` -- reading NIfTI, NRRD, MetaImage and DICOM series, writing on the input's grid.
 """
 from robustmedseg.data.slices import (  # noqa: F401
     group_slices_by_volume,

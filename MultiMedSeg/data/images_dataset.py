@@ -16,7 +16,8 @@ target ``(i//2) mod n_tgt``; the length is ``2*max(n_src, n_tgt)`` (minus one wh
 
 :class:`VolumeDataset` -- validation / inference: every slice of a folder, grouped by
 volume (sorted ids, slices sorted by index), one domain, true masks (or all-False when a
-slice has none).
+slice has none).  :class:`SliceArrayDataset` -- the same items from one scan's slices held in
+memory (``predict``).
 
 Both check every slice file when they are built (format, finite values in [-1, 1], mask
 channels; :func:`check_slices`), so a bad file stops the run before any work, with a one-line
@@ -197,6 +198,39 @@ class ImagesDataset(Dataset):
         return out
 
 
+def eval_item(sample: Dict[str, np.ndarray], domain: int, transform, invert_intensity: bool,
+              index: int) -> Dict[str, torch.Tensor]:
+    """A validation/inference item (:class:`VolumeDataset`, :class:`SliceArrayDataset`): the optional
+    intensity inversion, the (deterministic) transform, the domain vector, ``has_gt`` and ``index``."""
+    if invert_intensity:
+        sample = invert_image(sample, domain)
+    out = dict(transform(sample, np.random.default_rng(0)) if transform else sample)
+    out.update(domain=domain_vector(domain), has_gt=torch.tensor(bool(sample["has_mask"])), index=torch.tensor(index))
+    return out
+
+
+class SliceArrayDataset(Dataset):
+    """The slices of one scan held in memory, (Z, S, S) float32 in [-1, 1], without labels: items
+    exactly as :class:`VolumeDataset` makes them from the same slices written to files."""
+
+    def __init__(self, slices: np.ndarray, domain: int, transform=None, label_nc: int = 1,
+                 invert_intensity: bool = False):
+        self.slices = np.asarray(slices, dtype=np.float32)
+        self.domain = domain
+        self.transform = transform
+        self.label_nc = label_nc
+        self.invert_intensity = invert_intensity
+
+    def __len__(self) -> int:
+        return int(self.slices.shape[0])
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        data = self.slices[index][..., None]
+        sample = {"data": data, "mask": np.zeros(data.shape[:2] + (self.label_nc,), dtype=bool),
+                  "weight": np.ones(data.shape[:2] + (1,), dtype=bool), "has_mask": np.asarray(False)}
+        return eval_item(sample, self.domain, self.transform, self.invert_intensity, index)
+
+
 class VolumeDataset(Dataset):
     """Every slice of ``folder`` in volume order, all of one ``domain`` (0 source, 1 target)."""
 
@@ -216,13 +250,8 @@ class VolumeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        sample = read_slice(self.paths[index], self.label_nc)
-        if self.invert_intensity:
-            sample = invert_image(sample, self.domain)
-        out = dict(self.transform(sample, np.random.default_rng(0)) if self.transform else sample)
-        out.update(domain=domain_vector(self.domain), has_gt=torch.tensor(bool(sample["has_mask"])),
-                   index=torch.tensor(index))
-        return out
+        return eval_item(read_slice(self.paths[index], self.label_nc), self.domain, self.transform,
+                         self.invert_intensity, index)
 
     def volume_batches(self, batch_size: int) -> List[Tuple[str, List[int]]]:
         """(volume id, slice indices) chunks of at most ``batch_size``, never mixing volumes."""

@@ -12,7 +12,10 @@ Pipeline (:func:`preprocess`), per volume unless noted:
    ``label_rule`` (:func:`find_companion`); with ``annotation_required`` the unlabeled volumes
    are left out altogether (the original's "annotation required" dataset mode);
 2. split (:func:`split_volumes`): seeded val/test draws from the labeled volumes;
-3. optional flip of one axis, then the heuristic crop (:func:`heuristic_crop`, integer histogram
+3. reorientation to ``orientation`` (default ``RAS``, :mod:`MultiMedSeg.data.orientation`: axis
+   permutations and reversals only, so that every volume is sliced along the same anatomical axis;
+   ``stored`` keeps the array order as stored, as the original), optional flip of one axis, then
+   the heuristic crop (:func:`heuristic_crop`, integer histogram
    counts as the original, FIX §9.17: the end bin is searched in the reversed histogram),
    widened to contain every labeled voxel so that no annotation is ever cropped away;
 4. target spacing from train+val (:func:`compute_target_spacing`); resampling: images
@@ -21,7 +24,8 @@ Pipeline (:func:`preprocess`), per volume unless noted:
    mask rule of :mod:`MultiMedSeg.data.resample`, batchgenerators 0.24
    ``resize_segmentation(order=1)``); ``ignore_z`` keeps the z spacing without mutating shared
    state (FIX §9.18);
-5. transpose (X, Y, Z) -> (Z, X, Y): a slice is an (X, Y) plane of the 3rd NIfTI axis;
+5. transpose (X, Y, Z) -> (Z, X, Y): a slice is an (X, Y) plane of the 3rd working axis (an axial
+   plane with the default ``RAS``; the 3rd stored axis with ``orientation='stored'``);
 6. z-split (:func:`split_region`): every volume with a non-empty brain mask, labeled or not, keeps
    the slices from its first to its last brain slice *inclusive* (FIX §9.19), as the original's
    default ``discard_extracerebral_slices`` (off with ``discard_extracerebral=False``); a volume
@@ -47,7 +51,9 @@ is ever written (the slice format refuses it).
 Everything is written into a temporary folder that becomes ``out`` only when complete;
 ``out/metadata.json`` (schema in :mod:`MultiMedSeg.data.restore`) records what is needed
 to map predictions back onto the original NIfTI grid, and per volume a ``fingerprint`` of
-its slices that inference checks (:func:`slice_fingerprint`).
+its slices that inference checks (:func:`robustmedseg.data.slices.data_digest`).  The per-volume
+steps (:func:`inspect_volume`, :func:`process_volume`, :func:`volume_entry`) also preprocess a
+single new scan from a run's plan (:mod:`MultiMedSeg.data.plan`).
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ from robustmedseg.data.slices import data_digest, one_hot, save_slice, slice_nam
 from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_dir, check_apart, check_new_output
 
+from . import orientation as orient
 from .resample import resize_image, resize_labels  # noqa: F401  (re-exported)
 
 METADATA_NAME = "metadata.json"
@@ -111,6 +118,7 @@ class PreprocessConfig:
     brain_class: bool = True
     annotation_required: bool = False
     flip_axis: Optional[int] = None
+    orientation: str = orient.DEFAULT
     percentiles: Tuple[float, float] = (0.1, 99.9)
     overwrite: bool = False
 
@@ -134,6 +142,7 @@ class PreprocessConfig:
             raise InputError(f"--target-spacing needs 3 positive numbers, got {self.target_spacing}")
         if self.flip_axis not in (None, 0, 1, 2):
             raise InputError(f"--flip-axis must be 0, 1 or 2, got {self.flip_axis}")
+        self.orientation = orient.check_code(self.orientation)
         low, high = self.percentiles
         if not 0.0 <= low < high <= 100.0:
             raise InputError(f"--percentiles must satisfy 0 <= LOW < HIGH <= 100, got {low} {high}")
@@ -330,8 +339,10 @@ def volume_shape(img: nib.Nifti1Image, path: Path) -> Tuple[int, int, int]:
 
 
 def read_array(img: nib.Nifti1Image, path: Path, flip_axis: Optional[int], dtype=np.float32,
-               nonfinite: str = "refuse", kind: str = "volume") -> np.ndarray:
-    """Voxel array (3-D, float32 by default) with ``flip_axis`` reversed.
+               transform: Optional[np.ndarray] = None, nonfinite: str = "refuse", kind: str = "volume"
+               ) -> np.ndarray:
+    """Voxel array (3-D, float32 by default), reoriented with ``transform``
+    (:mod:`MultiMedSeg.data.orientation`; None: as stored), then with ``flip_axis`` reversed.
 
     NaN/inf voxels (also values beyond the float32 range): ``nonfinite='refuse'`` raises an
     :class:`InputError` counting them (labels, weights, brain masks); ``'repair'`` sets them to
@@ -353,18 +364,21 @@ def read_array(img: nib.Nifti1Image, path: Path, flip_axis: Optional[int], dtype
         if nonfinite == "warn":
             warn(f"{bad} of {finite.size} voxel(s) are NaN or inf: set to the volume's smallest finite value "
                  f"{fill:.6g}", path)
+    if transform is not None:
+        array = orient.apply(array, transform)
     if flip_axis is not None:
         array = np.flip(array, axis=flip_axis)
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def read_labels(path: Path, shape: Sequence[int], flip_axis: Optional[int], num_classes: Optional[int]
-                ) -> np.ndarray:
-    """Integer label volume (uint8/int16) checked against the image ``shape`` and ``num_classes``."""
+def read_labels(path: Path, shape: Sequence[int], flip_axis: Optional[int], num_classes: Optional[int],
+                transform: Optional[np.ndarray] = None) -> np.ndarray:
+    """Integer label volume (uint8/int16) checked against the image's stored ``shape`` and ``num_classes``,
+    oriented like the image (``transform``: labels share the image's voxel grid)."""
     img = load_nifti(path)
     if volume_shape(img, path) != tuple(shape):
         raise InputError(f"label shape {volume_shape(img, path)} differs from the image shape {tuple(shape)}", path)
-    values = read_array(img, path, flip_axis, kind="label volume")
+    values = read_array(img, path, flip_axis, transform=transform, kind="label volume")
     labels = np.rint(values)
     if not np.allclose(values, labels, atol=1e-3) or labels.min() < 0:
         raise InputError("labels must be non-negative integers", path)
@@ -374,12 +388,13 @@ def read_labels(path: Path, shape: Sequence[int], flip_axis: Optional[int], num_
     return labels.astype(np.uint8 if top < 256 else np.int16)
 
 
-def read_weight(path: Path, shape: Sequence[int], flip_axis: Optional[int], kind: str = "weight") -> np.ndarray:
+def read_weight(path: Path, shape: Sequence[int], flip_axis: Optional[int], kind: str = "weight",
+                transform: Optional[np.ndarray] = None) -> np.ndarray:
     """Boolean volume (> 0): a weight map (True where losses/metrics count) or a brain mask."""
     img = load_nifti(path)
     if volume_shape(img, path) != tuple(shape):
         raise InputError(f"{kind} shape {volume_shape(img, path)} differs from the image shape {tuple(shape)}", path)
-    return read_array(img, path, flip_axis, kind=kind) > 0
+    return read_array(img, path, flip_axis, transform=transform, kind=kind) > 0
 
 
 def header_info(img: nib.Nifti1Image) -> dict:
@@ -540,6 +555,11 @@ def inplane_window(length: int, size: int) -> Tuple[int, int, int]:
     return (length - size) // 2, 0, size
 
 
+def volume_windows(shape: Sequence[int], size: int) -> List[Tuple[int, int, int]]:
+    """In-plane windows (rows, columns) of a (Z, X, Y) volume fitted to ``size`` (:func:`inplane_window`)."""
+    return [inplane_window(int(shape[1]), size), inplane_window(int(shape[2]), size)]
+
+
 def fit_slices(volume: np.ndarray, size: int, fill, windows: Sequence[Tuple[int, int, int]]) -> np.ndarray:
     """(Z, X, Y) -> (Z, size, size) by padding with ``fill`` and/or centre-cropping."""
     (rs, rd, rn), (cs, cd, cn) = windows
@@ -583,10 +603,11 @@ class VolumeInfo:
     """What the first pass learns about a volume (becomes its metadata entry)."""
 
     source: VolumeSource
-    shape: Tuple[int, int, int]
-    spacing: List[float]
+    shape: Tuple[int, int, int]          # stored voxel grid
+    spacing: List[float]                 # mm along the working axes (after reorientation)
     header: dict
-    crop: List[Tuple[int, int]]
+    crop: List[Tuple[int, int]]          # in the working orientation
+    orientation: dict = field(default_factory=dict)  # :func:`MultiMedSeg.data.orientation.describe`
     label_max: int = 0
     split: str = "train"
     subset: Optional[str] = None
@@ -596,47 +617,62 @@ class VolumeInfo:
     def cropped_shape(self) -> List[int]:
         return [stop - start for start, stop in self.crop]
 
+    @property
+    def transform(self) -> np.ndarray:
+        """Stored -> working orientation (:mod:`MultiMedSeg.data.orientation`)."""
+        return np.asarray(self.orientation.get("transform", orient.identity()), dtype=int)
 
-def inspect_volume(src: VolumeSource, cfg: PreprocessConfig) -> VolumeInfo:
-    """First pass: shape/spacing/header checks, label consistency, crop box."""
-    img = load_nifti(src.image)
+
+def inspect_volume(src: VolumeSource, cfg: PreprocessConfig, img: Optional[nib.Nifti1Image] = None) -> VolumeInfo:
+    """First pass: shape/spacing/header checks, orientation, label consistency, crop box.
+
+    ``img``: the image already in memory (e.g. converted from another format); default: read
+    ``src.image`` as NIfTI."""
+    img = load_nifti(src.image) if img is None else img
     shape = volume_shape(img, src.image)
-    labels = read_labels(src.label, shape, cfg.flip_axis, cfg.num_classes) if src.label else None
+    stored_spacing = [float(z) for z in img.header.get_zooms()[:3]]
+    if not all(math.isfinite(z) and z > 0 for z in stored_spacing):
+        raise InputError(f"voxel spacing {stored_spacing} in the header is not positive and finite", src.image)
+    transform = orient.transform_for(img.affine, cfg.orientation, src.image)
+    orientation = orient.describe(cfg.orientation, img.affine, transform, shape, stored_spacing)
+    labels = read_labels(src.label, shape, cfg.flip_axis, cfg.num_classes, transform) if src.label else None
     if src.weight is not None:
-        read_weight(src.weight, shape, cfg.flip_axis)  # validate early
+        read_weight(src.weight, shape, cfg.flip_axis, transform=transform)  # validate early
     if src.brain is not None:
-        read_weight(src.brain, shape, cfg.flip_axis, kind="brain mask")
-    image = read_array(img, src.image, cfg.flip_axis, nonfinite="warn", kind="image")  # the one warning
-    if cfg.crop:
-        box = union_with_labels(heuristic_crop(image), labels)
-    else:
-        box = [(0, n) for n in shape]
-    spacing = [float(z) for z in img.header.get_zooms()[:3]]
-    if not all(math.isfinite(z) and z > 0 for z in spacing):
-        raise InputError(f"voxel spacing {spacing} in the header is not positive and finite", src.image)
+        read_weight(src.brain, shape, cfg.flip_axis, kind="brain mask", transform=transform)
     if not np.isfinite(np.asarray(img.affine, dtype=np.float64)).all():
         raise InputError("the header's affine holds NaN or inf", src.image)
-    return VolumeInfo(source=src, shape=shape, spacing=spacing, header=header_info(img), crop=box,
-                      label_max=int(labels.max()) if labels is not None else 0)
+    image = read_array(img, src.image, cfg.flip_axis, transform=transform, nonfinite="warn", kind="image")
+    if cfg.crop:  # (the read above prints the one warning about NaN/inf voxels)
+        box = union_with_labels(heuristic_crop(image), labels)
+    else:
+        box = [(0, n) for n in orientation["shape"]]
+    return VolumeInfo(source=src, shape=shape, spacing=orientation["spacing"], header=header_info(img), crop=box,
+                      orientation=orientation, label_max=int(labels.max()) if labels is not None else 0)
 
 
 def crop_array(volume: np.ndarray, box: Sequence[Tuple[int, int]]) -> np.ndarray:
     return volume[tuple(slice(a, b) for a, b in box)]
 
 
-def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[float]
+def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[float],
+                   img: Optional[nib.Nifti1Image] = None
                    ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], dict]:
-    """Second pass: crop, resample, transpose to (Z, X, Y), z-split, standardise.
+    """Second pass: reorient, crop, resample, transpose to (Z, X, Y), z-split, standardise.
 
-    Returns ``(image, labels or None, weight or None, geometry metadata)``.
+    Returns ``(image, labels or None, weight or None, geometry metadata)``; ``img`` as in
+    :func:`inspect_volume`.
     """
     src = info.source
-    img = load_nifti(src.image)
-    image = crop_array(read_array(img, src.image, cfg.flip_axis, nonfinite="repair", kind="image"), info.crop)
-    labels = crop_array(read_labels(src.label, info.shape, cfg.flip_axis, cfg.num_classes), info.crop) \
+    img = load_nifti(src.image) if img is None else img
+    t = info.transform
+    image = crop_array(read_array(img, src.image, cfg.flip_axis, transform=t, nonfinite="repair", kind="image"),
+                       info.crop)
+    labels = crop_array(read_labels(src.label, info.shape, cfg.flip_axis, cfg.num_classes, t), info.crop) \
         if src.label else None
-    weight = crop_array(read_weight(src.weight, info.shape, cfg.flip_axis), info.crop) if src.weight else None
-    brain = crop_array(read_weight(src.brain, info.shape, cfg.flip_axis, "brain mask"), info.crop) \
+    weight = crop_array(read_weight(src.weight, info.shape, cfg.flip_axis, transform=t), info.crop) \
+        if src.weight else None
+    brain = crop_array(read_weight(src.brain, info.shape, cfg.flip_axis, "brain mask", t), info.crop) \
         if src.brain else None
 
     vol_target = volume_target_spacing(target, info.spacing, cfg.ignore_z)
@@ -684,7 +720,7 @@ def write_volume_slices(folder: Path, vid: str, image: np.ndarray, labels: Optio
     """Normalise, pad/crop and write one volume's slices; return the paths, the in-plane windows and
     the fingerprint of the middle slice (:func:`robustmedseg.data.slices.data_digest`)."""
     size = cfg.size
-    windows = [inplane_window(image.shape[1], size), inplane_window(image.shape[2], size)]
+    windows = volume_windows(image.shape, size)
     scaled = scale_to_unit(image, *window)
     paths = []
     digest = ""
@@ -794,7 +830,7 @@ def _run_passes(tmp: Path, infos: List[VolumeInfo], cfg: PreprocessConfig, targe
         paths, windows, digest = write_volume_slices(tmp / folder_rel, vid, image, labels, weight, cfg,
                                                      num_classes, (low, high))
         slices = [f"{folder_rel}/{p.name}" for p in paths]
-        volumes[vid] = _volume_entry(info, windows, slices, cfg)
+        volumes[vid] = volume_entry(info, windows, slices, cfg)
         volumes[vid]["fingerprint"] = {"slice": slices[len(slices) // 2], "sha256": digest}
         log(f"  {info.split:5s} {vid}: {len(paths)} slices -> {folder_rel}/")
     shutil.rmtree(work)
@@ -804,6 +840,7 @@ def _run_passes(tmp: Path, infos: List[VolumeInfo], cfg: PreprocessConfig, targe
         "size": cfg.size,
         "num_classes": num_classes,
         "target_spacing": target,
+        "orientation": cfg.orientation,
         "intensity": {"min": low, "max": high, "percentiles": list(cfg.percentiles),
                       "standardized": cfg.standardize},
         "layout": {split: (["train/labeled", "train/unlabeled"]
@@ -816,7 +853,8 @@ def _run_passes(tmp: Path, infos: List[VolumeInfo], cfg: PreprocessConfig, targe
     }
 
 
-def _volume_entry(info: VolumeInfo, windows: List[List[int]], slices: List[str], cfg: PreprocessConfig) -> dict:
+def volume_entry(info: VolumeInfo, windows: List[List[int]], slices: List[str], cfg: PreprocessConfig) -> dict:
+    """A volume's ``metadata.json`` entry (schema in :mod:`MultiMedSeg.data.restore`)."""
     src = info.source
     entry = {
         "id": src.id,
@@ -827,9 +865,10 @@ def _volume_entry(info: VolumeInfo, windows: List[List[int]], slices: List[str],
         "weight": None if src.weight is None else str(src.weight),
         "brain_mask": None if src.brain is None else str(src.brain),
         "shape": list(info.shape),
-        "spacing": info.spacing,
+        "spacing": [float(z) for z in info.header["zooms"][:3]],
         "header": info.header,
         "affine": info.header["affine"],
+        "orientation": info.orientation,
         "flip_axis": cfg.flip_axis,
         "crop": [list(c) for c in info.crop],
         "shape_after_crop": info.cropped_shape,

@@ -16,6 +16,7 @@ depend on the installed batchgenerators version (0.25 changed it to an argmax wi
   indicator reaches 0.5, whatever the neighbours).
 
 Images: cubic spline (skimage ``resize`` order 3, ``mode='edge'``, no anti-aliasing), as the original.
+Class probabilities (``predict --save_probabilities``): linear (:func:`resize_linear`), so that they stay in [0, 1].
 """
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ def resize_image(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
     return resize(volume.astype(np.float32), tuple(shape), order=3, mode="edge", cval=0, clip=True,
                   preserve_range=True, anti_aliasing=False).astype(np.float32)
+
+
+def resize_linear(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Linear resampling to ``shape`` (float32, values stay within the input's range): class
+    probabilities; unchanged (as float32) when the shape matches."""
+    if tuple(volume.shape) == tuple(shape):
+        return volume.astype(np.float32, copy=False)
+    from skimage.transform import resize
+
+    return resize(volume.astype(np.float32), tuple(shape), order=1, mode="edge", clip=True, preserve_range=True,
+                  anti_aliasing=False).astype(np.float32)
 
 
 def resize_indicator(indicator: np.ndarray, shape: Sequence[int]) -> np.ndarray:

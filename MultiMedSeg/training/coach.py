@@ -33,7 +33,8 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import predict_slices, volume_labels
 from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.training.options import options_to_dict
-from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config
+from MultiMedSeg.data.plan import save_plan
+from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, training_plan
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
@@ -101,6 +102,7 @@ class Coach:
         self._writer = None
         self.net = self._build_model()
         self._build_data()
+        self.plan = training_plan(opts)  # checked now, written with the run (MultiMedSeg.data.plan)
         self.losses = LossBundle(opts, self.device)
         self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
         self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
@@ -110,6 +112,8 @@ class Coach:
         self.run.open()
         try:
             ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+            if self.plan is not None:
+                save_plan(self.plan, self.ckpt_dir)
         except BaseException:
             self.run.abandon()
             raise

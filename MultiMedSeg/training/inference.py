@@ -175,18 +175,23 @@ def predict_volume(models: Sequence[Member], loader: DataLoader, device: torch.d
     return result
 
 
+def ensemble_probabilities(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """intra / inter / pred class probabilities (Z, L, H, W) from the ensemble means: ``pred`` is
+    ``(w_inter * inter + w_intra * intra) / (w_inter + w_intra)`` (only for an adapted run)."""
+    out = {"intra": pred["intra"]}
+    if "inter" in pred:
+        w_inter, w_intra = weights
+        out["inter"] = pred["inter"]
+        out["pred"] = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
+    return out
+
+
 def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float],
                   mask_outside_weight: bool = False) -> Dict[str, np.ndarray]:
     """intra / inter / pred label volumes (Z, H, W) from the ensemble means; background outside the
     weight maps only with ``mask_outside_weight`` (the original applied no weight at inference)."""
     w = pred["weight"] if mask_outside_weight else torch.ones_like(pred["weight"])
-    out = {"intra": volume_labels(pred["intra"], w).numpy()}
-    if "inter" in pred:
-        w_inter, w_intra = weights
-        out["inter"] = volume_labels(pred["inter"], w).numpy()
-        mix = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
-        out["pred"] = volume_labels(mix, w).numpy()
-    return out
+    return {k: volume_labels(v, w).numpy() for k, v in ensemble_probabilities(pred, weights).items()}
 
 
 def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bool = False) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7) and ``inference.py``.
+"""Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7), ``inference.py`` and ``predict.py``.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
 with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.CliParser`).  Any option can also come from one JSON file given with
@@ -206,6 +206,61 @@ def inference_parser() -> _Parser:
     return p
 
 
+def predict_parser() -> _Parser:
+    from MultiMedSeg.data.formats import OUTPUT_FORMATS
+
+    p = _Parser(prog="MultiMedSeg/predict.py",
+                description="Segment new scans (NIfTI, NRRD, MetaImage, DICOM series; any orientation) with the k "
+                            "best checkpoints of a training run, preprocessed by the run's plan, and write the labels "
+                            "on each scan's own grid. No labels needed.",
+                epilog="Example: python MultiMedSeg/predict.py -i new_scans/ -o segmentations/ --checkpoint_dir "
+                       "runs/adapt_site2 -- outputs: OUT/<id>.nii.gz (labels; --output_format input: the input's "
+                       "format), OUT/<id>_probabilities.nii.gz with --save_probabilities, OUT/predict.json.")
+    p.add_argument("-i", "--input", dest="input", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="scans: image files and/or folders (a folder's image files, its DICOM series and those of its "
+                        "sub-folders); formats: .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folders")
+    p.add_argument("-o", "--output", dest="output", type=Path, default=None, metavar="OUT",
+                   help="output folder (refused if it exists, unless --overwrite; written completely or not at all)")
+    p.add("checkpoint_dir", type=Path, default=None,
+          help="training run (its folder or checkpoints/) holding best.json and plan.json (required)")
+    p.add("device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged (default 5; a run that kept "
+                                                     "fewer uses all it kept)")
+    p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
+          help="adapted runs: weights of the inter and intra probabilities (default 0.6,0.4, as inference.py's _pred)")
+    p.add("save_probabilities", action="store_true",
+          help="also write OUT/<id>_probabilities (x, y, z, class) float32 on the scan's grid")
+    p.add("output_format", choices=OUTPUT_FORMATS, default="nifti",
+          help="nifti (default, .nii.gz), input (the scan's own format; not for DICOM), nrrd or mha")
+    p.add("series", default=None, metavar="UID", help="DICOM SeriesInstanceUID to segment in a folder holding several")
+    p.add("overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add("test_batch_size", type=int, default=8, help="slices per forward pass (default 8)")
+    p.add("seed", type=int, default=0, help="seed of torch/numpy/random (default 0)")
+    p.add("allow_tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 convolutions (off by default)")
+    p.add("cudnn_benchmark", action="store_true", help="CUDA: cuDNN autotuning per input shape (off by default)")
+    p.add("quiet", action="store_true", help="print only warnings and errors")
+    return p
+
+
+def _check_ensemble(opts: argparse.Namespace) -> None:
+    if opts.ensemble_size < 1:
+        raise InputError("--ensemble_size must be >= 1")
+    if len(opts.ensemble_weights) != 2 or min(opts.ensemble_weights) < 0 or sum(opts.ensemble_weights) <= 0:
+        raise InputError("--ensemble_weights needs two non-negative numbers (inter, intra) with a positive sum")
+
+
+def parse_predict_options(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse and check the options of ``predict.py``."""
+    opts = predict_parser().parse_args(argv)
+    for flag, name in (("-i", "input"), ("-o", "output"), ("--checkpoint_dir", "checkpoint_dir")):
+        if getattr(opts, name) is None:
+            raise InputError(f"{flag} is required")
+    _check_ensemble(opts)
+    if opts.test_batch_size < 1:
+        raise InputError("--test_batch_size must be >= 1")
+    return opts
+
+
 def _apply_config(parser: _Parser, argv: Optional[Sequence[str]]) -> None:
     """Load ``--config`` (if any) into the parser defaults."""
     pre = CliParser(add_help=False)
@@ -369,10 +424,7 @@ def parse_inference_options(argv: Optional[Sequence[str]]) -> argparse.Namespace
         if opts.metadata is None:
             opts.metadata = opts.target_data / "metadata.json"
     _require(opts, "exp_dir", "checkpoint_dir", "test_root", "metadata")
-    if opts.ensemble_size < 1:
-        raise InputError("--ensemble_size must be >= 1")
-    if len(opts.ensemble_weights) != 2 or min(opts.ensemble_weights) < 0 or sum(opts.ensemble_weights) <= 0:
-        raise InputError("--ensemble_weights needs two non-negative numbers (inter, intra) with a positive sum")
+    _check_ensemble(opts)
     check_exp_dir_apart(opts)
     return opts
 

@@ -6,7 +6,10 @@
   read by :func:`robustmedseg.federation.export.read_factory_file`, the rest from the flags);
 * the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
   :func:`adaptation_model` (its config with two domains);
-* :func:`check_domains`: domain ids must index the generator's conditioning.
+* :func:`check_domains`: domain ids must index the generator's conditioning;
+* the run's preprocessing plan (:mod:`MultiMedSeg.data.plan`): :func:`training_plan` finds the
+  ``metadata.json`` of the site the run segments and :func:`run_plan` builds the plan from it;
+  :func:`write_run_plan` writes the plan of a finished run (``python -m MultiMedSeg.plan``).
 
 Every problem is a one-line :class:`~robustmedseg.errors.InputError` naming the file.
 """
@@ -14,9 +17,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, plan_from_metadata, save_plan
+from MultiMedSeg.data.preprocessing import METADATA_NAME
+from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError
@@ -178,3 +185,84 @@ def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
     if getattr(opts, "reinit_encoder", False):  # the original's behaviour (§9.38)
         net.reinitialise_encoder(opts.backbone_weights)
     return net, path
+
+
+# ---------------------------------------------------------------------------------- preprocessing plan
+def run_plan(metadata: Path, domains: Sequence[int], label_nc: int) -> PreprocessingPlan:
+    """The plan of a run with checkpoint domains ``domains`` ([src] or [src, tgt]) from the
+    ``metadata.json`` of the site it segments (the target of an adapted run, else the source)."""
+    meta = load_metadata(metadata)
+    adapted = len(domains) == 2
+    plan = plan_from_metadata(meta, Path(metadata), int(domains[-1] if adapted else domains[0]),
+                              "target" if adapted else "source")
+    if plan.num_classes != int(label_nc):
+        raise InputError(f"label count mismatch: the preprocessed site has {plan.num_classes} classes, the run "
+                         f"{label_nc}", metadata)
+    return plan
+
+
+def find_site_metadata(*folders: Optional[Path]) -> Optional[Path]:
+    """``metadata.json`` of the preprocessed site holding one of ``folders`` (the folder itself, or
+    its parent or grandparent: ``SITE/val``, ``SITE/train/labeled``); None when there is none."""
+    for folder in folders:
+        if folder is None:
+            continue
+        folder = Path(folder)
+        for candidate in (folder, folder.parent, folder.parent.parent):
+            if (candidate / METADATA_NAME).is_file():
+                return candidate / METADATA_NAME
+    return None
+
+
+def site_metadata(opts: Mapping[str, Any]) -> Optional[Path]:
+    """``metadata.json`` of the site a run segments, from its options (a parsed namespace's ``vars`` or
+    the ``opts`` saved in its checkpoints): the source data of a pretraining run (``only_intra``), the
+    target data of an adaptation run."""
+    keys = (("source_data", "val_root", "source_root") if opts.get("only_intra")
+            else ("target_data", "val_root", "target_labeled"))
+    return find_site_metadata(*(Path(opts[k]) for k in keys if opts.get(k)))
+
+
+def training_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
+    """The plan of this training run (pretraining: the source site, adaptation: the target site), or
+    None with a note on stderr when no ``metadata.json`` is found next to its data."""
+    metadata = site_metadata(vars(opts))
+    if metadata is None:
+        print(f"note: no {METADATA_NAME} found next to the {'source' if opts.only_intra else 'target'} data: this "
+              "run will have no preprocessing plan for predict; write one later with python -m MultiMedSeg.plan "
+              "--checkpoint_dir EXP --metadata PREP/metadata.json", file=sys.stderr)
+        return None
+    domains = [opts.src_label] if opts.only_intra else [opts.src_label, opts.tgt_label]
+    return run_plan(metadata, domains, opts.label_nc)
+
+
+def write_run_plan(checkpoint_dir: Path, metadata: Optional[Path] = None, force: bool = False,
+                   overwrite: bool = False) -> Tuple[Path, PreprocessingPlan]:
+    """Write ``checkpoints/plan.json`` of a finished run: from the site its saved options name, or from
+    ``metadata`` (a ``metadata.json`` or its folder), which must be that site unless ``force``.  Domains
+    and classes come from the run's best checkpoint."""
+    folder = ck.checkpoints_folder(Path(checkpoint_dir))
+    if (folder / PLAN_NAME).exists() and not overwrite:
+        raise InputError("the run already has a plan (pass --overwrite to replace it)", folder / PLAN_NAME)
+    index = ck.BestIndex.load(folder)
+    if not index.entries:
+        raise InputError("best-checkpoint index is empty (the run never validated)", index.path)
+    best = index.paths(1)[0]
+    payload = load_torch_file(best, "phase-2 checkpoint", mapping=True)
+    config, opts = payload.get("config"), payload.get("opts") or {}
+    if not isinstance(config, Mapping):
+        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", best)
+    trained_on = site_metadata(opts)
+    if metadata is None:
+        if trained_on is None:
+            raise InputError("the run's options name no preprocessed site that still exists; give its "
+                             "metadata.json with --metadata", best)
+        metadata = trained_on
+    else:
+        metadata = Path(metadata)
+        metadata = metadata / METADATA_NAME if metadata.is_dir() else metadata
+        if trained_on is not None and metadata.resolve() != trained_on.resolve() and not force:
+            raise InputError(f"the run was trained on the site of {trained_on}, not this one (pass --force if the "
+                             f"data moved)", metadata)
+    plan = run_plan(metadata, list(config["src_tgt_domains"]), int(config["label_nc"]))
+    return save_plan(plan, folder), plan

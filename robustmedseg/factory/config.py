@@ -71,6 +71,10 @@ class FactoryConfig:
     log_every: int = 50
     seed: int = 0
     run_id: str = "default"
+    # secure aggregation (robustmedseg.federation.secagg): clipping range of the per-round change of
+    # one stored value (0: parameters travel in the clear) and how the nodes' updates are weighted
+    secagg_clip: float = 0.0
+    secagg_weighting: str = "uniform"
 
     @classmethod
     def from_model_args(cls, model_args: Optional[Mapping[str, Any]]) -> "FactoryConfig":
@@ -96,6 +100,10 @@ class FactoryConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.clip_weight < 0:
             raise ValueError(f"clip_weight must be >= 0, got {self.clip_weight}")
+        if not float(self.secagg_clip) >= 0:
+            raise ValueError(f"secagg_clip must be >= 0, got {self.secagg_clip}")
+        if self.secagg_weighting not in ("uniform", "samples"):
+            raise ValueError(f"secagg_weighting must be 'uniform' or 'samples', got {self.secagg_weighting!r}")
 
     def model_kwargs(self) -> Dict[str, Any]:
         """Constructor arguments shared by Generator and Discriminator (see :func:`network.build_networks`)."""

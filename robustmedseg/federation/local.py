@@ -14,6 +14,11 @@ folder with the tags (non-interactive ``DatasetManager``), starts every node as 
 node log shows that it listens for tasks. ``down`` stops the recorded PIDs (SIGTERM, then SIGKILL).
 In Python: ``with LocalFederation(root).up({"h1": lmdb1, ...}) as fed: ...``.
 
+Every node has secure aggregation enabled in its ``etc/config.ini`` (``[security]
+secure_aggregation = True``, so ``train.py --secagg`` works); ``--secagg-required`` (all nodes) or
+``LocalFederation(..., secagg_required={"name", ...})`` also sets ``force_secure_aggregation =
+True``: such a node refuses any round that is not securely aggregated.
+
 Each node process gets ``OMP_NUM_THREADS`` (``--threads``, default 1), ``FBM_NODE_COMPONENT_ROOT``
 (so the node-local factory state goes to ``<node>/var/robustmedseg``) and this project on its
 ``PYTHONPATH`` (the nodes import the same code as the researcher).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import io
 import json
 import os
 import signal
@@ -34,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import write_text_atomic
@@ -72,6 +78,21 @@ def _db_path(root: Path) -> Path:
     return (root / "etc" / cfg["default"]["db"]).resolve()
 
 
+def set_node_security(root: Path, secure_aggregation: bool = True, force_secure_aggregation: bool = False) -> None:
+    """Write the node's secure-aggregation settings into ``<root>/etc/config.ini`` ([security])."""
+    path = Path(root) / "etc" / "config.ini"
+    cfg = configparser.ConfigParser()
+    if not cfg.read(path):
+        raise InputError("not a Fed-BioMed component (no etc/config.ini)", root)
+    if not cfg.has_section("security"):
+        cfg.add_section("security")
+    cfg["security"]["secure_aggregation"] = str(bool(secure_aggregation))
+    cfg["security"]["force_secure_aggregation"] = str(bool(force_secure_aggregation))
+    text = io.StringIO()
+    cfg.write(text)
+    write_text_atomic(path, text.getvalue())
+
+
 def register_dataset(node_root: Path, path: Path, name: str, tags: Sequence[str]) -> str:
     """Register ``path`` (an LMDB folder) on the node as a custom dataset; idempotent by tags."""
     from fedbiomed.node.dataset_manager import DatasetManager
@@ -107,6 +128,7 @@ class LocalNode:
     dataset: str
     log: str
     pid: Optional[int] = None
+    secagg_required: bool = False
 
 
 @dataclass
@@ -134,9 +156,12 @@ class LocalFederation:
     """Create, start and stop a local federation under ``root`` (see module docstring)."""
 
     def __init__(self, root: Path, port: Optional[int] = None, threads: int = 1,
-                 tags: Sequence[str] = DEFAULT_TAGS):
+                 tags: Sequence[str] = DEFAULT_TAGS, secagg_required: Union[bool, Iterable[str]] = False):
+        """``secagg_required``: True (every node) or the names of the nodes that refuse any round
+        without secure aggregation (``[security] force_secure_aggregation``); applied by :meth:`create`."""
         self.root = Path(root).resolve()
         self._port, self._threads, self._tags = port, int(threads), list(tags)
+        self._secagg_required = secagg_required if isinstance(secagg_required, bool) else set(secagg_required)
         self._procs: Dict[str, subprocess.Popen] = {}
         self.manifest: Optional[Manifest] = Manifest.load(self.root) if (self.root / MANIFEST).is_file() else None
 
@@ -214,6 +239,12 @@ class LocalFederation:
             if name not in known:
                 m.nodes.append(LocalNode(name=name, root=str(node_root), node_id=component_id(node_root),
                                          dataset=str(Path(path).resolve()), log=str(self.root / "logs" / f"{name}.log")))
+        for node in m.nodes:
+            if node.name in datasets:
+                required = self._secagg_required if isinstance(self._secagg_required, bool) \
+                    else node.name in self._secagg_required
+                set_node_security(Path(node.root), secure_aggregation=True, force_secure_aggregation=required)
+                node.secagg_required = required
         m.save(self.root)
         return m
 
@@ -316,7 +347,8 @@ class LocalFederation:
 
     def status(self) -> List[Dict[str, object]]:
         return [{"name": n.name, "id": n.node_id, "pid": n.pid, "running": _pid_alive(n.pid),
-                 "dataset": n.dataset, "log": n.log} for n in self._require().nodes]
+                 "dataset": n.dataset, "log": n.log, "secagg_required": n.secagg_required}
+                for n in self._require().nodes]
 
     # ---------------------------------------------------------------- context manager
     def up(self, datasets: Mapping[str, Path], timeout: float = 180.0) -> "LocalFederation":
@@ -354,6 +386,9 @@ def build_parser() -> CliParser:
     up.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each node (default 1)")
     up.add_argument("--tags", default=",".join(DEFAULT_TAGS), help="dataset tags, comma separated (default #im2im)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the nodes (default 180)")
+    up.add_argument("--secagg-required", dest="secagg_required", action="store_true",
+                    help="every node refuses rounds without secure aggregation (force_secure_aggregation; "
+                         "secure aggregation itself is always enabled on the nodes)")
     down = sub.add_parser("down", help="stop the nodes started by 'up' (SIGTERM, then SIGKILL)")
     down.add_argument("--root", type=Path, required=True, help="folder of the federation")
     st = sub.add_parser("status", help="print the nodes, their PIDs and whether they run (JSON)")
@@ -372,10 +407,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         fed = LocalFederation(args.root, port=args.port, threads=args.threads,
-                              tags=[t for t in args.tags.split(",") if t])
+                              tags=[t for t in args.tags.split(",") if t], secagg_required=args.secagg_required)
         fed.up(dict(args.dataset), timeout=args.timeout)
         for row in fed.status():
-            print(f"node {row['name']} {row['id']} pid {row['pid']} log {row['log']}")
+            required = ", secure aggregation required" if row["secagg_required"] else ""
+            print(f"node {row['name']} {row['id']} pid {row['pid']} log {row['log']}{required}")
         print(f"researcher component: {fed.researcher_root} (port {fed.manifest.port})")
     elif args.command == "down":
         LocalFederation(args.root).stop()
@@ -392,5 +428,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-federation``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -6,6 +6,11 @@ per-process singleton: call :func:`use_researcher_component` first, and run one 
 scenario per process. Fed-BioMed's experiment methods normally print a banner and call
 ``sys.exit`` on errors; :func:`use_researcher_component` sets ``FBM_DEBUG`` after the import so that
 exceptions reach ``train.py``, which reports them in one line.
+
+Secure aggregation (``train.py --secagg``): :func:`create_experiment` / :func:`resume_experiment`
+switch Fed-BioMed's LOM secure aggregation on (fresh keys at every start or resume) and ship the
+encoding settings to the nodes in ``model_args``; :mod:`.experiment` decodes the masked sums and
+:mod:`.secagg` documents the codec.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch
 
 from robustmedseg.errors import InputError
 from robustmedseg.factory.config import FactoryConfig
+
+from . import secagg as codec
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,8 @@ class Schedule:
     weighting: str = "uniform"
     seed: int = 0
     use_gpu: bool = False
+    secagg: bool = False
+    secagg_clip: Optional[float] = None  # None: secagg.DEFAULT_CLIP
 
     def training_args(self) -> Dict[str, Any]:
         # no random_seed: a fixed seed would replay the same random stream every round (§9.7);
@@ -121,41 +130,93 @@ class Schedule:
                 "optimizer_args": {"lr": float(self.lr)}, "log_interval": 0, "use_gpu": bool(self.use_gpu)}
 
 
+def initial_global_state(cfg: FactoryConfig) -> Dict[str, torch.Tensor]:
+    """The global model before round 1: G, D and G_ema initialised from ``cfg.seed`` (reproducible)."""
+    from robustmedseg.factory.network import FactoryModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        return FactoryModel(cfg).state_dict()
+
+
 def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str], plan_class: type,
                       nodes: Optional[Sequence[str]] = None) -> Any:
     """A new Fed-BioMed Experiment of the training plan ``plan_class`` (breakpoints on, FedAverage,
-    k-of-N sampling).  ``train.py`` passes ``training_plan.FactoryTrainingPlan``: the plan is a
-    top-level module that Fed-BioMed ships to the nodes, so this library does not import it."""
+    k-of-N sampling, secure aggregation if ``schedule.secagg``).  ``train.py`` passes
+    ``training_plan.FactoryTrainingPlan``: the plan is a top-level module that Fed-BioMed ships to
+    the nodes, so this library does not import it."""
     from fedbiomed.researcher.aggregators import FedAverage
-    from fedbiomed.researcher.federated_workflows import Experiment
 
+    from .experiment import FactoryExperiment, lom_secure_aggregation
     from .strategy import SampleAtMostK
 
     run_id = uuid.uuid4().hex[:12] if cfg.run_id in ("", "default") else cfg.run_id
-    cfg = FactoryConfig.from_model_args({**cfg.to_model_args(), "run_id": run_id})
-    exp = Experiment(tags=list(tags), nodes=list(nodes) if nodes else None, training_plan_class=plan_class,
-                     model_args=cfg.to_model_args(), training_args=schedule.training_args(),
-                     aggregator=FedAverage(),
-                     node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),
-                     round_limit=schedule.rounds, save_breakpoints=True, retain_full_history=False)
+    cfg = FactoryConfig.from_model_args({**cfg.to_model_args(), "run_id": run_id,
+                                         **secagg_model_args(schedule.secagg, schedule.secagg_clip, schedule.weighting)})
+    exp = FactoryExperiment(tags=list(tags), nodes=list(nodes) if nodes else None, training_plan_class=plan_class,
+                            model_args=cfg.to_model_args(), training_args=schedule.training_args(),
+                            aggregator=FedAverage(),
+                            node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),
+                            round_limit=schedule.rounds, save_breakpoints=True, retain_full_history=False,
+                            secagg=lom_secure_aggregation() if schedule.secagg else False)
+    exp.training_plan().set_model_params(initial_global_state(cfg))
     if not exp.all_federation_nodes():
         raise FederationError(f"no node has a dataset tagged {list(tags)}")
+    check_secagg_nodes(exp)
     return exp
+
+
+def secagg_model_args(active: bool, clip: Optional[float], weighting: str) -> Dict[str, Any]:
+    """The ``model_args`` entries that tell the nodes how to encode their update (see :mod:`.secagg`)."""
+    if active and clip is not None and not clip > 0:
+        raise InputError(f"--secagg-clip must be > 0, got {clip}")
+    return {"secagg_clip": float(clip if clip is not None else codec.DEFAULT_CLIP) if active else 0.0,
+            "secagg_weighting": weighting}
+
+
+def check_secagg_nodes(exp: Any) -> None:
+    """Secure aggregation needs at least 2 nodes in every round."""
+    if not exp.secagg.active:
+        return
+    available = len(exp.all_federation_nodes())
+    per_round = min(int(exp.strategy()._parameters.get("max_nodes", 2)), available)
+    if per_round < 2:
+        raise FederationError(f"secure aggregation needs at least 2 nodes per round, but only {per_round} can be "
+                              f"sampled ({available} node(s) with data, --max-nodes-per-round "
+                              f"{exp.strategy()._parameters.get('max_nodes')}): start more nodes or drop --secagg")
+
+
+def configure_secagg(exp: Any, active: Optional[bool], clip: Optional[float]) -> Dict[str, Any]:
+    """Secure aggregation of a resumed experiment: on (``active`` True, or None and on in the
+    breakpoint) with a fresh LOM controller, so that new keys are agreed and no mask of the
+    breakpoint's rounds is reused; else off. Returns the ``model_args`` entries to apply."""
+    from .experiment import lom_secure_aggregation
+
+    on = bool(exp.secagg.active) if active is None else bool(active)
+    previous = float(exp.model_args().get("secagg_clip") or 0.0)
+    exp.set_secagg(lom_secure_aggregation() if on else False)
+    weighting = exp.strategy()._parameters.get("weighting", "uniform")
+    return secagg_model_args(on, clip if clip is not None else (previous or None), weighting)
 
 
 def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any],
                       training_updates: Mapping[str, Any], strategy_updates: Mapping[str, Any],
-                      rounds: Optional[int]) -> Any:
+                      rounds: Optional[int], secagg: Optional[bool] = None,
+                      secagg_clip: Optional[float] = None) -> Any:
     """Load a breakpoint (None: latest), apply the changed settings and refresh the node list.
 
     The federation is searched again by tags, so nodes that are gone (e.g. the node that died in
-    the failed round) are not sampled any more, and nodes that came back are.
+    the failed round) are not sampled any more, and nodes that came back are. ``secagg`` None
+    keeps the breakpoint's secure-aggregation setting (with new keys), True/False switches it.
     """
-    from fedbiomed.researcher.federated_workflows import Experiment
+    from .experiment import FactoryExperiment
 
-    exp = Experiment.load_breakpoint(breakpoint)
+    exp = FactoryExperiment.load_breakpoint(breakpoint)
     exp.set_retain_full_history(False)  # memory and breakpoint size stay bounded over hundreds of rounds
-    if model_updates:
+    if strategy_updates:
+        exp.strategy()._parameters.update(strategy_updates)
+    model_updates = {**model_updates, **configure_secagg(exp, secagg, secagg_clip)}
+    if any(exp.model_args().get(k) != v for k, v in model_updates.items()):
         exp.set_model_args({**exp.model_args(), **model_updates}, keep_weights=True)
     if training_updates:
         args = dict(exp.training_args())
@@ -165,11 +226,10 @@ def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any
             else:
                 args[key] = value
         exp.set_training_args(args)
-    if strategy_updates:
-        exp.strategy()._parameters.update(strategy_updates)
     exp.set_training_data(None, from_tags=True)
     if not exp.all_federation_nodes():
         raise FederationError(f"no node with a dataset tagged {exp.tags()} answered")
+    check_secagg_nodes(exp)
     if rounds is not None:
         if rounds <= exp.round_current():
             raise InputError(f"--rounds {rounds} must exceed the rounds already run ({exp.round_current()})")
@@ -197,7 +257,7 @@ class NodeMetrics:
     def __call__(self, msg: Mapping[str, Any]) -> None:
         metric = {k: float(v) for k, v in (msg.get("metric") or {}).items()}
         node = msg.get("node_id", "?")
-        self.last[node] = metric
+        self.last.setdefault(node, {}).update(metric)  # a round's last message may carry only some keys
         if self.writer is not None:
             step = int(metric.get("step", msg.get("iteration", 0)))
             name = self.names.get(node, msg.get("node_name") or node)
@@ -272,6 +332,8 @@ def researcher_grid(exp: Any, out_dir: Path, round_: int, n_sample: int, seed: i
 def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional[Path], n_sample: int, seed: int,
                on_round: Callable[[RoundReport], None], keep_breakpoints: int = 3) -> int:
     """Run until the round limit; one :class:`RoundReport` per round. Returns rounds run."""
+    from fedbiomed.common.exceptions import FedbiomedSecaggError, FedbiomedSecureAggregationError
+
     from .strategy import NodeFailureError
 
     names = node_names(exp)
@@ -282,10 +344,18 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
         try:
             exp.run_once()
         except NodeFailureError as err:
+            refused = [n for n in err.nodes if codec.NODE_REFUSAL in err.reasons[n]]
+            if refused:
+                raise FederationError(secagg_refusal(exp, refused, names, index)) from err
             nodes = ", ".join(f"{describe(n, names)}: {err.reasons[n]}" for n in err.nodes)
             raise FederationError(
                 f"round {index + 1} failed, node {nodes}. The last breakpoint (round {index}) is intact: "
                 f"rerun train.py with --resume to continue with the nodes still up") from err
+        except (FedbiomedSecaggError, FedbiomedSecureAggregationError, codec.SecaggDecodeError) as err:
+            sampled = ", ".join(describe(n, names) for n in (exp.strategy().sampled(index) or []))
+            raise FederationError(
+                f"round {index + 1}: secure aggregation failed with nodes {sampled}: {' '.join(str(err).split())}. "
+                f"The last breakpoint (round {index}) is intact: rerun train.py with --resume") from err
         seconds = time.time() - start
         sampled = exp.strategy().sampled(index) or []
         report = RoundReport(round=index + 1, seconds=seconds, nodes=[describe(n, names) for n in sampled],
@@ -315,6 +385,25 @@ def attach_metrics(exp: Any, writer: Any) -> NodeMetrics:
     return handler
 
 
+def secagg_refusal(exp: Any, nodes: Sequence[str], names: Mapping[str, str], index: int) -> str:
+    """One line explaining why nodes refused a round over their secure-aggregation setting."""
+    who = ", ".join(describe(n, names) for n in nodes)
+    if exp.secagg.active:
+        return (f"node {who} refused round {index + 1}: secure aggregation is disabled on it ([security] "
+                f"secure_aggregation = False in its etc/config.ini or FBM_SECURITY_SECURE_AGGREGATION=False); its "
+                f"operator must enable it, or run without --secagg")
+    again = "train.py --resume --secagg" if index > 0 else "train.py --secagg"
+    return (f"node {who} requires secure aggregation ([security] force_secure_aggregation = True) and refused "
+            f"round {index + 1} of this plain experiment: rerun with {again}")
+
+
+def secagg_info(exp: Any) -> Dict[str, Any]:
+    args = exp.model_args()
+    return {"active": bool(exp.secagg.active), "scheme": exp.secagg.scheme.name if exp.secagg.active else None,
+            "clip": float(args.get("secagg_clip") or 0.0), "resolution": codec.resolution(args.get("secagg_clip") or 0),
+            "weighting": args.get("secagg_weighting", "uniform")}
+
+
 def write_run_info(path: Path, exp: Any, extra: Mapping[str, Any]) -> None:
     from robustmedseg.io import write_text_atomic
 
@@ -323,6 +412,7 @@ def write_run_info(path: Path, exp: Any, extra: Mapping[str, Any]) -> None:
             "model_args": exp.model_args(), "training_args": dict(exp.training_args()),
             "strategy": exp.strategy()._parameters,
             "sampled": {str(k): v for k, v in exp.strategy()._sampling_node_history.items()},
+            "secagg": secagg_info(exp),
             "breakpoints": breakpoint_dirs(exp), **extra}
     write_text_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
 

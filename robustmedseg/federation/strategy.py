@@ -55,7 +55,8 @@ class SampleAtMostK(DefaultStrategy):
         k = min(self.max_nodes, len(from_nodes))
         rng = random.Random(int(self._parameters["seed"]) * 1_000_003 + int(round_i))
         chosen = sorted(rng.sample(sorted(from_nodes), k))
-        self._sampling_node_history[round_i] = chosen
+        # a copy: Fed-BioMed's training job removes the nodes that fail from the list it is given
+        self._sampling_node_history[round_i] = list(chosen)
         return chosen
 
     def sampled(self, round_i: int) -> Optional[List[str]]:
