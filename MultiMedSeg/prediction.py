@@ -43,7 +43,7 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import ensemble_probabilities, label_volumes, predict_volume
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir
+from robustmedseg.io import atomic_dir, check_apart, check_new_output
 
 SUMMARY_NAME = "predict.json"
 
@@ -52,16 +52,13 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def check_output_folder(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """The output folder may not exist (unless ``overwrite``), nor contain or sit inside an input."""
-    out = Path(output).resolve()
-    for given in inputs:
-        src = Path(given).resolve()
-        if src == out or out in src.parents or (src.is_dir() and src in out.parents):
-            raise InputError(f"output folder and input {given} overlap; choose an output folder outside the inputs",
-                             output)
-    if out.exists() and not overwrite:
-        raise InputError("output folder already exists (pass --overwrite to replace it)", output)
+def check_output_folder(output: Path, inputs: Sequence[Path], overwrite: bool, checkpoint_dir=None) -> None:
+    """The output folder may not exist (unless ``overwrite``), nor be, contain or lie inside an input
+    (the project's one rule, :func:`robustmedseg.io.check_apart`)."""
+    given = {f"--input {src}": src for src in inputs}
+    given["--checkpoint_dir"] = checkpoint_dir
+    check_apart({"--output": output}, given)
+    check_new_output(output, overwrite)
 
 
 def check_run(plan: PreprocessingPlan, members: Sequence[Member], plan_path: Path) -> bool:
@@ -114,7 +111,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     for src in scans:  # everything that can be checked cheaply, before any work
         probe_scan(src)
         names[src.id] = f"{src.id}{output_extension(src, opts.output_format)}"
-    check_output_folder(opts.output, opts.input, opts.overwrite)
+    check_output_folder(opts.output, opts.input, opts.overwrite, opts.checkpoint_dir)
     paths = resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False)
     plan_folder = ck.checkpoints_folder(Path(opts.checkpoint_dir))
     plan = load_plan(plan_folder)

@@ -26,13 +26,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from bench.bench_federation import make_lmdbs, model_flags
-from robustmedseg.errors import CliParser
+from robustmedseg.errors import CliParser, run_cli
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.federation import secagg as codec
@@ -234,8 +234,8 @@ def build_parser() -> CliParser:
     return p
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     lines = weight_ranges()
     lines += codec_cost(args.values)
@@ -268,4 +268,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -371,7 +371,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     shutil.copyfile(good, other / good.name)
     assert "two inputs give the volume id" in error(good, other)
     # a run folder without best.json, a label count mismatch between plan and checkpoints
-    assert "best.json" in error(good, run=tmp_path)
+    (tmp_path / "norun").mkdir()
+    assert "best.json" in error(good, run=tmp_path / "norun")
     run = _copy_run(runs, "adapt", tmp_path / "run4")
     plan = json.loads((run / "checkpoints" / PLAN_NAME).read_text())
     plan["num_classes"] = 4
@@ -384,7 +385,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     # output inside an input folder, an existing output
     msg = exit_message(capsys, predict_cli.main, ["-i", str(other), "-o", str(other / "seg"), "--checkpoint_dir",
                                                   str(runs["adapt"]), "--device", "cpu"])
-    assert "overlap" in msg and not (other / "seg").exists()
+    assert "--output lies inside the input --input" in msg and not (other / "seg").exists()
     out.mkdir()
     (out / "keep.txt").write_text("old")
     msg = exit_message(capsys, predict_cli.main, ["-i", str(good), "-o", str(out), "--checkpoint_dir",
