@@ -210,17 +210,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError(f"--secagg-clip must be > 0, got {args.secagg_clip}")
     if args.secagg and args.max_nodes < 2:
         raise InputError("--secagg needs --max-nodes-per-round >= 2 (only a sum over 2+ nodes can be unmasked)")
+    _check_numbers(args)
     tags = [t for t in args.tags.split(",") if t]
+    if not tags:
+        raise InputError("--tags needs at least one tag")
+    if researcher_dir.exists() and not researcher_dir.is_dir():
+        raise InputError("is a file; --researcher-dir names the researcher component folder", researcher_dir)
+    for folder in (args.workdir, args.tensorboard):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise InputError("is a file; a folder is expected here", folder)
+    breakpoint = None
+    if args.resume:  # before Fed-BioMed creates anything: a missing or damaged breakpoint is one line
+        from robustmedseg.federation.export import check_breakpoint
+
+        breakpoint = check_breakpoint(researcher_dir, None if args.resume == "LATEST" else Path(args.resume))
 
     from robustmedseg.federation import researcher as R
 
+    exp = None
     try:
         R.use_researcher_component(researcher_dir, verbose=args.verbose)
         online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
         print(f"{len(online)} node(s) online: {', '.join(online)}", flush=True)
         if args.resume:
             model_up, train_up, strat_up, rounds = _resume_updates(explicit, args)
-            exp = R.resume_experiment(None if args.resume == "LATEST" else args.resume, model_up, train_up,
+            exp = R.resume_experiment(str(breakpoint), model_up, train_up,
                                       strat_up, rounds, secagg=explicit.get("secagg"),
                                       secagg_clip=explicit.get("secagg_clip"))
             print(f"resumed experiment {exp.id} at round {exp.round_current()} (limit {exp.round_limit()})",
@@ -242,7 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"secure aggregation: {secure['scheme']}, update clip +-{secure['clip']:g} (precision "
                   f"{secure['resolution']:.2g} per round), {secure['weighting']} weights", flush=True)
         workdir = Path(args.workdir)
+        made = [d for d in (workdir, args.tensorboard or workdir / "tensorboard") if not d.exists()]
         writer = R.tensorboard_writer(args.tensorboard or workdir / "tensorboard")
+        events = R.writer_file(writer) if writer is not None else None
         metrics = R.attach_metrics(exp, writer)
         model_args = exp.model_args()
         t0 = time.time()
@@ -253,29 +269,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "node_cpu_s": report.node_cpu_s})
             _print_round(report, exp.round_limit())
 
+        completed = False
         try:
             R.run_rounds(exp, metrics, writer, workdir / "samples", int(model_args.get("n_sample", 3)),
                          int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints)
+            completed = True
         finally:
             if writer is not None:
                 writer.close()
-            R.write_run_info(workdir / "run.json", exp, {"researcher_dir": str(Path(researcher_dir).resolve()),
-                                                        "rounds": rounds})
+            if completed or R.breakpoint_dirs(exp):
+                R.write_run_info(workdir / "run.json", exp, {"researcher_dir": str(Path(researcher_dir).resolve()),
+                                                            "rounds": rounds})
+            else:  # a new experiment that never completed a round: leave nothing behind
+                if events is not None:
+                    events.unlink(missing_ok=True)
+                for folder in reversed(made):  # the folders this run created, if they stayed empty
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
         bkpts = R.breakpoint_dirs(exp)
         print(f"done: round {exp.round_current()}/{exp.round_limit()} in {time.time() - t0:.1f} s; "
               f"last breakpoint {bkpts[-1] if bkpts else 'none'}", flush=True)
         print(json.dumps({"experiment": exp.id, "round": exp.round_current(),
                           "breakpoint": bkpts[-1] if bkpts else None}), flush=True)
-    except R.FederationError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except InputError:
-        raise
-    except Exception as err:  # Fed-BioMed errors (FedbiomedError, ...) -> one line, not a traceback
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: Fed-BioMed: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
-        return 1
+    except BaseException as err:
+        note = R.abandon_experiment(exp, fresh=not args.resume, keep=args.keep_breakpoints) if exp is not None \
+            else None
+        if isinstance(err, KeyboardInterrupt) and note:
+            print(note, file=sys.stderr, flush=True)
+        if isinstance(err, (InputError, OSError, KeyboardInterrupt)):
+            raise
+        if isinstance(err, R.FederationError):
+            message = str(err)
+        elif isinstance(err, Exception):  # Fed-BioMed errors (FedbiomedError, ...) -> one line, not a traceback
+            message = f"Fed-BioMed: {type(err).__name__}: {' '.join(str(err).split()) or type(err).__name__}"
+        else:
+            raise
+        print(f"error: {message}{f' ({note})' if note else ''}", file=sys.stderr, flush=True)
+        return 2
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The researcher-side numbers (the model ones are FactoryConfig's): finite and in range."""
+    import math
+
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.wait_nodes) and args.wait_nodes >= 0):
+        raise InputError(f"--wait-nodes must be a finite number of seconds >= 0, got {args.wait_nodes}")
+    if args.keep_breakpoints < 0:
+        raise InputError(f"--keep-breakpoints must be >= 0 (0 = keep all), got {args.keep_breakpoints}")
+    if args.min_nodes < 1:
+        raise InputError(f"--min-nodes must be >= 1, got {args.min_nodes}")
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

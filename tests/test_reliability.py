@@ -517,6 +517,150 @@ def test_prepare_data_refuses_sizes_train_would_refuse(tmp_path, capsys, size):
     assert not (tmp_path / "lmdb").exists()
 
 
+# ================================================================ 6. phase-1 failures: one line naming the file or the node
+def _fake_breakpoint(root: Path) -> Path:
+    """A researcher component with one experiment and one breakpoint (JSON state + parameter files),
+    as Fed-BioMed 6.4.1 lays them out; the parameters are a real factory state dict."""
+    from fedbiomed.common.serializer import Serializer
+
+    from robustmedseg.factory.config import FactoryConfig
+    from robustmedseg.factory.network import FactoryModel
+
+    cfg = FactoryConfig(size=16, style_dim=8, n_mlp=1, n_zbins=3, clip_dim=4, channel_cap=4, run_id="r1")
+    folder = root / "var" / "experiments" / "Experiment_0000" / "breakpoint_0001"
+    folder.mkdir(parents=True)
+    weights = folder / "model_params_1.mpk"
+    Serializer.dump({k: v.numpy() for k, v in FactoryModel(cfg).state_dict().items()}, str(weights))
+    aggregated = folder / "aggregated_params_1.mpk"
+    Serializer.dump({"a": 1}, str(aggregated))
+    (root / "etc").mkdir()
+    (folder / "breakpoint_0001.json").write_text(json.dumps({
+        "id": "exper_1", "round_current": 1, "model_args": cfg.to_model_args(), "model_weights_path": str(weights),
+        "aggregated_params": {"0": {"params_path": str(aggregated)}}}))
+    return folder
+
+
+def test_train_resume_refuses_a_missing_or_damaged_breakpoint_in_one_line(tmp_path, capsys):
+    import train
+
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "none"), "--resume"])
+    assert err == f"error: {tmp_path / 'none'}: researcher component folder not found (nothing to resume or export)"
+    assert not (tmp_path / "none").exists()  # nothing created
+    (tmp_path / "empty" / "var" / "experiments" / "Experiment_0000").mkdir(parents=True)  # an experiment, no round
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "empty"), "--resume"])
+    assert "no breakpoint in this researcher component" in err
+    root = tmp_path / "res"
+    folder = _fake_breakpoint(root)
+    state = folder / "breakpoint_0001.json"
+    text = state.read_text()
+    state.write_text(text[:-5])  # corrupt JSON
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(root), "--resume"])
+    assert err.startswith(f"error: {state}: cannot read breakpoint state")
+    state.write_text(text)
+    for name in ("model_params_1.mpk", "aggregated_params_1.mpk"):  # truncated parameter files
+        path = folder / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        err = cli_error(capsys, train.main, ["--researcher-dir", str(root), "--resume", str(folder)])
+        assert err.startswith(f"error: {path}: cannot read breakpoint") and "truncated" in err
+        path.write_bytes(data)
+
+
+def test_save_global_model_on_a_truncated_breakpoint_and_good_one(tmp_path, capsys):
+    folder = _fake_breakpoint(tmp_path / "res")
+    out = tmp_path / "final.pt"
+    assert save_global_model.main(["--breakpoint", str(folder), "--out", str(out)]) == 0
+    assert torch.load(out, weights_only=True)["args"]["size"] == 16
+    weights = folder / "model_params_1.mpk"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    err = cli_error(capsys, save_global_model.main, ["--researcher-dir", str(tmp_path / "res"), "--out",
+                                                     str(tmp_path / "again.pt")])
+    assert err.startswith(f"error: {weights}: cannot read breakpoint parameters (truncated or corrupt file?")
+    assert not (tmp_path / "again.pt").exists() and hidden(tmp_path) == []
+
+
+def test_a_node_error_message_replaces_no_reply():
+    from robustmedseg.federation.strategy import NO_REPLY, NodeFailureError
+
+    err = NodeFailureError(0, {"NODE_a": NO_REPLY, "NODE_b": "training failed on the node: boom"})
+    err.add_node_errors({"NODE_a": "FB313: dataset not found"})
+    assert err.reasons == {"NODE_a": "the node answered with an error: FB313: dataset not found",
+                           "NODE_b": "training failed on the node: boom"}
+    assert "FB313: dataset not found" in str(err)
+
+
+# ================================================================ 7. security defaults
+def test_run_id_cannot_name_a_path():
+    from robustmedseg.factory.config import FactoryConfig
+    from robustmedseg.factory.state import run_dir
+
+    for bad in ("..", ".", "../x", "a/b", "", "x" * 65, ".hidden"):
+        with pytest.raises(ValueError, match="run_id"):
+            FactoryConfig.from_model_args({"run_id": bad})
+    root = Path("/node/state")
+    for hostile in ("..", ".", "../..", "a/../../b", "/etc"):  # a node does not trust model_args
+        path = run_dir(hostile, "..", root)
+        assert path.parent.parent == root and ".." not in path.parts
+
+
+def test_best_index_entries_stay_in_the_checkpoint_folder(tmp_path):
+    from MultiMedSeg.training import checkpoints as ck
+
+    for name in ("../outside.pt", "sub/x.pt", "/abs/x.pt", "..pt", ".hidden.pt", "x.pth"):
+        (tmp_path / ck.INDEX_NAME).write_text(json.dumps([{"file": name, "score": 0.5, "step": 1}]))
+        with pytest.raises(InputError, match="not a checkpoint file of this folder"):
+            ck.BestIndex.load(tmp_path)
+    (tmp_path / ck.INDEX_NAME).write_text(json.dumps([{"file": "best_step0000001.pt", "score": 0.5, "step": 1}]))
+    assert ck.BestIndex.load(tmp_path).entries[0].file == "best_step0000001.pt"
+
+
+def test_prune_keeps_only_the_plan_copies_and_replies_the_kept_breakpoints_use(tmp_path):
+    from robustmedseg.federation.researcher import prune_experiment
+
+    exp_dir = tmp_path / "Experiment_0000"
+    exp_dir.mkdir()
+    plans = []
+    for r in range(4):  # Fed-BioMed: one plan copy per breakpoint, linked from it, plus node replies
+        plan = exp_dir / f"model_{r}abc.py"
+        plan.write_text("class Plan:\n    pass\n")
+        (exp_dir / f"params_NODE_{r}.mpk").write_bytes(b"x")
+        bk = exp_dir / f"breakpoint_{r:04d}"
+        bk.mkdir()
+        (bk / f"model_{r:04d}.py").symlink_to(Path("..") / plan.name)
+        (bk / f"breakpoint_{r:04d}.json").write_text(json.dumps({"p": str(exp_dir / f"params_NODE_{r}.mpk")}))
+        plans.append(plan)
+    (exp_dir / "model_unused.py").write_text("x = 1\n")  # the copy of a creation or of a failed round
+
+    class Exp:
+        def experimentation_path(self):
+            return str(exp_dir)
+
+        def training_plan(self):
+            return object()
+
+    prune_experiment(Exp(), keep=1)
+    assert sorted(p.name for p in exp_dir.iterdir()) == ["breakpoint_0003", "model_3abc.py", "params_NODE_3.mpk"]
+    assert (exp_dir / "breakpoint_0003" / "model_0003.py").read_text().startswith("class Plan")
+
+
+def test_local_federation_turns_plan_approval_on(tmp_path):
+    import configparser
+
+    from robustmedseg.federation.local import plan_source, set_node_security
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "config.ini").write_text("[default]\nid = NODE_x\n\n[security]\ntraining_plan_approval = False\n"
+                                    "allow_default_training_plans = True\n")
+    set_node_security(tmp_path, training_plan_approval=True)
+    cfg = configparser.ConfigParser()
+    cfg.read(etc / "config.ini")
+    assert cfg["security"]["training_plan_approval"] == "True"
+    assert cfg["security"]["allow_default_training_plans"] == "False"
+    source = plan_source()  # what Fed-BioMed ships and hashes: the dependencies and the plan class
+    assert "class FactoryTrainingPlan(TorchTrainingPlan):" in source and "from robustmedseg" in source
+
+
 # ================================================================ every script follows the policy
 def test_every_script_runs_through_run_cli():
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()

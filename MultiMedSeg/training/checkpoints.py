@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -29,6 +30,7 @@ from robustmedseg.io import save_torch_atomic, write_text_atomic
 
 INDEX_NAME = "best.json"
 LAST_NAME = "last.pt"
+CHECKPOINT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.pt")  # no folder part, not hidden
 
 
 @dataclass
@@ -98,6 +100,10 @@ class BestIndex:
                        for e in raw]
         except (ValueError, TypeError, KeyError) as err:
             raise InputError(f"malformed best-checkpoint index ({err})", path) from None
+        for e in entries:  # a plain file name in this folder: nothing else is ever read (or deleted)
+            if not CHECKPOINT_NAME_RE.fullmatch(e.file):
+                raise InputError(f"best-checkpoint index names {e.file!r}, not a checkpoint file of this folder "
+                                 "(expected a plain name like best_step0001000.pt)", path)
         return cls(folder, k if k is not None else max(len(entries), 1), entries)
 
     def paths(self, n: Optional[int] = None) -> List[Path]:

@@ -7,6 +7,8 @@ silently fall back to a default on the nodes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -16,6 +18,7 @@ MODEL_KEYS = ("size", "style_dim", "n_mlp", "n_domains", "channel_multiplier", "
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # StyleGAN2's G_ema half-life: 10k images at batch 32
 
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # names the node-state folder: nothing path-like
 MIN_SIZE, MAX_SIZE = 16, 1024  # image sizes the generator/discriminator pyramid supports
 
 
@@ -90,11 +93,29 @@ class FactoryConfig:
 
     def validate(self) -> None:
         check_image_size(self.size)
+        for f in dataclasses.fields(self):  # every number finite (NaN passes every comparison below)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        for name in ("r1", "path_regularize"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not float(self.lr_mlp) > 0:
+            raise ValueError(f"lr_mlp must be > 0, got {self.lr_mlp}")
+        if self.channel_cap is not None and int(self.channel_cap) < 1:
+            raise ValueError(f"channel_cap must be >= 1, got {self.channel_cap}")
+        if not 0 <= int(self.seed) < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
+            raise ValueError(f"run_id must be 1-64 letters, digits, '_' or '-' (it names a folder on the nodes), "
+                             f"got {self.run_id!r}")
         for name in ("style_dim", "n_mlp", "n_domains", "n_zbins", "clip_dim", "path_batch_shrink",
                      "d_reg_every", "g_reg_every", "ada_every", "ada_length", "n_sample", "sample_every",
                      "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not -1.0 <= float(self.ada_target) <= 1.0:  # a target of E[sign(D(real))]
+            raise ValueError(f"ada_target must be in [-1, 1], got {self.ada_target}")
         for name in ("mixing", "augment_p", "clip_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -58,10 +58,18 @@ def node_state_root() -> Path:
     return Path.cwd() / "robustmedseg-node-state"
 
 
+def safe_name(text: Optional[str], default: str) -> str:
+    """``text`` as one harmless path component: characters other than letters, digits, '_', '-' and
+    '.' become '_', and a name starting with '.' (``..``, hidden) gets a '_' prefix."""
+    name = _SAFE_RE.sub("_", text or default)[:128]
+    return f"_{name}" if name.startswith(".") else name
+
+
 def run_dir(run_id: str, node_id: Optional[str], root: Optional[Path] = None) -> Path:
-    """``<root>/<run_id>/<node_id>`` with path-safe names."""
+    """``<root>/<run_id>/<node_id>`` with path-safe names (never outside ``<root>``, whatever the
+    researcher sends: the node does not trust ``model_args``)."""
     root = node_state_root() if root is None else Path(root)
-    return root / _SAFE_RE.sub("_", run_id or "default") / _SAFE_RE.sub("_", node_id or "local")
+    return root / safe_name(run_id, "default") / safe_name(node_id, "local")
 
 
 def rng_state() -> Dict[str, Any]:

@@ -7,6 +7,10 @@ aggregation it decodes the nodes' masked, encoded round updates with
 :mod:`robustmedseg.federation.secagg` (exact integer sums, uniform or sample-count weights)
 instead of Fed-BioMed's own decoder, which treats the sums as weights and truncates their average.
 Breakpoints are Fed-BioMed's: ``FactoryExperiment.load_breakpoint`` reloads any of them.
+
+It also keeps the error messages nodes answer with (Fed-BioMed only logs them and drops the
+node), so that a failed round names each node with its own error
+(:class:`~robustmedseg.federation.strategy.NodeFailureError`).
 """
 from __future__ import annotations
 
@@ -26,8 +30,56 @@ def lom_secure_aggregation() -> SecureAggregation:
                              clipping_range=codec.FBM_CLIPPING_RANGE)
 
 
+class _NodeErrors:
+    """``Requests`` seen through a recorder of the error messages of each request (node id -> text)."""
+
+    def __init__(self, requests: Any):
+        self._requests = requests
+        self.errors: Dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._requests, name)
+
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        return _RecordedRequest(self._requests.send(*args, **kwargs), self.errors)
+
+
+class _RecordedRequest:
+    def __init__(self, request: Any, sink: Dict[str, str]):
+        self._request, self._sink = request, sink
+
+    def __enter__(self) -> Any:
+        self._inner = self._request.__enter__()
+        return self._inner
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            for node, error in (self._inner.errors() or {}).items():
+                text = " ".join(f"{getattr(error, 'errnum', '')} {getattr(error, 'extra_msg', '')}".split())
+                self._sink[node] = text or type(error).__name__
+        except Exception:  # noqa: BLE001 - recording must never break a round
+            pass
+        return self._request.__exit__(*exc)
+
+
 class FactoryExperiment(Experiment):
-    """Fed-BioMed Experiment whose secure aggregation decodes the factory's encoded updates."""
+    """Fed-BioMed Experiment whose secure aggregation decodes the factory's encoded updates, and
+    whose failed rounds name each node's own error."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self._reqs, _NodeErrors):
+            self._reqs = _NodeErrors(self._reqs)
+
+    def run_once(self, *args: Any, **kwargs: Any) -> int:
+        from .strategy import NodeFailureError
+
+        self._reqs.errors.clear()
+        try:
+            return super().run_once(*args, **kwargs)
+        except NodeFailureError as err:
+            err.add_node_errors(self._reqs.errors)
+            raise
 
     def _aggregate_encrypted_model_params_and_optim_auxvar(self, model_params: Dict[str, List[int]],
                                                            optim_auxvar: Any,

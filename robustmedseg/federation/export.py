@@ -17,8 +17,9 @@ geometry is read from the ``g_ema`` tensors (:func:`infer_generator_args`).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -36,25 +37,74 @@ def experiments_dir(researcher_root: Path) -> Path:
     return Path(researcher_root) / "var" / "experiments"
 
 
-def find_breakpoint(researcher_root: Optional[Path], breakpoint: Optional[Path]) -> Tuple[Path, Path]:
-    """(breakpoint folder, its JSON state file); the latest breakpoint of the latest experiment if None."""
-    from fedbiomed.researcher.filetools import find_breakpoint_path  # no component side effect
+_BREAKPOINT_RE = re.compile(r"^breakpoint_(\d+)$")
+_STATE_RE = re.compile(r"^breakpoint_\d*\.json$")
 
+
+def _breakpoints(experiment: Path) -> List[Path]:
+    """Breakpoint folders of one experiment folder, oldest first."""
+    found = [(int(m.group(1)), p) for p in experiment.iterdir()
+             if p.is_dir() and (m := _BREAKPOINT_RE.match(p.name))] if experiment.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
+def find_breakpoint(researcher_root: Optional[Path], breakpoint: Optional[Path]) -> Tuple[Path, Path]:
+    """(breakpoint folder, its JSON state file): ``breakpoint`` itself, or the newest breakpoint of the
+    newest experiment that has one.  One-line :class:`InputError` naming the folder when there is none
+    (no Fed-BioMed import: nothing is created)."""
     if breakpoint is None:
         if researcher_root is None:
             raise InputError("give --breakpoint DIR or --researcher-dir DIR")
+        if not Path(researcher_root).is_dir():
+            raise InputError("researcher component folder not found (nothing to resume or export)", researcher_root)
         base = experiments_dir(researcher_root)
-        if not base.is_dir():
-            raise InputError("no experiments in this researcher component", base)
+        experiments = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        with_breakpoints = [p for p in experiments if _breakpoints(p)]
+        if not with_breakpoints:
+            raise InputError("no breakpoint in this researcher component (no round of any experiment completed)",
+                             base)
+        folder = _breakpoints(with_breakpoints[-1])[-1]
     else:
-        base = Path(breakpoint)
-        if not base.is_dir():
-            raise InputError("breakpoint folder not found", base)
-    try:
-        folder, state_file = find_breakpoint_path(str(base), None if breakpoint is None else str(breakpoint))
-    except Exception as err:  # noqa: BLE001 - OSError, FedbiomedError...: no usable breakpoint there
-        raise InputError(f"no breakpoint found ({' '.join(str(err).split()) or type(err).__name__})", base) from None
-    return Path(folder), Path(folder) / state_file
+        folder = Path(breakpoint)
+        if not folder.is_dir():
+            raise InputError("breakpoint folder not found" if not folder.exists() else
+                             "is a file; a breakpoint folder is expected here", folder)
+    states = sorted(p for p in folder.iterdir() if _STATE_RE.match(p.name))
+    if len(states) != 1:
+        raise InputError(f"not a breakpoint folder: expected one breakpoint_NNNN.json, found {len(states)}", folder)
+    return folder, states[0]
+
+
+def _breakpoint_files(value: Any) -> List[str]:
+    """Every string of a breakpoint state that names a Fed-BioMed file (.mpk parameters, .py plan)."""
+    if isinstance(value, Mapping):
+        return [f for v in value.values() for f in _breakpoint_files(v)]
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _breakpoint_files(v)]
+    if isinstance(value, str) and value.endswith((".mpk", ".py")):
+        return [value]
+    return []
+
+
+def check_breakpoint(researcher_root: Optional[Path], breakpoint: Optional[Path]) -> Path:
+    """Before a resume: the breakpoint exists, its JSON reads, its parameters deserialise (finite), and
+    every file it references is there and readable.  Returns the breakpoint folder; each problem is
+    one :class:`InputError` naming the file."""
+    from fedbiomed.common.serializer import Serializer
+
+    folder, state_file = find_breakpoint(researcher_root, breakpoint)
+    _, state = load_breakpoint_params(folder, state_file)
+    for name in _breakpoint_files(state):
+        path = Path(name) if Path(name).is_absolute() else folder / name
+        if not path.is_file():
+            raise InputError(f"file named by the breakpoint is missing (see {state_file.name})", path)
+        if path.suffix == ".mpk" and path.name != Path(state.get("model_weights_path", "")).name:
+            try:
+                Serializer.load(str(path))
+            except Exception as err:  # noqa: BLE001 - msgpack errors of a truncated file
+                raise InputError(f"cannot read breakpoint file (truncated or corrupt? "
+                                 f"{' '.join(str(err).split())[:160] or type(err).__name__})", path) from None
+    return folder
 
 
 def load_breakpoint_params(breakpoint: Path, state_file: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

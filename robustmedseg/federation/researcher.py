@@ -37,15 +37,29 @@ class FederationError(RuntimeError):
     """A federation-level failure (node died, nodes missing, Fed-BioMed error); one-line message."""
 
 
+def _quiet_fedbiomed(record: logging.LogRecord) -> bool:
+    """Fed-BioMed's INFO/DEBUG records are dropped unless ``--verbose`` (its errors reach the user
+    through train.py's one-line message)."""
+    return record.levelno >= logging.WARNING
+
+
 def use_researcher_component(root: Path, verbose: bool = False) -> Any:
     """Point Fed-BioMed at the researcher component ``root`` (created if missing) and import it."""
+    import warnings
+
     root = Path(root).resolve()
     os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(root)
     os.environ.pop("FBM_DEBUG", None)
+    # opacus (imported by Fed-BioMed's plans) warns about its RNG at import: not this project's concern
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
     from fedbiomed.common.logger import logger as fbm_logger
+
+    if not verbose:  # importing the config resets the level to INFO and logs a banner: filter, not level
+        fbm_logger._logger.addFilter(_quiet_fedbiomed)  # noqa: SLF001 - FedLogger wraps a logging.Logger
     from fedbiomed.researcher.config import config
 
     fbm_logger.setLevel("INFO" if verbose else "WARNING")
+
     os.environ["FBM_DEBUG"] = "1"  # exceptions propagate instead of sys.exit (checked at call time)
     return config
 
@@ -292,26 +306,52 @@ def node_training_times(exp: Any, index: int, key: str = "rtime_training") -> Di
 
 def prune_experiment(exp: Any, keep: int) -> None:
     """Bound the researcher's disk use: keep the newest ``keep`` breakpoints (0 = all) and delete the
-    node-reply parameter files that no kept breakpoint references.
+    node-reply parameter files and training-plan copies that no kept breakpoint references.
 
     Fed-BioMed writes every node reply's parameters to the experiment folder and never deletes
-    them; at 512 px that is ~0.4 GB per node per round.
+    them (at 512 px ~0.4 GB per node per round), and a copy of the plan (``model_<uuid>.py``) at
+    every breakpoint, each breakpoint linking to its own.  With ``keep`` 0 every breakpoint is kept,
+    but the files of no breakpoint (a failed round's replies, unused plan copies) still go.
     """
     import shutil
 
-    if keep <= 0:
-        return
     folders = breakpoint_dirs(exp)
-    for old in folders[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for old in folders[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        folders = folders[-keep:]
     referenced = set()
-    for folder in folders[-keep:]:
+    for folder in folders:
         for state_file in Path(folder).glob("breakpoint_*.json"):
             text = state_file.read_text()
             referenced.update(Path(p).name for p in _mpk_paths(text))
-    for path in Path(exp.experimentation_path()).glob("params_*.mpk"):
+        for link in Path(folder).glob("model_*.py"):  # the breakpoint's link to its plan copy
+            target = os.readlink(link) if link.is_symlink() else link.name
+            referenced.add(Path(target).name)
+    _pin_plan_source(exp)
+    root = Path(exp.experimentation_path())
+    for path in list(root.glob("params_*.mpk")) + list(root.glob("model_*.py")):
         if path.name not in referenced:
             path.unlink(missing_ok=True)
+
+
+def _pin_plan_source(exp: Any) -> None:
+    """Keep the source of the experiment's live plan class readable after its file is pruned.
+
+    Fed-BioMed re-reads the plan's source (``inspect.getsource``) every round, from the file it
+    imported the class from: a plan copy in the experiment folder, or the link in the breakpoint a
+    resume started from.  Pruning deletes both in time, so the source is pinned in ``linecache``
+    (an entry without a modification time is never invalidated)."""
+    import inspect
+    import linecache
+
+    try:
+        path = inspect.getsourcefile(type(exp.training_plan()))
+        if path and (path not in linecache.cache or linecache.cache[path][1] is not None):
+            text = Path(path).read_text()
+            linecache.cache[path] = (len(text), None, text.splitlines(True), path)
+    except (OSError, TypeError):
+        pass
 
 
 def _mpk_paths(text: str) -> List[str]:
@@ -347,15 +387,21 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
             refused = [n for n in err.nodes if codec.NODE_REFUSAL in err.reasons[n]]
             if refused:
                 raise FederationError(secagg_refusal(exp, refused, names, index)) from err
+            unapproved = [n for n in err.nodes if "Training plan is not" in err.reasons[n]]
+            if unapproved:
+                who = ", ".join(describe(n, names) for n in unapproved)
+                raise FederationError(
+                    f"round {index + 1} refused: node {who} has not approved this training plan (the hash of "
+                    f"training_plan.py differs from the approved one); review the plan, then approve it on each "
+                    f"node (fedbiomed node -p NODE_DIR training-plan approve; a local federation: python -m "
+                    f"robustmedseg.federation.local approve --root ROOT). {_after_failure(index)}") from err
             nodes = ", ".join(f"{describe(n, names)}: {err.reasons[n]}" for n in err.nodes)
-            raise FederationError(
-                f"round {index + 1} failed, node {nodes}. The last breakpoint (round {index}) is intact: "
-                f"rerun train.py with --resume to continue with the nodes still up") from err
+            raise FederationError(f"round {index + 1} failed, node {nodes}. {_after_failure(index)}") from err
         except (FedbiomedSecaggError, FedbiomedSecureAggregationError, codec.SecaggDecodeError) as err:
             sampled = ", ".join(describe(n, names) for n in (exp.strategy().sampled(index) or []))
             raise FederationError(
                 f"round {index + 1}: secure aggregation failed with nodes {sampled}: {' '.join(str(err).split())}. "
-                f"The last breakpoint (round {index}) is intact: rerun train.py with --resume") from err
+                f"{_after_failure(index)}") from err
         seconds = time.time() - start
         sampled = exp.strategy().sampled(index) or []
         report = RoundReport(round=index + 1, seconds=seconds, nodes=[describe(n, names) for n in sampled],
@@ -374,6 +420,41 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
         on_round(report)
         done += 1
     return done
+
+
+def _after_failure(index: int) -> str:
+    """What the user can do after round ``index + 1`` failed."""
+    if index == 0:
+        return "No round completed, so there is nothing to resume: fix the cause and rerun train.py without --resume"
+    return (f"The last breakpoint (round {index}) is intact: rerun train.py with --resume to continue with the "
+            "nodes still up")
+
+
+def abandon_experiment(exp: Any, fresh: bool, keep: int) -> Optional[str]:
+    """Clean up after a failed or interrupted run; returns a note for the user (or None).
+
+    A new experiment that completed no round is removed entirely: an experiment folder without a
+    breakpoint is useless, and it would become the "latest experiment" of a later ``--resume``.
+    Otherwise the files of the failed round (node replies, plan copies) are pruned as after a round.
+    """
+    import shutil
+
+    try:
+        if fresh and not breakpoint_dirs(exp):
+            shutil.rmtree(exp.experimentation_path(), ignore_errors=True)
+            return "the experiment folder of this run was removed"
+        prune_experiment(exp, keep)
+    except Exception:  # noqa: BLE001 - clean-up must never hide the original error
+        return None
+    return None
+
+
+def writer_file(writer: Any) -> Optional[Path]:
+    """The TensorBoard event file of an open ``writer`` (to delete it when the run completed no round)."""
+    try:
+        return Path(writer._get_file_writer().event_writer._file_name)  # noqa: SLF001 - no public name
+    except Exception:  # noqa: BLE001 - another writer implementation: nothing to delete
+        return None
 
 
 def attach_metrics(exp: Any, writer: Any) -> NodeMetrics:

@@ -23,6 +23,7 @@ from fedbiomed.common.exceptions import FedbiomedStrategyError
 from fedbiomed.researcher.strategies import DefaultStrategy
 
 WEIGHTINGS = ("uniform", "samples")
+NO_REPLY = "no training reply (node stopped or disconnected)"
 
 
 class NodeFailureError(FedbiomedStrategyError):
@@ -32,8 +33,18 @@ class NodeFailureError(FedbiomedStrategyError):
         self.round = round_i
         self.nodes = sorted(reasons)
         self.reasons = dict(reasons)
-        detail = "; ".join(f"node {n}: {reasons[n]}" for n in self.nodes)
-        super().__init__(f"round {round_i + 1} failed: {detail}")
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        detail = "; ".join(f"node {n}: {self.reasons[n]}" for n in self.nodes)
+        return f"round {self.round + 1} failed: {detail}"
+
+    def add_node_errors(self, errors: Dict[str, str]) -> None:
+        """Replace "no training reply" by the error message the node answered with, when it sent one."""
+        for node in self.nodes:
+            if node in errors and self.reasons[node] == NO_REPLY:
+                self.reasons[node] = f"the node answered with an error: {errors[node]}"
+        self.args = (self._message(),)
 
 
 class SampleAtMostK(DefaultStrategy):
@@ -68,7 +79,7 @@ class SampleAtMostK(DefaultStrategy):
         for node in self._sampling_node_history.get(round_i, []):
             reply = training_replies.get(node)
             if reply is None:
-                reasons[node] = "no training reply (node stopped or disconnected)"
+                reasons[node] = NO_REPLY
             elif reply.get("success") is not True:
                 reasons[node] = f"training failed on the node: {reply.get('msg') or 'no message'}"
         if reasons:
