@@ -55,7 +55,7 @@ def _stderr(message: str) -> None:
 def check_output_folder(output: Path, inputs: Sequence[Path], overwrite: bool, checkpoint_dir=None) -> None:
     """The output folder may not exist (unless ``overwrite``), nor be, contain or lie inside an input
     (the project's one rule, :func:`robustmedseg.io.check_apart`)."""
-    given = {f"--input {src}": src for src in inputs}
+    given = {("--input" if i == 0 else f"--input #{i + 1}"): src for i, src in enumerate(inputs)}
     given["--checkpoint_dir"] = checkpoint_dir
     check_apart({"--output": output}, given)
     check_new_output(output, overwrite)

@@ -310,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sys.stdout.isatty():  # end the live progress line
             print()
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted (the command running was stopped, and the Fed-BioMed nodes if they were up). "
               "Continue with: python -m demo.run --resume "

@@ -134,7 +134,7 @@ def test_failing_stage_names_stage_and_log(tmp_path: Path) -> None:
                                                "clip_pretrained": None}))
     (out / ".stages" / "phantom.json").write_text(json.dumps({"seconds": 1.0}))  # ...but no phantom data
     proc = _run("--quick", "--resume", "--out", str(out), timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "preprocess" in errors[0] and str(out / "logs" / "preprocess.log") in errors[0]
     assert not (out / ".stages" / "preprocess.json").exists()

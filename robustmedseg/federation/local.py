@@ -205,9 +205,12 @@ class Manifest:
         path = root / MANIFEST
         if not path.is_file():
             raise InputError(f"no local federation here (missing {MANIFEST}); run 'up' first", root)
-        raw = json.loads(path.read_text())
-        nodes = [LocalNode(**n) for n in raw.pop("nodes", [])]
-        return cls(nodes=nodes, **raw)
+        try:
+            raw = json.loads(path.read_text())
+            nodes = [LocalNode(**n) for n in raw.pop("nodes", [])]
+            return cls(nodes=nodes, **raw)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise InputError(f"not a readable federation manifest ({' '.join(str(err).split())[:160]})", path) from None
 
     def save(self, root: Path) -> None:
         write_text_atomic(root / MANIFEST, json.dumps(asdict(self), indent=2) + "\n")
@@ -267,6 +270,8 @@ class LocalFederation:
                 raise InputError("dataset folder not found", path)
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise InputError(f"node name '{name}' must be alphanumeric (with - or _)")
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError("is a file; --root names the federation folder", self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         if self.manifest is None:
