@@ -29,12 +29,13 @@ def build_parser() -> CliParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from robustmedseg.federation.export import build_export, experiments_dir, find_breakpoint, load_breakpoint_params
-    from robustmedseg.io import check_apart, save_torch_atomic
+    from robustmedseg.io import check_apart, check_parents, save_torch_atomic
 
     if args.out.is_dir():
         raise InputError("is a folder; --out takes the path of the file to write", args.out)
     root = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
     check_apart({"--out": args.out}, {"--breakpoint": args.breakpoint, "experiments folder": experiments_dir(root)})
+    check_parents(args.out)
     folder, state_file = find_breakpoint(root, args.breakpoint)
     params, state = load_breakpoint_params(folder, state_file)
     export = build_export(params, state)

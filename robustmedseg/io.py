@@ -152,15 +152,21 @@ def clean_stale_temporaries(path: PathLike) -> List[Path]:
     return removed
 
 
-def _prepare_parent(path: Path) -> None:
-    """Create the folders above ``path``; one-line error when one of them is a file."""
+def check_parents(path: PathLike) -> None:
+    """One-line error when a folder above ``path`` is a file (checked before any work, nothing created)."""
     from robustmedseg.errors import InputError
 
-    for ancestor in path.parents:
+    path = Path(path)
+    for ancestor in path.absolute().parents:
         if ancestor.is_dir():
-            break
+            return
         if os.path.lexists(ancestor):
             raise InputError(f"cannot create it: {ancestor} is a file, not a folder", path)
+
+
+def _prepare_parent(path: Path) -> None:
+    """Create the folders above ``path``; one-line error when one of them is a file."""
+    check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -244,6 +250,7 @@ def check_new_output(path: PathLike, overwrite: bool) -> None:
             raise InputError("output already exists (pass --overwrite to replace it)", path)
         if not path.is_dir():
             raise InputError("output exists and is not a folder", path)
+    check_parents(path)
 
 
 @contextlib.contextmanager

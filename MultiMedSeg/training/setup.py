@@ -28,12 +28,13 @@ from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError
 from robustmedseg.federation.export import read_factory_file
-from robustmedseg.io import clean_stale_temporaries, load_torch_file, replace_dir, temp_sibling
+from robustmedseg.io import check_parents, clean_stale_temporaries, load_torch_file, replace_dir, temp_sibling
 
 
 def check_exp_dir(opts: argparse.Namespace) -> Path:
     """Refuse an existing ``--exp_dir`` unless ``--resume``/``--overwrite`` (no side effects)."""
     exp = Path(opts.exp_dir)
+    check_parents(exp)
     if opts.resume:
         if not (exp / "checkpoints" / ck.LAST_NAME).is_file():
             raise InputError(f"nothing to resume: checkpoints/{ck.LAST_NAME} not found", exp)
