@@ -144,9 +144,11 @@ def clean_stale_temporaries(path: PathLike) -> List[Path]:
     removed = []
     for kind, leftover in sorted(stale, key=lambda kp: kp[0] != "old"):  # put an 'old' back first
         if kind == "old" and not os.path.lexists(path):
-            with contextlib.suppress(OSError):
+            try:
                 os.rename(leftover, path)
-                continue
+            except OSError:
+                pass  # never delete a previous output that could not be put back
+            continue
         _remove(leftover)
         removed.append(leftover)
     return removed
