@@ -76,6 +76,7 @@ def test_train_resume_export(federation, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "round 2/2" in first.stdout
     info = _run_info(work)
+    first_id = info["experiment_id"]
     assert info["round_current"] == 2 and len(info["breakpoints"]) == 2
     for r in ("0", "1"):
         sampled = info["sampled"][r]
@@ -87,7 +88,7 @@ def test_train_resume_export(federation, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed experiment" in second.stdout and "round 3/3" in second.stdout
     info = _run_info(work)
-    assert info["round_current"] == 3 and info["experiment_id"] == _run_info(work)["experiment_id"]
+    assert info["round_current"] == 3 and info["experiment_id"] == first_id
     assert all(len(set(info["sampled"][r])) == 2 for r in ("0", "1", "2"))
     # node-local state persisted on the nodes that trained: one file per round they took part in (newest 2)
     run_id = info["model_args"]["run_id"]
