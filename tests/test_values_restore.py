@@ -1,0 +1,149 @@
+"""Preprocessing -> restore round trips with exact expectations.
+
+Where the geometry loses nothing (no resampling: every volume already has the target spacing; slices
+padded, not centre-cropped) the labels restored from the slice files must equal the original label
+map voxel for voxel (Dice 1.0 for every class), whatever the crop box, the flipped axis and the kept
+z range -- which here never starts at slice 0, so an offset lost on the way back cannot hide. The
+image comes back as an affine function of the original intensities inside the kept region, -1 outside.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+from MultiMedSeg.data.restore import load_metadata, restore_volume, write_nifti_like
+from robustmedseg.data.slices import load_slice
+
+QUIET = {"log": lambda *a, **k: None}
+
+
+@dataclass
+class Geometry:
+    """One synthetic volume: grid, spacing, and the label box [lo, hi) per axis (class 2 in its core)."""
+
+    shape: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    box: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+
+
+def write_volumes(root: Path, geometries: Sequence[Geometry], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i, geo in enumerate(geometries):
+        label = np.zeros(geo.shape, np.uint8)
+        box = tuple(slice(a, b) for a, b in geo.box)
+        label[box] = 1
+        core = tuple(slice(a + (b - a) // 3, max(a + (b - a) // 3 + 1, b - (b - a) // 3)) for a, b in geo.box)
+        label[core] = 2
+        image = (rng.normal(0.0, 0.1, geo.shape) + label).astype(np.float32)
+        affine = np.diag([*geo.spacing, 1.0])
+        affine[:3, 3] = [-3.0 * i, 5.0, 1.5]
+        for folder, array in (("images", image), ("labels", label)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, affine), str(root / folder / f"vol{i}.nii.gz"))
+    return root
+
+
+def stack(out: Path, vol: dict, key: str) -> np.ndarray:
+    slices = [load_slice(out / rel) for rel in vol["slices"]]
+    if key == "mask":
+        return np.stack([s["mask"].argmax(axis=-1) for s in slices])
+    return np.stack([s["data"][..., 0] for s in slices])
+
+
+def round_trip(root: Path, out: Path, size: int, crop: bool, flip_axis: Optional[int],
+               target_spacing: Optional[Tuple[float, float, float]] = None) -> List[dict]:
+    """Preprocess ``root`` and restore every volume; returns one record per volume."""
+    preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", out=out, size=size, num_classes=3,
+                                val_frac=0.0, test_frac=0.0, crop=crop, flip_axis=flip_axis,
+                                target_spacing=target_spacing, discard_outside_labels=True), **QUIET)
+    meta = load_metadata(out)
+    records = []
+    for vid, vol in sorted(meta["volumes"].items()):
+        records.append({
+            "vol": vol,
+            "label": restore_volume(stack(out, vol, "mask"), vol, kind="label"),
+            "image": restore_volume(stack(out, vol, "data"), vol, kind="image"),
+            "original_label": np.asarray(nib.load(vol["label"]).dataobj),
+            "original_image": nib.load(vol["image"]).get_fdata(),
+        })
+    return records
+
+
+def kept_region(vol: dict) -> np.ndarray:
+    """Original-grid voxels that survive: inside the crop box and the kept z range (no resampling)."""
+    inside = np.zeros(vol["shape"], bool)
+    (x0, x1), (y0, y1), (z0, z1) = vol["crop"]
+    first, stop = vol["z_split"]
+    inside[x0:x1, y0:y1, z0 + first:z0 + stop] = True
+    return inside if vol["flip_axis"] is None else np.flip(inside, axis=vol["flip_axis"])
+
+
+def check_exact(records: List[dict]) -> None:
+    for r in records:
+        vol, label, original = r["vol"], r["label"], r["original_label"]
+        assert vol["shape_after_resampling"] == vol["shape_after_crop"]  # the geometry loses nothing
+        assert label.shape == original.shape and label.dtype == np.uint8
+        np.testing.assert_array_equal(label, original, err_msg=vol["id"])
+        inside = kept_region(vol)
+        image, source = r["image"], r["original_image"]
+        assert np.all(image[~inside] == -1.0)
+        # inside: the affine map of the preprocessing (standardise, scale to [-1, 1]) except where clipped
+        free = inside & (image > -1 + 1e-4) & (image < 1 - 1e-4)
+        slope, intercept = np.polyfit(source[free], image[free], 1)
+        assert slope > 0 and np.abs(slope * source[free] + intercept - image[free]).max() < 1e-4
+
+
+def test_round_trip_is_exact_when_the_kept_slices_do_not_start_at_zero(tmp_path):
+    geos = [Geometry((14, 11, 16), (0.8, 0.8, 2.0), ((3, 10), (2, 9), (5, 12))),
+            Geometry((12, 13, 12), (0.8, 0.8, 2.0), ((4, 8), (5, 11), (7, 11)))]
+    records = round_trip(write_volumes(tmp_path / "src", geos), tmp_path / "prep", size=16, crop=False,
+                         flip_axis=None)
+    assert [r["vol"]["z_split"] for r in records] == [[5, 12], [7, 11]]  # never from 0
+    check_exact(records)
+
+
+@pytest.mark.parametrize("flip_axis", [None, 0, 2])
+def test_round_trip_is_exact_with_the_heuristic_crop_and_a_flip(tmp_path, flip_axis):
+    geos = [Geometry((18, 15, 14), (1.0, 1.0, 1.5), ((4, 13), (3, 12), (4, 10))),
+            Geometry((16, 17, 14), (1.0, 1.0, 1.5), ((5, 12), (6, 14), (6, 11)))]
+    records = round_trip(write_volumes(tmp_path / "src", geos), tmp_path / "prep", size=24, crop=True,
+                         flip_axis=flip_axis)
+    assert any(r["vol"]["crop"][2][0] + r["vol"]["z_split"][0] > 0 for r in records)
+    check_exact(records)
+
+
+def test_centre_cropped_slices_restore_exactly_inside_the_window(tmp_path):
+    """Slices smaller than the volume (a target spacing given, so no downsampling to fit): the centre
+    window comes back exactly, the cut border as background."""
+    geos = [Geometry((20, 18, 10), (1.0, 1.0, 1.0), ((6, 14), (5, 13), (3, 8))),
+            Geometry((20, 18, 10), (1.0, 1.0, 1.0), ((7, 13), (6, 12), (2, 7)))]
+    records = round_trip(write_volumes(tmp_path / "src", geos), tmp_path / "prep", size=12, crop=False,
+                         flip_axis=None, target_spacing=(1.0, 1.0, 1.0))
+    for r in records:
+        vol = r["vol"]
+        (rs, _, rn), (cs, _, cn) = vol["inplane_window"]
+        assert rn == cn == 12 and (rs, cs) == (4, 3)
+        window = np.zeros(vol["shape"], bool)
+        window[rs:rs + rn, cs:cs + cn, :] = True
+        np.testing.assert_array_equal(r["label"][window], r["original_label"][window])
+        assert not r["label"][~window].any()
+
+
+def test_written_nifti_keeps_the_restored_labels_and_the_grid(tmp_path):
+    geos = [Geometry((10, 9, 12), (0.7, 0.9, 2.5), ((2, 8), (3, 7), (4, 9))),
+            Geometry((10, 9, 12), (0.7, 0.9, 2.5), ((3, 7), (2, 8), (6, 10)))]
+    records = round_trip(write_volumes(tmp_path / "src", geos), tmp_path / "prep", size=12, crop=False,
+                         flip_axis=1)
+    for r in records:
+        path = write_nifti_like(r["label"], r["vol"], tmp_path / "pred" / f"{r['vol']['id']}.nii.gz")
+        back = nib.load(str(path))
+        original = nib.load(r["vol"]["label"])
+        np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(original.dataobj))
+        np.testing.assert_allclose(back.affine, original.affine)
+        assert back.header.get_zooms()[:3] == pytest.approx(original.header.get_zooms()[:3])
