@@ -5,6 +5,14 @@ plan's ``model_args``, restores the node-local state of the previous round (or s
 from ``(seed, node id)``), loads ``clip_mean`` from the node's dataset and, if needed, the frozen
 CLIP model (cached for the life of the node process), and builds the trainer. :func:`end_round`
 flushes the metrics and saves the state (only after a successful round).
+
+Data order: Fed-BioMed splits the node's dataset with ``torch.utils.data.random_split`` *before* the
+round starts, i.e. from whatever the node process's random stream is at that moment (a fresh process
+after a restart, another one in a long-running node). :func:`begin_round` puts the training subset
+back in dataset order once the node's stream is restored, so the loader's own shuffle (drawn from the
+restored stream) is the only source of order: a round's data order, like everything else it does,
+depends only on the global model and the node state (a resumed run reproduces the uninterrupted one,
+checked in ``tests/test_values_resume.py``).
 """
 from __future__ import annotations
 
@@ -53,6 +61,14 @@ def _reporter(history_monitor: Any, num_updates: int, batch_size: int, total: in
     return send
 
 
+def canonical_order(loader: Any) -> None:
+    """Sort the indices of the loader's training subset (see the module docstring); no-op otherwise."""
+    subset = getattr(loader, "dataset", None)
+    indices = getattr(subset, "indices", None)
+    if indices is not None:
+        subset.indices = sorted(int(i) for i in indices)
+
+
 def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSession:
     """Prepare the trainer of this round (see module docstring). ``dataset`` exposes ``clip_mean()``."""
     cfg = FactoryConfig.from_model_args(plan.model_args())
@@ -64,6 +80,7 @@ def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSe
         set_rng_state(state["rng"])
     else:
         seed_everything(node_seed(cfg.seed, node_id), deterministic_cudnn=False)
+    canonical_order(getattr(plan, "training_data_loader", None))
     mean = dataset.clip_mean() if hasattr(dataset, "clip_mean") else None
     clip_mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     clip_loss = _clip_loss(cfg) if cfg.clip_weight > 0 and clip_mean is not None else None
