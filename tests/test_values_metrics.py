@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from MultiMedSeg.training.inference import spacing_from_affine
-from MultiMedSeg.training.metrics import binary_scores, branch_metrics, mean_metrics, volume_scores
+from MultiMedSeg.training.metrics import binary_scores, branch_metrics, mean_metrics, selection_score, volume_scores
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
@@ -128,16 +128,29 @@ def test_branch_metrics_flat_keys_and_voxel_unit_hausdorff():
             assert flat[f"{prefix}hausdorff_{c}"] == pytest.approx(ref["hd"], rel=1e-9)
 
 
+def test_only_the_requested_distances_are_computed():
+    pred, gt = _two_class_volumes()
+    scores = volume_scores(pred, gt, 3, distances=("hd",))
+    assert all(set(s) == {"dice", "hd"} for s in scores.values())
+    restricted = volume_scores(pred, gt, 3, distances=("hd95",), vessels_within_gt=True)
+    assert all(set(s) == {"dice", "hd95"} for s in restricted.values())
+
+
 def test_restricting_label_2_to_the_gt_foreground():
     """--consider_only_vessels_within_brain: label 2 is scored on (pred & gt != 0) vs (gt == 2 & gt != 0)."""
     pred, gt = _two_class_volumes()
     pred[18, 18, 10] = 2  # a label-2 voxel outside the GT foreground (dropped by the restriction)
     roi = gt != 0
-    restricted = volume_scores(pred, gt, 3, vessels_within_gt=True)
-    ref = reference_scores((pred == 2) & roi, (gt == 2) & roi)
+    spacing = (2.5, 0.5, 2.0)
+    restricted = volume_scores(pred, gt, 3, spacing, vessels_within_gt=True)
+    ref = reference_scores((pred == 2) & roi, (gt == 2) & roi, spacing)
     for key in ("dice", "hd", "hd95"):
         assert restricted["2"][key] == pytest.approx(ref[key], rel=1e-9), key
+    assert restricted["2"]["hd"] == pytest.approx(2 * 2.5)  # over-segmented by 2 voxels along x, in mm
+    restricted = volume_scores(pred, gt, 3, vessels_within_gt=True)
+    ref = reference_scores((pred == 2) & roi, (gt == 2) & roi)
     plain = volume_scores(pred, gt, 3)
+    assert branch_metrics({"": pred}, gt, 3)["dice_2"] == plain["2"]["dice"]  # no restriction by default
     assert plain["2"]["hd"] > restricted["2"]["hd"] and plain["2"]["dice"] < restricted["2"]["dice"]
     assert restricted["1"] == plain["1"] and restricted["foreground"] == plain["foreground"]
     flat = branch_metrics({"": pred}, gt, 3, only_inside_gt=True)
@@ -156,3 +169,15 @@ def test_mean_metrics_averages_each_key_over_the_volumes_that_have_it():
     assert math.isinf(means["hausdorff_1"])  # a failed distance is not averaged away
     assert mean_metrics(per_volume[:2])["hausdorff_1"] == pytest.approx(3.0)
     assert mean_metrics([]) == {}
+
+
+def test_selection_score_is_the_best_branch_mean_dice():
+    m = {"dice_1": 0.9, "dice_2": 0.7, "inter_dice_1": 0.5, "inter_dice_2": 0.7, "intra_dice_1": 0.2,
+         "intra_dice_2": 0.4}
+    assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.8)  # the ensemble wins
+    m["intra_dice_1"] = 1.0
+    assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.8)
+    m["intra_dice_2"] = 0.8
+    assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.9)  # intra wins
+    assert selection_score({"inter_dice_1": 0.3}, ["1"], only_intra=True) == 0.0  # no intra metrics
+    assert selection_score({}, ["1"], only_intra=False) == 0.0
