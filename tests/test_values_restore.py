@@ -8,6 +8,7 @@ image comes back as an affine function of the original intensities inside the ke
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -147,3 +148,124 @@ def test_written_nifti_keeps_the_restored_labels_and_the_grid(tmp_path):
         np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(original.dataobj))
         np.testing.assert_allclose(back.affine, original.affine)
         assert back.header.get_zooms()[:3] == pytest.approx(original.header.get_zooms()[:3])
+
+
+# ------------------------------------------------------------------------------------ file formats
+def _meta_entry(shape=(4, 5, 6), qform_code=1, sform_code=2, units=("mm", "sec")) -> dict:
+    affine = np.array([[0.0, -1.5, 0.0, 10.0], [2.0, 0.0, 0.0, -5.0], [0.0, 0.0, 3.0, 2.5], [0, 0, 0, 1]])
+    sform = affine.copy()
+    sform[:3, 3] += 1.0  # distinct from the qform, so that a swap is seen
+    return {"id": "v", "shape": list(shape), "affine": affine.tolist(),
+            "header": {"qform": affine.tolist(), "qform_code": qform_code, "sform": sform.tolist(),
+                       "sform_code": sform_code, "zooms": [2.0, 1.5, 3.0], "xyzt_units": list(units)}}
+
+
+@pytest.mark.parametrize("array,dtype", [
+    (np.zeros((2, 2), bool), np.uint8),
+    (np.full((2, 2), 0.5, np.float64), np.float32),
+    (np.full((2, 2), 255, np.int64), np.uint8),
+    (np.full((2, 2), 256, np.int64), np.int16),
+    (np.array([[-1, 3]]), np.int16),
+    (np.array([[-(2 ** 15) + 1, 2 ** 15 - 1]]), np.int16),
+    (np.array([[0, 2 ** 15]]), np.int32),
+    (np.array([[-(2 ** 15), 0]]), np.int32),
+    (np.zeros((0,), np.int64), np.int16),
+])
+def test_output_dtype_is_the_smallest_that_holds_the_values(array, dtype):
+    from MultiMedSeg.data.restore import _output_dtype
+
+    assert _output_dtype(array) == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("name", ["pred.nii.gz", "pred.nii"])
+def test_write_nifti_like_keeps_the_header_of_the_original(tmp_path, name):
+    entry = _meta_entry()
+    labels = np.arange(4 * 5 * 6).reshape(4, 5, 6) % 3
+    path = write_nifti_like(labels, entry, tmp_path / "out" / name)
+    assert path == tmp_path / "out" / name and path.is_file()
+    img = nib.load(str(path))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), labels)
+    assert img.get_data_dtype() == np.uint8
+    qform, qcode = img.get_qform(coded=True)
+    sform, scode = img.get_sform(coded=True)
+    np.testing.assert_allclose(qform, entry["header"]["qform"], atol=1e-6)
+    np.testing.assert_allclose(sform, entry["header"]["sform"], atol=1e-6)
+    assert (int(qcode), int(scode)) == (1, 2)
+    np.testing.assert_allclose(img.header.get_zooms(), (2.0, 1.5, 3.0))
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == name.endswith(".gz")  # gzip only for .nii.gz
+    floats = write_nifti_like(labels.astype(np.float64) / 3, entry, tmp_path / "f.nii.gz")
+    assert nib.load(str(floats)).get_data_dtype() == np.float32
+    with pytest.raises(ValueError, match=r"\(4, 5, 5\).*\(4, 5, 6\)"):
+        write_nifti_like(labels[:, :, :5], entry, tmp_path / "bad.nii.gz")
+
+
+def test_write_nifti_like_without_q_or_s_form_uses_the_affine_uncoded(tmp_path):
+    entry = _meta_entry(units=("unknown", "unknown"))
+    entry["header"].update(qform=None, sform=None, zooms=None)
+    del entry["header"]["xyzt_units"]
+    path = write_nifti_like(np.ones((4, 5, 6), np.uint8), entry, tmp_path / "p.nii.gz")
+    img = nib.load(str(path))
+    assert int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0
+    np.testing.assert_allclose(img.get_qform(), entry["affine"], atol=1e-6)  # stored, marked unknown
+    np.testing.assert_allclose(img.get_sform(), entry["affine"], atol=1e-6)
+    assert img.header.get_xyzt_units() == ("unknown", "unknown")
+
+
+def test_load_metadata_and_volume_meta_errors(tmp_path):
+    from MultiMedSeg.data.preprocessing import METADATA_FORMAT, METADATA_VERSION
+    from MultiMedSeg.data.restore import VOLUME_KEYS, volume_meta
+    from robustmedseg.errors import InputError
+
+    good = {"format": METADATA_FORMAT, "version": METADATA_VERSION,
+            "volumes": {"a": {k: 0 for k in VOLUME_KEYS}}}
+    folder = tmp_path / "site"
+    folder.mkdir()
+    path = folder / "metadata.json"
+    path.write_text(json.dumps(good))
+    assert load_metadata(folder) == good == load_metadata(path)  # a folder or the file itself
+    assert volume_meta(good, "a") is good["volumes"]["a"]
+    with pytest.raises(InputError, match=r"^src\.json: volume 'b' is not in the metadata$"):
+        volume_meta(good, "b", "src.json")
+    cases = [
+        (None, "metadata file does not exist"),
+        ("{not json", "cannot read metadata JSON"),
+        (json.dumps([1, 2]), f"not a {METADATA_FORMAT} metadata file"),
+        (json.dumps({**good, "format": "other"}), f"not a {METADATA_FORMAT} metadata file"),
+        (json.dumps({**good, "version": 99}), rf"unsupported metadata version 99 \(expected {METADATA_VERSION}\)"),
+        (json.dumps({**good, "volumes": {"a": {"id": "a"}}}), r"volume 'a' lacks metadata keys \['shape'"),
+    ]
+    for text, message in cases:
+        target = tmp_path / "case.json"
+        target.unlink(missing_ok=True)
+        if text is not None:
+            target.write_text(text)
+        with pytest.raises(InputError, match=rf"^{target}: {message}"):
+            load_metadata(target)
+
+
+def test_restore_volume_rejects_bad_input():
+    from robustmedseg.errors import InputError
+
+    vol = {"id": "v", "shape_before_padding": [3, 4, 4]}
+    with pytest.raises(ValueError, match="kind must be 'label' or 'image'"):
+        restore_volume(np.zeros((3, 4, 4), np.uint8), vol, kind="mask")
+    with pytest.raises(InputError, match=r"volume 'v': expected \(3, H, W\) slices, got \(2, 4, 4\)"):
+        restore_volume(np.zeros((2, 4, 4), np.uint8), vol)
+    with pytest.raises(InputError, match="expected"):
+        restore_volume(np.zeros((3, 4), np.uint8), vol)
+    with pytest.raises(ValueError, match="label slices must be integers, got float32"):
+        restore_volume(np.zeros((3, 4, 4), np.float32), vol)
+
+
+def test_restore_keeps_large_labels_and_fills_images_with_minus_one():
+    vol = {"id": "v", "shape": [3, 3, 4], "shape_before_padding": [2, 3, 3], "inplane_window": [[0, 0, 3], [0, 0, 3]],
+           "z_split": [1, 3], "depth_before_split": 4, "shape_after_crop": [3, 3, 4], "crop": [[0, 3], [0, 3], [0, 4]],
+           "flip_axis": None}
+    labels = np.full((2, 3, 3), 300, np.int64)
+    out = restore_volume(labels, vol)
+    assert out.dtype == np.int16 and np.all(out[:, :, 1:3] == 300) and not out[:, :, [0, 3]].any()
+    small = restore_volume(labels.astype(bool), vol)
+    assert small.dtype == np.uint8 and small.max() == 1
+    image = restore_volume(np.zeros((2, 3, 3), np.float64), vol, kind="image")
+    assert image.dtype == np.float32 and np.all(image[:, :, [0, 3]] == -1.0) and np.all(image[:, :, 1:3] == 0)
