@@ -151,18 +151,20 @@ def test_written_nifti_keeps_the_restored_labels_and_the_grid(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ file formats
-def _meta_entry(shape=(4, 5, 6), qform_code=1, sform_code=2, units=("mm", "sec")) -> dict:
+def _meta_entry(shape=(4, 5, 6), qform_code=1, sform_code=4, units=("mm", "sec")) -> dict:
     affine = np.array([[0.0, -1.5, 0.0, 10.0], [2.0, 0.0, 0.0, -5.0], [0.0, 0.0, 3.0, 2.5], [0, 0, 0, 1]])
-    sform = affine.copy()
-    sform[:3, 3] += 1.0  # distinct from the qform, so that a swap is seen
+    qform = affine.copy()
+    qform[:3, 3] += 1.0  # the affine is the sform (nibabel's choice when sform_code > 0); the qform differs
     return {"id": "v", "shape": list(shape), "affine": affine.tolist(),
-            "header": {"qform": affine.tolist(), "qform_code": qform_code, "sform": sform.tolist(),
+            "header": {"qform": qform.tolist(), "qform_code": qform_code, "sform": affine.tolist(),
                        "sform_code": sform_code, "zooms": [2.0, 1.5, 3.0], "xyzt_units": list(units)}}
 
 
 @pytest.mark.parametrize("array,dtype", [
     (np.zeros((2, 2), bool), np.uint8),
     (np.full((2, 2), 0.5, np.float64), np.float32),
+    (np.full((2, 2), 0.5, np.float32), np.float32),
+    (np.full((2, 2), 3, np.float32), np.float32),
     (np.full((2, 2), 255, np.int64), np.uint8),
     (np.full((2, 2), 256, np.int64), np.int16),
     (np.array([[-1, 3]]), np.int16),
@@ -190,12 +192,14 @@ def test_write_nifti_like_keeps_the_header_of_the_original(tmp_path, name):
     sform, scode = img.get_sform(coded=True)
     np.testing.assert_allclose(qform, entry["header"]["qform"], atol=1e-6)
     np.testing.assert_allclose(sform, entry["header"]["sform"], atol=1e-6)
-    assert (int(qcode), int(scode)) == (1, 2)
+    assert (int(qcode), int(scode)) == (1, 4)
     np.testing.assert_allclose(img.header.get_zooms(), (2.0, 1.5, 3.0))
     assert img.header.get_xyzt_units() == ("mm", "sec")
     assert (path.read_bytes()[:2] == b"\x1f\x8b") == name.endswith(".gz")  # gzip only for .nii.gz
     floats = write_nifti_like(labels.astype(np.float64) / 3, entry, tmp_path / "f.nii.gz")
     assert nib.load(str(floats)).get_data_dtype() == np.float32
+    bare = write_nifti_like(labels, entry, tmp_path / "noext")  # no extension: written as .nii.gz
+    assert bare.read_bytes()[:2] == b"\x1f\x8b"
     with pytest.raises(ValueError, match=r"\(4, 5, 5\).*\(4, 5, 6\)"):
         write_nifti_like(labels[:, :, :5], entry, tmp_path / "bad.nii.gz")
 
@@ -227,6 +231,9 @@ def test_load_metadata_and_volume_meta_errors(tmp_path):
     assert volume_meta(good, "a") is good["volumes"]["a"]
     with pytest.raises(InputError, match=r"^src\.json: volume 'b' is not in the metadata$"):
         volume_meta(good, "b", "src.json")
+    no_volumes = {k: v for k, v in good.items() if k != "volumes"}
+    path.write_text(json.dumps(no_volumes))
+    assert load_metadata(folder) == no_volumes
     cases = [
         (None, "metadata file does not exist"),
         ("{not json", "cannot read metadata JSON"),
@@ -269,3 +276,23 @@ def test_restore_keeps_large_labels_and_fills_images_with_minus_one():
     assert small.dtype == np.uint8 and small.max() == 1
     image = restore_volume(np.zeros((2, 3, 3), np.float64), vol, kind="image")
     assert image.dtype == np.float32 and np.all(image[:, :, [0, 3]] == -1.0) and np.all(image[:, :, 1:3] == 0)
+
+
+def test_restore_pastes_at_the_crop_box_and_resamples_images_with_the_spline():
+    from MultiMedSeg.data.resample import resize_image
+
+    vol = {"id": "v", "shape": [6, 5, 7], "crop": [[1, 5], [1, 4], [2, 6]], "shape_after_crop": [4, 3, 4],
+           "depth_before_split": 2, "z_split": [0, 2], "shape_before_padding": [2, 2, 3],
+           "inplane_window": [[0, 0, 2], [0, 0, 3]], "flip_axis": None}
+    labels = np.ones((2, 2, 3), np.int64)
+    labels[:, 0, 0] = 256  # beyond uint8
+    out = restore_volume(labels, vol)
+    assert out.dtype == np.int16 and out.max() == 256
+    inside = np.zeros(vol["shape"], bool)
+    inside[1:5, 1:4, 2:6] = True
+    assert np.all(out[inside] > 0) and not out[~inside].any()
+    ramp = np.linspace(-0.9, 0.9, 12, dtype=np.float32).reshape(2, 2, 3)
+    image = restore_volume(ramp, vol, kind="image")
+    want = resize_image(np.ascontiguousarray(np.transpose(ramp, (1, 2, 0))), (4, 3, 4))
+    np.testing.assert_allclose(image[1:5, 1:4, 2:6], want, atol=1e-6)
+    assert np.all(image[~inside] == -1.0) and len(np.unique(image[inside])) > 12  # interpolated, not labels
