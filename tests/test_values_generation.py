@@ -5,6 +5,9 @@ Tiny models from tests/test_generate_volumes.py (32 px, 5 z-bins, 3 domains, 2 c
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +122,120 @@ def test_noise_modes_use_the_documented_noise(run_dir, tmp_path):
     assert np.abs(images["volume"] - images["fixed"]).mean() > 1e-3
     same_noise = np.concatenate([_synth(f, path[k:k + 1], per_slice[0]) for k in range(n)])
     assert np.abs(images["slice"][1:] - same_noise[1:]).mean() > 1e-3
+
+
+# ----------------------------------------------------------------------------- settings, inputs, outputs
+@pytest.mark.parametrize("change,message", [
+    (dict(label=-1), "--label must be >= 0, got -1"),
+    (dict(n_volumes=0), "--n_volumes must be >= 1, got 0"),
+    (dict(slices_in_one_z=0), "--slices_in_one_z must be >= 1, got 0"),
+    (dict(batch_size=0), "--batch_size must be >= 1, got 0"),
+    (dict(n_segmentation_labels=1), "--n_segmentation_labels must be >= 2, got 1"),
+    (dict(noise="pink"), "--noise must be one of slice, volume, fixed, got 'pink'"),
+    (dict(head="left"), "--head must be one of auto, source, target, got 'left'"),
+    (dict(device="tpu"), "--device must be auto, cpu or cuda, got 'tpu'"),
+])
+def test_settings_are_checked_with_one_line_errors(tmp_path, change, message):
+    from robustmedseg.errors import InputError
+
+    cfg = make_cfg(tmp_path, tmp_path / "out", **change)
+    with pytest.raises(InputError) as info:
+        cfg.validate()
+    assert str(info.value) == message
+
+
+def test_valid_settings_pass():
+    for kw in (dict(n_segmentation_labels=2, n_volumes=1, slices_in_one_z=1, batch_size=1, label=0),
+               dict(device="cuda:1", head="target", noise="fixed"), dict(device="auto"), dict(device="cuda")):
+        make_cfg(Path("x"), Path("y"), **kw).validate()
+
+
+def test_clip_mean_file_checks(tmp_path):
+    from robustmedseg.errors import InputError
+
+    vec = np.arange(8, dtype=np.float64) / 8
+    np.save(tmp_path / "flat.npy", vec)
+    got = gen.load_encoding(tmp_path / "flat.npy", 8)
+    assert got.dtype == torch.float32 and got.shape == (1, 8)
+    torch.testing.assert_close(got, torch.from_numpy(vec[None]).float())
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "ints.npy", np.zeros((1, 8), np.int64))
+    np.save(tmp_path / "wide.npy", np.zeros((2, 8), np.float32))
+    np.save(tmp_path / "cube.npy", np.zeros((1, 1, 8), np.float32))
+    np.save(tmp_path / "nan.npy", np.full((1, 8), np.nan, np.float32))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    cases = {"missing.npy": "CLIP mean file not found",
+             "pickled.npy": "cannot read CLIP mean (ValueError: ",
+             "junk.npy": "cannot read CLIP mean (",
+             "ints.npy": "CLIP mean must be a float (1, 8) array, got int64 (1, 8)",
+             "wide.npy": "CLIP mean must be a float (1, 8) array, got float32 (2, 8)",
+             "cube.npy": "CLIP mean must be a float (1, 8) array, got float32 (1, 1, 8)",
+             "nan.npy": "CLIP mean contains NaN or inf"}
+    for name, message in cases.items():
+        with pytest.raises(InputError) as info:
+            gen.load_encoding(tmp_path / name, 8)
+        assert str(info.value).startswith(f"{tmp_path / name}: {message}"), str(info.value)
+
+
+def test_generation_log_progress_and_summary(run_dir, tmp_path, capsys):
+    from robustmedseg.errors import InputError
+
+    out = tmp_path / "run"
+    lines = []
+    summary = gen.generate(make_cfg(run_dir, out, n_volumes=2, slices_in_one_z=S, seed=SEED), log=lines.append,
+                           progress=True)
+    n = (N_ZBINS - 1) * S + 1
+    assert lines[0].startswith("segmentation: 2 checkpoint(s), source head, label_nc 3; synthesis: decoder of ")
+    assert lines[1] == f"2 volume(s) of N = (n_zbins - 1) * s + 1 = ({N_ZBINS} - 1) * {S} + 1 = {n} slices -> {out}"
+    assert f"{2 * n}/{2 * n}" in capsys.readouterr().err  # the bar counts slices, batch after batch
+    ckpts = [str(p) for p in sorted((run_dir / "checkpoints").glob("best_*.pt"), key=lambda p: -int(p.stem[9:]))]
+    assert summary == {
+        "settings": {**{k: v for k, v in vars(make_cfg(run_dir, out, n_volumes=2, slices_in_one_z=S,
+                                                        seed=SEED)).items()}, "ckpt_dir": str(run_dir),
+                     "out_dir": str(out)},
+        "n_zbins": N_ZBINS, "slices_per_volume": n, "slice_count_formula": "(n_zbins - 1) * slices_in_one_z + 1",
+        "head": "source", "checkpoints": ckpts, "feature_scales": [1.0, 0.5],
+        "synthesis_generator": f"decoder of {ckpts[0]}", "nifti_spacing_mm": [1.0, 1.0, 1.0]}
+    assert json.loads((out / "generation.json").read_text()) == summary
+    with pytest.raises(InputError) as info:
+        gen.generate(make_cfg(run_dir, out), log=quiet, progress=False)
+    assert str(info.value) == f"{out}: output folder already exists; pass --overwrite to replace it"
+
+
+def test_nifti_files_have_the_identity_grid(tmp_path):
+    import nibabel as nib
+
+    images = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4)).astype(np.float32)
+    labels = (images > 0).astype(np.uint8)
+    gen.write_nifti(tmp_path, "v", images, labels)
+    for name, array, dtype in (("v", images, np.float32), ("v_label", labels, np.uint8)):
+        img = nib.load(str(tmp_path / f"{name}.nii.gz"))
+        np.testing.assert_array_equal(img.affine, np.eye(4))
+        assert img.get_data_dtype() == dtype and img.header.get_xyzt_units() == ("mm", "unknown")
+        np.testing.assert_array_equal(np.asarray(img.dataobj), array.transpose(1, 2, 0))
+
+
+def test_montage_tiles_values_and_zoom():
+    images = np.stack([np.full((43, 43), v, np.float32) for v in (-3.0, -0.5, 0.0, 0.5, 2.0)])
+    labels = np.zeros((5, 43, 43), np.uint8)
+    labels[:, :5, :5] = 1
+    m = gen.montage_image(images, labels, n=5, alpha=0.5)
+    zoom = 128 // 43  # 2: tiles below min_tile px are enlarged by an integer factor
+    assert m.shape == (43 * zoom, 5 * 43 * zoom + 4 * 2, 3)
+    step = 43 * zoom + 2
+    for i, v in enumerate((-3.0, -0.5, 0.0, 0.5, 2.0)):  # first to last slice, grey = clip((x + 1) / 2)
+        np.testing.assert_allclose(m[-1, i * step], np.clip((v + 1) / 2, 0, 1))
+        np.testing.assert_allclose(m[0, i * step], 0.5 * np.clip((v + 1) / 2, 0, 1) + 0.5 * gen.PALETTE[0])
+    np.testing.assert_allclose(m[:, 43 * zoom:43 * zoom + 2], 1.0)  # white separators
+    big = gen.montage_image(np.zeros((2, 128, 128), np.float32), np.zeros((2, 128, 128), np.uint8))
+    assert big.shape == (128, 2 * 128 + 2, 3)  # no enlargement at 128 px
+
+
+def test_montage_png_is_written(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "m" / "v.png"
+    path.parent.mkdir()
+    gen.write_montage(path, np.zeros((3, 32, 32), np.float32), np.ones((3, 32, 32), np.uint8))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(path).size == (3 * 128 + 2 * 2, 128)
