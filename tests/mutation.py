@@ -17,6 +17,7 @@ Usage::
     python tests/mutation.py                 # every module, one after the other
     python tests/mutation.py restore metrics # some modules
     python tests/mutation.py --list          # the modules and their test selections
+    python tests/mutation.py --sample 150 op # a seeded random sample of 150 mutants (score with a 95 % interval)
 
 Needs ``mutmut`` 3.8 in the interpreter (``make mutation`` installs it, without the ``textual`` UI).
 Run it niced (``make mutation`` does): it keeps one core busy for a long time.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -99,14 +101,33 @@ def survivors(work: Path, env: Dict[str, str]) -> List[str]:
     return [line.strip() for line in out.splitlines() if line.strip() and ":" in line]
 
 
-def run(name: str, isolation: str = "fork") -> Dict[str, object]:
+GENERATE = ("import os; os.makedirs('mutants', exist_ok=True); from mutmut.utils.file_utils import copy_src_dir; "
+            "from mutmut.__main__ import create_mutants; copy_src_dir(); create_mutants(1)")
+
+
+def all_mutants(work: Path, env: Dict[str, str]) -> List[str]:
+    """Generate the mutants of ``work`` (no test run) and return their names."""
+    subprocess.run([sys.executable, "-c", GENERATE], cwd=work, env=env, check=True, capture_output=True)
+    names: List[str] = []
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        names += sorted(json.loads(meta.read_text())["exit_code_by_key"])
+    return names
+
+
+def run(name: str, isolation: str = "fork", sample: int = 0, seed: int = 0) -> Dict[str, object]:
     work = prepare(name, isolation)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.time()
+    chosen: List[str] = []
+    population = 0
+    if sample:
+        names = all_mutants(work, env)
+        population = len(names)
+        chosen = sorted(random.Random(seed).sample(names, min(sample, len(names))))
     log = open(work / "mutmut.log", "w")
     proc = subprocess.run([sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "run", "--max-children",
-                           "1"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+                           "1", *chosen], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.time() - start
     subprocess.run([sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "export-cicd-stats"], cwd=work,
                    env=env, capture_output=True)
@@ -114,8 +135,16 @@ def run(name: str, isolation: str = "fork") -> Dict[str, object]:
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     killed = int(stats.get("killed", 0)) + int(stats.get("timeout", 0))
     tested = killed + int(stats.get("survived", 0)) + int(stats.get("no_tests", 0))
+    score = 100.0 * killed / tested if tested else None
+    interval = None
+    if sample and tested:  # 95 % Wilson interval of a sampled score
+        p, n, z = killed / tested, tested, 1.96
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+        interval = [round(100 * (centre - half), 1), round(100 * min(1.0, centre + half), 1)]
     return {"module": name, "files": MODULES[name][0], "returncode": proc.returncode, "seconds": round(seconds),
-            "stats": stats, "score": round(100.0 * killed / tested, 1) if tested else None,
+            "stats": stats, "score": None if score is None else round(score, 1), "sampled": len(chosen),
+            "population": population or int(stats.get("total", 0)), "ci95": interval,
             "survivors": survivors(work, env)}
 
 
@@ -124,6 +153,10 @@ def main(argv=None) -> int:
     parser.add_argument("modules", nargs="*", choices=[[], *MODULES], metavar="MODULE",
                         help=f"modules to mutate (default: all of {', '.join(MODULES)})")
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, then exit")
+    parser.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="run a seeded random sample of N mutants per module (0: all); the score then comes "
+                             "with a 95 %% (Wilson) interval")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--isolation", choices=["fork", "forkserver"], default="fork",
                         help="mutmut process_isolation: fork (default, fastest; the tests run on CPU with one thread) "
                              "or forkserver")
@@ -137,15 +170,18 @@ def main(argv=None) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for name in args.modules or list(MODULES):
         print(f"mutation: {name} ...", flush=True)
-        result = run(name, args.isolation)
+        result = run(name, args.isolation, args.sample, args.seed)
         summary[name] = result
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"mutation: {name}: score {result['score']}% {result['stats']} in {result['seconds']} s", flush=True)
-    rows = ["| module | mutants | killed | survived | no tests | timeout | score | time |", "|---" * 8 + "|"]
+    rows = ["| module | mutants | run | killed | survived | no tests | timeout | score | time |", "|---" * 9 + "|"]
     for name, r in summary.items():
         s = r["stats"]
-        rows.append(f"| {name} | {s.get('total', '?')} | {s.get('killed', 0)} | {s.get('survived', 0)} | "
-                    f"{s.get('no_tests', 0)} | {s.get('timeout', 0)} | {r['score']} % | {r['seconds']} s |")
+        run_count = sum(int(s.get(k, 0)) for k in ("killed", "survived", "no_tests", "timeout"))
+        score = f"{r['score']} %" + (f" (95 % CI {r['ci95'][0]}–{r['ci95'][1]})" if r.get("ci95") else "")
+        rows.append(f"| {name} | {r.get('population', s.get('total', '?'))} | {run_count} | {s.get('killed', 0)} | "
+                    f"{s.get('survived', 0)} | {s.get('no_tests', 0)} | {s.get('timeout', 0)} | {score} | "
+                    f"{r['seconds']} s |")
     (OUT / "summary.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     return 0
