@@ -40,11 +40,15 @@ OUT = REPO / "build" / "mutation"
 
 # name -> (files to mutate (globs, relative to the repository), fast tests that should kill the mutants)
 MODULES: Dict[str, Tuple[List[str], List[str]]] = {
-    "op": (["op/*"], ["tests/test_ops.py", "tests/test_properties.py::test_upfirdn2d_matches_its_definition"]),
+    "op": (["op/*"], ["tests/test_ops.py", "tests/test_values_ops.py",
+                      "tests/test_properties.py::test_upfirdn2d_matches_its_definition"]),
     "factory": (["robustmedseg/factory/*"], [
         "tests/test_training_plan.py", "tests/test_values_ada.py", "tests/test_values_resume.py"]),
     "data": (["robustmedseg/data/*"], [
-        "tests/test_lmdb_dataset.py", "tests/test_prepare_data.py", "tests/test_values_restore.py",
+        "tests/test_lmdb_dataset.py", "tests/test_prepare_data.py", "tests/test_values_data.py",
+        "tests/test_values_restore.py", "tests/test_preprocess.py::test_legacy_conversion",
+        "tests/test_preprocess.py::test_slice_names", "tests/test_preprocess.py::test_group_non_contiguous",
+        "tests/test_preprocess.py::test_bad_slice_files",
         "tests/test_properties.py::test_zbins_follow_the_rank_formula_whatever_the_order_and_gaps",
         # needs the session-wide phantom fixtures, rebuilt for every mutant: too slow here
         "--deselect", "tests/test_prepare_data.py::test_chain_preprocessed_sites_to_lmdb",
