@@ -239,3 +239,24 @@ def test_montage_png_is_written(tmp_path):
     gen.write_montage(path, np.zeros((3, 32, 32), np.float32), np.ones((3, 32, 32), np.uint8))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(path).size == (3 * 128 + 2 * 2, 128)
+
+
+def test_phase1_generator_override_is_reported(run_dir, tmp_path):
+    from robustmedseg.errors import InputError
+    from test_generate_volumes import phase1_file
+
+    g_file = phase1_file(tmp_path / "g.pt", N_ZBINS, seed=3)
+    lines = []
+    summary = gen.generate(make_cfg(run_dir, tmp_path / "o", generator=g_file), log=lines.append, progress=False)
+    assert summary["synthesis_generator"] == str(g_file)
+    assert f"synthesis: phase-1 file {g_file} (32 px, {N_ZBINS} z-bins)" in lines[0]
+    with pytest.raises(InputError) as info:
+        gen.build_factory(make_cfg(run_dir, tmp_path / "p", generator=g_file, z_depth=N_ZBINS + 1), log=quiet)
+    assert str(info.value) == f"{g_file}: generator has {N_ZBINS} z-bins but --z_depth is {N_ZBINS + 1}"
+    first = sorted((run_dir / "checkpoints").glob("best_*.pt"), key=lambda p: -int(p.stem[9:]))[0]
+    with pytest.raises(InputError) as info:
+        gen.build_factory(make_cfg(run_dir, tmp_path / "p", n_segmentation_labels=4), log=quiet)
+    assert str(info.value) == f"{first}: checkpoint segments 3 labels but --n_segmentation_labels is 4"
+    with pytest.raises(InputError) as info:
+        gen.build_factory(make_cfg(run_dir, tmp_path / "p", z_depth=N_ZBINS + 1), log=quiet)
+    assert str(info.value).startswith(f"{first}: generator has")
