@@ -43,7 +43,8 @@ MODULES: Dict[str, Tuple[List[str], List[str]]] = {
     "op": (["op/*"], ["tests/test_ops.py", "tests/test_values_ops.py",
                       "tests/test_properties.py::test_upfirdn2d_matches_its_definition"]),
     "factory": (["robustmedseg/factory/*"], [
-        "tests/test_training_plan.py", "tests/test_values_ada.py", "tests/test_values_resume.py"]),
+        "tests/test_training_plan.py", "tests/test_values_ada.py", "tests/test_values_factory.py",
+        "tests/test_values_resume.py"]),
     "data": (["robustmedseg/data/*"], [
         "tests/test_lmdb_dataset.py", "tests/test_prepare_data.py", "tests/test_values_data.py",
         "tests/test_values_restore.py", "tests/test_preprocess.py::test_legacy_conversion",
