@@ -166,3 +166,15 @@ def test_lmdb_reader_index_and_resolution_errors(tmp_path):
     assert message(LMDBSlices, out, 16) == f"{out}: resolution 16 not in the LMDB (sizes [8])"
     assert message(LMDBSlices, tmp_path / "none", 8) == f"{tmp_path / 'none'}: LMDB folder not found"
     assert lmdb_store.load_int_array(out / "labels.npy", 3).tolist() == [1, 1, 1]  # the domain of every slice
+
+
+def test_side_files_are_never_unpickled(tmp_path):
+    """A pickled (object) array is refused with the reader's error, never loaded."""
+    path = tmp_path / "labels.npy"
+    np.save(path, np.array([1, "x", None], dtype=object), allow_pickle=True)
+    text = message(lmdb_store.load_int_array, path, 3)
+    assert text.startswith(f"{path}: cannot read (ValueError: ") and "pickle" in text
+    clip = tmp_path / lmdb_store.CLIP_MEAN_FILE
+    np.save(clip, np.array([[0.5, None]], dtype=object), allow_pickle=True)
+    text = message(lmdb_store.load_clip_mean, tmp_path)
+    assert text.startswith(f"{clip}: cannot read (ValueError: ") and "pickle" in text
