@@ -178,3 +178,64 @@ def test_side_files_are_never_unpickled(tmp_path):
     np.save(clip, np.array([[0.5, None]], dtype=object), allow_pickle=True)
     text = message(lmdb_store.load_clip_mean, tmp_path)
     assert text.startswith(f"{clip}: cannot read (ValueError: ") and "pickle" in text
+
+
+# ------------------------------------------------------------------------------------------- CLIP encoder
+from test_training_plan import TINY_CLIP, tiny_clip  # noqa: E402,F401  (a tiny local open_clip model)
+
+
+def test_clip_encoder_settings_and_mean(tiny_clip):
+    import torch
+
+    from robustmedseg.data import clip_embed
+
+    enc = clip_embed.load_clip_encoder(TINY_CLIP, tiny_clip["pretrained"], device="cpu")
+    assert enc.info == {"model": TINY_CLIP, "pretrained": tiny_clip["pretrained"], "quick_gelu": True,
+                        "embed_dim": 16, "image_size": [32, 32], "mean": list(clip_embed.OPENAI_MEAN),
+                        "std": list(clip_embed.OPENAI_STD)}
+    assert enc.embed_dim == 16 and enc.image_size == (32, 32)
+    assert not clip_embed.load_clip_encoder(TINY_CLIP, tiny_clip["pretrained"], "cpu", quick_gelu=False).info[
+        "quick_gelu"]
+    rng = np.random.default_rng(0)
+    images = [np.tanh(rng.normal(size=(24, 24, 1))).astype(np.float32) for _ in range(5)]
+    rows = enc.encode(torch.from_numpy(np.stack([im[..., 0] for im in images]))[:, None])
+    assert rows.shape == (5, 16) and torch.allclose(rows.norm(dim=1), torch.ones(5), atol=1e-5)
+    x = torch.from_numpy(np.stack([im[..., 0] for im in images]))[:, None].repeat(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate((x + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False)
+    mean = torch.tensor(clip_embed.OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(clip_embed.OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(enc.model.encode_image((x - mean) / std).float(), dim=-1)
+    torch.testing.assert_close(rows, want)
+    got = clip_embed.clip_mean_of(enc, images, batch_size=2)
+    assert got.shape == (1, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, rows.double().mean(0, keepdim=True).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"^expected \(B, 1, H, W\) images, got \(2, 3, 4, 4\)$"):
+        enc.encode(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="no embedding was added"):
+        clip_embed.MeanAccumulator().mean()
+
+
+def test_clip_encoder_errors_and_weight_kinds(tmp_path, tiny_clip):
+    from robustmedseg.data import clip_embed
+
+    assert message(clip_embed.load_clip_encoder, "no-such-model", None) == \
+        "unknown CLIP model 'no-such-model' (see open_clip.list_models()), or use --clip-model none"
+    missing = str(tmp_path / "w.pt")
+    assert message(clip_embed.load_clip_encoder, TINY_CLIP, missing) == \
+        f"{missing}: CLIP weights file not found (--clip-pretrained)"
+    assert message(clip_embed.load_clip_encoder, TINY_CLIP, "some_tag", "cpu") == \
+        f"cannot load CLIP weights 'some_tag' for {TINY_CLIP} (offline?): pass a local file with " \
+        "--clip-pretrained PATH, or --clip-model none"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not torch")
+    assert message(clip_embed.load_clip_encoder, TINY_CLIP, str(bad), "cpu").startswith(
+        f"{bad}: cannot load CLIP weights for {TINY_CLIP}: ")
+    assert clip_embed._is_tag("openai") and clip_embed._is_tag("laion2b_s34b_b79k")
+    for path in ("w.pt", "w.pth", "w.bin", "w.safetensors", f"dir{__import__('os').sep}w", str(bad)):
+        assert not clip_embed._is_tag(path), path
+    assert clip_embed._default_quick_gelu("ViT-B-32", str(bad)) is True  # local files: OpenAI weights
+    assert clip_embed._default_quick_gelu("ViT-B-32", "openai") is True
+    assert clip_embed._default_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") is False
+    enc = clip_embed.load_clip_encoder(TINY_CLIP, None, "cpu")  # random weights: plain GELU
+    assert enc.info["quick_gelu"] is False and enc.info["pretrained"] is None
