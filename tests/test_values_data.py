@@ -239,3 +239,49 @@ def test_clip_encoder_errors_and_weight_kinds(tmp_path, tiny_clip):
     assert clip_embed._default_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") is False
     enc = clip_embed.load_clip_encoder(TINY_CLIP, None, "cpu")  # random weights: plain GELU
     assert enc.info["quick_gelu"] is False and enc.info["pretrained"] is None
+
+
+# ------------------------------------------------------------------------------------------- legacy slices
+def test_legacy_slices_convert_exactly(tmp_path):
+    from robustmedseg.data.slices import convert_legacy_folder, convert_legacy_slice
+
+    src = tmp_path / "legacy"
+    (src / "sub").mkdir(parents=True)
+    labels = np.zeros((4, 5), np.int64)
+    labels[1:3, 1:4] = 2
+    mask = (labels[..., None] == np.arange(3)).astype(np.uint8)
+    weight = np.ones((4, 5, 1))
+    weight[0, 0, 0] = 0
+    data = np.linspace(-1, 1, 20).reshape(4, 5)
+    np.save(src / "v_slice7.npy", {"data": data, "mask": mask, "weight": weight}, allow_pickle=True)
+    np.save(src / "sub" / "w_slice012.npy", {"data": data[..., None], "mask": None, "weight": np.ones((4, 5, 1))},
+            allow_pickle=True)
+    out = convert_legacy_slice(src / "v_slice7.npy", tmp_path / "one")
+    assert out == tmp_path / "one" / "v_slice007.npz"
+    got = load_slice(out)
+    assert got["data"].dtype == np.float32 and got["data"].shape == (4, 5, 1)
+    np.testing.assert_allclose(got["data"][..., 0], data.astype(np.float32))
+    np.testing.assert_array_equal(got["mask"], mask.astype(bool))
+    np.testing.assert_array_equal(got["weight"], weight.astype(bool))
+    assert convert_legacy_folder(src, tmp_path / "all") == 2
+    nested = load_slice(tmp_path / "all" / "sub" / "w_slice012.npz")
+    assert nested["mask"] is None and nested["weight"] is None  # an all-ones weight is not stored
+    assert message(convert_legacy_folder, src, tmp_path / "all") == \
+        f"{tmp_path / 'all'}: output folder already exists; pass --overwrite to replace it"
+    assert convert_legacy_folder(src, tmp_path / "all", overwrite=True) == 2
+    assert message(convert_legacy_folder, tmp_path / "one", tmp_path / "x") == \
+        f"{tmp_path / 'one'}: no legacy <volume>_slice<NNN>.npy files found"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "a_slice1.npy", {"mask": mask}, allow_pickle=True)
+    np.save(bad / "b_slice1.npy", np.zeros(3), allow_pickle=True)
+    (bad / "c_slice1.npy").write_bytes(b"junk")
+    np.save(bad / "notaslice.npy", np.zeros(3))
+    assert message(convert_legacy_slice, bad / "a_slice1.npy", tmp_path) == \
+        f"{bad / 'a_slice1.npy'}: legacy slice is not a dict with a 'data' key"
+    assert message(convert_legacy_slice, bad / "b_slice1.npy", tmp_path).startswith(
+        f"{bad / 'b_slice1.npy'}: cannot read legacy slice: ")
+    assert message(convert_legacy_slice, bad / "c_slice1.npy", tmp_path).startswith(
+        f"{bad / 'c_slice1.npy'}: cannot read legacy slice: ")
+    assert message(convert_legacy_slice, bad / "notaslice.npy", tmp_path) == \
+        f"{bad / 'notaslice.npy'}: not a legacy slice file name (expected <volume>_slice<NNN>.npy)"
