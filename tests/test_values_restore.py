@@ -255,7 +255,7 @@ def test_restore_volume_rejects_bad_input():
     from robustmedseg.errors import InputError
 
     vol = {"id": "v", "shape_before_padding": [3, 4, 4]}
-    with pytest.raises(ValueError, match="kind must be 'label' or 'image'"):
+    with pytest.raises(ValueError, match=r"^kind must be 'label'.*'image'.*, got 'mask'$"):
         restore_volume(np.zeros((3, 4, 4), np.uint8), vol, kind="mask")
     with pytest.raises(InputError, match=r"volume 'v': expected \(3, H, W\) slices, got \(2, 4, 4\)"):
         restore_volume(np.zeros((2, 4, 4), np.uint8), vol)
