@@ -81,6 +81,7 @@ def test_train_resume_export(federation, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "round 2/2" in first.stdout
     info = _run_info(work)
+    first_id = info["experiment_id"]
     assert info["round_current"] == 2 and len(info["breakpoints"]) == 2
     for r in ("0", "1"):
         sampled = info["sampled"][r]
@@ -93,7 +94,7 @@ def test_train_resume_export(federation, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed experiment" in second.stdout and "round 4/4" in second.stdout
     info = _run_info(work)
-    assert info["round_current"] == 4 and len(info["breakpoints"]) == 1
+    assert info["round_current"] == 4 and len(info["breakpoints"]) == 1 and info["experiment_id"] == first_id
     assert all(len(set(info["sampled"][r])) == 2 for r in ("0", "1", "2", "3"))
     experiment = Path(info["experimentation_path"])
     assert len(list(experiment.glob("model_*.py"))) == 1  # one plan copy: the kept breakpoint's

@@ -497,6 +497,36 @@ def test_pipeline_inference_writes_nifti_on_original_grid(pipeline, preprocessed
     assert len(info["checkpoints"]) == n_best  # averaged over the checkpoints actually used
 
 
+def test_pipeline_metrics_csv_recomputed_from_the_written_files(pipeline, preprocessed_sites, phantom_dir):
+    """Every metrics.csv row equals MedPy on the written NIfTI prediction and the ground-truth file, with
+    the voxel spacing read from the written file's header (mm), not from the slice grid."""
+    import csv
+
+    from medpy.metric.binary import dc, hd, hd95
+
+    out = pipeline["inference"]
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows
+    cache = {}
+    for row in rows:
+        vid, branch, cls = row["volume"], row["prediction"], row["class"]
+        if (vid, branch) not in cache:
+            img = nib.load(str(out / f"{vid}_{branch}.nii.gz"))
+            gt = np.asarray(nib.load(str(phantom_dir / "site2" / "labels" / f"{vid}.nii.gz")).dataobj)
+            cache[vid, branch] = (np.asarray(img.dataobj), gt, tuple(float(z) for z in img.header.get_zooms()[:3]))
+        pred, gt, spacing = cache[vid, branch]
+        assert spacing == (6.0, 6.0, 6.0)  # the phantom's grid, not the 32 px slices
+        p, g = (pred > 0, gt > 0) if cls == "foreground" else (pred == int(cls), gt == int(cls))
+        if not p.any() or not g.any():
+            want = {"dice": 1.0 if p.any() == g.any() else 0.0}
+            want["hd95"] = want["hd"] = 0.0 if p.any() == g.any() else math.inf
+        else:
+            want = {"dice": dc(p, g), "hd95": hd95(p, g, voxelspacing=spacing), "hd": hd(p, g, voxelspacing=spacing)}
+        for key, value in want.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-6), (vid, branch, cls, key)
+
+
 def test_inference_is_deterministic_and_source_only_writes_intra(pipeline, preprocessed_sites):
     again = pipeline["root"] / "inference_again"
     inference_cli.main(["--exp_dir", str(again), "--checkpoint_dir", str(pipeline["adapt"]), "--target_data",

@@ -372,10 +372,20 @@ def test_grey_colour_transform_uses_the_row_sum():
     m[:, 0:3, 0:3] *= 1.5
     m[:, 0:3, 3] = 0.25
     assert torch.allclose(ada_mod.apply_colour(x, m), 1.5 * x + 0.25)
+    torch.manual_seed(0)
     c = ada_mod.colour_matrix(64, 1.0, torch.device("cpu"))  # hue/saturation keep the grey axis
+    eye4 = torch.eye(4).expand_as(c)
+    assert bool(((c - eye4).flatten(1).abs().amax(1) > 1e-3).all())  # p = 1: no sample is left alone
     grey = torch.tensor([1.0, 1.0, 1.0, 0.0])
     out = c @ grey
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
+    # the grey axis is an eigenvector: M (1,1,1) = rowsum * (1,1,1), the gain apply_colour uses
+    gain = c[:, 0:3, 0:3].sum(2).mean(1)
+    assert torch.allclose(out[:, 0], gain, atol=1e-5) and bool((gain.abs() - 1).abs().gt(1e-3).all())
+    x = torch.randn(64, 1, 4, 4)
+    rgb = torch.cat([x.expand(64, 3, 4, 4), torch.ones(64, 1, 4, 4)], 1)  # grey image as (x, x, x, 1)
+    full = torch.einsum("bij,bjhw->bihw", c, rgb)
+    assert torch.allclose(full[:, 0:1], ada_mod.apply_colour(x, c), atol=1e-4)  # = the full RGB transform
 
 
 def test_geometric_pass_is_aligned():
@@ -453,6 +463,7 @@ def test_augmentation_is_twice_differentiable():
     torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 8, dtype=torch.double, requires_grad=True)
     g_inv = ada_mod.geometric_matrix(2, (8, 8), 1.0, torch.device("cpu")).double()
+    assert bool(((g_inv - torch.eye(3, dtype=g_inv.dtype)).flatten(1).abs().amax(1) > 1e-3).all())  # not identity
     assert torch.autograd.gradgradcheck(lambda t: ada_mod.apply_geometric(t, g_inv), (x,))
 
 
@@ -498,8 +509,19 @@ def test_strategy_samples_at_most_k_distinct_nodes_and_survives_breakpoints():
     s2.load_state_breakpoint(state)
     assert s2.max_nodes == 2 and s2.sampled(19) == picks[19]
     assert s2.sample_nodes(nodes, 3) == picks[3]  # same stream after a resume
-    with pytest.raises(NodeFailureError, match="NODE_1"):
-        s2.refine({}, 3) if "NODE_1" in picks[3] else s2.refine({picks[3][0]: {"success": True}}, 3)
+    first, second = picks[3]
+    with pytest.raises(NodeFailureError, match=f"{first}.*{second}") as info:  # nobody replied
+        s2.refine({}, 3)
+    assert info.value.nodes == [first, second]
+    # partial failure: one sampled node replied, the other did not -> the round fails, naming only the missing
+    with pytest.raises(NodeFailureError, match=second) as info:
+        s2.refine({first: {"success": True, "node_id": first, "params": {}, "sample_size": 4}}, 3)
+    assert info.value.nodes == [second] and "no training reply" in info.value.reasons[second]
+    # a reply with success False is a failure too, with the node's message
+    with pytest.raises(NodeFailureError, match="boom") as info:
+        s2.refine({first: {"success": True, "params": {}, "sample_size": 4}, second: {"success": False, "msg": "boom"}},
+                  3)
+    assert info.value.nodes == [second]
 
 
 def test_uniform_aggregation_weights():
