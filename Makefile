@@ -1,10 +1,11 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv when missing.
+# Two entry points (see README): `make demo` and `make test` (`make test-fast` skips the slow tests).
+# All create .venv when missing.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test test-fast mutation bench clean-venv
 
 venv: $(STAMP)
 
@@ -24,12 +25,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
+# The edit-test loop: every test not marked slow (no Fed-BioMed federation, no whole demo).
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing of the core modules (docs/testing.md): long (hours on 2 cores), niced, not part of `make test`.
+# mutmut is installed on demand without its `browse` UI (textual), whose pygments pin clashes with Fed-BioMed's.
+# MUTATION_ARGS: module names (tests/mutation.py --list), e.g. `make mutation MUTATION_ARGS="restore metrics"`.
+mutation: $(STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || { $(PY) -m pip install --no-deps mutmut==3.8.1 && \
+		$(PY) -m pip install "libcst>=1.9" "coverage>=7.3" "setproctitle>=1.3.7"; }
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) tests/mutation.py $(MUTATION_ARGS)
+
+# Benchmarks are modules of the bench/ folder, run from the repository root.
 bench: $(STAMP)
-	$(PY) bench/ops.py
-	$(PY) bench/model.py
-	$(PY) bench/train_step.py
-	$(PY) bench/generate.py
-	$(PY) bench/federation.py
+	$(PY) -m bench.bench_ops
+	$(PY) -m bench.bench_model
+	$(PY) -m bench.bench_train_step
+	$(PY) -m bench.bench_generate
+	$(PY) -m bench.bench_federation
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,13 +17,13 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import CliParser, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
-    g.add_argument("--ckpt_dir", type=Path, required=True,
+    g.add_argument("--checkpoint_dir", "--ckpt_dir", dest="ckpt_dir", type=Path, required=True,
                    help="phase-2 experiment folder of the SOURCE run (pretrain.py --exp_dir) or its checkpoints/ "
                         "sub-folder; both are accepted. The best checkpoints are read from checkpoints/best.json")
     g.add_argument("--generator", type=Path, default=None,
@@ -37,15 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_volumes", type=int, required=True, help="number of volumes")
     g.add_argument("--slices_in_one_z", type=int, required=True,
                    help="s: slices per gap between consecutive z-bins; a volume has (n_zbins - 1) * s + 1 slices")
-    g.add_argument("--n_segmentation_labels", type=int, required=True,
-                   help="L, number of classes incl. background; must equal the checkpoints' label_nc")
-    g.add_argument("--z_depth", type=int, default=None,
+    g.add_argument("--label_nc", "--n_segmentation_labels", "--num_classes", dest="n_segmentation_labels", type=int,
+                   metavar="L", required=True,
+                   help="number of classes incl. background; must equal the checkpoints' label_nc")
+    g.add_argument("--n_zbins", "--z_depth", dest="z_depth", type=int, default=None, metavar="N",
                    help="number of z-bins; default and only accepted value: the generator's n_zbins (29 in the paper)")
     g.add_argument("--n_domains", type=int, default=None,
                    help="number of phase-1 domains; default and only accepted value: the generator's n_domains")
-    g.add_argument("--noise", choices=("volume", "slice", "fixed"), default="volume",
-                   help="synthesis noise: 'volume' one seeded noise set per volume shared by its slices (default), "
-                        "'slice' fresh seeded noise per slice, 'fixed' the generator's stored noise buffers")
+    g.add_argument("--noise", choices=("slice", "volume", "fixed"), default="slice",
+                   help="synthesis noise: 'slice' fresh seeded noise per slice (default, as the original), "
+                        "'volume' one seeded noise set per volume shared by its slices, 'fixed' the generator's "
+                        "stored noise buffers")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed; volume i depends only on (seed, i) (default 0)")
     g = p.add_argument_group("segmentation")
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-largest-component", "--keep_largest_component", dest="keep_largest_component",
                    action="store_true",
                    help="per slice and per foreground label keep ONLY the largest 2-D connected component "
-                        "(the reference's --remove_largest_components did this despite its name)")
+                        "(8-connected; components tied for the largest are all kept), as the reference's "
+                        "--remove_largest_components did despite its name")
     g.add_argument("--remove_largest_components", dest="keep_largest_component", action="store_true",
                    help=argparse.SUPPRESS)  # the reference's misleading name, kept as an alias
     g = p.add_argument_group("output and execution")
@@ -86,5 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-generate``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -40,14 +40,16 @@ entries past its end count as ``None``, and a non-``None`` entry at an invalid i
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from op import FusedLeakyReLU, conv2d_gradfix, fused_leaky_relu, upfirdn2d
+from robustmedseg.factory.config import MAX_SIZE, MIN_SIZE, check_image_size  # noqa: F401 (re-exported)
 
 __all__ = [
     "PixelNorm", "EqualLinear", "EqualConv2d", "ModulatedConv2d", "Blur", "Upsample", "NoiseInjection",
@@ -57,9 +59,6 @@ __all__ = [
 
 Labels = Union[Tensor, Tuple[Tensor, Optional[Tensor]], Sequence[Optional[Tensor]]]
 FeatureEntry = Optional[Union[Tensor, Tuple[Tensor, Union[Tensor, float]]]]
-
-MIN_SIZE, MAX_SIZE = 16, 1024
-
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -92,10 +91,16 @@ def channel_table(size: int, channel_multiplier: int = 2, channel_cap: Optional[
     return table
 
 
+def _constructor_args(cls: type, args: Mapping[str, Any]) -> Dict[str, Any]:
+    """The entries of ``args`` that are parameters of ``cls.__init__`` (others are ignored)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in args.items() if k in params and k != "self"}
+
+
 def _log2_size(size: int) -> int:
-    """log2 of a power-of-two ``size`` in [16, 1024]; ValueError otherwise."""
-    if not isinstance(size, int) or size < MIN_SIZE or size > MAX_SIZE or size & (size - 1):
-        raise ValueError(f"size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    """log2 of a power-of-two ``size`` in [MIN_SIZE, MAX_SIZE]; ValueError otherwise (the one rule,
+    :func:`robustmedseg.factory.config.check_image_size`)."""
+    check_image_size(size)
     return int(math.log2(size))
 
 
@@ -470,6 +475,13 @@ class Generator(nn.Module):
             self.to_rgbs.append(ToRGB(out_ch, style_dim, blur_kernel=blur_kernel))
             in_ch = out_ch
 
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "Generator":
+        """Build from constructor arguments given by name: the ``args`` of ``final_global_model.pt``
+        or ``FactoryConfig.model_kwargs()``.  Keys that are not parameters are ignored, missing ones
+        take their defaults (``size`` is required)."""
+        return cls(**_constructor_args(cls, args))
+
     # -- conditioning / mapping ---------------------------------------------------------------
     @property
     def _device(self) -> torch.device:
@@ -709,6 +721,11 @@ class Discriminator(nn.Module):
         self.final_conv = ConvLayer(in_ch + 1, ch[4], 3)
         self.final_linear = nn.Sequential(EqualLinear(ch[4] * 4 * 4, ch[4], activation="fused_lrelu"),
                                           EqualLinear(ch[4], style_dim))
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "Discriminator":
+        """Build from constructor arguments given by name (as :meth:`Generator.from_args`)."""
+        return cls(**_constructor_args(cls, args))
 
     def condition(self, domains: Union[int, Sequence[int], Tensor],
                   zbins: Union[int, Sequence[int], Tensor]) -> Tensor:

@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Client-side phase-1 data preparation: a folder of slice files -> an LMDB dataset folder.
 
-Reads every ``*.npz`` slice directly in PATH (or below it with --recursive; sorted by full
-path, index i = position),
-writes OUT/ with the images at every ``--size``, ``labels.npy`` (domain label), ``zaxes.npy``
+Reads every ``<volume>_slice<NNN>.npz`` slice directly in PATH (or below it with --recursive;
+ordered by volume, then slice number, as phase 2 orders them; index i = position), writes OUT/ with the images at every ``--size``, ``labels.npy`` (domain label), ``zaxes.npy``
 (z-bin from the slice's rank in its volume), ``meta.json`` and ``clip_mean.npy`` (mean unit
 CLIP image embedding).  Register OUT itself as the node's Fed-BioMed dataset.
 Layout and rules: robustmedseg/data/lmdb_store.py.
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from robustmedseg.data.lmdb_store import RESAMPLE_METHODS, PrepareOptions, prepare_lmdb
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import CliParser, run_cli
 
 
 def _sizes(text: str) -> List[int]:
@@ -28,8 +27,8 @@ def _sizes(text: str) -> List[int]:
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, help="folder of <volume>_slice<NNN>.npz slice files (MultiMedSeg/preprocess.py)")
     p.add_argument("--out", type=Path, required=True, help="output LMDB folder (refused if it exists, see --overwrite)")
     p.add_argument("--size", type=_sizes, default=[512],
@@ -77,5 +76,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-prepare-data``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--researcher-dir", dest="researcher_dir", type=Path, default=None,
                    help="researcher component whose latest breakpoint is exported "
                         "(default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher)")
@@ -27,11 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from robustmedseg.federation.export import build_export, find_breakpoint, load_breakpoint_params
-    from robustmedseg.io import save_torch_atomic
-
     args = build_parser().parse_args(argv)
+    from robustmedseg.federation.export import build_export, experiments_dir, find_breakpoint, load_breakpoint_params
+    from robustmedseg.io import check_apart, check_parents, save_torch_atomic
+
+    if args.out.is_dir():
+        raise InputError("is a folder; --out takes the path of the file to write", args.out)
     root = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
+    check_apart({"--out": args.out}, {"--breakpoint": args.breakpoint, "experiments folder": experiments_dir(root)})
+    check_parents(args.out)
     folder, state_file = find_breakpoint(root, args.breakpoint)
     params, state = load_breakpoint_params(folder, state_file)
     export = build_export(params, state)
@@ -42,5 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-export``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

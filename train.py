@@ -5,7 +5,9 @@ registered under the tag(s) given by ``--tags``. Each round samples at most
 ``--max-nodes-per-round`` nodes, sends them the global G/D/G_ema, each trains
 ``--num_updates_per_round`` alternating D/G updates on its own data, and the returned parameters
 are averaged (FedAverage). Only parameters cross the network. A breakpoint is saved after
-every round.
+every round. With ``--secagg`` the researcher receives only masked updates and can read nothing
+but their average (Fed-BioMed secure aggregation, LOM; the README's deployment section says what
+each node must set).
 
 Paper schedule (SPEC §5.4), two commands:
 
@@ -24,29 +26,81 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+import typing
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.factory.config import MODEL_KEYS, FactoryConfig
 
-# flag dest -> FactoryConfig field (model_args shipped to the nodes)
-MODEL_FLAGS = {
-    "size": "size", "latent": "style_dim", "n_mlp": "n_mlp", "n_domains": "n_domains",
-    "channel_multiplier": "channel_multiplier", "n_zbins": "n_zbins", "clip_dim": "clip_dim",
-    "channel_cap": "channel_cap", "lr_mlp": "lr_mlp", "r1": "r1", "path_regularize": "path_regularize",
-    "path_batch_shrink": "path_batch_shrink", "d_reg_every": "d_reg_every", "g_reg_every": "g_reg_every",
-    "mixing": "mixing", "augment": "augment", "augment_p": "augment_p", "ada_target": "ada_target",
-    "ada_length": "ada_length", "ada_every": "ada_every", "clip_weight": "clip_weight",
-    "clip_model": "clip_model", "clip_pretrained": "clip_pretrained", "n_sample": "n_sample",
-    "sample_every": "sample_every", "log_every": "log_every", "seed": "seed",
+# FactoryConfig fields that are flags: field -> (other names, help).  The flag is the field's name
+# (both spellings accepted), its type and default are the field's (FactoryConfig holds the paper's).
+SCHEDULE_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "clip_weight": ((), "weight of the CLIP spherical loss (0: off; the refinement stage uses 50)"),
+    "clip_model": ((), "open_clip architecture of the CLIP loss, loaded on the nodes if --clip-weight > 0"),
+    "clip_pretrained": ((), "CLIP weights on the nodes: a local file path (same path on every node) or an open_clip "
+                            "tag already in the nodes' cache; must match the model used by prepare_data.py"),
+    "sample_every": ((), "node-side sample grid every N updates, written on the node only"),
+    "log_every": ((), "nodes report running-mean losses every N updates"),
 }
-ARCH_FLAGS = ("size", "latent", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim", "channel_cap",
-              "lr_mlp")
+MODEL_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "size": ((), "image size (paper: 512; the LMDBs must contain it)"),
+    "style_dim": (("--latent",), "style/latent width (paper: 512)"),
+    "n_mlp": ((), "mapping-network depth (paper: 8)"),
+    "n_domains": ((), "number of domains"),
+    "n_zbins": ((), "number of z-bins"),
+    "clip_dim": ((), "CLIP embedding width = clip_mean.npy width (ViT-L-14: 768)"),
+    "channel_multiplier": ((), "StyleGAN2 channel multiplier"),
+    "channel_cap": ((), "cap on the channels of every layer (small CPU runs); default none = paper widths"),
+    "lr_mlp": ((), "learning-rate multiplier of the mapping network (paper: 0.01). Short CPU runs learn the site "
+                   "conditioning much faster with 1 (BENCHMARKS.md); save_global_model.py exports in the paper's "
+                   "parametrisation either way"),
+    "r1": ((), "R1 weight"),
+    "path_regularize": ((), "path-length weight"),
+    "path_batch_shrink": ((), "batch divisor of the path-length step"),
+    "d_reg_every": ((), "R1 every N D updates (lazy)"),
+    "g_reg_every": ((), "path length every N G updates (lazy)"),
+    "mixing": ((), "style-mixing probability"),
+    "augment": ((), "ADA augmentation of D inputs (paper: on)"),
+    "augment_p": ((), "fixed augmentation probability; 0 = adaptive"),
+    "ada_target": ((), "ADA target of E[sign(D(real))]"),
+    "ada_length": ((), "ADA speed: samples for p to move by 1"),
+    "ada_every": ((), "ADA p update every N regular D updates"),
+    "n_sample": ((), "sample grids: N z vectors x every domain"),
+    "seed": ((), "seed of the node streams, node sampling and grids"),
+}
+# GPU switches of the nodes (added with --no-... forms in their own group; may change on --resume)
+GPU_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "allow_tf32": ((), "TF32 tensor cores for float32 convolutions and matrix products on the nodes' GPUs (Ampere+): "
+                       "faster, about 1e-3 relative error per product; off by default, as NVlabs keeps it for GAN "
+                       "training"),
+    "cudnn_benchmark": ((), "cuDNN times the convolution algorithms once per (fixed) training shape and keeps the "
+                            "fastest; runs are no longer bit-reproducible; off by default"),
+}
+FLAG_FIELDS = {**SCHEDULE_FIELDS, **MODEL_FIELDS, **GPU_FIELDS}
+# architecture: fixed by the first run
+ARCH_FLAGS = tuple(k for k in MODEL_KEYS if k in FLAG_FIELDS)
 
 
-def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+def _add_field_flags(add: Callable[..., None], fields: Dict[str, Tuple[Tuple[str, ...], str]]) -> None:
+    """One flag per FactoryConfig field, with the field's type and default."""
+    hints = typing.get_type_hints(FactoryConfig)
+    defaults = FactoryConfig()
+    for name, (aliases, text) in fields.items():
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default = getattr(defaults, name)
+        if kind is bool:
+            add(f"--{name}", *aliases, dest=name, action="store_true", default=default, help=text)
+        else:
+            shown = "" if default is None else f" (default {default})"
+            add(f"--{name}", *aliases, dest=name, type=kind, default=default, help=text + shown)
+
+
+def build_parser(suppress: bool = False) -> CliParser:
     """The CLI; ``suppress`` builds a copy without defaults (to see which flags were given)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS if suppress else None)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                  argument_default=argparse.SUPPRESS if suppress else None)
 
     group = [p]
 
@@ -57,55 +111,27 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
     group[0] = p.add_argument_group("schedule (may change on --resume)")
     add("--rounds", type=int, default=350, help="total number of rounds (round limit; default 350)")
-    add("--num_updates_per_round", "--num-updates-per-round", type=int, default=2000,
+    add("--num_updates_per_round", type=int, default=2000,
         help="updates per round on each sampled node; even updates train D, odd ones G (default 2000)")
-    add("--batch", type=int, default=16, help="batch size on the nodes (default 16)")
+    add("--batch", "--batch_size", dest="batch", type=int, default=16, help="batch size on the nodes (default 16)")
     add("--lr", type=float, default=0.002, help="base learning rate (G: lr*4/5, D: lr*16/17; default 0.002)")
-    add("--clip-weight", "--clip_weight", dest="clip_weight", type=float, default=0.0,
-        help="weight of the CLIP spherical loss (0: off; the refinement stage uses 50)")
-    add("--clip-model", dest="clip_model", default="ViT-L-14",
-        help="open_clip architecture of the CLIP loss, loaded on the nodes if --clip-weight > 0 (default ViT-L-14)")
-    add("--clip-pretrained", dest="clip_pretrained", default="openai",
-        help="CLIP weights on the nodes: a local file path (same path on every node) or an open_clip tag already "
-             "in the nodes' cache (default openai); must match the model used by prepare_data.py")
+    _add_field_flags(add, SCHEDULE_FIELDS)
     add("--max-nodes-per-round", dest="max_nodes", type=int, default=2,
         help="nodes sampled per round, uniformly at random (default 2)")
     add("--aggregation", choices=("uniform", "samples"), default="uniform",
         help="FedAverage weights: uniform over the replying nodes (as the paper) or by dataset size")
-    add("--sample-every", dest="sample_every", type=int, default=100,
-        help="node-side sample grid every N updates, written on the node only (default 100)")
-    add("--log-every", dest="log_every", type=int, default=50,
-        help="nodes report running-mean losses every N updates (default 50)")
+    add("--secagg", action=argparse.BooleanOptionalAction, default=False,
+        help="secure aggregation (Fed-BioMed LOM): the researcher sees only the average of the sampled nodes' "
+             "updates, never one node's weights; needs >= 2 nodes per round. On --resume, the breakpoint's "
+             "setting is kept unless --secagg / --no-secagg is given (default off)")
+    add("--secagg-clip", dest="secagg_clip", type=float, default=None,
+        help="with --secagg: largest change of one stored weight during one round that is represented "
+             "(larger changes are clipped, reported as secagg_clipped); precision of the average: clip/8192 "
+             "per round (default 2.0 = lr x steps per network of a 2000-update round; measured max 0.74)")
 
-    group[0] = p.add_argument_group("model, losses and augmentation (architecture flags are fixed by the first run)")
-    add("--size", type=int, default=512, help="image size (paper: 512; the LMDBs must contain it)")
-    add("--latent", type=int, default=512, help="style/latent width (paper: 512)")
-    add("--n_mlp", type=int, default=8, help="mapping-network depth (paper: 8)")
-    add("--n_domains", "--n-domains", dest="n_domains", type=int, default=3, help="number of domains (default 3)")
-    add("--n-zbins", "--n_zbins", dest="n_zbins", type=int, default=29, help="number of z-bins (default 29)")
-    add("--clip-dim", "--clip_dim", dest="clip_dim", type=int, default=768,
-        help="CLIP embedding width = clip_mean.npy width (ViT-L-14: 768)")
-    add("--channel_multiplier", "--channel-multiplier", dest="channel_multiplier", type=int, default=2,
-        help="StyleGAN2 channel multiplier (default 2)")
-    add("--channel-cap", "--channel_cap", dest="channel_cap", type=int, default=None,
-        help="cap on the channels of every layer (small CPU runs); default none = paper widths")
-    add("--lr_mlp", "--lr-mlp", dest="lr_mlp", type=float, default=0.01,
-        help="learning-rate multiplier of the mapping network (default 0.01, the paper's; fixed by the first run). "
-             "Short CPU runs learn the site conditioning much faster with 1 (BENCHMARKS.md); "
-             "save_global_model.py exports in the paper's parametrisation either way")
-    add("--r1", type=float, default=10.0, help="R1 weight (default 10)")
-    add("--path_regularize", type=float, default=2.0, help="path-length weight (default 2)")
-    add("--path_batch_shrink", type=int, default=2, help="batch divisor of the path-length step (default 2)")
-    add("--d_reg_every", type=int, default=16, help="R1 every N D updates (lazy; default 16)")
-    add("--g_reg_every", type=int, default=4, help="path length every N G updates (lazy; default 4)")
-    add("--mixing", type=float, default=0.9, help="style-mixing probability (default 0.9)")
-    add("--augment", action="store_true", default=False, help="ADA augmentation of D inputs (paper: on)")
-    add("--augment_p", type=float, default=0.0, help="fixed augmentation probability; 0 = adaptive (default)")
-    add("--ada_target", type=float, default=0.6, help="ADA target of E[sign(D(real))] (default 0.6)")
-    add("--ada_length", type=int, default=500_000, help="ADA speed: samples for p to move by 1 (default 500000)")
-    add("--ada_every", type=int, default=256, help="ADA p update every N regular D updates (default 256)")
-    add("--n_sample", type=int, default=3, help="sample grids: N z vectors x every domain (default 3)")
-    add("--seed", type=int, default=0, help="seed of the node streams, node sampling and grids (default 0)")
+    group[0] = p.add_argument_group("model, losses and augmentation (architecture flags are fixed by the first run; "
+                                    "names and defaults are those of robustmedseg.factory.config.FactoryConfig)")
+    _add_field_flags(add, MODEL_FIELDS)
 
     group[0] = p.add_argument_group("federation and outputs")
     add("--tags", default="#im2im", help="dataset tags searched on the nodes, comma separated (default #im2im)")
@@ -135,13 +161,16 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--use-gpu", dest="use_gpu", action="store_true", default=False,
         help="ask the nodes to train on their GPU (nodes must be started with --gpu)")
     add("--verbose", action="store_true", default=False, help="Fed-BioMed INFO logs")
+
+    group[0] = p.add_argument_group("GPU switches of the nodes (no effect on CPU; may change on --resume)")
+    for name, (_, text) in GPU_FIELDS.items():
+        add(f"--{name}", dest=name, action=argparse.BooleanOptionalAction, default=getattr(FactoryConfig(), name),
+            help=text)
     return p
 
 
-def _config_from_args(args: argparse.Namespace) -> Any:
-    from robustmedseg.factory.config import FactoryConfig
-
-    values = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items()}
+def _config_from_args(args: argparse.Namespace) -> FactoryConfig:
+    values = {name: getattr(args, name) for name in FLAG_FIELDS}
     try:
         return FactoryConfig.from_model_args(values)
     except ValueError as err:
@@ -149,7 +178,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _print_round(report: Any, limit: int) -> None:
-    keys = ("d_loss", "g_loss", "r1", "path_length", "ada_p", "clip_loss")
+    keys = ("d_loss", "g_loss", "r1", "path_length", "ada_p", "clip_loss", "secagg_clipped")
     shown = " ".join(f"{k} {report.metrics[k]:.4g}" for k in keys if k in report.metrics)
     train_s = max(report.node_train_s.values()) if report.node_train_s else float("nan")
     fid = report.fidelity
@@ -163,7 +192,7 @@ def _resume_updates(explicit: Dict[str, Any], args: argparse.Namespace):
     bad = [f for f in ARCH_FLAGS if f in explicit]
     if bad:
         raise InputError(f"--resume keeps the architecture of the breakpoint; drop {', '.join('--' + b for b in bad)}")
-    model = {MODEL_FLAGS[k]: getattr(args, k) for k in MODEL_FLAGS if k in explicit}
+    model = {k: getattr(args, k) for k in FLAG_FIELDS if k in explicit}
     training: Dict[str, Any] = {}
     if "num_updates_per_round" in explicit:
         training["num_updates"] = args.num_updates_per_round
@@ -191,23 +220,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = _config_from_args(args)
     if args.rounds < 1 or args.num_updates_per_round < 1 or args.batch < 1 or args.max_nodes < 1:
         raise InputError("--rounds, --num_updates_per_round, --batch and --max-nodes-per-round must be >= 1")
+    if args.secagg_clip is not None and not args.secagg_clip > 0:
+        raise InputError(f"--secagg-clip must be > 0, got {args.secagg_clip}")
+    if args.secagg and args.max_nodes < 2:
+        raise InputError("--secagg needs --max-nodes-per-round >= 2 (only a sum over 2+ nodes can be unmasked)")
     if args.fidelity_every < 1 or args.fidelity_n < 2:
         raise InputError("--fidelity-every must be >= 1 and --fidelity-n >= 2")
+    _check_numbers(args)
     tags = [t for t in args.tags.split(",") if t]
+    if not tags:
+        raise InputError("--tags needs at least one tag")
+    if researcher_dir.exists() and not researcher_dir.is_dir():
+        raise InputError("is a file; --researcher-dir names the researcher component folder", researcher_dir)
+    for folder in (args.workdir, args.tensorboard):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise InputError("is a file; a folder is expected here", folder)
+    breakpoint = None
+    if args.resume:  # before Fed-BioMed creates anything: a missing or damaged breakpoint is one line
+        from robustmedseg.federation.export import check_breakpoint
+
+        breakpoint = check_breakpoint(researcher_dir, None if args.resume == "LATEST" else Path(args.resume))
 
     from robustmedseg.federation import researcher as R
 
     fidelity = None
     if args.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
         fidelity = R.fidelity_scorer(args.fidelity_evaluator, args.fidelity_n, args.seed)
+    exp = None
     try:
         R.use_researcher_component(researcher_dir, verbose=args.verbose)
         online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
         print(f"{len(online)} node(s) online: {', '.join(online)}", flush=True)
         if args.resume:
             model_up, train_up, strat_up, rounds = _resume_updates(explicit, args)
-            exp = R.resume_experiment(None if args.resume == "LATEST" else args.resume, model_up, train_up,
-                                      strat_up, rounds)
+            exp = R.resume_experiment(str(breakpoint), model_up, train_up,
+                                      strat_up, rounds, secagg=explicit.get("secagg"),
+                                      secagg_clip=explicit.get("secagg_clip"))
             print(f"resumed experiment {exp.id} at round {exp.round_current()} (limit {exp.round_limit()})",
                   flush=True)
             if exp.round_current() >= exp.round_limit():
@@ -215,13 +263,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{exp.round_current()}) to train more rounds", flush=True)
         else:
             schedule = R.Schedule(args.rounds, args.num_updates_per_round, args.batch, args.lr, args.max_nodes,
-                                  args.aggregation, args.seed, args.use_gpu)
-            exp = R.create_experiment(cfg, schedule, tags)
+                                  args.aggregation, args.seed, args.use_gpu, args.secagg, args.secagg_clip)
+            from training_plan import FactoryTrainingPlan
+
+            exp = R.create_experiment(cfg, schedule, tags, FactoryTrainingPlan)
             print(f"experiment {exp.id}: {len(exp.all_federation_nodes())} node(s) with data, "
                   f"{args.rounds} rounds x {args.num_updates_per_round} updates, run id {exp.model_args()['run_id']}",
                   flush=True)
+        secure = R.secagg_info(exp)
+        if secure["active"]:
+            print(f"secure aggregation: {secure['scheme']}, update clip +-{secure['clip']:g} (precision "
+                  f"{secure['resolution']:.2g} per round), {secure['weighting']} weights", flush=True)
         workdir = Path(args.workdir)
+        made = [d for d in (workdir, args.tensorboard or workdir / "tensorboard") if not d.exists()]
         writer = R.tensorboard_writer(args.tensorboard or workdir / "tensorboard")
+        events = R.writer_file(writer) if writer is not None else None
         metrics = R.attach_metrics(exp, writer)
         model_args = exp.model_args()
         t0 = time.time()
@@ -238,31 +294,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rounds.append(row)
             _print_round(report, exp.round_limit())
 
+        completed = False
         try:
             R.run_rounds(exp, metrics, writer, workdir / "samples", int(model_args.get("n_sample", 3)),
                          int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints,
                          fidelity=fidelity, fidelity_every=args.fidelity_every)
+            completed = True
         finally:
             if writer is not None:
                 writer.close()
-            R.write_run_info(workdir / "run.json", exp, {"researcher_dir": str(Path(researcher_dir).resolve()),
-                                                        "rounds": rounds})
+            if completed or R.breakpoint_dirs(exp):
+                R.write_run_info(workdir / "run.json", exp, {"researcher_dir": str(Path(researcher_dir).resolve()),
+                                                            "rounds": rounds})
+            else:  # a new experiment that never completed a round: leave nothing behind
+                if events is not None:
+                    events.unlink(missing_ok=True)
+                for folder in reversed(made):  # the folders this run created, if they stayed empty
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
         bkpts = R.breakpoint_dirs(exp)
         print(f"done: round {exp.round_current()}/{exp.round_limit()} in {time.time() - t0:.1f} s; "
               f"last breakpoint {bkpts[-1] if bkpts else 'none'}", flush=True)
         print(json.dumps({"experiment": exp.id, "round": exp.round_current(),
                           "breakpoint": bkpts[-1] if bkpts else None}), flush=True)
-    except R.FederationError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except InputError:
-        raise
-    except Exception as err:  # Fed-BioMed errors (FedbiomedError, ...) -> one line, not a traceback
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: Fed-BioMed: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
-        return 1
+    except BaseException as err:
+        note = R.abandon_experiment(exp, fresh=not args.resume, keep=args.keep_breakpoints) if exp is not None \
+            else None
+        if isinstance(err, KeyboardInterrupt) and note:
+            print(note, file=sys.stderr, flush=True)
+        if isinstance(err, (InputError, OSError, KeyboardInterrupt)):
+            raise
+        if isinstance(err, R.FederationError):
+            message = str(err)
+        elif isinstance(err, Exception):  # Fed-BioMed errors (FedbiomedError, ...) -> one line, not a traceback
+            message = f"Fed-BioMed: {type(err).__name__}: {' '.join(str(err).split()) or type(err).__name__}"
+        else:
+            raise
+        print(f"error: {message}{f' ({note})' if note else ''}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The researcher-side numbers (the model ones are FactoryConfig's): finite and in range."""
+    import math
+
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.wait_nodes) and args.wait_nodes >= 0):
+        raise InputError(f"--wait-nodes must be a finite number of seconds >= 0, got {args.wait_nodes}")
+    if args.keep_breakpoints < 0:
+        raise InputError(f"--keep-breakpoints must be >= 0 (0 = keep all), got {args.keep_breakpoints}")
+    if args.min_nodes < 1:
+        raise InputError(f"--min-nodes must be >= 1, got {args.min_nodes}")
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-train``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -13,7 +13,8 @@ from robustmedseg.data.dataset import fed_slice_dataset
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.factory.optim import AlternatingAdam
-from robustmedseg.factory.session import begin_round, end_round
+from robustmedseg.factory.session import begin_round, end_round, prepare_round
+from robustmedseg.federation.secagg import NodeRound
 
 
 class FactoryTrainingPlan(TorchTrainingPlan):
@@ -21,7 +22,9 @@ class FactoryTrainingPlan(TorchTrainingPlan):
 
     model_args: the flat :class:`FactoryConfig` dict. training_args: ``num_updates`` (updates per
     round: even = D, odd = G), ``loader_args.batch_size``, ``optimizer_args.lr``.
-    What a node returns: the full state dict of G, D and G_ema (no data, no optimizer state).
+    What a node returns: the full state dict of G, D and G_ema (no data, no optimizer state), or,
+    under secure aggregation (``train.py --secagg``), its change during the round encoded and masked
+    so that only the sum over the sampled nodes can be read (robustmedseg.federation.secagg).
     """
 
     def init_dependencies(self):
@@ -31,7 +34,8 @@ class FactoryTrainingPlan(TorchTrainingPlan):
             "from robustmedseg.factory.config import FactoryConfig",
             "from robustmedseg.factory.network import FactoryModel",
             "from robustmedseg.factory.optim import AlternatingAdam",
-            "from robustmedseg.factory.session import begin_round, end_round",
+            "from robustmedseg.factory.session import begin_round, end_round, prepare_round",
+            "from robustmedseg.federation.secagg import NodeRound",
         ]
 
     def init_model(self, model_args):
@@ -45,14 +49,26 @@ class FactoryTrainingPlan(TorchTrainingPlan):
                                d_reg_every=cfg.d_reg_every, g_reg_every=cfg.g_reg_every)
 
     def training_data(self):
+        prepare_round(self)  # before Fed-BioMed's random split: reproducible batch order
         self._slices = fed_slice_dataset(FactoryConfig.from_model_args(self.model_args()).size)
         return DataManager(dataset=self._slices, shuffle=True, drop_last=True)
 
     def training_routine(self, history_monitor=None, node_args=None):
         self._session = begin_round(self, self._slices, history_monitor)
+        self._secagg = NodeRound.start(self.model(), self.model_args())
         samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        if self._secagg is not None:
+            self._secagg.report_clipping(self._session.trainer, self.model())
         end_round(self._session)
+        if self._secagg is not None:
+            self._secagg.finish(self)
         return samples
+
+    def after_training_params(self, flatten=False):
+        # Fed-BioMed flattens the parameters only to encrypt them: a node then sends its encoded change
+        if flatten and getattr(self, "_secagg", None) is not None:
+            self._secagg.encode_model(self.model())
+        return super().after_training_params(flatten=flatten)
 
     def training_step(self, data, target):
         return self._session.trainer.training_step(data, target)

@@ -19,7 +19,7 @@ feature collection, equivalent to ``g_synthesis``) with reproducible noise and s
 by the ensemble of the best phase-2 checkpoints, each file read ONCE and the networks kept in
 memory (the reference reloaded every checkpoint from disk for every batch).  Class
 probabilities are averaged over the ensemble and the argmax is taken; optionally only the
-largest 2-D connected component of every foreground label is kept.  Output, in the phase-2
+largest 2-D connected component(s) of every foreground label are kept (8-connected, ties kept).  Output, in the phase-2
 slice format so that the folder can be used directly as the source folder of
 ``MultiMedSeg/train.py``::
 
@@ -39,14 +39,15 @@ Choices made explicit here (the reference hard-coded them):
   copy the segmentation heads were trained with (as the reference); ``generator`` (CLI
   ``--generator final_global_model.pt``) overrides it with a phase-1 file, the segmentation
   networks keep their own decoders;
-* segmentation head: ``head='auto'`` uses the head of the checkpoint domain equal to ``label``
-  (``source`` = one-hot [1, 0], ``target`` = [0, 1]); a ``label`` that is not a checkpoint
-  domain is an error unless the head is named (the reference always used [1, 0]);
+* segmentation ensemble and head (:mod:`MultiMedSeg.ensemble`): ``head='auto'`` uses the head
+  of the checkpoint domain equal to ``label`` (``source`` = one-hot [1, 0], ``target`` = [0, 1]);
+  a ``label`` that is not a checkpoint domain is an error unless the head is named (the
+  reference always used [1, 0]);
 * feature scale: each checkpoint uses its own ``min(1, rate * global_step)``, as inference;
-* noise: ``'volume'`` (default) one seeded noise set per volume shared by its slices (slices
-  differ only by their latent, so the volume is coherent along z), ``'slice'`` fresh seeded
-  noise per slice (the reference drew unseeded noise per slice), ``'fixed'`` the generator's
-  stored noise buffers.  ``z`` and the noise of volume ``i`` depend only on ``(seed, i)``.
+* noise: ``'slice'`` (default) fresh noise per slice, as the original (which drew it unseeded;
+  here it is seeded), ``'volume'`` one seeded noise set per volume shared by its slices (slices
+  then differ only by their latent: smoother along z), ``'fixed'`` the generator's stored noise
+  buffers.  ``z`` and the noise of volume ``i`` depend only on ``(seed, i)``.
 """
 from __future__ import annotations
 
@@ -59,17 +60,15 @@ import numpy as np
 import torch
 
 from model import Generator
-from MultiMedSeg.data.slices import save_slice, slice_name
-from MultiMedSeg.models.psp import PSP
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.inference import feature_scale_of
+from MultiMedSeg.ensemble import HEADS, SegmentationEnsemble, resolve_checkpoints
+from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir, atomic_path, write_text_atomic
+from robustmedseg.federation.export import load_factory_file
+from robustmedseg.io import atomic_dir, atomic_path, check_apart, check_new_output, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
-NOISE_MODES = ("volume", "slice", "fixed")
-HEADS = ("auto", "source", "target")
+NOISE_MODES = ("slice", "volume", "fixed")
 MONTAGE_SLICES = 6
 # Overlay colours of labels 1, 2, ... (RGB in [0, 1]); cycled for more labels.
 PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.75, 0.20], [0.15, 0.35, 0.95], [0.95, 0.80, 0.10],
@@ -138,183 +137,32 @@ def draw_noise(generator: Generator, rng: torch.Generator, batch: int = 1) -> Li
 
 # ------------------------------------------------------------------------------- post-processing
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
-    """Per 2-D slice and per foreground label, keep only the largest connected component.
+    """Per 2-D slice and per foreground label, keep only the largest connected component(s).
 
     ``labels`` (H, W) or (B, H, W) integer label maps; removed pixels become background (0).
-    Connectivity: edge neighbours (scipy.ndimage default, as acvl_utils).  Ties keep the
-    component met first in raster order.
+    As the original's helper (acvl_utils ``remove_all_but_largest_component`` with its default
+    connectivity = the number of dimensions): components are 8-connected (diagonal neighbours join),
+    and every component tied for the largest size is kept.
     """
     from scipy import ndimage
 
     single = labels.ndim == 2
     maps = labels[None] if single else labels
     out = maps.copy()
+    full = np.ones((3, 3), dtype=bool)  # 8-connectivity
     for b in range(maps.shape[0]):
         for value in np.unique(maps[b]):
             if value == 0:
                 continue
-            comp, n = ndimage.label(maps[b] == value)
+            comp, n = ndimage.label(maps[b] == value, structure=full)
             if n > 1:
                 sizes = np.bincount(comp.ravel())[1:]
-                out[b][(comp > 0) & (comp != int(np.argmax(sizes)) + 1)] = 0
+                keep = np.flatnonzero(sizes == sizes.max()) + 1
+                out[b][(comp > 0) & ~np.isin(comp, keep)] = 0
     return out[0] if single else out
 
 
-def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(..., H, W) integer labels -> bool one-hot (..., H, W, n_classes)."""
-    return labels[..., None] == np.arange(n_classes)
-
-
-# ------------------------------------------------------------------------------- models
-@dataclass
-class Member:
-    """One ensemble network with the feature scale it was validated with."""
-
-    net: PSP
-    feature_scale: float
-    path: Path
-
-
-def resolve_checkpoints(ckpt_dir: Path, ensemble_size: Optional[int] = None) -> List[Path]:
-    """Best checkpoints (best first) of a phase-2 run: ``ckpt_dir`` is the experiment folder or its
-    ``checkpoints`` folder (both accepted, §9.40)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise InputError("checkpoint folder not found (give the phase-2 experiment folder or its checkpoints/)",
-                         ckpt_dir)
-    index = ck.BestIndex.load(ck.checkpoints_folder(ckpt_dir))
-    if not index.entries:
-        raise InputError("best-checkpoint index is empty (the run never validated)", index.path)
-    if ensemble_size is not None:
-        if ensemble_size < 1:
-            raise InputError(f"--ensemble_size must be >= 1, got {ensemble_size}", index.path)
-        if ensemble_size > len(index.entries):
-            raise InputError(f"--ensemble_size {ensemble_size} but only {len(index.entries)} best checkpoints "
-                             f"are listed", index.path)
-    return index.paths(ensemble_size)
-
-
-def load_member(path: Path) -> Member:
-    """Build the PSP stored in one checkpoint (the file is read once), in eval mode on the CPU."""
-    payload = ck.load_checkpoint(path, "phase-2 checkpoint")
-    net = PSP.from_checkpoint(path, payload)
-    if net.config.start_from_latent_avg and net.load_info.get("latent_avg_missing"):
-        net.compute_latent_avg(seed=0)  # deterministic; only for checkpoints saved without latent_avg
-    return Member(net.eval(), feature_scale_of(payload), Path(path))
-
-
-def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def share_identical_decoders(members: Sequence[Member]) -> int:
-    """Point members whose decoder equals the first one's at that module (memory); returns how many."""
-    shared = 0
-    for m in members[1:]:
-        if m.net.decoder is not members[0].net.decoder and _same_state(m.net.decoder, members[0].net.decoder):
-            m.net.decoder = members[0].net.decoder
-            shared += 1
-    return shared
-
-
-def choose_head(head: str, label: int, domains: Sequence[int], path: Path) -> str:
-    """'source' or 'target': the head that segments domain ``label`` (see module doc)."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if head == "target" and len(domains) < 2:
-        raise InputError(f"--head target needs an adaptation checkpoint (two domains), this one has {list(domains)}",
-                         path)
-    if head != "auto":
-        return head
-    if label == domains[0]:
-        return "source"
-    if len(domains) > 1 and label == domains[1]:
-        return "target"
-    raise InputError(f"--label {label} is not a domain of the checkpoints (source/target = {list(domains)}); "
-                     f"pass --head source (or target) to segment it with that head anyway", path)
-
-
-class SegmentationEnsemble:
-    """The best checkpoints, loaded once, averaging class probabilities of one head."""
-
-    def __init__(self, members: Sequence[Member], head: str):
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        self.members = list(members)
-        self.head = head
-        self.config = self.members[0].net.config
-
-    @classmethod
-    def load(cls, paths: Sequence[Path], label: int, head: str = "auto",
-             device: torch.device = torch.device("cpu")) -> "SegmentationEnsemble":
-        """Read every checkpoint once, check they agree, share equal decoders, move to ``device``."""
-        members: List[Member] = []
-        for path in paths:
-            m = load_member(path)
-            if members:
-                a, b = members[0].net.config, m.net.config
-                key_a = (a.label_nc, a.output_size, a.encoder_input_size, a.src_tgt_domains)
-                key_b = (b.label_nc, b.output_size, b.encoder_input_size, b.src_tgt_domains)
-                if key_a != key_b:
-                    raise InputError(f"checkpoint differs from the best one in (label_nc, output size, encoder size, "
-                                     f"domains): {key_b} vs {key_a}", path)
-            members.append(m)
-        chosen = choose_head(head, label, members[0].net.config.src_tgt_domains, members[0].path)
-        share_identical_decoders(members)
-        for m in members:
-            m.net.to(device)
-        return cls(members, chosen)
-
-    @property
-    def device(self) -> torch.device:
-        return self.members[0].net.latent_avg.device
-
-    @property
-    def label_nc(self) -> int:
-        return self.config.label_nc
-
-    def domain_label(self, batch: int) -> torch.Tensor:
-        """(batch, 2) one-hot [source, target] selecting the head: [1, 0] source, [0, 1] target."""
-        row = [1.0, 0.0] if self.head == "source" else [0.0, 1.0]
-        return torch.tensor([row], device=self.device).expand(batch, 2)
-
-    @torch.no_grad()
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, R, R) images in [-1, 1] -> mean class probabilities (B, L, R, R) over the members."""
-        x = self.members[0].net.face_pool(images.to(self.device))  # same pooling in every member
-        label = self.domain_label(x.shape[0])
-        total = None
-        for m in self.members:
-            probs = m.net(x, label, resize=False, feature_scale=m.feature_scale)[:, 1:].float()
-            total = probs if total is None else total + probs
-        return total / len(self.members)
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, R, R) -> (B, R, R) int64 argmax labels of the ensemble mean."""
-        return self.probabilities(images).argmax(1)
-
-
-def load_phase1_generator(path: Path) -> Generator:
-    """``g_ema`` of a phase-1 ``final_global_model.pt`` (architecture from its ``args``), eval mode."""
-    from MultiMedSeg.training.coach import generator_args
-
-    args = generator_args(Path(path))
-    payload = ck.load_checkpoint(path, "phase-1 generator file")
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in payload["g_ema"].items()}
-    try:
-        g = Generator(int(args.get("size") or args["output_size"]), style_dim=int(args["style_dim"]),
-                      n_mlp=int(args["n_mlp"]), n_domains=int(args["n_domains"]),
-                      channel_multiplier=int(args.get("channel_multiplier") or 2),
-                      lr_mlp=float(args.get("lr_mlp") or 0.01), n_zbins=int(args["n_zbins"]),
-                      clip_dim=int(args.get("clip_dim") or 768), channel_cap=args.get("channel_cap"))
-        g.load_state_dict(state, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise InputError(f"cannot build the generator from this file ({msg})", path) from None
-    return g.eval()
-
-
+# ------------------------------------------------------------------------------- inputs
 def load_encoding(path: Path, clip_dim: int) -> torch.Tensor:
     """``clip_mean.npy`` as float32 (1, clip_dim); a (clip_dim,) vector is accepted."""
     path = Path(path)
@@ -353,7 +201,7 @@ class GenerationConfig:
     ensemble_size: Optional[int] = None
     head: str = "auto"
     keep_largest_component: bool = False
-    noise: str = "volume"
+    noise: str = "slice"
     seed: int = 0
     nifti: bool = True
     montage: bool = True
@@ -384,7 +232,7 @@ class VolumeFactory:
     """
 
     def __init__(self, generator: Generator, ensemble: SegmentationEnsemble, label: int, slices_in_one_z: int,
-                 batch_size: int = 4, encoding: Optional[torch.Tensor] = None, noise: str = "volume",
+                 batch_size: int = 4, encoding: Optional[torch.Tensor] = None, noise: str = "slice",
                  seed: int = 0, keep_largest_component: bool = False):
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
@@ -461,7 +309,7 @@ def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> 
         raise InputError(f"checkpoint segments {pc.label_nc} labels but --n_segmentation_labels is "
                          f"{cfg.n_segmentation_labels}", paths[0])
     if cfg.generator is not None:
-        generator = load_phase1_generator(cfg.generator)
+        generator, _ = load_factory_file(cfg.generator)
         source: Any = cfg.generator
         if generator.size != pc.output_size:
             raise InputError(f"generator is {generator.size} px but the checkpoints segment {pc.output_size} px",
@@ -545,8 +393,9 @@ def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress
     """Run the whole job (see module doc); returns the summary also written to ``generation.json``."""
     cfg.validate()
     out = Path(cfg.out_dir)
-    if out.exists() and not cfg.overwrite:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out)
+    check_apart({"--out_dir": out}, {"--ckpt_dir": cfg.ckpt_dir, "--generator": cfg.generator,
+                                     "--clip_mean": cfg.clip_mean})
+    check_new_output(out, cfg.overwrite)
     factory, paths = build_factory(cfg, log)
     n = factory.n_slices
     log(f"{cfg.n_volumes} volume(s) of N = (n_zbins - 1) * s + 1 = ({factory.generator.n_zbins} - 1) * "
@@ -566,8 +415,6 @@ def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress
                     write_montage(tmp / "montage" / f"{name}.png", images, labels)
             summary = _summary(cfg, factory, paths)
             write_text_atomic(tmp / "generation.json", json.dumps(summary, indent=2) + "\n")
-    except FileExistsError:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out) from None
     finally:
         bar.close()
     return summary

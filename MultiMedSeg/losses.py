@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_msssim import ssim as _ssim
 from torch import nn
 
 from robustmedseg.errors import InputError
+from robustmedseg.io import load_torch_file
 
 DICE_SMOOTH = 1e-5
 DICE_EPS = 1e-8
@@ -90,9 +92,9 @@ def ce_loss(pred: torch.Tensor, target: torch.Tensor, weights: Optional[Sequence
 
 
 def favoured_channels(weights: Sequence[float]) -> List[int]:
-    """Classes whose weight equals the maximum weight."""
-    top = max(weights)
-    return [c for c, w in enumerate(weights) if w == top]
+    """Classes whose weight equals the maximum weight (``np.isclose``, as the original)."""
+    close = np.isclose(np.asarray(weights, dtype=np.float64), max(weights))
+    return [int(c) for c in np.flatnonzero(close)]
 
 
 def favoured_weight(y: torch.Tensor, where: torch.Tensor, channels: Sequence[int],
@@ -115,13 +117,7 @@ LPIPS_HELP = ("LPIPS needs --alex-model (v0.1 linear heads alex.pth) and --alex-
 def _load_state(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise InputError(f"{what} not found ({LPIPS_HELP})", path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise InputError(f"cannot read {what} ({type(err).__name__})", path) from err
-    if not isinstance(state, Mapping):
-        raise InputError(f"{what} is not a state dict", path)
-    return dict(state)
+    return dict(load_torch_file(path, what, mapping=True))
 
 
 def _alexnet_features() -> nn.Sequential:
@@ -214,9 +210,17 @@ class LossConfig:
     dice_weights: Optional[List[float]] = None
     optimize_mode: str = "foreground"  # or 'favoured'
 
+    def favoured_weights(self) -> Optional[List[float]]:
+        """The class weights that define the favoured classes, as the original: the CE or the Dice
+        weights, whichever has the larger maximum (CE on a tie); the given ones if only one is."""
+        ce, dice = self.ce_weights, self.dice_weights
+        if ce is not None and dice is not None:
+            return list(ce) if max(ce) >= max(dice) else list(dice)
+        return list(ce) if ce is not None else (list(dice) if dice is not None else None)
+
     def favoured(self) -> List[int]:
-        """Favoured classes (max CE/Dice weight) in 'favoured' mode with weights given, else []."""
-        w = self.ce_weights or self.dice_weights
+        """Favoured classes (max weight) in 'favoured' mode with weights given, else []."""
+        w = self.favoured_weights()
         return favoured_channels(w) if self.optimize_mode == "favoured" and w else []
 
 

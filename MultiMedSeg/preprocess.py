@@ -5,9 +5,10 @@ Replaces the reference's per-dataset notebooks.  Example (demo phantom, target s
     python -m MultiMedSeg.preprocess --images demo_data/site1/images --labels demo_data/site1/labels \\
         --out prep/site1 --size 128 --num-classes 3 --labeled-train 2 --discard-outside-labels
 
-Output: OUT/train (or OUT/train/labeled + OUT/train/unlabeled with --labeled-train), OUT/val,
-OUT/test holding ``<volume>_slice<NNN>.npz`` files, and OUT/metadata.json.  The library is
-:mod:`MultiMedSeg.data`.
+With brain masks (``--brain-masks``), every volume keeps only its brain slices and the masks get the
+original's [background, brain, labels...] layout.  Output: OUT/train (or OUT/train/labeled +
+OUT/train/unlabeled with --labeled-train), OUT/val, OUT/test holding ``<volume>_slice<NNN>.npz``
+files, and OUT/metadata.json.  The library is :mod:`MultiMedSeg.data`.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from MultiMedSeg.data.slices import convert_legacy_folder  # noqa: E402
-from robustmedseg.errors import InputError, run_cli  # noqa: E402
+from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
+from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
 
 EPILOG = """\
 output layout:
@@ -34,8 +35,8 @@ slice file: np.savez archive (no pickle) with data float32 (S,S,1) in [-1,1] (pa
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> CliParser:
+    p = CliParser(
         prog="python -m MultiMedSeg.preprocess", description=__doc__.split("\n\n")[0],
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
@@ -45,10 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "unlabeled volume")
     io.add_argument("--weights", type=Path, default=None,
                     help="folder of weight volumes (> 0 where losses/metrics count), matched like labels")
+    io.add_argument("--brain-masks", type=Path, default=None,
+                    help="folder of brain masks (> 0 inside the brain), matched like labels; a volume with a "
+                         "non-empty brain mask keeps only the slices from its first to its last brain slice "
+                         "(labeled or not), and the brain becomes mask class 1 (see --no-brain-class)")
     io.add_argument("--label-rule", default="{name}",
-                    help="file name of an image's label/weight file, a format string with {name} (image "
-                         "basename), {id} (basename without .nii.gz/.nii) and {ext}; looked up in the same "
-                         "subfolder of --labels/--weights, then at its top (default '{name}')")
+                    help="file name of an image's label/weight/brain-mask file, a format string with {name} "
+                         "(image basename), {id} (basename without .nii.gz/.nii) and {ext}; looked up in the "
+                         "same subfolder of --labels/--weights/--brain-masks, then at its top (default '{name}')")
     io.add_argument("--path-rule", default="",
                     help="regular expression the image basename must match from its start (default: all)")
     io.add_argument("--out", type=Path, help="output folder (refused if it exists, unless --overwrite)")
@@ -61,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--test-frac", type=float, default=0.15,
                        help="test fraction, drawn like validation with seed+1 from the rest (default 0.15)")
     split.add_argument("--seed", type=int, default=0, help="seed of the split and of --labeled-train (default 0)")
+    split.add_argument("--annotation-required", action="store_true",
+                       help="leave out the volumes without a label file (split, slices and statistics use the "
+                            "annotated volumes only); default: unlabeled volumes go to training, without masks")
     split.add_argument("--labeled-train", type=int, default=None, metavar="N",
                        help="write N seeded labeled training volumes to OUT/train/labeled and the other "
                             "training volumes to OUT/train/unlabeled (phase-2 target sites)")
@@ -74,19 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="heuristic bounding-box crop of each volume, widened to keep every labeled voxel "
                           "(default on; --no-crop keeps the full volume)")
     geo.add_argument("--ignore-z", action="store_true", help="do not resample the slice (3rd) axis")
+    geo.add_argument("--orientation", default="RAS", metavar="CODE",
+                     help="reorient every volume to these nibabel axis codes before anything else (axis "
+                          "permutations and reversals only, undone when mapping back); slices are planes of the "
+                          "3rd axis: S/I axial, A/P coronal, R/L sagittal (default RAS: axial slices). 'stored' "
+                          "keeps the array order as stored (the original code's behaviour)")
     geo.add_argument("--flip-axis", type=int, choices=(0, 1, 2), default=None,
-                     help="reverse this axis of every volume after reading (undone when mapping back)")
+                     help="reverse this axis of every volume after reorientation (undone when mapping back)")
+    geo.add_argument("--keep-extracerebral-slices", dest="discard_extracerebral", action="store_false",
+                     help="keep every slice of volumes with a brain mask (default: only the slices from the "
+                          "first to the last brain slice, inclusive, as the original)")
     geo.add_argument("--discard-outside-labels", action="store_true",
-                     help="keep only slices from the first to the last labeled slice (inclusive) of "
-                          "labeled volumes")
+                     help="for labeled volumes WITHOUT a brain mask: keep only the slices from the first to the "
+                          "last labeled slice (inclusive)")
 
     inten = p.add_argument_group("intensities and labels")
     inten.add_argument("--no-standardize", dest="standardize", action="store_false",
                        help="skip the per-volume (x - mean) / std standardisation")
     inten.add_argument("--percentiles", type=float, nargs=2, default=(0.1, 99.9), metavar=("LOW", "HIGH"),
                        help="intensity window from the train+val histogram, mapped to [-1, 1] (default 0.1 99.9)")
-    inten.add_argument("--num-classes", type=int, default=None,
-                       help="mask channels including background (default: largest label value + 1)")
+    inten.add_argument("--label-nc", "--num-classes", "--n-segmentation-labels", dest="num_classes", type=int,
+                       default=None, metavar="L",
+                       help="mask channels including background (and the brain class with --brain-masks); "
+                            "default: largest label value + 1 (+ 1 for the brain class)")
+    inten.add_argument("--no-brain-class", dest="brain_class", action="store_false",
+                       help="with --brain-masks: use the brain masks only to select slices; default: the mask is "
+                            "[background, brain, label 1, ...] (label k -> class k + 1), as the original's "
+                            "[background, brain, vessel]")
 
     legacy = p.add_argument_group("legacy data")
     legacy.add_argument("--convert-legacy", nargs=2, type=Path, default=None, metavar=("SRC", "DST"),
@@ -101,12 +123,15 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     if args.images is None or args.out is None:
         raise InputError("--images and --out are required (unless --convert-legacy)")
     return PreprocessConfig(
-        images=args.images, out=args.out, labels=args.labels, weights=args.weights, label_rule=args.label_rule,
+        images=args.images, out=args.out, labels=args.labels, weights=args.weights, brain_masks=args.brain_masks,
+        label_rule=args.label_rule, annotation_required=args.annotation_required,
+        discard_extracerebral=args.discard_extracerebral, brain_class=args.brain_class,
         path_rule=args.path_rule, size=args.size, val_frac=args.val_frac, test_frac=args.test_frac,
         seed=args.seed, labeled_train=args.labeled_train,
         target_spacing=tuple(args.target_spacing) if args.target_spacing else None, crop=args.crop,
         ignore_z=args.ignore_z, standardize=args.standardize, num_classes=args.num_classes,
         discard_outside_labels=args.discard_outside_labels, flip_axis=args.flip_axis,
+        orientation=args.orientation,
         percentiles=tuple(args.percentiles), overwrite=args.overwrite)
 
 
@@ -123,5 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-preprocess``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

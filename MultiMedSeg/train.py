@@ -25,5 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_training(argv, "train")
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-adapt``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

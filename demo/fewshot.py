@@ -12,19 +12,18 @@ same labelled target pixels.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from MultiMedSeg.data.images_dataset import is_informative, list_slices, middle_per_volume, read_slice
-from robustmedseg.errors import InputError, run_cli
+from MultiMedSeg.data.images_dataset import flag_folder_slices, is_informative, middle_per_volume, read_slice
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import atomic_dir
 
 
 def few_labelled_slices(labeled: Path, label_nc: Optional[int] = None) -> List[Path]:
     """The slices ``--one_target_slice`` keeps from the folder ``labeled``."""
-    kept = [p for p in list_slices(labeled, "--labeled") if is_informative(read_slice(p, label_nc))]
+    kept = [p for p in flag_folder_slices(labeled, "--labeled") if is_informative(read_slice(p, label_nc))]
     if not kept:
         raise InputError("no labelled slice with foreground inside its weight map", labeled)
     return middle_per_volume(kept)
@@ -42,13 +41,14 @@ def write_fewshot(labeled: Path, out: Path, label_nc: Optional[int] = None, over
     return [out / p.name for p in chosen]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo.fewshot",
-                                description="Copy the labelled target slices that train.py --one_target_slice uses "
-                                            "(the middle informative slice of each labelled volume) into one folder.")
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m demo.fewshot",
+                  description="Copy the labelled target slices that train.py --one_target_slice uses "
+                              "(the middle informative slice of each labelled volume) into one folder.")
     p.add_argument("--labeled", type=Path, required=True, help="folder of labelled target slices (prep/siteK/train/labeled)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--label-nc", type=int, default=None, help="check the masks' channel count")
+    p.add_argument("--label-nc", "--num-classes", "--n-segmentation-labels", dest="label_nc", type=int, default=None,
+                   help="check the masks' channel count")
     p.add_argument("--overwrite", action="store_true")
     return p
 

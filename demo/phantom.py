@@ -46,7 +46,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import atomic_dir, atomic_path
 
 TEMPLATE_NAME = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -290,8 +290,6 @@ def generate_phantom(out: Path, seed: int = 0, n_subjects: int = 10, spacing: fl
             info = describe(seed, spacing, n_subjects, chosen)
             (tmp / "sites.json").write_text(json.dumps(info, indent=2) + "\n")
             (tmp / "README.txt").write_text(readme_text(info))
-    except FileExistsError:
-        raise InputError("output folder already exists; pass --overwrite to replace it", out) from None
     finally:
         load_template.cache_clear()
     if montage is not None:
@@ -341,9 +339,9 @@ def parse_sites(text: str) -> List[int]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CliParser:
     site_help = "; ".join(f"{s.index}: {s.name} ({s.description})" for s in SITES)
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m demo.phantom",
         description="Generate the multi-site brain phantom (NIfTI images + GM/WM labels) from the MNI "
                     "template shipped by nilearn. Layout: OUT/site<k>/{images,labels}/sub-<NNN>.nii.gz, "
@@ -369,5 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-phantom``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

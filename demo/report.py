@@ -7,17 +7,18 @@
 * ``synthetic_site0/montage/*.png`` (stage generate),
 * ``inference/<row>/metrics.csv`` and predictions of the five rows (stage inference): source only,
   target only, adapted with the real source, adapted with the synthetic source, target supervised,
-* ``factory_fidelity.json`` (stage fidelity), ``.stages/*.json`` (wall and CPU time per stage),
+* ``factory_fidelity.json`` (stage fidelity),
+* ``predict/scans/*.nrrd`` and ``predict/segmentations/`` (stage predict: new scans in another orientation),
+* ``.stages/*.json`` (wall and CPU time per stage),
 
 and writes ``generator_grid.png`` (sites x z-bins from the global generator), ``fidelity_rounds.png``
 (per-round fidelity of the aggregated model), ``synthetic_montage.png``, ``segmentation_overlay.png``,
-``REPORT.md`` (figures, tables, gap closed, targets, timings) and ``summary.json`` (the same numbers,
-machine-readable: ``dice_mean.<row>``, ``gap_closed.{real,synthetic}``, ``factory.domain_accuracy``,
-``factory.domain_accuracy_real``, ``stage_seconds.<stage>``, ...).
+``predict_overlay.png``, ``REPORT.md`` (figures, tables, gap closed, targets, timings) and ``summary.json``
+(the same numbers, machine-readable: ``dice_mean.<row>``, ``gap_closed.{real,synthetic}``,
+``factory.domain_accuracy``, ``factory.domain_accuracy_real``, ``stage_seconds.<stage>``, ...).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -27,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}
@@ -41,7 +42,7 @@ METHODS = (("source_only", "intra", "source only (site-0 labels, no adaptation)"
 SHORT = {"source_only": "source only", "target_only": "target only", "adapted_real": "adapted (real source)",
          "adapted_synthetic": "adapted (synthetic source)", "target_supervised": "target supervised"}
 STAGE_ORDER = ("phantom", "preprocess", "prepare_data", "evaluator", "federated", "pretrain", "generate", "adapt",
-               "inference", "fidelity", "report")
+               "inference", "fidelity", "predict", "report")
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -153,19 +154,11 @@ def _save_fig(fig, path: Path) -> Path:
 
 def load_generator(path: Path):
     """``g_ema`` of a ``final_global_model.pt`` as a ``model.Generator`` in eval mode."""
-    import torch
-
-    from model import Generator
+    from robustmedseg.federation.export import load_factory_file
 
     if not path.is_file():
         raise InputError("global model not found (did the federated stage run?)", path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    a = ckpt["args"]
-    g = Generator(a["size"], style_dim=a["style_dim"], n_mlp=a["n_mlp"], n_domains=a["n_domains"],
-                  channel_multiplier=a["channel_multiplier"], n_zbins=a["n_zbins"], clip_dim=a["clip_dim"],
-                  channel_cap=a.get("channel_cap"))
-    g.load_state_dict(ckpt["g_ema"])
-    return g.eval()
+    return load_factory_file(path)[0]
 
 
 def generator_grid(out: Path, png: Path, n_cols: int = 8, n_z: int = 2, seed: int = 0) -> Path:
@@ -289,6 +282,88 @@ def segmentation_overlay(out: Path, target: int, png: Path) -> Tuple[Path, str, 
         ax.set_yticks([])
     fig.suptitle(f"site {target} test volume {vid}, axial slice {z} (red GM, blue WM)", fontsize=9)
     return _save_fig(fig, png), vid, z
+
+
+# ----------------------------------------------------------------------------------------- new scans
+
+def _read_itk(path: Path):
+    """An NRRD/MetaImage file as a nibabel image (array x, y, z; RAS affine)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from MultiMedSeg.data.formats import ItkGeometry
+
+    if not path.is_file():
+        raise InputError("file not found (did the predict stage run?)", path)
+    image = sitk.ReadImage(str(path))
+    return nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), ItkGeometry.of(image).affine())
+
+
+def _on_grid(img, reference) -> np.ndarray:
+    """``img``'s array brought onto ``reference``'s voxel grid: the two differ by axis order and direction
+    only (the same scan stored another way), so this is an exact reorientation."""
+    from nibabel import orientations as ornt
+
+    t = ornt.ornt_transform(ornt.io_orientation(img.affine), ornt.io_orientation(reference.affine))
+    out = ornt.apply_orientation(np.asarray(img.dataobj), t)
+    if out.shape != reference.shape or not np.allclose(img.affine @ ornt.inv_ornt_aff(t, img.shape),
+                                                       reference.affine, atol=1e-3):
+        raise InputError("the segmentation is not on the scan's grid", reference.get_filename())
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def predict_section(out: Path, target: int, png: Path) -> str:
+    """Markdown for the predict stage: per new scan, its stored axes, Dice against the ground truth and
+    against inference.py's ``_pred`` of the same volume, and ``predict_overlay.png``."""
+    import nibabel as nib
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = json.loads((out / "predict" / "segmentations" / "predict.json").read_text())
+    rows = ["| scan (NRRD) | stored axes | shape | Dice GM | Dice WM | agreement with inference.py `_pred` (mean Dice) |",
+            "|---|---|---|---|---|---|"]
+    shown = None
+    for scan in summary["scans"]:
+        vid = scan["id"]
+        reference = nib.load(str(out / "data" / f"site{target}" / "images" / f"{vid}.nii.gz"))
+        labels = _on_grid(_read_itk(out / "predict" / "segmentations" / scan["output"]), reference)
+        gt = _nifti(out / "data" / f"site{target}" / "labels" / f"{vid}.nii.gz")
+        ref_pred = _nifti(out / "inference" / "adapted_real" / f"{vid}_pred.nii.gz")
+        dice = [_dice(labels == int(c), gt == int(c)) for c, _ in CLASSES]
+        agree = float(np.nanmean([_dice(labels == int(c), ref_pred == int(c)) for c, _ in CLASSES]))
+        rows.append(f"| `{scan['output']}` | {scan['stored_axcodes']} | {' x '.join(map(str, scan['shape']))} | "
+                    f"{_fmt(dice[0])} | {_fmt(dice[1])} | {_fmt(agree)} |")
+        if shown is None:
+            shown = (scan, _read_itk(out / "predict" / "scans" / Path(scan["input"]).name),
+                     _read_itk(out / "predict" / "segmentations" / scan["output"]), reference, labels)
+    scan, stored, seg, reference, labels = shown
+    image = np.asarray(stored.dataobj)
+    k = image.shape[2] // 2
+    axial = np.asarray(reference.dataobj)
+    z = int(np.argmax((labels > 0).sum(axis=(0, 1))))
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.2))
+    for ax, (title, img2d, lab2d) in zip(axes, [
+            (f"stored array, slice {k} of its 3rd axis ({scan['stored_axcodes'][2]})", image[:, :, k],
+             np.asarray(seg.dataobj)[:, :, k]),
+            (f"mapped to the NIfTI scan, axial slice {z}", axial[:, :, z], labels[:, :, z])]):
+        lo, hi = np.percentile(img2d, [1, 99])
+        ax.imshow(img2d.T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+        ax.imshow(_label_rgba(lab2d.T.astype(int)), origin="lower")
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"predict on {scan['output']} (NRRD, stored {scan['stored_axcodes']}; red GM, blue WM)",
+                 fontsize=8)
+    _save_fig(fig, png)
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -424,6 +499,7 @@ def write_report(out: Path, target: int) -> Path:
     curve = fidelity_rounds(out, out / "fidelity_rounds.png")
     synthetic_montage(out, out / "synthetic_montage.png")
     _, vid, z = segmentation_overlay(out, target, out / "segmentation_overlay.png")
+    new_scans = predict_section(out, target, out / "predict_overlay.png")
     f = summary["factory"]
     checks = "\n".join(f"- [{'x' if ok else ' '}] {text}" for _, text, ok in targets(summary))
     d = summary["dice_mean"]
@@ -491,7 +567,24 @@ Targets of the one-command demo (issue 9; test volumes, reported as measured):
 
 {checks}
 
-## 5. Wall time per stage
+## 5. Segmenting new scans (`MultiMedSeg/predict.py`)
+
+The site-{target} test volumes, stored again as NRRD with their axes permuted and reversed (`python -m
+demo.reorient`, axis codes PIL: the stored slice axis is now left-right), segmented as new scans by the
+adapted run: its preprocessing plan (`runs/adapt_real_site{target}/checkpoints/plan.json`) reorients each
+scan to RAS, preprocesses it like the training data, and the labels are written back in NRRD on the
+scan's own grid (`predict/segmentations/`). Left: the stored array with the labels written by `predict`;
+right: the same labels on the original NIfTI scan.
+
+![predict overlay](predict_overlay.png)
+
+{new_scans}
+
+Agreement with `inference.py` is not 1: the demo preprocessing keeps only the labeled slices of each
+volume (`--discard-outside-labels`), so `inference.py` segments that slab, standardised over it, whereas a
+new scan has no labels and every slice of it is segmented and standardised together.
+
+## 6. Wall time per stage
 
 {timing_table(read_timings(out))}
 
@@ -517,9 +610,9 @@ def _inference_weights(out: Path) -> str:
     return "inter/intra weights of inference.py"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo.report", description="Write OUT/REPORT.md, OUT/summary.json and "
-                                "the figures from the outputs of a demo run (python -m demo.run).")
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m demo.report", description="Write OUT/REPORT.md, OUT/summary.json and "
+                  "the figures from the outputs of a demo run (python -m demo.run).")
     p.add_argument("--out", type=Path, required=True, help="the demo output folder")
     p.add_argument("--target", type=int, default=2, help="target site of the adaptation (default 2)")
     return p

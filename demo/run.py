@@ -4,14 +4,22 @@ Stages (each runs the project's real command-line tools as subprocesses; the out
 ``<name>`` goes to ``OUT/logs/<name>.log``):
 
 1. ``phantom``       3-site brain phantom (``python -m demo.phantom``) + montage PNG
-2. ``preprocess``    each site to 32 px slices (``python -m MultiMedSeg.preprocess``)
-3. ``prepare_data``  one LMDB per site (``prepare_data.py``, CLIP off unless ``--clip-model``)
-4. ``federated``     3 local Fed-BioMed nodes, ``train.py``, ``save_global_model.py``; nodes always stopped
-5. ``pretrain``      source segmenter on site 0 (``MultiMedSeg/pretrain.py``)
-6. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
-7. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
-8. ``inference``     target test volumes: source-only, adapted-real, adapted-synthetic (``MultiMedSeg/inference.py``)
-9. ``report``        ``OUT/REPORT.md`` with figures and the Dice/Hausdorff table (``python -m demo.report``)
+2. ``preprocess``    each site to 32 px slices (``python -m MultiMedSeg.preprocess``), and the target site
+                     with every training volume labelled (the target-supervised upper bound)
+3. ``prepare_data``  one LMDB per site (``prepare_data.py``, CLIP off unless ``--clip-model``); the few
+                     labelled target slices (``python -m demo.fewshot``)
+4. ``evaluator``     fidelity evaluator: a classifier of real slices (``python -m robustmedseg.factory.fidelity``)
+5. ``federated``     3 local Fed-BioMed nodes, ``train.py`` (fidelity per round), ``save_global_model.py``;
+                     nodes always stopped
+6. ``pretrain``      segmenters: source only (site 0), target only, target supervised (``MultiMedSeg/pretrain.py``)
+7. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
+8. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
+9. ``inference``     target test volumes with the five models (``MultiMedSeg/inference.py``)
+10. ``fidelity``     fidelity of the final generator (``python -m robustmedseg.factory.fidelity score``)
+11. ``predict``      the target test scans stored as NRRD in another axis order (``python -m demo.reorient``),
+                     segmented like new scans (``MultiMedSeg/predict.py``)
+12. ``report``       ``OUT/REPORT.md`` and ``OUT/summary.json`` with figures, the five-row Dice/Hausdorff
+                     table and the gap closed (``python -m demo.report``)
 
 A finished stage leaves ``OUT/.stages/<name>.json`` (its wall time); ``--resume`` skips those.
 ``--full`` prints the paper-scale commands instead of running anything.
@@ -30,7 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from demo.stages import PRESETS, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
 MARKERS = ".stages"
@@ -45,8 +53,8 @@ class StageFailed(Exception):
         self.stage, self.log, self.status = stage, log, status
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> CliParser:
+    p = CliParser(
         prog="python -m demo.run",
         description="Run the whole pipeline (phantom -> federated data factory -> segmentation pretraining -> "
                     "synthetic volumes -> adaptation -> inference -> REPORT.md) on the embedded phantom data "
@@ -399,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sys.stdout.isatty():  # end the live progress line
             print()
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted (the command running was stopped, and the Fed-BioMed nodes if they were up). "
               "Continue with: python -m demo.run --resume "
@@ -409,5 +417,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-demo``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -219,10 +219,19 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         _py("-m", "robustmedseg.factory.fidelity", "score", "--evaluator", out / "evaluator.pt", "--generator",
             gen_file, "--json", out / "factory_fidelity.json")], ["factory_fidelity.json"]))
 
+    new_scans = out / "predict"
+    stages.append(Stage("predict", f"segment the site-{target} test scans stored as NRRD in another orientation "
+                                   "(MultiMedSeg/predict.py)", [
+        _py("-m", "demo.reorient", "--metadata", prep / f"site{target}" / "metadata.json", "--split", "test",
+            "--axcodes", "PIL", "--format", "nrrd", "--out", new_scans / "scans"),
+        _py(repo / "MultiMedSeg" / "predict.py", "-i", new_scans / "scans", "-o", new_scans / "segmentations",
+            "--checkpoint_dir", runs / f"adapt_real_site{target}", "--ensemble_size", cfg.n_best,
+            "--ensemble_weights", weights, "--output_format", "input", "--device", "cpu")], ["predict"]))
+
     stages.append(Stage("report", "REPORT.md, summary.json and figures", [
         _py("-m", "demo.report", "--out", out, "--target", target)],
         ["REPORT.md", "summary.json", "generator_grid.png", "synthetic_montage.png", "segmentation_overlay.png",
-         "fidelity_rounds.png"]))
+         "predict_overlay.png", "fidelity_rounds.png"]))
     return stages
 
 
@@ -291,6 +300,10 @@ def paper_commands() -> str:
         "# 8. inference: ensemble of the 5 best checkpoints, NIfTI on the original grid + metrics.csv",
         "python MultiMedSeg/inference.py --exp_dir runs/adapt_site2_test --checkpoint_dir runs/adapt_site2 \\",
         "    --target_data prep/site2 --ensemble_size 5",
+        "",
+        "# 9. new scans of site 2 (NIfTI, NRRD, MetaImage or DICOM series folders, any orientation): labels on",
+        "#    each scan's own grid, preprocessed by the run's plan (runs/adapt_site2/checkpoints/plan.json)",
+        "python MultiMedSeg/predict.py -i new_scans -o segmentations --checkpoint_dir runs/adapt_site2",
     ]
     return "\n".join(lines)
 

@@ -7,8 +7,11 @@
 
 Each op has an ``impl`` argument: ``'ref'`` (fast pure PyTorch, any device),
 ``'cuda'`` (custom kernel) or ``None`` (automatic: CUDA only for CUDA tensors
-when the lazily built extension is available). Importing this package
-compiles nothing.
+when the lazily built extension is available and the kernel passed its
+self-check against the reference path at first use, per op and dtype; a
+kernel that fails it is reported by one warning and replaced by the
+reference path for the rest of the process; ``RMS_CUDA_SELFCHECK=0`` skips
+the check, see :mod:`op._backend`). Importing this package compiles nothing.
 """
 
 from . import conv2d_gradfix

@@ -10,13 +10,13 @@ kernel that is itself differentiable, so second order gradients work too.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backend import load_extension, resolve_impl
+from ._backend import SelfCheckCase, load_extension, register_selfcheck, resolve_impl
 
 _EXT = "rms_fused_bias_act"
 
@@ -88,6 +88,53 @@ class _FusedActCuda(torch.autograd.Function):
         return grad_x, grad_b, None, None
 
 
+def _run_kernel(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, scale: float) -> torch.Tensor:
+    """The CUDA path (shapes already checked). Both the dispatch and the self-check call this
+    module attribute, so a test can replace it to exercise the self-check on any device."""
+    return _FusedActCuda.apply(x, bias, slope, scale)
+
+
+# --------------------------------------------------------------------------- self-check
+
+#: (name, input shape, with bias): the model's uses (FusedLeakyReLU on feature maps with a bias,
+#: EqualLinear's activation on (B, C) style vectors) and the no-bias form; slope 0.2, gain sqrt(2).
+SELFCHECK_CASES: Tuple[Tuple[str, Tuple[int, ...], bool], ...] = (
+    ("feature map (2, 5, 6, 7) with bias", (2, 5, 6, 7), True),
+    ("feature map (2, 5, 6, 7) without bias", (2, 5, 6, 7), False),
+    ("linear (4, 9) with bias", (4, 9), True),
+)
+
+
+def _selfcheck_cases() -> List[SelfCheckCase]:
+    """Cases of the fused_leaky_relu self-check: gradients w.r.t. the input and the bias.
+
+    Pre-activations are kept at least 0.1 away from the kink so that rounding to
+    float16 cannot flip a sign between the two paths.
+    """
+    cases = []
+    for name, shape, with_bias in SELFCHECK_CASES:
+        def make(device: torch.device, dtype: torch.dtype, gen: torch.Generator, shape=shape,
+                 with_bias=with_bias) -> Tuple[torch.Tensor, ...]:
+            v = torch.randn(shape, generator=gen, dtype=torch.float64)
+            v = v + 0.1 * torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+            b = torch.randint(-8, 9, (shape[1],), generator=gen).double() / 8  # exact in float16
+            x = v - b.view(1, -1, *([1] * (len(shape) - 2))) if with_bias else v
+            out = (x.to(device=device, dtype=dtype),)
+            return out + (b.to(device=device, dtype=dtype),) if with_bias else out
+
+        def run(x: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+            return _run_kernel(x, b, 0.2, 2 ** 0.5)
+
+        def ref(x: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+            return _fused_leaky_relu_ref(x, b, 0.2, 2 ** 0.5)
+
+        cases.append(SelfCheckCase(name, make, kernel=run, reference=ref))
+    return cases
+
+
+register_selfcheck("fused_leaky_relu", _selfcheck_cases)
+
+
 def fused_leaky_relu(
     input: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
@@ -103,7 +150,8 @@ def fused_leaky_relu(
         negative_slope: leaky ReLU slope for negative pre-activations.
         scale: output gain (sqrt(2) keeps the variance for slope 0.2).
         impl: ``'cuda'``, ``'ref'`` or ``None`` (automatic: CUDA kernel only for
-            CUDA tensors when the extension builds, else the reference path).
+            CUDA tensors when the extension builds and passed its self-check at
+            first use, else the reference path; see :mod:`op._backend`).
 
     First and second order gradients are supported by both paths.
     """
@@ -113,11 +161,11 @@ def fused_leaky_relu(
     cuda_ok = gain > 0 and slope >= 0 and input.dtype in (torch.float16, torch.float32, torch.float64)
     if impl == "cuda" and not cuda_ok:
         raise ValueError("impl='cuda' supports scale > 0, negative_slope >= 0 and float dtypes only")
-    chosen = resolve_impl(impl if cuda_ok else "ref", input, _EXT)
+    chosen = resolve_impl(impl if cuda_ok else "ref", input, _EXT, op="fused_leaky_relu")
     if chosen == "cuda":
         if bias is not None:
             _bias_view(bias, input)  # shape check only
-        return _FusedActCuda.apply(input, bias, slope, gain)
+        return _run_kernel(input, bias, slope, gain)
     return _fused_leaky_relu_ref(input, bias, slope, gain)
 
 

@@ -27,12 +27,12 @@ kernel, ``up``/``down`` swapped and derived pads, itself differentiable.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import load_extension, resolve_impl
+from ._backend import SelfCheckCase, load_extension, register_selfcheck, resolve_impl
 
 _EXT = "rms_upfirdn2d"
 
@@ -254,6 +254,61 @@ class _UpFirDn2dCuda(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _run_kernel(x: torch.Tensor, kernel2d: torch.Tensor, up: Tuple[int, int], down: Tuple[int, int],
+                pad: Tuple[int, int, int, int]) -> torch.Tensor:
+    """The CUDA path with normalised parameters and a 2-D kernel of ``x``'s dtype and device.
+
+    Both the dispatch below and the self-check call this module attribute, so a
+    test can replace it to exercise the self-check and fallback on any device.
+    """
+    return _UpFirDn2dCuda.apply(x, kernel2d, up, down, pad)
+
+
+# --------------------------------------------------------------------------- self-check
+
+
+def _blur(gain: float) -> torch.Tensor:
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+    k = torch.outer(k, k)
+    return k / k.sum() * gain
+
+
+#: (name, kernel (None: random non-separable 3x4), up, down, pad): the model's uses first (model.py
+#: Blur/Upsample with the [1, 3, 3, 1] kernel), then plain down 2 and an asymmetric general case.
+SELFCHECK_CASES: Tuple[Tuple[str, Optional[torch.Tensor], IntOrPair, IntOrPair, Tuple[int, ...]], ...] = (
+    ("up 2, pad (2, 1), ToRGB skip", _blur(4.0), 2, 1, (2, 1)),
+    ("blur pad (1, 1), after the transposed conv", _blur(4.0), 1, 1, (1, 1)),
+    ("blur pad (2, 2), before a 3x3 stride-2 conv", _blur(1.0), 1, 1, (2, 2)),
+    ("blur pad (1, 1), before the 1x1 stride-2 skip", _blur(1.0), 1, 1, (1, 1)),
+    ("down 2, pad (1, 1)", _blur(1.0), 1, 2, (1, 1)),
+    ("up (2, 1), down (1, 3), pad (1, -1, 2, 0), 3x4 kernel", None, (2, 1), (1, 3), (1, -1, 2, 0)),
+)
+
+
+def _selfcheck_cases() -> List[SelfCheckCase]:
+    """The cases of the upfirdn2d self-check: input of shape (2, 3, 9, 8), gradients w.r.t. it."""
+    cases = []
+    for name, kernel, up, down, pad in SELFCHECK_CASES:
+        u, d, p = parse_params(up, down, pad)
+        if kernel is None:  # multiples of 1/16: exact in every float dtype, so all paths see the same taps
+            kernel = torch.randint(-16, 17, (3, 4), generator=torch.Generator().manual_seed(5)).double() / 16
+
+        def run(x: torch.Tensor, k: torch.Tensor = kernel, u=u, d=d, p=p) -> torch.Tensor:
+            return _run_kernel(x, k.to(device=x.device, dtype=x.dtype), u, d, p)
+
+        def ref(x: torch.Tensor, k: torch.Tensor = kernel, u=u, d=d, p=p) -> torch.Tensor:
+            return upfirdn2d_ref(x, k.to(device=x.device, dtype=x.dtype), u, d, p)
+
+        def make(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
+            return (torch.randn(2, 3, 9, 8, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype),)
+
+        cases.append(SelfCheckCase(name, make, kernel=run, reference=ref))
+    return cases
+
+
+register_selfcheck("upfirdn2d", _selfcheck_cases)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -275,7 +330,8 @@ def upfirdn2d(
         down: decimation factor, int or ``(x, y)``.
         pad: ``(p0, p1)`` for both axes or ``(x0, x1, y0, y1)``; negative crops.
         impl: ``'cuda'``, ``'ref'`` or ``None`` (automatic: CUDA kernel only for
-            CUDA tensors when the extension builds, else the reference path).
+            CUDA tensors when the extension builds and passed its self-check at
+            first use, else the reference path; see :mod:`op._backend`).
             The CUDA path needs a kernel that does not require grad.
 
     Returns:
@@ -297,8 +353,8 @@ def upfirdn2d(
     cuda_ok = not kernel.requires_grad and input.dtype in (torch.float16, torch.float32, torch.float64)
     if impl == "cuda" and not cuda_ok:
         raise ValueError("impl='cuda' needs a float input and a kernel that does not require grad")
-    chosen = resolve_impl(impl if cuda_ok else "ref", input, _EXT)
+    chosen = resolve_impl(impl if cuda_ok else "ref", input, _EXT, op="upfirdn2d")
     if chosen == "cuda":
         k2 = torch.outer(kernel, kernel) if kernel.ndim == 1 else kernel
-        return _UpFirDn2dCuda.apply(input, k2.to(device=input.device, dtype=input.dtype), up_p, down_p, pads)
+        return _run_kernel(input, k2.to(device=input.device, dtype=input.dtype), up_p, down_p, pads)
     return upfirdn2d_ref(input, kernel, up_p, down_p, pads)

@@ -23,10 +23,21 @@ Treat both folders as read-only (they are shared by all tests of the session); c
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict
 
 import pytest
+
+try:  # property-based tests (tests/test_properties.py): small, derandomized runs by default
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("thorough", max_examples=500, deadline=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis is in requirements.txt
+    pass
 
 PHANTOM_SEED = 0
 PHANTOM_SUBJECTS = 4

@@ -2,11 +2,11 @@
 
 Runs the whole pipeline once (phantom, preprocessing, LMDBs, fidelity evaluator, 3 local Fed-BioMed
 nodes with ``train.py`` + ``save_global_model.py``, three pretrainings, synthetic volumes, two
-adaptations, five inferences, factory fidelity, report) with the quick settings, then checks what a
-user looks at: REPORT.md with the five-row Dice/HD95 table holding numbers read from the metrics,
-summary.json with the keys issue 9 lists, the PNG figures, the per-stage logs and markers, that no
-node process is left running, and the resume/refusal behaviour of the driver.  No quality or timing
-figure is asserted (the quick settings are far too small for that).
+adaptations, five inferences, factory fidelity, predict on new scans, report) with the quick settings,
+then checks what a user looks at: REPORT.md with the five-row Dice/HD95 table holding numbers read from
+the metrics, summary.json with the keys issue 9 lists, the PNG figures, the per-stage logs and markers,
+that no node process is left running, and the resume/refusal behaviour of the driver.  No quality or
+timing figure is asserted (the quick settings are far too small for that).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("phantom", "preprocess", "prepare_data", "evaluator", "federated", "pretrain", "generate", "adapt",
-          "inference", "fidelity", "report")
+          "inference", "fidelity", "predict", "report")
 ROWS = ("source_only", "target_only", "adapted_real", "adapted_synthetic", "target_supervised")
 
 
@@ -132,12 +132,29 @@ def test_report_figures_exist_and_are_linked(demo_out: Path) -> None:
     report = (demo_out / "REPORT.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {"phantom_montage.png", "generator_grid.png", "synthetic_montage.png",
-            "segmentation_overlay.png", "fidelity_rounds.png"} <= set(links)
+            "segmentation_overlay.png", "fidelity_rounds.png", "predict_overlay.png"} <= set(links)
     for link in links:
         png = demo_out / link
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
     for stage in STAGES[:-1]:
         assert re.search(rf"^\| {stage} \| [0-9.]+ \|", report, re.M), stage
+
+
+def test_predict_stage_segments_reoriented_nrrd_scans(demo_out: Path) -> None:
+    """The target test volumes stored as NRRD in another axis order get labels in NRRD on their own
+    grid, scored in the report's new-scans table."""
+    import SimpleITK as sitk
+
+    scans = sorted((demo_out / "predict" / "scans").glob("*.nrrd"))
+    assert scans
+    report = (demo_out / "REPORT.md").read_text()
+    for scan in scans:
+        image, seg = sitk.ReadImage(str(scan)), sitk.ReadImage(str(demo_out / "predict" / "segmentations" / scan.name))
+        assert (seg.GetSize(), seg.GetOrigin(), seg.GetSpacing(), seg.GetDirection()) == (
+            image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+        row = next(ln for ln in report.splitlines() if ln.startswith(f"| `{scan.name}`"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "PIL" and all(0.0 <= float(c) <= 1.0 for c in cells[3:6])
 
 
 def test_nodes_are_stopped(demo_out: Path) -> None:
@@ -175,7 +192,7 @@ def test_failing_stage_names_stage_and_log(tmp_path: Path) -> None:
                                                "clip_pretrained": None}))
     (out / ".stages" / "phantom.json").write_text(json.dumps({"seconds": 1.0}))  # ...but no phantom data
     proc = _run("--quick", "--resume", "--out", str(out), timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "preprocess" in errors[0] and str(out / "logs" / "preprocess.log") in errors[0]
     assert not (out / ".stages" / "preprocess.json").exists()

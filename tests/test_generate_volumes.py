@@ -16,7 +16,7 @@ import torch
 
 from model import Generator
 from MultiMedSeg import generation as gen
-from MultiMedSeg.data.slices import group_slices_by_volume, load_slice
+from robustmedseg.data.slices import group_slices_by_volume, load_slice
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
@@ -231,14 +231,22 @@ def test_noise_modes(run_dir, tmp_path):
     # the three modes really give different syntheses of the same latent path
     assert not np.allclose(vols["volume"], vols["slice"], atol=1e-4)
     assert not np.allclose(vols["volume"], vols["fixed"], atol=1e-4)
+    # default: fresh noise for every slice, as the original
+    assert cfg.noise == "slice"
+    import generate_volumes
+
+    assert generate_volumes.build_parser().get_default("noise") == "slice"
 
 
 def test_generator_override_and_ckpt_dir_forms(run_dir, tmp_path):
-    ckpt_form = gen.resolve_checkpoints(run_dir / "checkpoints")
-    assert ckpt_form == gen.resolve_checkpoints(run_dir) and len(ckpt_form) == 2
-    assert gen.resolve_checkpoints(run_dir, 1) == ckpt_form[:1]
+    from MultiMedSeg.ensemble import resolve_checkpoints
+
+    ckpt_form = resolve_checkpoints(run_dir / "checkpoints")
+    assert ckpt_form == resolve_checkpoints(run_dir) and len(ckpt_form) == 2
+    assert resolve_checkpoints(run_dir, 1) == ckpt_form[:1]
     with pytest.raises(InputError, match="only 2"):
-        gen.resolve_checkpoints(run_dir, 3)
+        resolve_checkpoints(run_dir, 3)
+    assert resolve_checkpoints(run_dir, 3, exact=False) == ckpt_form  # inference: up to --ensemble_size
     base, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o"), log=quiet)
     g_file = phase1_file(tmp_path / "g.pt", N_ZBINS, 7)
     other, _ = gen.build_factory(make_cfg(run_dir, tmp_path / "o", generator=g_file), log=quiet)
@@ -262,17 +270,23 @@ def test_clip_mean_conditioning(run_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- post-processing
 def test_keep_largest_components_per_label_and_slice():
-    lab = np.zeros((2, 8, 8), np.uint8)
+    """8-connected components, every component tied for the largest kept (the original's helper)."""
+    lab = np.zeros((3, 8, 8), np.uint8)
     lab[0, 0:2, 0:3] = 1           # 6 px, label 1: kept
     lab[0, 5:7, 5:6] = 1           # 2 px, label 1: removed
-    lab[0, 3, 3] = 2               # 1 px, label 2 (only component): kept
-    lab[0, 4, 4] = 2               # diagonal neighbour = separate component of equal size: first kept
+    lab[0, 3, 3] = 2               # label 2: with its diagonal neighbour ONE 2-px component (8-connectivity)
+    lab[0, 4, 4] = 2
+    lab[0, 7, 0] = 2               # 1 px, label 2: removed
     lab[1, 0, 0] = 1
     lab[1, 2:5, 2:5] = 1           # slice 1: the 9 px blob wins
+    lab[2, 0:2, 0:2] = 1           # slice 2: two 4-px components tied for the largest: both kept
+    lab[2, 5:7, 5:7] = 1
+    lab[2, 3, 7] = 1               # 1 px: removed
     out = gen.keep_largest_components(lab)
     assert out[0, 0:2, 0:3].all() and (out[0, 5:7, 5] == 0).all()
-    assert out[0, 3, 3] == 2 and out[0, 4, 4] == 0
+    assert out[0, 3, 3] == 2 and out[0, 4, 4] == 2 and out[0, 7, 0] == 0
     assert out[1, 0, 0] == 0 and (out[1, 2:5, 2:5] == 1).all()
+    assert out[2, 0:2, 0:2].all() and out[2, 5:7, 5:7].all() and out[2, 3, 7] == 0
     np.testing.assert_array_equal(gen.keep_largest_components(lab[1]), out[1])
     assert lab[0, 5, 5] == 1  # input untouched
 

@@ -320,12 +320,34 @@ def test_pretrain_to_adaptation_keeps_encoder(tmp_path, x):
     assert ada(x, LABELS).shape == (4, 4, 32, 32)
 
 
+def test_reinit_encoder_at_adaptation_restores_the_original(tmp_path, x):
+    """--reinit_encoder: the original's adaptation keeps only the generator and the classifiers; the
+    encoder starts again from ArcFace (random elsewhere) and both mean latents are recomputed."""
+    pre = tiny_psp(src_tgt_domains=[0])
+    pre.save_checkpoint(tmp_path / "pre.pt", 100)
+    base = pre.config.encoder_base_channels
+    torch.save(_fake_arcface(base=base), tmp_path / "backbone.pth")
+    ada = PSP.from_checkpoint(tmp_path / "pre.pt", src_tgt_domains=[0, 1])
+    ada.reinitialise_encoder(tmp_path / "backbone.pth")
+    arc = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    assert torch.equal(ada.encoder.backbone.layer2[0].conv2.weight, arc["layer2.0.conv2.weight"])
+    assert not torch.equal(ada.encoder.styles.weight, pre.encoder.styles.weight)
+    assert not bool(ada.latent_avg_valid.any()) and ada.load_info["latent_avg_missing"] == [0, 1]
+    assert ada.compute_latent_avg(128, seed=0) == [0, 1]
+    for name, value in pre.decoder.state_dict().items():
+        assert torch.equal(ada.decoder.state_dict()[name], value), name
+    for name, value in pre.interpreter.state_dict().items():
+        assert torch.equal(ada.interpreter.state_dict()[name], value), name
+    assert ada(x, LABELS).shape == (4, 4, 32, 32)
+
+
 def test_load_generator(tmp_path):
     net = tiny_psp()
     torch.manual_seed(5)
     g = Generator(32, style_dim=32, n_mlp=2, n_domains=3, channel_cap=16)
     torch.save({"g": g.state_dict(), "d": {}, "g_ema": g.state_dict(), "args": {"size": 32}}, tmp_path / "ok.pt")
-    assert net.load_generator(tmp_path / "ok.pt") == {"size": 32}
+    args = net.load_generator(tmp_path / "ok.pt")  # the file's args, completed from its tensors
+    assert (args["size"], args["style_dim"], args["n_mlp"], args["n_domains"], args["n_zbins"]) == (32, 32, 2, 3, 29)
     assert torch.equal(net.decoder.input.input, g.input.input)
     assert not bool(net.latent_avg_valid.any())  # recomputed for the new generator
     big = Generator(64, style_dim=32, n_mlp=2, n_domains=3, channel_cap=16)

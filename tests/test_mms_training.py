@@ -22,11 +22,11 @@ from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
-from MultiMedSeg.data.slices import save_slice
+from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
-from MultiMedSeg.training.metrics import binary_scores, selection_score, volume_scores
+from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.training.options import parse_inference_options, parse_training_options
 from robustmedseg.errors import InputError, run_cli
 
@@ -191,12 +191,36 @@ def test_mirror_flips_weight_like_mask():
 def test_rotate_scale_keeps_one_hot_and_border():
     s = _sample(32)
     s["data"][:] = 1.0
-    out = RandomRotateScale(angle_range=(0.5, 0.5), scale_range=(0.7, 0.7))(s, np.random.default_rng(0))
+    # coordinates x 1.4: the content shrinks (batchgenerators convention), the corners are padding
+    out = RandomRotateScale(angle_range=(0.5, 0.5), scale_range=(1.4, 1.4))(s, np.random.default_rng(0))
     assert out["data"].shape == (32, 32, 1) and out["mask"].shape == (32, 32, 3)
     assert np.all(out["mask"].sum(-1) == 1)
     assert np.isclose(out["data"][0, 0, 0], -1.0)  # zoomed-out rotated corner is padding (-1)
     assert np.isclose(out["data"][16, 16, 0], 1.0, atol=1e-3)
     assert not out["mask"][0, 0, 1:].any()  # border: background
+
+
+def test_rotate_scale_draws_batchgenerators_scale_law():
+    """Coordinate scale: U(0.7, 1) or U(1, 1.4) with probability 1/2 each (not U(0.7, 1.4))."""
+    t = RandomRotateScale()
+    rng = np.random.default_rng(0)
+    n = 20000
+    scales = np.array([t.draw(rng)[1] for _ in range(n)])
+    below = scales < 1
+    assert abs(below.mean() - 0.5) < 5 * np.sqrt(0.25 / n)  # U(0.7, 1.4) would give 3/7 = 0.43
+    assert scales.min() >= 0.7 and scales.max() <= 1.4
+    assert abs(scales[below].mean() - 0.85) < 0.01 and abs(scales[~below].mean() - 1.2) < 0.01
+
+
+def test_rotate_scale_coordinate_scale_shrinks_content():
+    s = _sample(32)
+    area = s["mask"][..., 1:].sum()
+    grow = RandomRotateScale(angle_range=(0.0, 0.0), scale_range=(0.8, 0.8))
+    grow.draw = lambda rng: (0.0, 0.8)
+    shrink = RandomRotateScale(angle_range=(0.0, 0.0))
+    shrink.draw = lambda rng: (0.0, 1.25)
+    rng = np.random.default_rng(0)
+    assert grow(s, rng)["mask"][..., 1:].sum() > area > shrink(s, rng)["mask"][..., 1:].sum()
 
 
 def test_train_and_eval_transforms_shapes():
@@ -244,7 +268,90 @@ def test_ensemble_weights_are_honoured():
     assert (out["intra"] == 1).all() and (out["inter"] == 2).all() and (out["pred"] == 2).all()
     assert (label_volumes(pred, (0.3, 0.7))["pred"] == 1).all()
     pred["weight"][0, 0, 0, 0] = 0
-    assert label_volumes(pred, (0.6, 0.4))["pred"][0, 0, 0] == 0  # outside the weight: background
+    # as the original, the weight map is not applied at inference; --mask_outside_weight applies it
+    assert label_volumes(pred, (0.6, 0.4))["pred"][0, 0, 0] == 2
+    assert label_volumes(pred, (0.6, 0.4), mask_outside_weight=True)["pred"][0, 0, 0] == 0
+
+
+def test_translation_volume_and_invert_intensity_undo():
+    from MultiMedSeg.training.inference import translation_volume
+
+    pred = {"trans": torch.full((1, 1, 2, 2), 0.5), "weight": torch.ones(1, 1, 2, 2)}
+    pred["weight"][0, 0, 1, 1] = 0
+    assert np.allclose(translation_volume(pred), 0.5)
+    masked = translation_volume(pred, mask_outside_weight=True)
+    assert masked[0, 1, 1] == -1.0 and masked[0, 0, 0] == 0.5
+
+
+def test_invert_intensity_translation_is_negated_back_on_background():
+    """As the original: with invert_intensity the interpreter negates the translated image where it predicts
+    background; inference negates it again there, which gives back the generator's intensities."""
+    from types import SimpleNamespace
+
+    from MultiMedSeg.ensemble import Member
+    from MultiMedSeg.training.inference import predict_volume
+
+    seg = torch.zeros(1, 3, 4, 4)
+    seg[:, 0, :2] = 1.0   # background on the top half
+    seg[:, 2, 2:] = 1.0
+
+    class Stub:
+        def __init__(self, invert):
+            self.config = SimpleNamespace(invert_intensity=invert)
+
+        def __call__(self, x, label, resize=False, feature_scale=1.0):
+            image = torch.full((x.shape[0], 1, 4, 4), 0.5)
+            if self.config.invert_intensity:  # what the interpreter does
+                image = torch.where(seg.argmax(1, keepdim=True) == 0, -image, image)
+            return torch.cat([image, seg.expand(x.shape[0], -1, -1, -1)], 1)
+
+    batch = {"data": torch.zeros(2, 1, 4, 4), "domain": torch.tensor([[0.0, 1.0]] * 2),
+             "weight": torch.ones(2, 1, 4, 4)}
+    out = predict_volume([Member(Stub(True), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    assert torch.allclose(out["trans"], torch.full((2, 1, 4, 4), 0.5))
+    plain = predict_volume([Member(Stub(False), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    assert torch.allclose(plain["trans"], torch.full((2, 1, 4, 4), 0.5))
+
+
+def test_consider_only_vessels_within_brain_scores_label_2_only():
+    """As the original: label 2 is scored inside the GT non-background region; the other labels and
+    the foreground Dice are those of the unrestricted prediction."""
+    gt = np.zeros((4, 8, 8), np.int64)
+    gt[:, 2:6, 2:6] = 1
+    gt[:, 3:5, 3:5] = 2
+    pred = gt.copy()
+    pred[:, 0, 0] = 2          # a vessel outside the brain: ignored for label 2 only
+    pred[:, 7, 7] = 1          # a false brain voxel: counts for label 1 whatever the flag
+    plain = volume_scores(pred, gt, 3, distances=("hd",))
+    within = volume_scores(pred, gt, 3, distances=("hd",), vessels_within_gt=True)
+    assert plain["2"]["dice"] < 1.0 and within["2"]["dice"] == 1.0
+    assert within["1"] == plain["1"] and within["foreground"] == plain["foreground"]
+    assert within["foreground"]["dice"] < 1.0
+    flat = branch_metrics({"intra_": pred}, gt, 3, only_inside_gt=True)
+    assert flat["intra_dice_2"] == 1.0 and flat["intra_dice_foreground"] == plain["foreground"]["dice"]
+    assert "intra_dice_0" in flat  # background scored too, as the original
+
+
+def test_favoured_mode_selects_channels_as_the_original():
+    from types import SimpleNamespace
+
+    from MultiMedSeg.losses import LossConfig
+    from MultiMedSeg.training.coach import Coach
+
+    def selected(**kw):
+        opts = SimpleNamespace(label_nc=3, optimize_mode="favoured")
+        coach = SimpleNamespace(opts=opts, losses=SimpleNamespace(
+            favoured_channels=LossConfig(optimize_mode="favoured", **kw).favoured))
+        return Coach.selected_channels(coach)
+
+    assert selected() == ["0", "1", "2"]                         # no weights: every class, background too
+    assert selected(ce_weights=[1, 1, 3]) == ["2"]
+    assert selected(ce_weights=[1, 2, 1], dice_weights=[1, 1, 5]) == ["2"]  # Dice has the larger maximum
+    assert selected(ce_weights=[1, 5, 1], dice_weights=[1, 1, 5]) == ["1"]  # tie of maxima: CE
+    assert selected(dice_weights=[2, 1, 2]) == ["0", "2"]
+    foreground = SimpleNamespace(opts=SimpleNamespace(label_nc=3, optimize_mode="foreground"),
+                                 losses=SimpleNamespace(favoured_channels=lambda: []))
+    assert Coach.selected_channels(foreground) == ["1", "2"]
 
 
 # ------------------------------------------------------------------------------------ checkpoints / options
@@ -282,7 +389,36 @@ def test_options_config_file_and_dash_aliases(tmp_path):
                                 "--stylegan_weights", "g", "--ce_weights", "1,2"], "pretrain")
     opts = parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d"])
     assert opts.test_root == Path("d/test") and opts.metadata == Path("d/metadata.json")
-    assert opts.ensemble_weights == [0.6, 0.4]
+    assert opts.ensemble_weights == [0.6, 0.4] and not opts.mask_outside_weight
+    assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
+                                    "--mask-outside-weight"]).mask_outside_weight
+    train = ["--exp_dir", "x", "--source_root", "s", "--target_labeled", "t", "--val_root", "v", "--src_label", "0",
+             "--tgt_label", "1", "--checkpoint_dir", "c"]
+    assert not parse_training_options(train, "train").reinit_encoder
+    assert parse_training_options(train + ["--reinit-encoder"], "train").reinit_encoder
+
+
+def test_gpu_options_amp_tf32_cudnn_benchmark(monkeypatch):
+    """--amp fp16|bf16|off (fp16 default, as the reference; --no_amp = off), --allow_tf32, --cudnn_benchmark."""
+    from MultiMedSeg.training.coach import amp_dtype
+
+    base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
+    opts = parse_training_options(base, "pretrain")
+    assert opts.amp == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
+    assert parse_training_options(base + ["--no-amp"], "pretrain").amp == "off"
+    opts = parse_training_options(base + ["--amp", "bf16", "--allow-tf32", "--cudnn_benchmark"], "pretrain")
+    assert opts.amp == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
+    assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
+                                    "--allow_tf32"]).allow_tf32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("fp16", cpu) is None and amp_dtype("bf16", cpu) is None  # never on CPU
+    assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("off", cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype("bf16", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(InputError, match="--amp bf16: Tesla V100"):
+        amp_dtype("bf16", cuda)
 
 
 @pytest.mark.parametrize("script, flag", [("MultiMedSeg/pretrain.py", "--stylegan_weights"),
@@ -361,6 +497,36 @@ def test_pipeline_inference_writes_nifti_on_original_grid(pipeline, preprocessed
     assert len(info["checkpoints"]) == n_best  # averaged over the checkpoints actually used
 
 
+def test_pipeline_metrics_csv_recomputed_from_the_written_files(pipeline, preprocessed_sites, phantom_dir):
+    """Every metrics.csv row equals MedPy on the written NIfTI prediction and the ground-truth file, with
+    the voxel spacing read from the written file's header (mm), not from the slice grid."""
+    import csv
+
+    from medpy.metric.binary import dc, hd, hd95
+
+    out = pipeline["inference"]
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows
+    cache = {}
+    for row in rows:
+        vid, branch, cls = row["volume"], row["prediction"], row["class"]
+        if (vid, branch) not in cache:
+            img = nib.load(str(out / f"{vid}_{branch}.nii.gz"))
+            gt = np.asarray(nib.load(str(phantom_dir / "site2" / "labels" / f"{vid}.nii.gz")).dataobj)
+            cache[vid, branch] = (np.asarray(img.dataobj), gt, tuple(float(z) for z in img.header.get_zooms()[:3]))
+        pred, gt, spacing = cache[vid, branch]
+        assert spacing == (6.0, 6.0, 6.0)  # the phantom's grid, not the 32 px slices
+        p, g = (pred > 0, gt > 0) if cls == "foreground" else (pred == int(cls), gt == int(cls))
+        if not p.any() or not g.any():
+            want = {"dice": 1.0 if p.any() == g.any() else 0.0}
+            want["hd95"] = want["hd"] = 0.0 if p.any() == g.any() else math.inf
+        else:
+            want = {"dice": dc(p, g), "hd95": hd95(p, g, voxelspacing=spacing), "hd": hd(p, g, voxelspacing=spacing)}
+        for key, value in want.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-6), (vid, branch, cls, key)
+
+
 def test_inference_is_deterministic_and_source_only_writes_intra(pipeline, preprocessed_sites):
     again = pipeline["root"] / "inference_again"
     inference_cli.main(["--exp_dir", str(again), "--checkpoint_dir", str(pipeline["adapt"]), "--target_data",
@@ -414,6 +580,57 @@ def test_resume_adaptation(pipeline, preprocessed_sites):
     assert any(not torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in tgt_head)
 
 
+def test_inference_refuses_the_metadata_of_another_site(pipeline, preprocessed_sites, tmp_path, capsys):
+    """Same volume ids and slice counts at two sites: only the fingerprint tells the metadata apart."""
+    site1, site2 = preprocessed_sites[1], preprocessed_sites[2]
+    out = tmp_path / "out"
+    meta1 = json.loads((site1 / "metadata.json").read_text())
+    meta2 = json.loads((site2 / "metadata.json").read_text())
+    vid = meta2["splits"]["test"][0]
+    assert vid in meta1["volumes"]
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]),
+                                                    "--target_data", str(site2), "--metadata",
+                                                    str(site1 / "metadata.json"), "--device", "cpu"])
+    assert err.startswith(f"error: {site1 / 'metadata.json'}: volume {vid!r}")
+    other = tmp_path / "other" / "metadata.json"  # site 1's metadata made to list this volume's slice files
+    other.parent.mkdir()
+    for key in ("slices", "shape_before_padding"):
+        meta1["volumes"][vid][key] = meta2["volumes"][vid][key]
+    meta1["volumes"][vid]["fingerprint"]["slice"] = meta2["volumes"][vid]["fingerprint"]["slice"]
+    other.write_text(json.dumps(meta1))
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]),
+                                                    "--target_data", str(site2), "--metadata", str(other),
+                                                    "--device", "cpu"])
+    assert err.startswith(f"error: {other}: volume {vid!r}") and "fingerprint differs" in err
+    assert not out.exists()
+
+
+def test_inference_without_some_ground_truth_writes_predictions_and_the_other_metrics(
+        pipeline, preprocessed_sites, tmp_path, capsys):
+    site2 = preprocessed_sites[2]
+    meta = json.loads((site2 / "metadata.json").read_text())
+    test_root = tmp_path / "slices"  # the val and the test volume of site 2
+    for split in ("val", "test"):
+        shutil.copytree(site2 / split, test_root, dirs_exist_ok=True)
+    scored, missing = meta["splits"]["test"][0], meta["splits"]["val"][0]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(meta["volumes"][scored]["label"], labels / f"{scored}.nii.gz")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    inference_cli.main(["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]), "--test_root",
+                        str(test_root), "--metadata", str(site2 / "metadata.json"), "--labels", str(labels),
+                        "--device", "cpu"])
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: {out}: no ground truth for 1 of 2 test volume(s) ({missing}: no {missing}.nii.gz "
+                       f"in {labels}): predictions written, metrics.csv covers the other 1"]
+    assert all((out / f"{vid}_pred.nii.gz").is_file() for vid in (scored, missing))
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert rows and {r.split(",")[0] for r in rows} == {scored}
+    assert json.loads((out / "inference.json").read_text())["no_ground_truth"] == {
+        missing: f"no {missing}.nii.gz in {labels}"}
+
+
 # ------------------------------------------------------------------------------------ one-line errors
 def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, tmp_path, capsys):
     site0, site2 = preprocessed_sites[0], preprocessed_sites[2]
@@ -464,6 +681,36 @@ def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, 
                                                     str(pipeline["adapt"]), "--target_data", str(site2),
                                                     "--label_nc", "4", "--device", "cpu"])
     assert "--label_nc is 4" in err
+    (tmp_path / "empty").mkdir()
     err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(tmp_path / "i"), "--checkpoint_dir",
-                                                    str(tmp_path), "--target_data", str(site2)])
+                                                    str(tmp_path / "empty"), "--target_data", str(site2)])
     assert "best.json" in err
+
+
+# ------------------------------------------------------------------------------------ mask resizing rule
+def test_mask_downsampling_keeps_each_channel_at_half():
+    """The original's rule (batchgenerators 0.24 resize_segmentation(order=1) on the one-hot array),
+    implemented once in MultiMedSeg.data.resample, whatever batchgenerators is installed."""
+    from skimage.transform import resize as sk_resize
+
+    from MultiMedSeg.data import transforms
+    from MultiMedSeg.data.resample import resize_labels, resize_onehot
+
+    lab = np.zeros((64, 64), np.int64)
+    lab[:, 10] = 2            # a vertical 1-px line (vessel-like)
+    lab[30:50, 30:50] = 1     # a block
+    mask = lab[..., None] == np.arange(3)
+    out = transforms.resize_mask(mask, 32)
+    expected = np.stack([sk_resize(mask[..., c].astype(float), (32, 32), order=1, mode="edge", clip=True,
+                                   anti_aliasing=False) >= 0.5 for c in range(3)], axis=-1)
+    assert np.array_equal(out, expected)
+    assert out[:, 5, 2].all()                 # the thin line survives in every row (0.5 >= 0.5) ...
+    assert out[:, 5, 0].all()                 # ... and so does its background: that pixel has 2 channels
+    assert np.array_equal(transforms.resize_weight(mask[..., 2:3], 32), out[..., 2:3])
+    # an integer map: classes written in increasing order (the larger label wins an overlap)
+    small = resize_labels(lab, (32, 32))
+    assert (small[:, 5] == 2).all() and small.dtype == lab.dtype
+    # four classes meeting (2x2 -> 1x1): each indicator is 0.25 there, the pixel gets no channel
+    quad = (np.arange(4).reshape(2, 2)[..., None] == np.arange(4))
+    assert not resize_onehot(quad, (1, 1)).any()
+    assert np.array_equal(resize_onehot(np.zeros((8, 8, 3), bool), (4, 4)), np.zeros((4, 4, 3), bool))

@@ -355,6 +355,237 @@ def test_cuda_impl_on_cpu_tensor_raises() -> None:
         upfirdn2d(x, torch.ones(2, 2), impl="triton")
 
 
+# --------------------------------------------------------------------------- self-check at first use
+#
+# A CUDA kernel is checked against the reference path the first time the automatic mode would
+# use it (per op and dtype). On CPU the kernels cannot run, so these tests make the automatic
+# mode see a "kernel" (``kernel_available`` -> True) and inject the kernel function the dispatch
+# and the self-check both call (``op.upfirdn._run_kernel`` / ``op.fused_act._run_kernel``):
+# everything else is the real code path.
+
+import warnings  # noqa: E402
+
+import op.fused_act as fused_act_mod  # noqa: E402
+import op.upfirdn as upfirdn_mod  # noqa: E402
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Automatic mode believes a kernel exists for any tensor; self-check on; clean state."""
+    monkeypatch.setattr(_backend, "kernel_available", lambda tensor, name: True)
+    monkeypatch.delenv(_backend.SELFCHECK_ENV, raising=False)
+    _backend.set_selfcheck(None)
+    _backend.reset_selfcheck()
+    yield
+    _backend.reset_selfcheck()
+
+
+class Counting:
+    """A kernel function that counts its calls and delegates to ``fn``."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def good_upfirdn(x, k, up, down, pad):
+    return upfirdn2d_ref(x, k, up, down, pad)
+
+
+def good_act(x, b, slope, scale):
+    return fused_act_mod._fused_leaky_relu_ref(x, b, slope, scale)
+
+
+class _WrongBackward(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by 1.5 (a wrong first-order gradient)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 1.5 * g
+
+
+class _DetachedBackward(torch.autograd.Function):
+    """Identity with a correct but non-differentiable backward (breaks second order only)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.detach().clone()
+
+
+def _model_like_calls() -> None:
+    x = torch.randn(2, 4, 8, 8)
+    upfirdn2d(x, blur_kernel(4.0).float(), up=2, pad=(2, 1))
+    upfirdn2d(x, blur_kernel().float(), pad=(2, 2))
+
+
+def test_selfcheck_passes_and_kernel_is_used(fake_cuda, monkeypatch) -> None:
+    up_k, act_k = Counting(good_upfirdn), Counting(good_act)
+    monkeypatch.setattr(upfirdn_mod, "_run_kernel", up_k)
+    monkeypatch.setattr(fused_act_mod, "_run_kernel", act_k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _model_like_calls()
+        fused_leaky_relu(torch.randn(2, 4, 3, 3), torch.zeros(4))
+    results = {(r.op, r.dtype): r for r in _backend.selfcheck_results()}
+    assert set(results) == {("upfirdn2d", torch.float32), ("fused_leaky_relu", torch.float32)}
+    assert all(r.ok and r.max_error <= r.tolerance for r in results.values())
+    # the check ran the kernel once per case (autograd does the gradients), then the 2 calls used it
+    assert up_k.calls == len(upfirdn_mod.SELFCHECK_CASES) + 2
+    assert act_k.calls == len(fused_act_mod.SELFCHECK_CASES) + 1
+    calls = up_k.calls
+    _model_like_calls()
+    assert up_k.calls == calls + 2  # no second check for the same dtype
+    upfirdn2d(torch.randn(1, 2, 6, 6, dtype=DT), blur_kernel())
+    assert ("upfirdn2d", DT) in {(r.op, r.dtype) for r in _backend.selfcheck_results()}  # per dtype
+
+
+@pytest.mark.parametrize("fault", ["forward", "gradient", "second order", "raises"])
+def test_faulty_upfirdn2d_kernel_warns_once_and_falls_back(fake_cuda, monkeypatch, fault) -> None:
+    def bad(x, k, up, down, pad):
+        y = upfirdn2d_ref(x, k, up, down, pad)
+        if fault == "forward":
+            return y + 0.01 * (y.shape[-1] > 3)  # small offset everywhere
+        if fault == "gradient":
+            return _WrongBackward.apply(y)
+        if fault == "second order":
+            return _DetachedBackward.apply(y)
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    kernel, act_k = Counting(bad), Counting(good_act)
+    monkeypatch.setattr(upfirdn_mod, "_run_kernel", kernel)
+    monkeypatch.setattr(fused_act_mod, "_run_kernel", act_k)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 8, 8, generator=gen, requires_grad=True)
+    with pytest.warns(RuntimeWarning) as record:
+        y = upfirdn2d(x, blur_kernel(4.0).float(), up=2, pad=(2, 1))
+    messages = [str(w.message) for w in record if "failed its self-check" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "upfirdn2d" in messages[0] and "float32" in messages[0] and "RMS_CUDA_SELFCHECK=0" in messages[0]
+    assert ("raised RuntimeError" if fault == "raises" else "max error") in messages[0]
+    # the call that triggered the check already used the reference path
+    torch.testing.assert_close(y, upfirdn2d(x, blur_kernel(4.0).float(), up=2, pad=(2, 1), impl="ref"))
+    calls = kernel.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _model_like_calls()
+        upfirdn2d(torch.randn(1, 2, 5, 5, dtype=DT), blur_kernel())  # another dtype: op stays on ref
+        fused_leaky_relu(torch.randn(2, 3, 4), torch.zeros(3))  # the other op keeps its kernel
+    assert kernel.calls == calls
+    assert act_k.calls > 0
+    [failed] = [r for r in _backend.selfcheck_results() if r.op == "upfirdn2d"]
+    assert not failed.ok and failed.max_error > failed.tolerance
+
+
+class _DoubleGrad(torch.autograd.Function):
+    """Identity forward; doubled gradient."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@pytest.mark.parametrize("fault", ["bias gradient", "negative slope"])
+def test_faulty_fused_act_kernel_falls_back(fake_cuda, monkeypatch, fault) -> None:
+    def bad(x, b, slope, scale):
+        if fault == "negative slope":
+            return fused_act_mod._fused_leaky_relu_ref(x, b, 0.25, scale)
+        # right values and input gradient, doubled bias gradient
+        return fused_act_mod._fused_leaky_relu_ref(x, None if b is None else _DoubleGrad.apply(b), slope, scale)
+
+    monkeypatch.setattr(fused_act_mod, "_run_kernel", Counting(bad))
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(RuntimeWarning, match="fused_leaky_relu") as record:
+        out = fused_leaky_relu(x, torch.ones(3))
+    [message] = [str(w.message) for w in record if "failed its self-check" in str(w.message)]
+    assert ("gradient of input 1" if fault == "bias gradient" else "forward") in message
+    torch.testing.assert_close(out, naive_fused_leaky_relu(x, torch.ones(3), 0.2, 2 ** 0.5))
+
+
+def test_selfcheck_can_be_skipped(fake_cuda, monkeypatch) -> None:
+    """RMS_CUDA_SELFCHECK=0 (or set_selfcheck(False)): the kernel is trusted, even a wrong one."""
+    wrong = Counting(lambda x, k, up, down, pad: upfirdn2d_ref(x, k, up, down, pad) + 1.0)
+    monkeypatch.setattr(upfirdn_mod, "_run_kernel", wrong)
+    x = torch.randn(1, 2, 6, 6)
+    monkeypatch.setenv(_backend.SELFCHECK_ENV, "0")
+    assert not _backend.selfcheck_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = upfirdn2d(x, blur_kernel().float(), pad=(1, 1))
+    assert wrong.calls == 1 and _backend.selfcheck_results() == []
+    torch.testing.assert_close(y, upfirdn2d(x, blur_kernel().float(), pad=(1, 1), impl="ref") + 1.0)
+    monkeypatch.delenv(_backend.SELFCHECK_ENV)
+    _backend.set_selfcheck(False)
+    try:
+        upfirdn2d(x, blur_kernel().float(), pad=(1, 1))
+        assert wrong.calls == 2 and _backend.selfcheck_results() == []
+    finally:
+        _backend.set_selfcheck(None)
+
+
+def test_forced_ref_bypasses_kernel(fake_cuda, monkeypatch) -> None:
+    kernel = Counting(good_upfirdn)
+    monkeypatch.setattr(upfirdn_mod, "_run_kernel", kernel)
+    with _backend.forced_impl("ref"):
+        _model_like_calls()
+    assert kernel.calls == 0
+    _model_like_calls()
+    assert kernel.calls > 0
+    with pytest.raises(ValueError):
+        with _backend.forced_impl("cuda"):
+            pass
+
+
+def test_selfcheck_runs_under_no_grad_and_keeps_global_rng(fake_cuda, monkeypatch) -> None:
+    """The first use may be inside torch.no_grad()/inference_mode (sampling): the check still
+    differentiates, and it draws its inputs from its own generator."""
+    monkeypatch.setattr(upfirdn_mod, "_run_kernel", Counting(lambda *a: _DetachedBackward.apply(upfirdn2d_ref(*a))))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="second order"):
+        upfirdn2d(torch.ones(1, 1, 6, 6), blur_kernel().float(), pad=(1, 1))
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_model_forward_backward_with_faulty_kernel_matches_reference(fake_cuda, monkeypatch) -> None:
+    """End to end: a model step with a broken upfirdn2d kernel gives the reference path's gradients."""
+    import model as M
+
+    monkeypatch.setattr(upfirdn_mod, "_run_kernel", lambda x, k, up, down, pad: 0 * upfirdn2d_ref(x, k, up, down, pad))
+    monkeypatch.setattr(fused_act_mod, "_run_kernel", good_act)
+    torch.manual_seed(0)
+    d = M.Discriminator(16, channel_cap=8, n_domains=2, n_zbins=3, clip_dim=4, style_dim=8)
+    img = torch.randn(2, 1, 16, 16)
+    labels = (d.condition([0, 1], [0, 2]), torch.randn(2, 4))
+
+    def grads():
+        d.zero_grad()
+        d(img, labels).sum().backward()
+        return [p.grad.clone() for p in d.parameters() if p.grad is not None]
+
+    with pytest.warns(RuntimeWarning, match="upfirdn2d"):
+        got = grads()
+    with _backend.forced_impl("ref"):
+        want = grads()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------- CUDA vs ref
 
 
@@ -403,6 +634,16 @@ def test_fused_leaky_relu_cuda_matches_ref() -> None:
     torch.testing.assert_close(fused_leaky_relu(x2, None, impl="cuda"), fused_leaky_relu(x2, None, impl="ref"),
                                rtol=2e-3, atol=2e-3)
     assert fused_leaky_relu(x.detach(), b.detach()).device.type == "cuda"
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("name", ["upfirdn2d", "fused_leaky_relu"])
+def test_selfcheck_passes_on_cuda(name, dtype) -> None:
+    """The first-use self-check of the real kernels passes (else the model would run on the ref path)."""
+    result = _backend.run_selfcheck(name, torch.device("cuda"), dtype)
+    assert result.ok, result.detail
 
 
 # --------------------------------------------------------------------------- CUDA sources compile

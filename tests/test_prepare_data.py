@@ -115,6 +115,21 @@ def test_zbins_bad_names():
         zb.zbins_for_files(["a_slice001.npz", "a_slice01.npz"])
 
 
+def test_list_slices_is_the_one_order_and_refuses_stray_files(tmp_path):
+    """Phase 1 and phase 2 list slices alike: by volume, then slice number; a stray .npz is an error."""
+    from robustmedseg.data.slices import list_slices
+
+    for name in ("a_b_slice000.npz", "a_slice1000.npz", "a_slice999.npz", "a_slice000.npz"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_slices(tmp_path)] == ["a_slice000.npz", "a_slice999.npz", "a_slice1000.npz",
+                                                      "a_b_slice000.npz"]
+    (tmp_path / "notes.txt").write_text("not a slice")  # other files are not slice files: ignored
+    assert len(list_slices(tmp_path)) == 4
+    (tmp_path / "stray.npz").write_bytes(b"")
+    with pytest.raises(InputError, match="stray.npz"):
+        list_slices(tmp_path)
+
+
 # --------------------------------------------------------------------------- writing
 
 def test_roundtrip_bit_exact_keys_and_side_files(tmp_path):
@@ -122,7 +137,7 @@ def test_roundtrip_bit_exact_keys_and_side_files(tmp_path):
     out = tmp_path / "lmdb"
     meta = run([str(tmp_path / "site"), "--out", str(out), "--size", "32", "--label", "1",
                 "--clip-model", "none"])
-    names = sorted(written)                       # sorted by full path == by name in one folder
+    names = sorted(written)                       # list_slices order == by name here (3-digit numbers)
     n = len(names)
     assert meta["length"] == n and meta["sizes"] == [32] and meta["files"] == names
     assert meta["label"] == 1 and meta["n_domains"] == 3 and meta["n_zbins"] == 29 and meta["clip"] is None
@@ -337,7 +352,7 @@ def test_out_inside_input_is_refused(tmp_path):
     make_site(tmp_path / "site", {"v": range(2)})
     argv = [str(tmp_path / "site"), "--out", str(tmp_path), "--size", "32", "--label", "0",
             "--clip-model", "none", "--overwrite"]
-    _expect_error(tmp_path, argv, "must not be the slice folder or one of its parents")
+    _expect_error(tmp_path, argv, "--out contains the input PATH")
 
 
 def test_full_zbin_coverage_with_29_plus_slices_per_volume_and_recursive(tmp_path):
@@ -362,7 +377,7 @@ def test_full_zbin_coverage_with_29_plus_slices_per_volume_and_recursive(tmp_pat
 
 def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_clip):
     """phantom -> MultiMedSeg preprocessing -> prepare_data for the 3 sites (labels 0, 1, 2)."""
-    from MultiMedSeg.data.slices import load_slice, slice_index, volume_id
+    from robustmedseg.data.slices import load_slice, slice_index, volume_id
     from robustmedseg.data.dataset import LMDBSlices
 
     for label, site_dir in sorted(preprocessed_sites.items()):
@@ -375,7 +390,8 @@ def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_cli
             clip = ["--clip-model", tiny_clip, "--clip-pretrained", str(weights)]
         meta = run([str(site_dir / "train"), "--out", str(out), "--size", "32", "--label", str(label),
                     "--recursive", *clip])
-        files = sorted(site_dir.glob("train/**/*.npz"), key=str)
+        # the one slice order of both phases: volume id, then slice number (then path)
+        files = sorted(site_dir.glob("train/**/*.npz"), key=lambda p: (volume_id(p), slice_index(p), str(p)))
         assert meta["length"] == len(files) > 0
         ds = LMDBSlices(out)
         volumes: Dict[str, List] = {}

@@ -17,7 +17,7 @@ from MultiMedSeg import preprocess as cli
 from MultiMedSeg.data import (PreprocessConfig, group_slices_by_volume, load_metadata, load_slice, preprocess,
                               restore_volume, save_slice, slice_index, volume_id, write_nifti_like)
 from MultiMedSeg.data.preprocessing import axis_crop, pick_labeled_train, split_volumes, z_range
-from MultiMedSeg.data.slices import convert_legacy_folder
+from robustmedseg.data.slices import convert_legacy_folder
 from robustmedseg.errors import InputError
 
 QUIET = {"log": lambda *a, **k: None}
@@ -356,3 +356,194 @@ def test_legacy_conversion(tmp_path):
     assert converted["weight"] is None and converted["mask"].shape == (8, 8, 2)
     with pytest.raises(InputError, match="already exists"):
         convert_legacy_folder(src, tmp_path / "new")
+
+
+# --------------------------------------------------------------------------- matched to the original
+
+
+def _original_crop_start(profile: np.ndarray) -> int:
+    """The original cropVolume's start index, written out independently of axis_crop."""
+    from skimage.filters import threshold_minimum
+
+    c = np.cumsum(profile.astype(np.float64))
+    counts, edges = np.histogram(c, 255)  # integer counts
+    try:
+        thr = threshold_minimum(counts)
+    except RuntimeError:
+        return 0  # the original keeps the full axis
+    k = int(np.argmin(counts > thr))
+    return int(np.argmin(c < edges[k]))
+
+
+def _crop_profile(a: int = 80, n: int = 400, seed: int = 0) -> np.ndarray:
+    """Noise (0..3), an object on [a, 300), noise again."""
+    rng = np.random.default_rng(seed)
+    prof = np.zeros(n)
+    prof[a:300] = 100 + 30 * np.sin(np.arange(300 - a) / 7.0) + rng.normal(0, 5, 300 - a)
+    prof[:a] = rng.uniform(0, 3, a)
+    prof[300:] = rng.uniform(0, 3, n - 300)
+    return prof
+
+
+def test_crop_threshold_is_taken_on_the_integer_histogram():
+    """threshold_minimum gets the integer bin counts (skimage: one bin per integer count), as the
+    original; a float cast (256 bins) gives another threshold, here another crop start (53, not 80)."""
+    from skimage.filters import threshold_minimum
+
+    prof = _crop_profile()
+    start, _ = axis_crop(prof)
+    assert start == _original_crop_start(prof) == 80
+    counts, edges = np.histogram(np.cumsum(prof), 255)
+    k_float = int(np.argmin(counts > threshold_minimum(counts.astype(np.float64))))
+    assert int(np.argmin(np.cumsum(prof) < edges[k_float])) == 53
+    starts = []
+    for a in (90, 100, 120, 140, 160, 170):
+        prof = _crop_profile(a)
+        starts.append(axis_crop(prof)[0])
+        assert starts[-1] == _original_crop_start(prof), a
+    assert len(set(starts)) > 3
+
+
+def test_crop_profile_is_the_raw_maximum():
+    """CT-like data (negative background): the profile is the raw max over the other axes, as the
+    original, not the max of |x| (which here keeps the whole axis instead of cropping to the object)."""
+    from MultiMedSeg.data.preprocessing import heuristic_crop
+
+    rng = np.random.default_rng(0)
+    obj = 100 + 30 * np.sin(np.arange(220) / 7.0) + rng.normal(0, 5, 220)
+    profile = np.concatenate([rng.uniform(-20, -17, 80), obj, rng.uniform(-20, -17, 100)])
+    vol = np.broadcast_to(profile[:, None, None], (400, 3, 3)).copy()
+    box = heuristic_crop(vol)
+    assert box[0] == axis_crop(profile) == (92, 277)
+    assert axis_crop(np.abs(profile)) == (0, 400)
+
+
+def test_intensity_window_is_the_upper_bin_edge():
+    from MultiMedSeg.data.preprocessing import histogram_window
+
+    vol = np.concatenate([np.zeros(10), np.full(980, 5.0), np.full(10, 10.0)])  # 1 % at 0, 1 % at 10
+    edges = np.linspace(0, 10, 257)
+    low, high = histogram_window([vol], 0.1, 99.9, 0.0, 10.0)
+    # 0.1 % is reached in bin 0 -> its upper edge; 99.9 % only in the last bin -> 10
+    assert low == pytest.approx(edges[1]) and high == pytest.approx(10.0)
+    low, high = histogram_window([vol], 1.0, 50.0, 0.0, 10.0)
+    assert low == pytest.approx(edges[1]) and high == pytest.approx(edges[np.searchsorted(edges, 5.0, "right")])
+
+
+def _brain_dataset(root: Path, n: int = 4, labeled: int = 3) -> Path:
+    """Volumes with a brain mask on slices 2..9 of 12 and labels (1) inside it on slices 4..6; the last
+    ``n - labeled`` volumes have no label file."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        image = rng.normal(0, 0.05, (20, 24, 12)).astype(np.float32)
+        brain = np.zeros(image.shape, np.uint8)
+        brain[3:17, 4:20, 2:10] = 1
+        label = np.zeros(image.shape, np.uint8)
+        label[8:12, 9:14, 4:7] = 1
+        image += brain + label
+        _write_nifti(root / "images" / f"vol{i}.nii.gz", image)
+        _write_nifti(root / "brain" / f"vol{i}.nii.gz", brain)
+        if i < labeled:
+            _write_nifti(root / "labels" / f"vol{i}.nii.gz", label)
+    return root
+
+
+def test_brain_masks_discard_extracerebral_slices_of_every_volume(tmp_path):
+    root = _brain_dataset(tmp_path / "raw")
+    out = tmp_path / "prep"
+    meta = preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", brain_masks=root / "brain",
+                                       out=out, size=32, val_frac=0.25, test_frac=0.25, target_spacing=(1, 1, 2),
+                                       crop=False), **QUIET)
+    assert meta["num_classes"] == 3  # [background, brain, label 1]
+    for vid, vol in meta["volumes"].items():
+        assert vol["z_split"] == [2, 10] and vol["z_split_by"] == "brain", vid  # last brain slice kept
+        assert len(vol["slices"]) == 8 and vol["brain_mask"].endswith(f"{vid}.nii.gz")
+    unlabeled = meta["volumes"]["vol3"]
+    assert unlabeled["split"] == "train" and unlabeled["label"] is None  # z-split without a label file
+    assert "mask" not in np.load(out / unlabeled["slices"][0])  # unlabeled: no mask
+    labeled = next(v for v in meta["volumes"].values() if v["label"])
+    masks = np.stack([load_slice(out / rel)["mask"] for rel in labeled["slices"]])
+    classes = masks.argmax(-1)
+    assert set(np.unique(classes)) == {0, 1, 2}
+    assert np.all(masks.sum(-1) == 1)
+    assert classes[2:5].max() == 2 and classes[0].max() == 1  # labels (class 2) on slices 4..6 of the volume
+    # --keep-extracerebral-slices and --no-brain-class
+    meta = preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", brain_masks=root / "brain",
+                                       out=tmp_path / "keep", size=32, val_frac=0.25, test_frac=0.25,
+                                       target_spacing=(1, 1, 2), crop=False, discard_extracerebral=False,
+                                       brain_class=False), **QUIET)
+    assert meta["num_classes"] == 2
+    assert all(v["z_split"] == [0, 12] and len(v["slices"]) == 12 for v in meta["volumes"].values())
+
+
+def test_annotation_required_leaves_out_unlabeled_volumes(tmp_path):
+    root = _brain_dataset(tmp_path / "raw", n=5, labeled=4)
+    base = dict(images=root / "images", labels=root / "labels", size=32, val_frac=0.25, test_frac=0.25,
+                target_spacing=(1, 1, 2), crop=False)
+    every = preprocess(PreprocessConfig(out=tmp_path / "all", **base), **QUIET)
+    assert len(every["volumes"]) == 5 and "vol4" in every["splits"]["train"]
+    required = preprocess(PreprocessConfig(out=tmp_path / "req", annotation_required=True, **base), **QUIET)
+    assert sorted(required["volumes"]) == ["vol0", "vol1", "vol2", "vol3"]
+    assert len(required["splits"]["val"]) == len(required["splits"]["test"]) == 1  # floor(4 * 0.25)
+    with pytest.raises(InputError, match="--annotation-required"):
+        PreprocessConfig(images=root / "images", out=tmp_path / "x", annotation_required=True).check()
+
+
+def test_brain_mask_cli_flags(tmp_path):
+    root = _brain_dataset(tmp_path / "raw")
+    args = cli.build_parser().parse_args(["--images", str(root / "images"), "--out", str(tmp_path / "o"),
+                                          "--brain-masks", str(root / "brain"), "--annotation-required",
+                                          "--labels", str(root / "labels"), "--keep-extracerebral-slices",
+                                          "--no-brain-class"])
+    cfg = cli.config_from_args(args)
+    assert cfg.brain_masks == root / "brain" and cfg.annotation_required
+    assert not cfg.discard_extracerebral and not cfg.brain_class
+    defaults = cli.config_from_args(cli.build_parser().parse_args(["--images", "i", "--out", "o"]))
+    assert defaults.discard_extracerebral and defaults.brain_class and not defaults.annotation_required
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def _reoriented_site(phantom_dir: Path, dest: Path, transform) -> Path:
+    """Phantom site 0 with every image and label stored with permuted/reversed axes (affine updated)."""
+    for kind in ("images", "labels"):
+        for path in sorted((phantom_dir / "site0" / kind).glob("*.nii.gz")):
+            (dest / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.load(str(path)).as_reoriented(np.asarray(transform)), str(dest / kind / path.name))
+    return dest
+
+
+def test_reoriented_volumes_give_the_same_slices_and_restore_to_their_own_grid(phantom_dir, tmp_path):
+    """Default RAS: a site stored in another axis order (sagittal-first, reversed axes) is sliced along
+    the same anatomical axis (axial) -- identical slice files -- and restore_volume maps back onto each
+    volume's stored grid.  With --orientation stored (the original's behaviour) the slices differ."""
+    copy = _reoriented_site(phantom_dir, tmp_path / "copy", [[2, -1], [0, 1], [1, -1]])
+    kw = dict(size=48, num_classes=3, val_frac=0.25, test_frac=0.25, target_spacing=(5.0, 5.0, 5.0))
+    ref = preprocess(_site_config(phantom_dir, 0, tmp_path / "ref", **kw), **QUIET)
+    args = ["--images", str(copy / "images"), "--labels", str(copy / "labels"), "--out", str(tmp_path / "rot"),
+            "--size", "48", "--num-classes", "3", "--val-frac", "0.25", "--test-frac", "0.25",
+            "--target-spacing", "5", "5", "5", "--discard-outside-labels", "--quiet"]
+    assert cli.main(args) == 0
+    rot = load_metadata(tmp_path / "rot")
+    assert rot["orientation"] == ref["orientation"] == "RAS"
+    for vid, vol in rot["volumes"].items():
+        assert vol["orientation"]["stored_axcodes"] == "AIL" and vol["orientation"]["code"] == "RAS"
+        assert vol["orientation"]["shape"] == ref["volumes"][vid]["shape"] != vol["shape"]
+        assert vol["slices"] == ref["volumes"][vid]["slices"]
+        for rel in vol["slices"]:
+            a, b = load_slice(tmp_path / "ref" / rel), load_slice(tmp_path / "rot" / rel)
+            assert np.array_equal(a["data"], b["data"]) and np.array_equal(a["mask"], b["mask"])
+        label = restore_volume(_stack(tmp_path / "rot", vol, "mask"), vol, kind="label")
+        stored = np.asarray(nib.load(vol["label"]).dataobj)
+        assert label.shape == stored.shape
+        for c in (1, 2):
+            assert dc(label == c, stored == c) >= 0.95  # 6 mm -> 5 mm -> 6 mm
+    # the original's behaviour: slices of the 3rd stored axis (sagittal here), another slice count
+    assert cli.main(args[:5] + [str(tmp_path / "stored")] + args[6:] + ["--orientation", "stored"]) == 0
+    stored_meta = load_metadata(tmp_path / "stored")
+    vid = next(iter(stored_meta["volumes"]))
+    assert stored_meta["volumes"][vid]["orientation"]["transform"] == [[0, 1], [1, 1], [2, 1]]
+    assert len(stored_meta["volumes"][vid]["slices"]) != len(ref["volumes"][vid]["slices"])
+    with pytest.raises(InputError, match="--orientation"):
+        preprocess(_site_config(phantom_dir, 0, tmp_path / "bad", orientation="RAX"), **QUIET)

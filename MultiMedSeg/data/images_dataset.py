@@ -16,7 +16,12 @@ target ``(i//2) mod n_tgt``; the length is ``2*max(n_src, n_tgt)`` (minus one wh
 
 :class:`VolumeDataset` -- validation / inference: every slice of a folder, grouped by
 volume (sorted ids, slices sorted by index), one domain, true masks (or all-False when a
-slice has none).
+slice has none).  :class:`SliceArrayDataset` -- the same items from one scan's slices held in
+memory (``predict``).
+
+Both check every slice file when they are built (format, finite values in [-1, 1], mask
+channels; :func:`check_slices`), so a bad file stops the run before any work, with a one-line
+error naming it, rather than hours into training.
 
 Items are dicts (the default collate stacks them): ``data`` (1, E, E), ``mask`` (C, ., .),
 ``weight`` (1, ., .), ``domain`` one-hot (2,) float32 ``[src, tgt]``, ``has_gt`` bool and
@@ -32,13 +37,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from MultiMedSeg.data import slices as slice_files
-from MultiMedSeg.data.slices import load_slice, slice_index, volume_id
+from robustmedseg.data import slices as slice_files
+from robustmedseg.data.slices import load_slice, slice_index, volume_id
 from robustmedseg.errors import InputError
 
 
-def list_slices(folder: Path, flag: str) -> List[Path]:
-    """Sorted slice files of ``folder``; :class:`InputError` naming ``flag`` when missing or empty."""
+def flag_folder_slices(folder: Path, flag: str) -> List[Path]:
+    """:func:`robustmedseg.data.slices.list_slices` of ``folder``; :class:`InputError` naming ``flag``
+    (the option that gave the folder) when it is missing or empty."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"slice folder not found (given by {flag})", folder)
@@ -67,6 +73,12 @@ def read_slice(path: Path, label_nc: Optional[int]) -> Dict[str, np.ndarray]:
     if weight.ndim == 2:
         weight = weight[..., None]
     return {"data": data, "mask": mask, "weight": weight, "has_mask": np.asarray(has_mask)}
+
+
+def check_slices(paths: Sequence[Path], label_nc: Optional[int]) -> None:
+    """Read every slice once (:func:`read_slice`): the first bad file is an :class:`InputError` naming it."""
+    for path in paths:
+        read_slice(path, label_nc)
 
 
 def is_informative(sample: Dict[str, np.ndarray]) -> bool:
@@ -117,16 +129,15 @@ class ImagesDataset(Dataset):
         self.transform = transform
         self.invert_intensity = invert_intensity
         self.label_nc = label_nc
-        self.source = list_slices(source_root, flags[0]) if source_root is not None else []
-        labeled = list_slices(target_labeled, flags[1]) if target_labeled is not None else []
-        unlabeled = list_slices(target_unlabeled, flags[2]) if target_unlabeled is not None else []
+        self.source = flag_folder_slices(source_root, flags[0]) if source_root is not None else []
+        labeled = flag_folder_slices(target_labeled, flags[1]) if target_labeled is not None else []
+        unlabeled = flag_folder_slices(target_unlabeled, flags[2]) if target_unlabeled is not None else []
         self.target = labeled + unlabeled
         if not self.source and not self.target:
             raise InputError("no training slices: give a source folder and/or a target folder")
         if target_unlabeled is not None and target_labeled is None:
             raise InputError(f"an unlabeled target folder needs a labeled one ({flags[1]})", target_unlabeled)
-        if self.source and label_nc is not None:
-            read_slice(self.source[0], label_nc)  # fail early on a channel mismatch
+        check_slices(self.source + unlabeled, label_nc)  # fail before any work on a bad file
         kept = [p for p in labeled if is_informative(read_slice(p, label_nc))]
         if one_target_slice:
             kept = middle_per_volume(kept)
@@ -187,12 +198,46 @@ class ImagesDataset(Dataset):
         return out
 
 
+def eval_item(sample: Dict[str, np.ndarray], domain: int, transform, invert_intensity: bool,
+              index: int) -> Dict[str, torch.Tensor]:
+    """A validation/inference item (:class:`VolumeDataset`, :class:`SliceArrayDataset`): the optional
+    intensity inversion, the (deterministic) transform, the domain vector, ``has_gt`` and ``index``."""
+    if invert_intensity:
+        sample = invert_image(sample, domain)
+    out = dict(transform(sample, np.random.default_rng(0)) if transform else sample)
+    out.update(domain=domain_vector(domain), has_gt=torch.tensor(bool(sample["has_mask"])), index=torch.tensor(index))
+    return out
+
+
+class SliceArrayDataset(Dataset):
+    """The slices of one scan held in memory, (Z, S, S) float32 in [-1, 1], without labels: items
+    exactly as :class:`VolumeDataset` makes them from the same slices written to files."""
+
+    def __init__(self, slices: np.ndarray, domain: int, transform=None, label_nc: int = 1,
+                 invert_intensity: bool = False):
+        self.slices = np.asarray(slices, dtype=np.float32)
+        self.domain = domain
+        self.transform = transform
+        self.label_nc = label_nc
+        self.invert_intensity = invert_intensity
+
+    def __len__(self) -> int:
+        return int(self.slices.shape[0])
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        data = self.slices[index][..., None]
+        sample = {"data": data, "mask": np.zeros(data.shape[:2] + (self.label_nc,), dtype=bool),
+                  "weight": np.ones(data.shape[:2] + (1,), dtype=bool), "has_mask": np.asarray(False)}
+        return eval_item(sample, self.domain, self.transform, self.invert_intensity, index)
+
+
 class VolumeDataset(Dataset):
     """Every slice of ``folder`` in volume order, all of one ``domain`` (0 source, 1 target)."""
 
     def __init__(self, folder: Path, domain: int, transform=None, label_nc: Optional[int] = None,
                  invert_intensity: bool = False, flag: str = "--val_root"):
-        self.paths = list_slices(folder, flag)
+        self.paths = flag_folder_slices(folder, flag)
+        check_slices(self.paths, label_nc)  # fail before any work on a bad file
         self.domain = domain
         self.transform = transform
         self.label_nc = label_nc
@@ -205,13 +250,8 @@ class VolumeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        sample = read_slice(self.paths[index], self.label_nc)
-        if self.invert_intensity:
-            sample = invert_image(sample, self.domain)
-        out = dict(self.transform(sample, np.random.default_rng(0)) if self.transform else sample)
-        out.update(domain=domain_vector(self.domain), has_gt=torch.tensor(bool(sample["has_mask"])),
-                   index=torch.tensor(index))
-        return out
+        return eval_item(read_slice(self.paths[index], self.label_nc), self.domain, self.transform,
+                         self.invert_intensity, index)
 
     def volume_batches(self, batch_size: int) -> List[Tuple[str, List[int]]]:
         """(volume id, slice indices) chunks of at most ``batch_size``, never mixing volumes."""

@@ -15,16 +15,19 @@ Three pipelines, as in the reference:
   size so that metrics are computed on the preprocessed grid.
 
 Resizing: the image with skimage ``resize`` (order 3, ``mode='edge'``, no anti-aliasing);
-mask and weight with batchgenerators ``resize_segmentation(order=1)`` on the label map
-(argmax of the one-hot mask), then one-hot again, so the mask stays one-hot.
+mask and weight channel by channel with the mask rule of :mod:`MultiMedSeg.data.resample`
+(linear interpolation of each channel kept where >= 0.5: batchgenerators 0.24
+``resize_segmentation(order=1)`` on the one-hot array, as the original), whatever batchgenerators
+version is installed. A resized mask may have pixels with two channels or none, as the original's.
 
 Augmentation choice (documented decision): the spatial augmentation is a torch affine
 warp (``affine_grid`` + ``grid_sample``) instead of batchgenerators ``augment_spatial``.
-It has the reference's parameters -- rotation always applied with an angle uniform in
-[-pi/6, pi/6], isotropic scaling always applied, factor uniform in (0.7, 1.4), centred,
-no elastic deformation -- bicubic for the image with border value -1, nearest for the
-mask (label map) and weight with border 0.  All three arrays are warped by the *same*
-transform in one call (the reference warps the data twice under a re-seeded RNG).
+It has the reference's parameters and laws -- rotation always applied with an angle uniform in
+[-pi/6, pi/6], isotropic scaling of the sampling coordinates always applied with batchgenerators'
+law (factor from U(0.7, 1) or U(1, 1.4), 50/50), centred, no elastic deformation -- bicubic for
+the image with border value -1, nearest for the mask (label map) and weight with border 0.  All
+three arrays are warped by the *same* transform in one call (the reference warps the data twice
+under a re-seeded RNG).
 Mirroring flips the weight along the same axes as data and mask (FIX §9.33).
 
 Randomness comes from a ``numpy.random.Generator`` passed at call time; the dataset
@@ -41,6 +44,10 @@ import torch
 import torch.nn.functional as F
 from skimage.transform import resize as sk_resize
 
+from robustmedseg.data.slices import one_hot
+
+from .resample import resize_onehot
+
 Sample = Dict[str, np.ndarray]
 Transform = Callable[[Sample, np.random.Generator], Dict[str, torch.Tensor]]
 
@@ -54,35 +61,16 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def resize_label_map(labels: np.ndarray, size: int) -> np.ndarray:
-    """Resize an integer (H, W) label map with batchgenerators ``resize_segmentation(order=1)``."""
-    if labels.shape == (size, size):
-        return labels
-    from batchgenerators.augmentations.utils import resize_segmentation
-
-    return resize_segmentation(labels, (size, size), order=1).astype(labels.dtype)
-
-
-def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(H, W) integer labels -> bool (H, W, n_classes)."""
-    return labels[..., None] == np.arange(n_classes, dtype=labels.dtype)
-
-
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a one-hot bool (H, W, C) mask; an all-False pixel (no label) stays all-False."""
-    if mask.shape[0] == size and mask.shape[1] == size:
-        return mask
-    n = mask.shape[2]
-    # label n marks "no label" so that unlabeled slices (all False) survive resizing
-    labels = np.where(mask.any(axis=2), mask.argmax(axis=2), n).astype(np.int16)
-    return one_hot(resize_label_map(labels, size), n + 1)[..., :n]
+    """Resize a bool (H, W, C) mask with the mask rule of :mod:`MultiMedSeg.data.resample` (every
+    channel kept where its linearly interpolated indicator is >= 0.5, as the original); an all-False
+    (unlabeled) mask stays all-False."""
+    return resize_onehot(mask, (size, size))
 
 
 def resize_weight(weight: np.ndarray, size: int) -> np.ndarray:
-    """Resize a bool (H, W, 1) weight map (nearest-like, via ``resize_segmentation``)."""
-    if weight.shape[0] == size and weight.shape[1] == size:
-        return weight
-    return resize_label_map(weight[..., 0].astype(np.int16), size)[..., None] > 0
+    """Resize a bool (H, W, 1) weight map with the same rule."""
+    return resize_onehot(weight, (size, size))
 
 
 class Resize:
@@ -116,23 +104,39 @@ class RandomMirror:
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def rotation_scale_matrix(angle: float, scale: float) -> torch.Tensor:
-    """2x3 ``affine_grid`` matrix mapping output to input coordinates (rotation then zoom by ``scale``)."""
-    c, s = math.cos(angle) / scale, math.sin(angle) / scale
+def rotation_scale_matrix(angle: float, coord_scale: float) -> torch.Tensor:
+    """2x3 ``affine_grid`` matrix mapping output to input coordinates: rotate by ``angle``, then
+    multiply the coordinates by ``coord_scale`` (> 1 shows more of the input: the content shrinks)."""
+    c, s = math.cos(angle) * coord_scale, math.sin(angle) * coord_scale
     return torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=torch.float32)
 
 
+def draw_coordinate_scale(rng: np.random.Generator, scale_range: Tuple[float, float]) -> float:
+    """batchgenerators' ``augment_spatial`` law: with probability 1/2 (when the range starts below 1)
+    a factor from U(low, 1), otherwise from U(max(low, 1), high); it multiplies the coordinates."""
+    low, high = scale_range
+    if rng.random() < 0.5 and low < 1:
+        return float(rng.uniform(low, 1.0))
+    return float(rng.uniform(max(low, 1.0), high))
+
+
 class RandomRotateScale:
-    """Centred rotation (uniform in ``angle_range``) and isotropic scaling (uniform in ``scale_range``)."""
+    """Centred rotation (angle uniform in ``angle_range``) and isotropic scaling of the sampling
+    coordinates (:func:`draw_coordinate_scale` over ``scale_range``), as the original's
+    batchgenerators ``SpatialTransform`` (rotation and scaling always applied, no elastic deformation)."""
 
     def __init__(self, angle_range: Tuple[float, float] = (-math.pi / 6, math.pi / 6),
                  scale_range: Tuple[float, float] = (0.7, 1.4)):
         self.angle_range = angle_range
         self.scale_range = scale_range
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def draw(self, rng: np.random.Generator) -> Tuple[float, float]:
+        """(angle, coordinate scale) of one sample."""
         angle = float(rng.uniform(*self.angle_range))
-        scale = float(rng.uniform(*self.scale_range))
+        return angle, draw_coordinate_scale(rng, self.scale_range)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        angle, scale = self.draw(rng)
         data, mask, weight = sample["data"], sample["mask"], sample["weight"]
         h, w = data.shape[:2]
         theta = rotation_scale_matrix(angle, scale)[None]
@@ -141,11 +145,14 @@ class RandomRotateScale:
         img = torch.from_numpy(np.ascontiguousarray(data[..., 0], dtype=np.float32))[None, None] + 1.0
         img = F.grid_sample(img, grid, mode="bicubic", padding_mode="zeros", align_corners=False) - 1.0
         n = mask.shape[2]
-        labels = np.where(mask.any(axis=2), mask.argmax(axis=2), n).astype(np.float32)
+        # the mask is warped as its argmax label map (a pixel without any channel is background), as the
+        # original; an unlabeled slice (no channel anywhere) stays unlabeled
+        labeled = bool(mask.any())
+        labels = (mask.argmax(axis=2) if labeled else np.full(mask.shape[:2], n)).astype(np.float32)
         lab = torch.from_numpy(labels)[None, None] + 1.0  # shifted so that the zero padding reads as -1
         lab = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
         lab = lab.numpy().astype(np.int64) - 1
-        lab[lab < 0] = 0  # border: background (constant 0 as in the reference)
+        lab[lab < 0] = 0 if labeled else n  # border: background (constant 0 as in the reference)
         wt = torch.from_numpy(weight[..., 0].astype(np.float32))[None, None]
         wt = F.grid_sample(wt, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
         out = dict(sample)

@@ -3,11 +3,11 @@ from .dsbn import DomainBatchNorm1d, DomainBatchNorm2d, DomainRouting, target_ma
 from .encoder import DynamicSkipLayer, FeatureStyleEncoder, GeneratorLayout
 from .interpreter import Interpreter, ListedLinear, PixelClassifier, head_features
 from .iresnet import DEPTHS, IBasicBlock, IResNet, load_arcface_weights
-from .psp import CHECKPOINT_FORMAT, PSP, PSPConfig, flip_label, read_torch_file
+from .psp import CHECKPOINT_FORMAT, PSP, PSPConfig, flip_label
 
 __all__ = [
     "CHECKPOINT_FORMAT", "DEPTHS", "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainRouting", "DynamicSkipLayer",
     "FeatureStyleEncoder", "GeneratorLayout", "IBasicBlock", "IResNet", "Interpreter", "ListedLinear",
     "PSP", "PSPConfig", "PixelClassifier", "flip_label", "head_features", "load_arcface_weights",
-    "read_torch_file", "target_mask",
+    "target_mask",
 ]

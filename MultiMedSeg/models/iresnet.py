@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from robustmedseg.errors import InputError
+from robustmedseg.io import load_torch_file, strip_module_prefix
 
 from .dsbn import DomainBatchNorm2d, Route, as_routing
 
@@ -125,17 +126,12 @@ def load_arcface_weights(net: IResNet, path: Optional[os.PathLike]) -> bool:
     """
     if path is None:
         return False
-    if not os.path.isfile(path):
-        raise InputError("ArcFace backbone weights not found", path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise InputError(f"cannot read ArcFace backbone weights ({type(err).__name__}: {err})", path) from err
+    state = load_torch_file(path, "ArcFace backbone weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise InputError("ArcFace backbone file is not a state dict", path)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = strip_module_prefix(state)
     own = dict(net.named_parameters())
     with torch.no_grad():
         for key in _arcface_keys(net):

@@ -36,7 +36,8 @@ from torch import nn
 
 from model import Generator
 from robustmedseg.errors import InputError
-from robustmedseg.io import save_torch_atomic
+from robustmedseg.federation.export import read_factory_file
+from robustmedseg.io import load_torch_file, save_torch_atomic, strip_module_prefix
 
 from .dsbn import check_bn_mode, domain_norms
 from .encoder import FeatureStyleEncoder, GeneratorLayout
@@ -59,6 +60,7 @@ class PSPConfig:
     clip_dim: int = 768
     channel_multiplier: int = 2
     channel_cap: Optional[int] = None
+    lr_mlp: float = 0.01
     src_tgt_domains: List[int] = field(default_factory=lambda: [0])
     label_nc: int = 3
     encoder_depth: int = 50
@@ -97,6 +99,12 @@ class PSPConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def generator_args(self) -> Dict[str, Any]:
+        """Constructor arguments of the decoder (``model.Generator.from_args``), as in a factory file's ``args``."""
+        return {"size": self.output_size, "style_dim": self.style_dim, "n_mlp": self.n_mlp,
+                "n_domains": self.n_domains, "channel_multiplier": self.channel_multiplier, "lr_mlp": self.lr_mlp,
+                "n_zbins": self.n_zbins, "clip_dim": self.clip_dim, "channel_cap": self.channel_cap}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PSPConfig":
         """Build from a dict; unknown keys raise ValueError (a config from another version)."""
@@ -115,11 +123,6 @@ def flip_label(label: torch.Tensor) -> torch.Tensor:
     return label.flip(1)
 
 
-def _strip_module(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Remove a DataParallel ``module.`` prefix from every key that has it."""
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
 def _plain(obj: Any) -> Any:
     """Recursively convert to types ``torch.load(weights_only=True)`` accepts (no custom classes)."""
     if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
@@ -135,16 +138,6 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "__dict__") and not isinstance(obj, type):  # argparse.Namespace and the like
         return _plain(vars(obj))
     return str(obj)
-
-
-def read_torch_file(path: Union[str, os.PathLike], what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; a missing/bad file is an InputError."""
-    if not os.path.isfile(path):
-        raise InputError(f"{what} not found", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad/foreign file
-        raise InputError(f"cannot read {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]})", path) from err
 
 
 def _describe_generator(state: Mapping[str, torch.Tensor]) -> str:
@@ -192,9 +185,7 @@ class PSP(nn.Module):
         config.validate()
         self.config = config
         c = config
-        self.decoder = Generator(c.output_size, style_dim=c.style_dim, n_mlp=c.n_mlp, n_domains=c.n_domains,
-                                 channel_multiplier=c.channel_multiplier, n_zbins=c.n_zbins, clip_dim=c.clip_dim,
-                                 channel_cap=c.channel_cap)
+        self.decoder = Generator.from_args(c.generator_args())
         self.layout = GeneratorLayout.from_generator(self.decoder)
         self.encoder = FeatureStyleEncoder(self.layout, c.style_dim, c.encoder_input_size, c.encoder_depth,
                                            c.encoder_base_channels, c.residual, c.dsbn, c.bn_mode)
@@ -293,11 +284,9 @@ class PSP(nn.Module):
 
     # ------------------------------------------------------------------ loading
     def load_generator(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
-        """Load ``g_ema`` of a phase-1 ``final_global_model.pt`` strictly; returns its ``args`` (dict or {})."""
-        payload = read_torch_file(path, "phase-1 generator file")
-        if not isinstance(payload, Mapping) or not isinstance(payload.get("g_ema"), Mapping):
-            raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
-        state = _strip_module(payload["g_ema"])
+        """Load ``g_ema`` of a phase-1 ``final_global_model.pt`` strictly; returns its generator ``args``
+        (:func:`robustmedseg.federation.export.read_factory_file`)."""
+        state, args = read_factory_file(Path(path))
         own = self.decoder.state_dict()
         problem = _first_mismatch(own, state)
         if problem is not None:
@@ -306,8 +295,7 @@ class PSP(nn.Module):
                              f"phase 1): {problem}", path)
         self.decoder.load_state_dict(state)
         self.latent_avg_valid.zero_()
-        args = payload.get("args")
-        return dict(args) if isinstance(args, Mapping) else {}
+        return args
 
     def load_checkpoint(self, path: Union[str, os.PathLike], payload: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:
@@ -318,10 +306,10 @@ class PSP(nn.Module):
         ``latent_avg_missing`` (domain ids).
         """
         if payload is None:
-            payload = read_torch_file(path, "phase-2 checkpoint")
+            payload = load_torch_file(path, "phase-2 checkpoint")
         if not isinstance(payload, Mapping) or not isinstance(payload.get("state_dict"), Mapping):
             raise InputError("not a phase-2 checkpoint (no 'state_dict')", path)
-        state = _strip_module(payload["state_dict"])
+        state = strip_module_prefix(payload["state_dict"])
         ckpt_domains = self._checkpoint_domains(payload, state, path)
         own = {k: v for k, v in self.state_dict().items() if not k.startswith("latent_avg")}
         body = {k: v for k, v in state.items() if not k.startswith("latent_avg")}
@@ -339,6 +327,21 @@ class PSP(nn.Module):
         info.update(self._load_latent_avg(state, ckpt_domains))
         self.load_info = info
         return info
+
+    def reinitialise_encoder(self, arcface_weights: Optional[Union[str, os.PathLike]] = None) -> None:
+        """A fresh encoder (ArcFace backbone weights if given, the rest random) and no valid mean latent:
+        what the original did when adapting a pretraining checkpoint to two domains (§9.38), where only
+        the decoder and the interpreter carry over."""
+        c = self.config
+        device = self.latent_avg.device
+        self.encoder = FeatureStyleEncoder(self.layout, c.style_dim, c.encoder_input_size, c.encoder_depth,
+                                           c.encoder_base_channels, c.residual, c.dsbn, c.bn_mode).to(device)
+        load_arcface_weights(self.encoder.backbone, arcface_weights)
+        with torch.no_grad():
+            self.latent_avg.zero_()
+            self.latent_avg_valid.zero_()
+        self.load_info.update(encoder_reinitialised=True, latent_avg_kept=[],
+                              latent_avg_missing=list(c.src_tgt_domains))
 
     def _checkpoint_domains(self, payload: Mapping[str, Any], state: Mapping[str, Any], path: Any) -> List[int]:
         config = payload.get("config")
@@ -380,7 +383,7 @@ class PSP(nn.Module):
         is not empty.
         """
         if payload is None:
-            payload = read_torch_file(path, "phase-2 checkpoint")
+            payload = load_torch_file(path, "phase-2 checkpoint")
         if not isinstance(payload, Mapping) or not isinstance(payload.get("config"), Mapping):
             raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
         try:

@@ -7,27 +7,30 @@ Layout under ``<exp_dir>/checkpoints``:
   reference parsed with ``eval``);
 * ``best_step<step>.pt`` -- model-only checkpoints named in ``best.json``; a checkpoint
   leaving the top k is deleted;
+* ``plan.json`` -- the preprocessing plan of the run (:mod:`MultiMedSeg.data.plan`): how a new
+  scan is turned into slices like the training data (``predict``);
 * ``iteration_<step>.pt`` (every ``--save_interval`` and at ``--max_steps``) and
   ``last.pt`` (at every validation/save and at the end) -- model + optimiser states,
   the step and the best index, for ``--resume``.
 
-Everything is written atomically and read with ``torch.load(weights_only=True)``.
+Everything is written atomically and read with ``torch.load(weights_only=True)``
+(:func:`robustmedseg.io.load_torch_file`).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
-
-import torch
 
 from robustmedseg.errors import InputError
 from robustmedseg.io import save_torch_atomic, write_text_atomic
 
 INDEX_NAME = "best.json"
 LAST_NAME = "last.pt"
+CHECKPOINT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.pt")  # no folder part, not hidden
 
 
 @dataclass
@@ -97,6 +100,10 @@ class BestIndex:
                        for e in raw]
         except (ValueError, TypeError, KeyError) as err:
             raise InputError(f"malformed best-checkpoint index ({err})", path) from None
+        for e in entries:  # a plain file name in this folder: nothing else is ever read (or deleted)
+            if not CHECKPOINT_NAME_RE.fullmatch(e.file):
+                raise InputError(f"best-checkpoint index names {e.file!r}, not a checkpoint file of this folder "
+                                 "(expected a plain name like best_step0001000.pt)", path)
         return cls(folder, k if k is not None else max(len(entries), 1), entries)
 
     def paths(self, n: Optional[int] = None) -> List[Path]:
@@ -117,20 +124,6 @@ def checkpoints_folder(path: Path) -> Path:
     if (path / "checkpoints" / INDEX_NAME).is_file() or (path / "checkpoints" / LAST_NAME).is_file():
         return path / "checkpoints"
     return path
-
-
-def load_checkpoint(path: Path, what: str = "checkpoint") -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` with a one-line :class:`InputError` on failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, foreign pickle, ...
-        raise InputError(f"cannot read {what} ({type(err).__name__}: {err})", path) from None
-    if not isinstance(payload, dict):
-        raise InputError(f"{what} is not a dict payload", path)
-    return payload
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:

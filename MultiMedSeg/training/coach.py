@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -36,191 +33,23 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import predict_slices, volume_labels
 from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.training.options import options_to_dict
-from robustmedseg.device import resolve_device
+from MultiMedSeg.data.plan import save_plan
+from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, training_plan
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
+from robustmedseg.io import load_torch_file
 
 VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
 
 
-# ---------------------------------------------------------------------------------- setup
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; deterministic cuDNN (SPEC §6.6 global setup)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def check_exp_dir(opts: argparse.Namespace) -> Path:
-    """Refuse an existing ``--exp_dir`` unless ``--resume``/``--overwrite`` (no side effects)."""
-    exp = Path(opts.exp_dir)
-    if opts.resume:
-        if not (exp / "checkpoints" / ck.LAST_NAME).is_file():
-            raise InputError(f"nothing to resume: checkpoints/{ck.LAST_NAME} not found", exp)
-    elif exp.exists():
-        if not opts.overwrite:
-            raise InputError("experiment folder already exists (pass --resume to continue it or --overwrite "
-                             "to replace it)", exp)
-        if any(exp.iterdir()) and not ((exp / "opt.json").is_file() or (exp / "checkpoints").is_dir()):
-            raise InputError("refusing to --overwrite a non-empty folder that is not a training output", exp)
-    return exp
-
-
-def create_exp_dir(opts: argparse.Namespace) -> Path:
-    """Create ``--exp_dir`` (an old run is removed only now, once the new one has been set up)."""
-    exp = Path(opts.exp_dir)
-    if exp.exists() and opts.overwrite and not opts.resume:
-        shutil.rmtree(exp)
-    (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return exp
-
-
-def infer_generator_args(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Generator geometry read from a ``g_ema`` state dict (used for keys missing from ``args``)."""
-    from model import channel_table
-
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
-    out: Dict[str, Any] = {}
-    emb = state.get("label_embed.weight")
-    if isinstance(emb, torch.Tensor) and emb.ndim == 2:
-        out["style_dim"], out["n_cond"] = int(emb.shape[0]), int(emb.shape[1])
-    enc = state.get("encoding_embed.0.weight")
-    if isinstance(enc, torch.Tensor) and enc.ndim == 2:
-        out["clip_dim"] = int(enc.shape[1])
-    mlp = {k.split(".")[1] for k in state if k.startswith("style.")}
-    if mlp:
-        out["n_mlp"] = len(mlp)
-    n_rgb = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
-    if n_rgb:
-        size = 2 ** (n_rgb + 2)
-        out["size"] = size
-        chans = {4: None}
-        const = state.get("input.input")
-        if isinstance(const, torch.Tensor):
-            chans[4] = int(const.shape[1])
-        for i in range(n_rgb):
-            w = state.get(f"to_rgbs.{i}.conv.weight")
-            if isinstance(w, torch.Tensor):
-                chans[2 ** (i + 3)] = int(w.shape[2])
-        for cm in (2, 1, 4):
-            for cap in (None, chans[4]):
-                table = channel_table(size, cm, cap)
-                if all(v is None or table.get(r) == v for r, v in chans.items()):
-                    out.setdefault("channel_multiplier", cm)
-                    out.setdefault("channel_cap", cap)
-    return out
-
-
-def generator_args(path: Path) -> Dict[str, Any]:
-    """Architecture of a phase-1 generator file: its ``args`` completed from the ``g_ema`` tensors."""
-    payload = ck.load_checkpoint(path, "phase-1 generator file")
-    if not isinstance(payload.get("g_ema"), Mapping):
-        raise InputError("not a phase-1 generator file (no 'g_ema' state dict)", path)
-    args = payload.get("args")
-    args = dict(args) if isinstance(args, Mapping) else {}
-    inferred = infer_generator_args(payload["g_ema"])
-    n_cond = inferred.pop("n_cond", None)
-    for key, value in inferred.items():
-        if args.get(key) is None and not (key == "size" and args.get("output_size") is not None):
-            args[key] = value
-    if n_cond is not None:  # condition width = n_domains + n_zbins
-        if args.get("n_domains") is None and args.get("n_zbins") is not None:
-            args["n_domains"] = n_cond - int(args["n_zbins"])
-        elif args.get("n_domains") is None:
-            args["n_zbins"], args["n_domains"] = 29, n_cond - 29
-        elif args.get("n_zbins") is None:
-            args["n_zbins"] = n_cond - int(args["n_domains"])
-    return args
-
-
-def _pick(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if args.get(n) is not None:
-            return args[n]
-    return default
-
-
-def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> None:
-    """Domain ids must index the generator's conditioning (one-line error naming ``source``)."""
-    for flag in ("src_label", "tgt_label"):
-        value = getattr(opts, flag, None)
-        if value is not None and not 0 <= value < n_domains:
-            raise InputError(f"--{flag} {value} is not a domain of this generator (n_domains = {n_domains})", source)
-
-
-def pretrain_config(opts: argparse.Namespace) -> PSPConfig:
-    """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
-    path = Path(opts.stylegan_weights)
-    args = generator_args(path)
-    n_domains = int(_pick(args, "n_domains", default=opts.n_domains or 3))
-    if opts.n_domains is not None and opts.n_domains != n_domains:
-        raise InputError(f"generator file was trained with n_domains = {n_domains} but --n_domains is "
-                         f"{opts.n_domains}", path)
-    size = int(_pick(args, "size", "output_size", default=opts.output_size or 512))
-    if opts.output_size is not None and opts.output_size != size:
-        raise InputError(f"generator file is {size} px but --output_size is {opts.output_size}", path)
-    check_domains(opts, n_domains, path)
-    try:
-        return PSPConfig(
-            output_size=size, style_dim=int(_pick(args, "style_dim", "latent", default=512)),
-            n_mlp=int(_pick(args, "n_mlp", default=8)), n_domains=n_domains,
-            n_zbins=int(_pick(args, "n_zbins", default=29)), clip_dim=int(_pick(args, "clip_dim", default=768)),
-            channel_multiplier=int(_pick(args, "channel_multiplier", default=2)),
-            channel_cap=_pick(args, "channel_cap"), src_tgt_domains=[opts.src_label], label_nc=opts.label_nc,
-            encoder_depth=opts.encoder_depth or 50, encoder_base_channels=opts.encoder_base_channels or 64,
-            encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
-            dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
-            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode)
-    except ValueError as err:
-        raise InputError(f"invalid model configuration: {err}", path) from None
-
-
-def best_checkpoint(folder: Path) -> Path:
-    """The best checkpoint of a finished run (``best.json``; ``last.pt`` when nothing was validated)."""
-    folder = ck.checkpoints_folder(Path(folder))
-    if (folder / ck.INDEX_NAME).is_file():
-        index = ck.BestIndex.load(folder)
-        if index.entries:
-            return index.paths(1)[0]
-    if (folder / ck.LAST_NAME).is_file():
-        return folder / ck.LAST_NAME
-    raise InputError("no checkpoint found (expected checkpoints/best.json or last.pt; given by --checkpoint_dir)",
-                     folder)
-
-
-def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
-    """PSP for ``train.py``: the pretraining checkpoint with two domains [src, tgt]."""
-    path = best_checkpoint(opts.checkpoint_dir)
-    payload = ck.load_checkpoint(path, "pretraining checkpoint")
-    config = payload.get("config")
-    if not isinstance(config, Mapping):
-        raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", path)
-    n_domains = int(config.get("n_domains", 0))
-    if opts.n_domains is not None and opts.n_domains != n_domains:
-        raise InputError(f"checkpoint has n_domains = {n_domains} but --n_domains is {opts.n_domains}", path)
-    check_domains(opts, n_domains, path)
-    src = list(config.get("src_tgt_domains", []))[:1]
-    if src and src[0] != opts.src_label:
-        raise InputError(f"checkpoint was pretrained with source domain {src[0]} but --src_label is "
-                         f"{opts.src_label}", path)
-    overrides: Dict[str, Any] = dict(src_tgt_domains=[opts.src_label, opts.tgt_label], label_nc=opts.label_nc,
-                                     invert_intensity=opts.invert_intensity, bn_mode=opts.bn_mode,
-                                     start_from_latent_avg=opts.start_from_latent_avg or
-                                     bool(config.get("start_from_latent_avg")),
-                                     residual=not opts.disable_residuals, dsbn=not opts.disable_DSBN)
-    for flag in ("output_size", "encoder_depth", "encoder_base_channels", "encoder_input_size"):
-        if getattr(opts, flag) is not None:
-            overrides[flag] = getattr(opts, flag)
-    if int(config.get("label_nc", opts.label_nc)) != opts.label_nc:
-        raise InputError(f"checkpoint segments {config.get('label_nc')} classes but --label_nc is {opts.label_nc}",
-                         path)
-    try:
-        net = PSP(PSPConfig.from_dict(config).replace(**overrides))
-    except (TypeError, ValueError) as err:
-        raise InputError(f"invalid model configuration: {err}", path) from None
-    net.load_checkpoint(path, payload)
-    return net, path
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype of ``--amp`` on ``device`` (None: no autocast; AMP is CUDA only)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                         "use --amp fp16 or --amp off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 class LossBundle:
@@ -260,29 +89,40 @@ class Coach:
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
         self.device = resolve_device(opts.device)
-        self.use_amp = self.device.type == "cuda" and not opts.no_amp
+        self.amp_dtype = amp_dtype(opts.amp, self.device)
+        self.use_amp = self.amp_dtype is not None
         seed_everything(opts.seed)
-        self.exp_dir = check_exp_dir(opts)
+        configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
+        check_exp_dir(opts)
+        self.run = RunFolder(opts)  # nothing is created before the model and the data are ready
+        self.exp_dir = self.run.path  # where this run writes (a hidden temporary while replacing an old run)
         self.ckpt_dir = self.exp_dir / "checkpoints"
         self.global_step = 0
         self.best = ck.BestIndex(self.ckpt_dir, opts.n_best)
         self._writer = None
         self.net = self._build_model()
         self._build_data()
+        self.plan = training_plan(opts)  # checked now, written with the run (MultiMedSeg.data.plan)
         self.losses = LossBundle(opts, self.device)
         self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
         self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if opts.resume:
             self._resume()
-        create_exp_dir(opts)
-        ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+        self.run.open()
+        try:
+            ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+            if self.plan is not None:
+                save_plan(self.plan, self.ckpt_dir)
+        except BaseException:
+            self.run.abandon()
+            raise
 
     # ---------------------------------------------------------------- building
     def _build_model(self) -> PSP:
         opts = self.opts
         if opts.resume:
-            payload = ck.load_checkpoint(self.ckpt_dir / ck.LAST_NAME, "resume checkpoint")
+            payload = load_torch_file(self.ckpt_dir / ck.LAST_NAME, "resume checkpoint", mapping=True)
             self._resume_payload = payload
             net = PSP(PSPConfig.from_dict(payload["config"]))
             net.load_checkpoint(self.ckpt_dir / ck.LAST_NAME, payload)
@@ -346,15 +186,17 @@ class Coach:
 
     def _autocast(self):
         if self.use_amp:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def selected_channels(self) -> List[str]:
-        """Classes whose Dice selects the best checkpoints (``--optimize_mode``)."""
+        """Classes whose Dice selects the best checkpoints (``--optimize_mode``), as the original:
+        ``foreground`` every class but the background; ``favoured`` the favoured classes (max CE/Dice
+        weight, background included if it has it), or every class *including the background* when
+        no class weights are given."""
         chans = list(range(1, self.opts.label_nc))
         if self.opts.optimize_mode == "favoured":
-            fav = self.losses.favoured_channels()
-            chans = [c for c in fav if c > 0] or chans
+            chans = self.losses.favoured_channels() or list(range(self.opts.label_nc))
         return [str(c) for c in chans]
 
     # ---------------------------------------------------------------- training
@@ -398,8 +240,10 @@ class Coach:
         self.optimizer_seg.zero_grad(set_to_none=True)
         with self._autocast():
             loss, logs, out = (self.intra_loss if intra else self.inter_loss)(b, fs)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite training loss at step {self.global_step}: {logs}")
+        if not torch.isfinite(loss):  # the slices are checked finite: the settings made training diverge
+            raise InputError(f"training diverged: non-finite loss at step {self.global_step} "
+                             f"({', '.join(f'{k} {v:.3g}' for k, v in logs.items())}); lower --learning_rate / "
+                             "--head_learning_rate or check the loss weights", self.run.final)
         self._step_optimizers(loss)
         self._last = (b, out.detach())
         prefix = "" if intra else "inter_"
@@ -421,6 +265,21 @@ class Coach:
                    disable=not sys.stderr.isatty())
         batches = self._batches()
         try:
+            self._loop(opts, bar, batches, last_val)
+        except BaseException:
+            note = self.run.abandon()
+            if note:
+                print(note, file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        self.run.commit()
+        return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
+
+    def _loop(self, opts: argparse.Namespace, bar, batches, last_val: Dict[str, float]) -> None:
+        try:
             while self.global_step < opts.max_steps:
                 logs = self.train_step(next(batches))
                 if self.global_step % opts.board_interval == 0:
@@ -433,22 +292,18 @@ class Coach:
                 final = self.global_step == opts.max_steps
                 validate = self.global_step % opts.val_interval == 0 or final
                 if validate:
-                    last_val = self.validate()
+                    last_val.clear()
+                    last_val.update(self.validate())
                 if self.global_step % opts.save_interval == 0 or final:
                     self.save_training_state(f"iteration_{self.global_step}.pt")  # also refreshes last.pt
                 elif validate:
                     self.save_training_state()
-        except KeyboardInterrupt:
-            if self.global_step > 0:
-                self.save_training_state()  # Ctrl-C: keep the progress for --resume
-                print(f"interrupted at step {self.global_step}; state saved to {self.ckpt_dir / ck.LAST_NAME}",
-                      file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
+            if self.global_step > 0 and self.run.keeps_progress:
+                self.save_training_state()  # keep the progress for --resume
+                print(f"interrupted at step {self.global_step}; state saved to "
+                      f"{self.run.final / 'checkpoints' / ck.LAST_NAME}", file=sys.stderr)
             raise
-        finally:
-            bar.close()
-            if self._writer is not None:
-                self._writer.close()
-        return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
 
     # ---------------------------------------------------------------- validation
     @torch.no_grad()

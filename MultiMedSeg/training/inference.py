@@ -1,7 +1,8 @@
 """Inference library (SPEC §7, with the §9.39 fixes): ensemble prediction, NIfTI output, metrics.
 
 :func:`run_inference` segments every test volume with the ``--ensemble_size`` best
-checkpoints of a training run (``best.json``, best first; each file is loaded once):
+checkpoints of a training run (``best.json``, best first; each file is loaded once by
+:mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept):
 
 * ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
   domain; ``inter`` = mean of the probabilities of the translated slice segmented by the
@@ -11,7 +12,10 @@ checkpoints of a training run (``best.json``, best first; each file is loaded on
 * ``trans`` = the translated image of the best checkpoint, written as float32 (never
   quantised to the header's integer type).
 
-Pixels outside a slice's weight map are background (and -1 in ``trans``).  Label volumes
+As the original, the weight maps are not applied at inference; with ``--mask_outside_weight``
+pixels outside a slice's weight map are background (and -1 in ``trans``).  With
+``invert_intensity`` the translated image is negated again where that checkpoint's inter
+prediction is background (undoing the interpreter's inversion there), as the original.  Label volumes
 and the translation are mapped back to the original grid with the preprocessing metadata
 (:func:`MultiMedSeg.data.restore.restore_volume`) and written with the original affine
 (:func:`~MultiMedSeg.data.restore.write_nifti_like`) as ``<id>_intra``, ``<id>_inter``,
@@ -22,9 +26,16 @@ Determinism (§9.36): models run in ``eval()`` -- the generator uses its fixed n
 buffers and BatchNorm its running statistics (``bn_mode='running'``, the default), so the
 same inputs always give the same files, whatever the batch composition.
 
+Before any work, the test slices are checked against the metadata
+(:func:`MultiMedSeg.data.restore.check_slices_match`: every volume known, same slice files,
+same size, and the slice fingerprint preprocessing recorded), so another site's metadata is
+refused instead of restoring onto the wrong grid.
+
 With ground truth (the label path recorded in the metadata, or ``--labels DIR`` holding
 ``<id>.nii.gz``) a ``metrics.csv`` lists per volume, prediction and class the Dice and the
-95th-percentile and maximum Hausdorff distances in mm (voxel spacing from the affine).
+95th-percentile and maximum Hausdorff distances in mm (voxel spacing from the affine).  Volumes
+without a ground-truth file still get their predictions; a ``warning:`` line names them,
+``inference.json`` lists them under ``no_ground_truth`` and ``metrics.csv`` covers the others.
 """
 from __future__ import annotations
 
@@ -41,14 +52,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from MultiMedSeg.data.images_dataset import VolumeDataset
-from MultiMedSeg.data.restore import load_metadata, restore_volume, volume_meta, write_nifti_like
+from MultiMedSeg.data.restore import check_slices_match, load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
+from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.metrics import restrict_to_gt_foreground, volume_scores
-from robustmedseg.device import resolve_device
-from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir
+from MultiMedSeg.training.metrics import volume_scores
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
+from robustmedseg.errors import InputError, warn
+from robustmedseg.io import atomic_dir, check_new_output
 
 BRANCHES = ("intra", "inter", "pred")
 
@@ -84,54 +96,28 @@ def volume_labels(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (probs * weight).argmax(1)
 
 
-# ---------------------------------------------------------------------------------- models
-def feature_scale_of(payload: Mapping[str, Any]) -> float:
-    """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
-    opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", 1e-4))
-    return min(1.0, rate * int(payload.get("global_step", 0)))
-
-
-def load_ensemble(checkpoint_dir: Path, n: int, device: torch.device) -> List[Tuple[PSP, float, Path]]:
-    """The ``n`` best checkpoints of a run as (model in eval mode, feature_scale, path), best first."""
-    folder = ck.checkpoints_folder(Path(checkpoint_dir))
-    index = ck.BestIndex.load(folder)
-    if not index.entries:
-        raise InputError("the run has no best checkpoint yet (no validation happened)", index.path)
-    models: List[Tuple[PSP, float, Path]] = []
-    first = None
-    for path in index.paths(n):
-        payload = ck.load_checkpoint(path, "checkpoint")
-        net = PSP.from_checkpoint(path, payload)  # the file is read once (payload above)
-        key = (net.config.label_nc, tuple(net.config.src_tgt_domains), net.config.encoder_input_size,
-               net.config.output_size)
-        if first is None:
-            first = key
-        elif key != first:
-            raise InputError(f"checkpoint differs from the best one in (label_nc, domains, encoder size, "
-                             f"output size): {key} vs {first}", path)
-        net.to(device).eval()
-        models.append((net, feature_scale_of(payload), path))
-    return models
-
-
 # ---------------------------------------------------------------------------------- ground truth
 def spacing_from_affine(affine: Sequence[Sequence[float]]) -> Tuple[float, float, float]:
     a = np.asarray(affine, dtype=np.float64)
     return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
-def ground_truth_path(vid: str, meta: Mapping[str, Any], labels_dir: Optional[Path]) -> Optional[Path]:
-    """``--labels DIR/<id>.nii[.gz]`` if given (must exist), else the metadata's label path, else None."""
+def ground_truth_path(vid: str, meta: Mapping[str, Any], labels_dir: Optional[Path]) -> Tuple[Optional[Path], str]:
+    """``(path, "")`` of the ground truth -- ``--labels DIR/<id>.nii[.gz]`` if given, else the
+    metadata's label path -- or ``(None, why)`` when there is none."""
     if labels_dir is not None:
+        if not labels_dir.is_dir():
+            raise InputError("ground-truth folder not found (given by --labels)", labels_dir)
         for name in (f"{vid}.nii.gz", f"{vid}.nii"):
             if (labels_dir / name).is_file():
-                return labels_dir / name
-        raise InputError(f"no ground-truth file {vid}.nii.gz for test volume {vid!r} (given by --labels)", labels_dir)
+                return labels_dir / name, ""
+        return None, f"no {vid}.nii.gz in {labels_dir}"
     label = meta.get("label")
-    if label and Path(label).is_file():
-        return Path(label)
-    return None
+    if not label:
+        return None, "no label file at preprocessing"
+    if not Path(label).is_file():
+        return None, f"{label} not found"
+    return Path(label), ""
 
 
 def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
@@ -141,6 +127,10 @@ def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
         raise InputError(f"cannot read ground-truth NIfTI ({err})", path) from None
     if arr.shape != tuple(shape):
         raise InputError(f"ground truth has shape {arr.shape}, the test volume {tuple(shape)}", path)
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(f"ground truth has {bad} voxel(s) that are NaN or inf", path)
     return np.rint(arr).astype(np.int64)
 
 
@@ -155,7 +145,7 @@ class VolumePrediction:
         self.weight: List[torch.Tensor] = []
 
 
-def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader, device: torch.device,
+def predict_volume(models: Sequence[Member], loader: DataLoader, device: torch.device,
                    inter: bool) -> Dict[str, torch.Tensor]:
     """Ensemble means over the models for every slice batch of one volume (CPU tensors)."""
     acc = VolumePrediction()
@@ -164,13 +154,16 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
         label = batch["domain"].to(device)
         size = batch["weight"].shape[-2:]
         sums: Dict[str, torch.Tensor] = {}
-        for k, (net, fs, _) in enumerate(models):
-            out = predict_slices(net, x, label, fs, size, inter=inter)
+        for k, member in enumerate(models):
+            out = predict_slices(member.net, x, label, member.feature_scale, size, inter=inter)
             for key in ("intra", "inter"):
                 if key in out:
                     sums[key] = sums.get(key, 0) + out[key]
             if k == 0 and "trans" in out:
-                acc.trans.append(out["trans"].cpu())
+                trans = out["trans"]
+                if member.net.config.invert_intensity:  # undo the interpreter's inversion where it predicts background
+                    trans = torch.where(out["inter"].argmax(1, keepdim=True) == 0, -trans, trans)
+                acc.trans.append(trans.cpu())
         acc.intra.append((sums["intra"] / len(models)).cpu())
         if inter:
             acc.inter.append((sums["inter"] / len(models)).cpu())
@@ -182,16 +175,32 @@ def predict_volume(models: Sequence[Tuple[PSP, float, Path]], loader: DataLoader
     return result
 
 
-def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, np.ndarray]:
-    """intra / inter / pred label volumes (Z, H, W) from the ensemble means."""
-    w = pred["weight"]
-    out = {"intra": volume_labels(pred["intra"], w).numpy()}
+def ensemble_probabilities(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """intra / inter / pred class probabilities (Z, L, H, W) from the ensemble means: ``pred`` is
+    ``(w_inter * inter + w_intra * intra) / (w_inter + w_intra)`` (only for an adapted run)."""
+    out = {"intra": pred["intra"]}
     if "inter" in pred:
         w_inter, w_intra = weights
-        out["inter"] = volume_labels(pred["inter"], w).numpy()
-        mix = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
-        out["pred"] = volume_labels(mix, w).numpy()
+        out["inter"] = pred["inter"]
+        out["pred"] = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
     return out
+
+
+def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float],
+                  mask_outside_weight: bool = False) -> Dict[str, np.ndarray]:
+    """intra / inter / pred label volumes (Z, H, W) from the ensemble means; background outside the
+    weight maps only with ``mask_outside_weight`` (the original applied no weight at inference)."""
+    w = pred["weight"] if mask_outside_weight else torch.ones_like(pred["weight"])
+    return {k: volume_labels(v, w).numpy() for k, v in ensemble_probabilities(pred, weights).items()}
+
+
+def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bool = False) -> np.ndarray:
+    """(Z, H, W) float32 translated image of the best checkpoint; -1 outside the weight maps only
+    with ``mask_outside_weight``."""
+    trans = pred["trans"][:, 0].numpy()
+    if mask_outside_weight:
+        trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0)
+    return trans.astype(np.float32)
 
 
 def _fmt(v: float) -> str:
@@ -200,50 +209,51 @@ def _fmt(v: float) -> str:
 
 def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
-    from MultiMedSeg.training.coach import seed_everything
-
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    models = load_ensemble(opts.checkpoint_dir, opts.ensemble_size, device)
-    config = models[0][0].config
+    configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
+    # up to --ensemble_size: a run that kept fewer best checkpoints uses all it kept
+    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False), device)
+    config = models[0].net.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
-                         models[0][2])
+                         models[0].path)
     inter = len(config.src_tgt_domains) == 2
     domain = 1 if inter else 0  # test data is the target domain of an adapted run, the source otherwise
     meta = load_metadata(opts.metadata)
     dataset = VolumeDataset(opts.test_root, domain, eval_transform(config.encoder_input_size),
                             label_nc=config.label_nc, invert_intensity=config.invert_intensity, flag="--test_root")
-    for vid in dataset.volumes:  # fail before any work when a volume is unknown
-        volume_meta(meta, vid, opts.metadata)
-    if opts.exp_dir.exists() and not opts.overwrite:
-        raise InputError("output folder already exists (pass --overwrite to replace it)", opts.exp_dir)
+    check_slices_match(meta, {vid: [dataset.paths[i] for i in idx] for vid, idx in dataset.volumes.items()},
+                       opts.metadata)  # fail before any work when the metadata describes other slices
+    check_new_output(opts.exp_dir, opts.overwrite)
     rows: List[Dict[str, Any]] = []
     written: List[str] = []
+    no_gt: Dict[str, str] = {}
     with atomic_dir(opts.exp_dir, overwrite=opts.overwrite) as out_dir:
         for vid, idx in dataset.volumes.items():
             vmeta = volume_meta(meta, vid, opts.metadata)
             batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
             pred = predict_volume(models, loader, device, inter)
-            labels = label_volumes(pred, opts.ensemble_weights)
+            labels = label_volumes(pred, opts.ensemble_weights, opts.mask_outside_weight)
             restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
             for k, v in restored.items():
                 written.append(str(write_nifti_like(v, vmeta, out_dir / f"{vid}_{k}.nii.gz").name))
             if inter:
-                trans = pred["trans"][:, 0].numpy()
-                trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0).astype(np.float32)
+                trans = translation_volume(pred, opts.mask_outside_weight)
                 image = restore_volume(trans, vmeta, kind="image").astype(np.float32)
                 written.append(str(write_nifti_like(image, vmeta, out_dir / f"{vid}_trans.nii.gz").name))
-            gt_path = ground_truth_path(vid, vmeta, opts.labels)
-            if gt_path is not None:
+            gt_path, why = ground_truth_path(vid, vmeta, opts.labels)
+            if gt_path is None:
+                no_gt[vid] = why
+            else:
                 gt = read_ground_truth(gt_path, vmeta["shape"])
                 spacing = spacing_from_affine(vmeta["affine"])
                 for branch, vol in restored.items():
                     vol = vol.astype(np.int64)
-                    if opts.consider_only_vessels_within_brain:
-                        vol = restrict_to_gt_foreground(vol, gt)
-                    for cls, s in volume_scores(vol, gt, config.label_nc, spacing).items():
+                    scores = volume_scores(vol, gt, config.label_nc, spacing,
+                                           vessels_within_gt=opts.consider_only_vessels_within_brain)
+                    for cls, s in scores.items():
                         rows.append({"volume": vid, "prediction": branch, "class": cls,
                                      "dice": s["dice"], "hd95": s["hd95"], "hd": s["hd"]})
             log(f"{vid}: wrote {', '.join(f'{vid}_{k}' for k in list(restored) + (['trans'] if inter else []))}")
@@ -254,14 +264,20 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                 for r in rows:
                     w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})
         ck.write_json(out_dir / "inference.json", {
-            "checkpoints": [str(p) for _, _, p in models], "feature_scales": [fs for _, fs, _ in models],
+            "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
-            "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written})
+            "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written,
+            "no_ground_truth": no_gt})
+    if no_gt:
+        scored = len(dataset.volumes) - len(no_gt)
+        warn(f"no ground truth for {len(no_gt)} of {len(dataset.volumes)} test volume(s) ("
+             + "; ".join(f"{vid}: {why}" for vid, why in no_gt.items()) + "): predictions written, "
+             + (f"metrics.csv covers the other {scored}" if scored else "no metrics.csv"), opts.exp_dir)
     summary = summarize(rows, "pred" if inter else "intra")
     if summary:
         log(summary["line"])
     return {"volumes": list(dataset.volumes), "files": written, "rows": rows, "summary": summary,
-            "n_checkpoints": len(models)}
+            "n_checkpoints": len(models), "no_ground_truth": no_gt}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], branch: str) -> Dict[str, Any]:

@@ -39,35 +39,43 @@ def binary_scores(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[f
     return out
 
 
+VESSEL_LABEL = 2  # the class --consider_only_vessels_within_brain is about ([background, brain, vessel])
+
+
 def volume_scores(pred: np.ndarray, gt: np.ndarray, label_nc: int, spacing: Optional[Sequence[float]] = None,
-                  distances: Iterable[str] = DISTANCES) -> Dict[str, Dict[str, float]]:
-    """{class name: {dice, hd, hd95}} for labels ``1..label_nc-1`` and ``foreground``."""
+                  distances: Iterable[str] = DISTANCES, background: bool = False,
+                  vessels_within_gt: bool = False) -> Dict[str, Dict[str, float]]:
+    """{class name: {dice, hd, hd95}} for labels ``1..label_nc-1`` (``0..`` with ``background``) and
+    ``foreground`` (any non-zero label).
+
+    ``vessels_within_gt`` (``--consider_only_vessels_within_brain``, FIX §9.29: the reference asserted
+    on an int): the scores of label 2 count only the GT non-background region (experts labelled the
+    vessels inside the brain only), as the original; the other labels and ``foreground`` are unchanged.
+    """
     distances = tuple(distances)
-    out = {str(k): binary_scores(pred == k, gt == k, spacing, distances) for k in range(1, label_nc)}
+    first = 0 if background else 1
+    out = {str(k): binary_scores(pred == k, gt == k, spacing, distances) for k in range(first, label_nc)}
+    if vessels_within_gt and label_nc > VESSEL_LABEL:
+        roi = gt != 0
+        out[str(VESSEL_LABEL)] = binary_scores((pred == VESSEL_LABEL) & roi, (gt == VESSEL_LABEL) & roi,
+                                               spacing, distances)
     out["foreground"] = binary_scores(pred > 0, gt > 0, spacing, distances)
     return out
 
 
-def restrict_to_gt_foreground(pred: np.ndarray, gt: np.ndarray, first_label: int = 2) -> np.ndarray:
-    """``--consider_only_vessels_within_brain``: labels >= ``first_label`` predicted outside the GT
-    non-background region become background (FIX §9.29: the reference asserted on an int)."""
-    pred = pred.copy()
-    pred[(pred >= first_label) & (gt == 0)] = 0
-    return pred
-
-
 def branch_metrics(preds: Mapping[str, np.ndarray], gt: np.ndarray, label_nc: int,
                    only_inside_gt: bool = False) -> Dict[str, float]:
-    """Flat validation metrics: ``<prefix>dice_<k>`` and ``<prefix>hausdorff_<k>`` per branch.
+    """Flat validation metrics: ``<prefix>dice_<k>`` and ``<prefix>hausdorff_<k>`` per branch, for
+    every label ``k`` (background 0 included, as the original) and ``foreground``.
 
     ``preds`` maps a key prefix (``"intra_"``, ``"inter_"``, ``""`` for the ensemble) to a label
     volume.  Hausdorff is the maximum distance in voxel units, as in the reference.
     """
     out: Dict[str, float] = {}
     for prefix, pred in preds.items():
-        if only_inside_gt:
-            pred = restrict_to_gt_foreground(pred, gt)
-        for name, s in volume_scores(pred, gt, label_nc, distances=("hd",)).items():
+        scores = volume_scores(pred, gt, label_nc, distances=("hd",), background=True,
+                               vessels_within_gt=only_inside_gt)
+        for name, s in scores.items():
             out[f"{prefix}dice_{name}"] = s["dice"]
             out[f"{prefix}hausdorff_{name}"] = s["hd"]
     return out

@@ -1,7 +1,7 @@
-"""Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7) and ``inference.py``.
+"""Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7), ``inference.py`` and ``predict.py``.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
-with dashes (``--batch-size``).  Any option can also come from one JSON file given with
+with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.CliParser`).  Any option can also come from one JSON file given with
 ``--config FILE``: an object whose keys are option names (underscores), e.g.::
 
     {"source_root": "prep/site0/train", "val_root": "prep/site0/val", "label_nc": 3}
@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from robustmedseg.errors import InputError
+from robustmedseg.errors import CliParser, InputError
+from robustmedseg.io import check_apart
 
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
                   "--stylegan_weights final_global_model.pt --only_intra --src_label 0")
@@ -40,20 +42,12 @@ PAPER_TRAIN = ("--start_from_latent_avg --label_nc 3 --max_steps 20000 --checkpo
                "--one_target_slice --src_label 0 --tgt_label 1")
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose usage errors are one ``error:`` line (exit status 2, as argparse does)."""
+class _Parser(CliParser):
+    """The project's parser (both spellings of every flag, one-line usage errors) with :meth:`add`."""
 
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-    def add(self, name: str, *args: Any, **kwargs: Any) -> argparse.Action:
-        """Add ``--name`` with its dash spelling as an alias."""
-        names = [f"--{name}"]
-        if "_" in name:
-            names.append(f"--{name.replace('_', '-')}")
-        names += list(args)
-        return self.add_argument(*names, dest=name, **kwargs)
+    def add(self, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
+        """Add ``--name`` (destination ``name``) with other names of the same concept as aliases."""
+        return self.add_argument(f"--{name}", *aliases, dest=name, **kwargs)
 
 
 def _floats(text: str) -> List[float]:
@@ -73,10 +67,17 @@ def _common(p: _Parser) -> None:
     p.add("seed", type=int, default=0, help="seed of torch/numpy/random (default 0, as the reference)")
     p.add("test_batch_size", type=int, default=8, help="slices per forward pass in validation/inference")
     p.add("test_workers", type=int, default=0, help="DataLoader workers for validation/inference (reference: 6)")
+    p.add("allow_tf32", action="store_true",
+          help="CUDA: TF32 tensor cores for float32 convolutions and matrix products (Ampere+; faster, about 1e-3 "
+               "relative error per product); off by default")
+    p.add("cudnn_benchmark", action="store_true",
+          help="CUDA: cuDNN times the convolution algorithms once per input shape and keeps the fastest (fixed "
+               "shapes); turns off the deterministic cuDNN setting of the reference; off by default")
 
 
 def _model(p: _Parser, mode: str) -> None:
-    p.add("label_nc", type=int, default=3, help="number of segmentation classes incl. background (default 3)")
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=3,
+          help="number of segmentation classes incl. background (default 3)")
     p.add("src_label", type=int, default=None, help="phase-1 domain id of the source (required)")
     if mode == "train":
         p.add("tgt_label", type=int, default=None, help="phase-1 domain id of the target (required)")
@@ -91,7 +92,7 @@ def _model(p: _Parser, mode: str) -> None:
                "train: from the checkpoint)")
     p.add("encoder_base_channels", type=int, default=None,
           help="channels of the encoder's first stage (pretrain default 64 as the paper; train: from the checkpoint)")
-    p.add("backbone_weights", "--arcface_model", "--arcface-model", type=Path, default=None,
+    p.add("backbone_weights", "--arcface_model", type=Path, default=None,
           help="ArcFace IResNet backbone.pth to initialise the encoder (paper); default: random init")
     p.add("start_from_latent_avg", action="store_true", help="add the domain's average W to the codes (paper: on)")
     p.add("disable_residuals", action="store_true", help="no content features injected into the generator")
@@ -116,7 +117,8 @@ def _losses(p: _Parser) -> None:
     p.add("alex_model", type=Path, default=None, help="LPIPS v0.1 linear heads alex.pth")
     p.add("alex_pretr_model", type=Path, default=None, help="AlexNet ImageNet weights (alex_pretr.pth)")
     p.add("consider_only_vessels_within_brain", action="store_true",
-          help="metrics: labels >= 2 predicted outside the GT foreground count as background")
+          help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
+               "original; the other classes and 'foreground' are unchanged")
 
 
 def training_parser(mode: str) -> _Parser:
@@ -142,6 +144,10 @@ def training_parser(mode: str) -> _Parser:
         p.add("checkpoint_dir", type=Path, default=None,
               help="pretrain output (its folder or checkpoints/): its best checkpoint initialises this run (required)")
         p.add("one_target_slice", action="store_true", help="keep only the middle labeled slice of each target volume")
+        p.add("reinit_encoder", action="store_true",
+              help="as the original: do not carry the pretrained encoder over, start it again from the ArcFace "
+                   "backbone (--backbone_weights; the rest random) and recompute both mean latents; only the "
+                   "generator and the classifiers come from --checkpoint_dir (default: the encoder is kept)")
     else:
         p.add("stylegan_weights", type=Path, default=None, help="phase-1 final_global_model.pt (g_ema used; required)")
         p.add("only_intra", action="store_true", help="accepted for the paper command; pretraining is always intra-only")
@@ -157,15 +163,19 @@ def training_parser(mode: str) -> _Parser:
     p.add("board_interval", type=int, default=100, help="TensorBoard scalars every N steps")
     p.add("val_interval", type=int, default=1000, help="validate every N steps (and at --max_steps)")
     p.add("save_interval", type=int, default=None, help="write iteration_<step>.pt every N steps (default: at the end)")
-    p.add("n_best", "--ensemble_size", "--ensemble-size", type=int, default=5, help="k best checkpoints kept")
+    p.add("n_best", "--ensemble_size", type=int, default=5, help="k best checkpoints kept")
     p.add("optimize_mode", choices=("foreground", "favoured"), default="foreground",
-          help="best-checkpoint classes: all foreground classes, or the favoured (max-weight) ones")
+          help="best-checkpoint classes: all foreground classes, or the favoured ones (largest weight in the CE or "
+               "Dice weights, whichever has the larger maximum; every class incl. background without weights)")
     p.add("train_decoder", action="store_true", help="also train the generator")
     p.add("disable_balanced_sampling", action="store_true", help="plain random source/target pairs")
     p.add("use_da", action="store_true", help="mirror + rotation/scale augmentation")
     p.add("feature_scale_rate", type=float, default=1e-4,
           help="feature_scale = min(1, rate*step) (paper 1e-4: full injection at step 10000)")
-    p.add("no_amp", action="store_true", help="disable mixed precision on CUDA (AMP is never used on CPU)")
+    p.add("amp", choices=("fp16", "bf16", "off"), default="fp16",
+          help="CUDA mixed precision: autocast to float16 with a gradient scaler (default, as the reference), to "
+               "bfloat16 (no scaler; Ampere+), or off (float32). Never used on CPU")
+    p.add("no_amp", action="store_true", help="same as --amp off (kept for older commands)")
     return p
 
 
@@ -185,15 +195,75 @@ def inference_parser() -> _Parser:
     p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged")
     p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
           help="weights of the inter and intra probabilities in _pred (default 0.6,0.4)")
-    p.add("label_nc", type=int, default=None, help="check: must equal the checkpoints' label_nc")
+    p.add("mask_outside_weight", action="store_true",
+          help="predict background (and -1 in _trans) outside each slice's weight map; default: the weight map "
+               "is not applied at inference, as the original")
+    p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=None,
+          help="check: must equal the checkpoints' label_nc")
     p.add("consider_only_vessels_within_brain", action="store_true",
-          help="metrics: labels >= 2 predicted outside the GT foreground count as background")
+          help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
+               "original; the other classes and 'foreground' are unchanged")
     return p
+
+
+def predict_parser() -> _Parser:
+    from MultiMedSeg.data.formats import OUTPUT_FORMATS
+
+    p = _Parser(prog="MultiMedSeg/predict.py",
+                description="Segment new scans (NIfTI, NRRD, MetaImage, DICOM series; any orientation) with the k "
+                            "best checkpoints of a training run, preprocessed by the run's plan, and write the labels "
+                            "on each scan's own grid. No labels needed.",
+                epilog="Example: python MultiMedSeg/predict.py -i new_scans/ -o segmentations/ --checkpoint_dir "
+                       "runs/adapt_site2 -- outputs: OUT/<id>.nii.gz (labels; --output_format input: the input's "
+                       "format), OUT/<id>_probabilities.nii.gz with --save_probabilities, OUT/predict.json.")
+    p.add_argument("-i", "--input", dest="input", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="scans: image files and/or folders (a folder's image files, its DICOM series and those of its "
+                        "sub-folders); formats: .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folders")
+    p.add_argument("-o", "--output", dest="output", type=Path, default=None, metavar="OUT",
+                   help="output folder (refused if it exists, unless --overwrite; written completely or not at all)")
+    p.add("checkpoint_dir", type=Path, default=None,
+          help="training run (its folder or checkpoints/) holding best.json and plan.json (required)")
+    p.add("device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged (default 5; a run that kept "
+                                                     "fewer uses all it kept)")
+    p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
+          help="adapted runs: weights of the inter and intra probabilities (default 0.6,0.4, as inference.py's _pred)")
+    p.add("save_probabilities", action="store_true",
+          help="also write OUT/<id>_probabilities (x, y, z, class) float32 on the scan's grid")
+    p.add("output_format", choices=OUTPUT_FORMATS, default="nifti",
+          help="nifti (default, .nii.gz), input (the scan's own format; not for DICOM), nrrd or mha")
+    p.add("series", default=None, metavar="UID", help="DICOM SeriesInstanceUID to segment in a folder holding several")
+    p.add("overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add("test_batch_size", type=int, default=8, help="slices per forward pass (default 8)")
+    p.add("seed", type=int, default=0, help="seed of torch/numpy/random (default 0)")
+    p.add("allow_tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 convolutions (off by default)")
+    p.add("cudnn_benchmark", action="store_true", help="CUDA: cuDNN autotuning per input shape (off by default)")
+    p.add("quiet", action="store_true", help="print only warnings and errors")
+    return p
+
+
+def _check_ensemble(opts: argparse.Namespace) -> None:
+    if opts.ensemble_size < 1:
+        raise InputError("--ensemble_size must be >= 1")
+    if len(opts.ensemble_weights) != 2 or min(opts.ensemble_weights) < 0 or sum(opts.ensemble_weights) <= 0:
+        raise InputError("--ensemble_weights needs two non-negative numbers (inter, intra) with a positive sum")
+
+
+def parse_predict_options(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse and check the options of ``predict.py``."""
+    opts = predict_parser().parse_args(argv)
+    for flag, name in (("-i", "input"), ("-o", "output"), ("--checkpoint_dir", "checkpoint_dir")):
+        if getattr(opts, name) is None:
+            raise InputError(f"{flag} is required")
+    _check_ensemble(opts)
+    if opts.test_batch_size < 1:
+        raise InputError("--test_batch_size must be >= 1")
+    return opts
 
 
 def _apply_config(parser: _Parser, argv: Optional[Sequence[str]]) -> None:
     """Load ``--config`` (if any) into the parser defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = CliParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config is None:
@@ -226,7 +296,45 @@ def _apply_config(parser: _Parser, argv: Optional[Sequence[str]]) -> None:
 
 def parse(parser: _Parser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _apply_config(parser, argv)
-    return parser.parse_args(argv)
+    opts = parser.parse_args(argv)
+    opts._path_flags = [a.dest for a in parser._actions if a.type is Path]
+    _check_numbers(opts, parser)
+    return opts
+
+
+# lowest accepted value of the integer options (default 1); the domain ids are checked against the generator
+_MAX_WORKERS = 4 * (os.cpu_count() or 1)  # DataLoader processes: more can only exhaust the machine
+_INT_MIN = {"seed": 0, "workers": 0, "test_workers": 0, "src_label": 0, "tgt_label": 0, "label_nc": 2}
+
+
+def _check_numbers(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every number option: finite, floats >= 0, integers >= their minimum (one-line errors)."""
+    for action in parser._actions:
+        value = getattr(opts, action.dest, None)
+        if value is None or action.type not in (int, float, _floats):
+            continue
+        flag = f"--{action.dest}"
+        numbers = value if isinstance(value, list) and action.type is _floats else [value]
+        if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers) or \
+                (action.type is int and not isinstance(value, int)):
+            raise InputError(f"{flag} must be {'an integer' if action.type is int else 'a number'}, got {value!r}")
+        if action.type is int:
+            low = _INT_MIN.get(action.dest, 1)
+            high = {"seed": 2**32 - 1, "workers": _MAX_WORKERS, "test_workers": _MAX_WORKERS}.get(action.dest)
+            if value < low or (high is not None and value > high):
+                raise InputError(f"{flag} must be in [{low}, {high}], got {value}" if high is not None else
+                                 f"{flag} must be >= {low}, got {value}")
+            continue
+        for number in numbers:
+            if not math.isfinite(number) or number < 0:
+                raise InputError(f"{flag} must be a finite number >= 0, got {number}")
+
+
+def check_exp_dir_apart(opts: argparse.Namespace) -> None:
+    """``--exp_dir`` may not be, contain or lie inside any input path of the command (every other
+    path option: data folders, checkpoints, weights, metadata, the config file)."""
+    inputs = {f"--{name}": getattr(opts, name) for name in opts._path_flags if name != "exp_dir"}
+    check_apart({"--exp_dir": opts.exp_dir}, inputs)
 
 
 def _subfolder(root: Path, *names: str) -> Optional[Path]:
@@ -299,8 +407,11 @@ def parse_training_options(argv: Optional[Sequence[str]], mode: str) -> argparse
     if opts.label_nc < 2:
         raise InputError("--label_nc must be >= 2 (background + at least one class)")
     _check_class_weights(opts)
+    check_exp_dir_apart(opts)
     if opts.save_interval is None:
         opts.save_interval = opts.max_steps
+    if opts.no_amp:
+        opts.amp = "off"
     return opts
 
 
@@ -313,10 +424,8 @@ def parse_inference_options(argv: Optional[Sequence[str]]) -> argparse.Namespace
         if opts.metadata is None:
             opts.metadata = opts.target_data / "metadata.json"
     _require(opts, "exp_dir", "checkpoint_dir", "test_root", "metadata")
-    if opts.ensemble_size < 1:
-        raise InputError("--ensemble_size must be >= 1")
-    if len(opts.ensemble_weights) != 2 or min(opts.ensemble_weights) < 0 or sum(opts.ensemble_weights) <= 0:
-        raise InputError("--ensemble_weights needs two non-negative numbers (inter, intra) with a positive sum")
+    _check_ensemble(opts)
+    check_exp_dir_apart(opts)
     return opts
 
 
@@ -324,6 +433,8 @@ def options_to_dict(opts: argparse.Namespace) -> Dict[str, Any]:
     """JSON/``weights_only``-safe dict of the options (paths as strings)."""
     out: Dict[str, Any] = {}
     for key, value in vars(opts).items():
+        if key.startswith("_"):
+            continue
         if isinstance(value, Path):
             value = str(value)
         elif isinstance(value, (list, tuple)):

@@ -12,8 +12,9 @@ Layout of an LMDB folder ``OUT/`` (format version 1):
   resampling method, CLIP model info, format version.
 - ``clip_mean.npy``: float32 (1, D) mean unit CLIP embedding (absent with ``--clip-model none``).
 
-Index i is the position of the slice file in the folder listing sorted by full path (files
-directly in the folder; with ``recursive``, also in its subfolders, e.g. a target site's
+Index i is the position of the slice file in :func:`robustmedseg.data.slices.list_slices`
+order, the order phase 2 uses too: by volume id, then slice number, then path (files directly
+in the folder; with ``recursive``, also in its subfolders, e.g. a target site's
 ``train/labeled`` and ``train/unlabeled``).  A volume's slices may sit in several subfolders;
 its z-bins are computed over all of them.
 
@@ -26,6 +27,7 @@ because cubic and Lanczos kernels overshoot.  CLIP always encodes the native S x
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing
@@ -38,6 +40,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from robustmedseg.errors import InputError
+from robustmedseg.factory.config import check_image_size
+from robustmedseg.io import check_apart, check_new_output
+
+from .slices import list_slices, load_slice
 
 PathLike = Union[str, Path]
 
@@ -60,32 +66,14 @@ def image_key(size: int, index: int, label: int, zbin: int) -> bytes:
 
 # --------------------------------------------------------------------------- slice input
 
-def list_slice_files(folder: PathLike, recursive: bool = False) -> List[Path]:
-    """Every ``*.npz`` directly in ``folder`` (or below it with ``recursive``), sorted by full
-    path; none is an input error."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError("slice folder not found", folder)
-    pattern = "**/*.npz" if recursive else "*.npz"
-    files = sorted((p for p in folder.glob(pattern) if p.is_file()), key=lambda p: str(p))
-    if not files:
-        raise InputError(f"no slice files ({pattern}) in folder", folder)
-    return files
-
-
 def read_slice_data(path: PathLike) -> np.ndarray:
     """Validated ``data`` array (H, W, 1) float32 of one slice file.
 
-    Format checks (keys, dtypes, shapes, one-hot mask, corrupt files) are those of
-    :func:`MultiMedSeg.data.slices.load_slice`; phase 1 adds that the image must be finite
-    and within [-1, 1].  Every violation is one InputError naming the file.
+    The checks (keys, dtypes, shapes, one-hot mask, corrupt files, finite values in [-1, 1])
+    are those of :func:`robustmedseg.data.slices.load_slice`; every violation is one
+    InputError naming the file.
     """
-    from MultiMedSeg.data.slices import load_slice
-
-    data = load_slice(path)["data"]
-    if not np.isfinite(data).all() or data.min() < -1.0 or data.max() > 1.0:
-        raise InputError("'data' values must be finite and in [-1, 1]", path)
-    return data
+    return load_slice(path)["data"]
 
 
 def resize_image(image: np.ndarray, size: int, method: str) -> np.ndarray:
@@ -176,21 +164,24 @@ def check_options(opts: PrepareOptions) -> None:
                          f"(--n-domains {opts.n_domains})")
     if opts.n_zbins < 1:
         raise InputError(f"--n-zbins must be >= 1, got {opts.n_zbins}")
-    if not opts.sizes or any(s < 1 for s in opts.sizes) or len(set(opts.sizes)) != len(opts.sizes):
-        raise InputError(f"--size must list distinct positive sizes, got {list(opts.sizes)}")
+    if not opts.sizes or len(set(opts.sizes)) != len(opts.sizes):
+        raise InputError(f"--size must list distinct sizes, got {list(opts.sizes)}")
+    for size in opts.sizes:  # the data factory's rule (train.py --size), checked now rather than at training
+        try:
+            check_image_size(size)
+        except ValueError as err:
+            raise InputError(f"--size {size}: {err} (train.py would refuse it)") from None
     if opts.resample is not None and opts.resample not in RESAMPLE_METHODS:
         raise InputError(f"--resample must be one of {', '.join(RESAMPLE_METHODS)}, got '{opts.resample}'")
-    if opts.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {opts.workers}")
+    if not 0 <= opts.workers <= 4 * (os.cpu_count() or 1):
+        raise InputError(f"--workers must be in [0, {4 * (os.cpu_count() or 1)}] (4 x the CPU count), "
+                         f"got {opts.workers}")
     if opts.clip_batch < 1:
         raise InputError(f"--clip-batch must be >= 1, got {opts.clip_batch}")
-    source, out = opts.source.resolve(), opts.out.resolve()
-    if out == source or out in source.parents:
-        raise InputError("--out must not be the slice folder or one of its parents", opts.out)
-    if opts.out.exists() and not opts.overwrite:
-        raise InputError("output already exists (pass --overwrite to replace it)", opts.out)
-    if opts.out.exists() and not opts.out.is_dir():
-        raise InputError("output exists and is not a folder", opts.out)
+    clip_file = opts.clip_pretrained if opts.clip_model and opts.clip_pretrained and \
+        os.path.exists(opts.clip_pretrained) else None
+    check_apart({"--out": opts.out}, {"PATH": opts.source, "--clip-pretrained": clip_file})
+    check_new_output(opts.out, opts.overwrite)
 
 
 class _LmdbWriter:
@@ -215,6 +206,9 @@ class _LmdbWriter:
                 self._pending.clear()
             except self._lmdb.MapFullError:
                 self.env.set_mapsize(2 * self.env.info()["map_size"])
+            except self._lmdb.Error as err:  # a full disk, an I/O error...: an OSError naming the folder
+                raise OSError(errno.EIO, f"cannot write the LMDB ({' '.join(str(err).split())})",
+                              self.env.path()) from None
 
     def close(self) -> None:
         """Close without writing what is still pending (call :meth:`flush` first to keep it)."""
@@ -260,7 +254,9 @@ def prepare_lmdb(opts: PrepareOptions) -> Dict[str, Any]:
     from .zbins import zbins_for_files
 
     check_options(opts)
-    files = list_slice_files(opts.source, opts.recursive)
+    files = list_slices(opts.source, opts.recursive)
+    if not files:
+        raise InputError(f"no slice files ({'**/' if opts.recursive else ''}*.npz) in folder", opts.source)
     zbins = zbins_for_files(files, opts.n_zbins)
     labels = np.full(len(files), opts.label, dtype=np.int64)
     encoder = None
@@ -389,6 +385,8 @@ def load_clip_mean(folder: PathLike) -> Optional[np.ndarray]:
         array = np.load(path, allow_pickle=False)
     except Exception as err:
         raise InputError(f"cannot read ({type(err).__name__}: {err})", path) from err
-    if array.ndim != 2 or array.shape[0] != 1 or not np.issubdtype(array.dtype, np.floating):
+    if array.ndim != 2 or array.shape[0] != 1 or array.shape[1] < 1 or not np.issubdtype(array.dtype, np.floating):
         raise InputError(f"expected a float (1, D) array, got {array.dtype} {array.shape}", path)
+    if not np.isfinite(array).all():
+        raise InputError("contains NaN or inf", path)
     return array.astype(np.float32)

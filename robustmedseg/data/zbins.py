@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
-from MultiMedSeg.data.slices import slice_index, volume_id
+from .slices import slice_index, volume_id
 from robustmedseg.errors import InputError
 
 PathLike = Union[str, Path]

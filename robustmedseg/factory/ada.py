@@ -4,12 +4,14 @@ Two parts:
 
 * :func:`augment` — the non-leaking augmentation pipeline. Every elementary transform is
   applied per sample with probability ``p`` (the two arbitrary rotations with
-  ``p_rot = 1 - sqrt(1 - p)``, so that their composition has probability ``p``):
+  ``p_rot = 1 - sqrt(1 - p)``, so that their composition has probability ``p``); a translation
+  moves both axes or neither (one gate per sample, :func:`sample_geometric`):
 
   - geometric pass, composed as one inverse 3x3 matrix per sample: x-flip, rotation by a
-    multiple of 90 degrees, integer translation (uniform, +-0.125 of the size), isotropic
-    scale (lognormal, std 0.2 ln 2), pre-rotation (uniform +-pi), anisotropic scale
-    (s, 1/s), post-rotation, fractional translation (normal, std 0.125 of the size).
+    multiple of 90 degrees (k uniform in {0, 1, 2, 3}, :data:`ROT90_CHOICES`), integer
+    translation (uniform, +-0.125 of the size), isotropic scale (lognormal, std 0.2 ln 2),
+    pre-rotation (uniform +-pi), anisotropic scale (s, 1/s), post-rotation, fractional
+    translation (normal, std 0.125 of the size). The transforms turn about the image centre.
     It is executed as: reflect-pad by the margin the transform needs, 2x upsample with the
     12-tap symlet-6 low-pass, bilinear ``grid_sample`` (zeros outside, align_corners False),
     2x downsample with the flipped filter. ``torch.nn.functional.grid_sample`` supports
@@ -30,7 +32,8 @@ Two parts:
 * :class:`AdaptiveAugment` — the controller of ``p``: it accumulates ``sign(D(real))`` over
   regular D steps and every ``update_every`` calls moves ``p`` by
   ``sign(r_t - target) * count / length`` (``count`` = number of samples accumulated), clamped
-  to [0, 1]. Its state is a plain dict (persisted node-locally between rounds, §9.7).
+  to [0, 1] (``r_t == target`` moves by ``-count / length``, as the original). Its state is a
+  plain dict (persisted node-locally between rounds, §9.7).
 """
 from __future__ import annotations
 
@@ -79,9 +82,68 @@ def _rotate2d(theta: torch.Tensor) -> torch.Tensor:
 
 
 def _gate(value: torch.Tensor, prob: float, neutral: float) -> torch.Tensor:
-    """Keep ``value`` per sample with probability ``prob``, else the neutral value."""
-    keep = torch.rand(value.shape, device=value.device) < prob
+    """Keep ``value`` with probability ``prob`` **per sample** (one draw per row, shared by the
+    row's components, e.g. both axes of a translation), else the neutral value."""
+    keep = torch.rand(value.shape[0], device=value.device) < prob
+    keep = keep.reshape((-1,) + (1,) * (value.dim() - 1))
     return torch.where(keep, value, torch.full_like(value, neutral))
+
+
+# Multiples of 90 degrees the rotation step draws from. The ADA paper (and NVlabs' code) use all four;
+# the original code drew from (0, 3) only (rosinality's category list), i.e. 0 or 270 degrees: a defect
+# we keep fixed (docs/differences.md, "ADA rotation set").
+ROT90_CHOICES = (0, 1, 2, 3)
+
+# The geometric transforms in the order they are composed (forward transform = last @ ... @ first).
+GEOMETRIC_STEPS = ("xflip", "rot90", "int_translate", "iso_scale", "pre_rotate", "aniso_scale", "post_rotate",
+                   "frac_translate")
+
+
+def sample_geometric(batch: int, size: Tuple[int, int], p: float, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Per-sample parameters of the eight geometric transforms, the neutral value where the sample's
+    gate is off. Every transform has ONE gate per sample (probability ``p``; ``p_rot`` for the two
+    arbitrary rotations), translations included: both axes move together, as in the ADA paper.
+
+    Returns a dict keyed by :data:`GEOMETRIC_STEPS`: ``xflip`` (B,) in {0, 1}; ``rot90`` (B,) k in
+    :data:`ROT90_CHOICES`; ``int_translate`` (B, 2) whole pixels (x, y); ``iso_scale`` (B,);
+    ``pre_rotate`` (B,) radians; ``aniso_scale`` (B,); ``post_rotate`` (B,); ``frac_translate`` (B, 2)
+    pixels (x, y).
+    """
+    height, width = size
+    p_rot = 1.0 - math.sqrt(max(0.0, 1.0 - p))
+    shape = (batch,)
+    out: Dict[str, torch.Tensor] = {}
+    out["xflip"] = _gate(torch.randint(0, 2, shape, device=device).float(), p, 0.0)
+    choices = torch.tensor(ROT90_CHOICES, device=device, dtype=torch.float32)
+    out["rot90"] = _gate(choices[torch.randint(0, len(ROT90_CHOICES), shape, device=device)], p, 0.0)
+    t = (torch.rand(batch, 2, device=device) * 2 - 1) * 0.125
+    dims = torch.tensor([width, height], device=device, dtype=torch.float32)
+    out["int_translate"] = _gate(torch.round(t * dims), p, 0.0)
+    out["iso_scale"] = _gate(torch.exp2(torch.randn(shape, device=device) * 0.2), p, 1.0)
+    out["pre_rotate"] = _gate((torch.rand(shape, device=device) * 2 - 1) * math.pi, p_rot, 0.0)
+    out["aniso_scale"] = _gate(torch.exp2(torch.randn(shape, device=device) * 0.2), p, 1.0)
+    out["post_rotate"] = _gate((torch.rand(shape, device=device) * 2 - 1) * math.pi, p_rot, 0.0)
+    out["frac_translate"] = _gate(torch.randn(batch, 2, device=device) * 0.125 * dims, p, 0.0)
+    return out
+
+
+def matrix_from_params(params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse transforms (output pixel -> input pixel) of :func:`sample_geometric`'s parameters."""
+    flip = params["xflip"]
+    g_inv = _eye(flip.shape[0], 3, flip.device)
+    g_inv = g_inv @ _scale2d(1 - 2 * flip, torch.ones_like(flip))
+    g_inv = g_inv @ _rotate2d(-params["rot90"] * (math.pi / 2))
+    t = params["int_translate"]
+    g_inv = g_inv @ _translate2d(-t[:, 0], -t[:, 1])
+    s = params["iso_scale"]
+    g_inv = g_inv @ _scale2d(1 / s, 1 / s)
+    g_inv = g_inv @ _rotate2d(-params["pre_rotate"])
+    s = params["aniso_scale"]
+    g_inv = g_inv @ _scale2d(1 / s, s)
+    g_inv = g_inv @ _rotate2d(-params["post_rotate"])
+    t = params["frac_translate"]
+    g_inv = g_inv @ _translate2d(-t[:, 0], -t[:, 1])
+    return g_inv
 
 
 def geometric_matrix(batch: int, size: Tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
@@ -95,35 +157,7 @@ def geometric_matrix(batch: int, size: Tuple[int, int], p: float, device: torch.
     Returns:
         (batch, 3, 3) float32 matrices; identities where no transform was drawn.
     """
-    height, width = size
-    p_rot = 1.0 - math.sqrt(max(0.0, 1.0 - p))
-    g_inv = _eye(batch, 3, device)
-    shape = (batch,)
-    # x-flip
-    flip = _gate(torch.randint(0, 2, shape, device=device).float(), p, 0.0)
-    g_inv = g_inv @ _scale2d(1 - 2 * flip, torch.ones(shape, device=device))
-    # rotation by k * 90 degrees, k in {0, 1, 2, 3}
-    k = _gate(torch.randint(0, 4, shape, device=device).float(), p, 0.0)
-    g_inv = g_inv @ _rotate2d(-k * (math.pi / 2))
-    # integer translation
-    t = _gate(torch.rand(batch, 2, device=device) * 2 - 1, p, 0.0) * 0.125
-    g_inv = g_inv @ _translate2d(-torch.round(t[:, 0] * width), -torch.round(t[:, 1] * height))
-    # isotropic scale
-    s = _gate(torch.exp2(torch.randn(shape, device=device) * 0.2), p, 1.0)
-    g_inv = g_inv @ _scale2d(1 / s, 1 / s)
-    # pre-rotation
-    theta = _gate((torch.rand(shape, device=device) * 2 - 1) * math.pi, p_rot, 0.0)
-    g_inv = g_inv @ _rotate2d(-theta)
-    # anisotropic scale
-    s = _gate(torch.exp2(torch.randn(shape, device=device) * 0.2), p, 1.0)
-    g_inv = g_inv @ _scale2d(1 / s, s)
-    # post-rotation
-    theta = _gate((torch.rand(shape, device=device) * 2 - 1) * math.pi, p_rot, 0.0)
-    g_inv = g_inv @ _rotate2d(-theta)
-    # fractional translation
-    t = _gate(torch.randn(batch, 2, device=device), p, 0.0) * 0.125
-    g_inv = g_inv @ _translate2d(-t[:, 0] * width, -t[:, 1] * height)
-    return g_inv
+    return matrix_from_params(sample_geometric(batch, size, p, device))
 
 
 def colour_matrix(batch: int, p: float, device: torch.device) -> torch.Tensor:
@@ -206,7 +240,15 @@ def apply_geometric(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
     norm_in = torch.tensor([[2 / wp, 0.0, 2 * (width / 2 + left) / wp - 1],
                             [0.0, 2 / hp, 2 * (height / 2 + top) / hp - 1],
                             [0.0, 0.0, 1.0]], device=images.device)
-    theta = (norm_in @ g_inv.float() @ denorm)[:, :2, :].to(images.dtype)
+    # Zero insertion puts original pixel i at index 2i of the 2x grid, whereas grid_sample reads 2x pixel j
+    # at (j + 0.5) / 2 original pixels: seen through grid_sample, the upsampled image sits a quarter of an
+    # original pixel too far. Translations are unaffected (the downsampling undoes it), but every other
+    # transform would turn about a centre off by 1/4 px (a flip would shift the image by 1/2 px). Conjugating
+    # with that quarter-pixel offset puts the centre at the true image centre, as the original code does
+    # with its +-0.5 px (2x units) translations around G (checked against torch.flip in the tests).
+    quarter = torch.full((batch,), 0.25, device=images.device)
+    g_inv = _translate2d(-quarter, -quarter) @ g_inv.float() @ _translate2d(quarter, quarter)
+    theta = (norm_in @ g_inv @ denorm)[:, :2, :].to(images.dtype)
     grid = F.affine_grid(theta, [batch, channels, 2 * out_h, 2 * out_w], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # 2x downsampling with the flipped filter (correlation with f), then crop the extension.
@@ -269,7 +311,7 @@ class AdaptiveAugment:
         self.calls += 1
         if self.calls >= self.update_every:
             self.r_t = self.sign_sum / max(1, self.count)
-            direction = math.copysign(1.0, self.r_t - self.target) if self.r_t != self.target else 0.0
+            direction = 1.0 if self.r_t > self.target else -1.0  # at r_t == target: -1, as the original
             self.p = min(1.0, max(0.0, self.p + direction * self.count / self.length))
             self.sign_sum, self.count, self.calls = 0.0, 0, 0
         return self.p

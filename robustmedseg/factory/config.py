@@ -7,6 +7,8 @@ silently fall back to a default on the nodes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -15,6 +17,20 @@ MODEL_KEYS = ("size", "style_dim", "n_mlp", "n_domains", "channel_multiplier", "
               "channel_cap", "lr_mlp")
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # StyleGAN2's G_ema half-life: 10k images at batch 32
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # names the node-state folder: nothing path-like
+MIN_SIZE, MAX_SIZE = 16, 1024  # image sizes the generator/discriminator pyramid supports
+
+
+def check_image_size(size: int) -> None:
+    """The one image-size rule of the data factory (ValueError): a power of two in [16, 1024].
+
+    Used by ``model.Generator``/``Discriminator``, by :class:`FactoryConfig` (``train.py --size``)
+    and by ``prepare_data.py --size``, so a size training would refuse is refused at preparation.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIZE or size > MAX_SIZE \
+            or size & (size - 1):
+        raise ValueError(f"size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
 
 
 @dataclass
@@ -49,12 +65,19 @@ class FactoryConfig:
     clip_model: str = "ViT-L-14"
     clip_pretrained: Optional[str] = "openai"
     clip_prob: float = 0.5
+    # GPU switches of the node processes (see robustmedseg.device.configure_backends; no effect on CPU)
+    allow_tf32: bool = False
+    cudnn_benchmark: bool = False
     # node-side bookkeeping
     n_sample: int = 3
     sample_every: int = 100
     log_every: int = 50
     seed: int = 0
     run_id: str = "default"
+    # secure aggregation (robustmedseg.federation.secagg): clipping range of the per-round change of
+    # one stored value (0: parameters travel in the clear) and how the nodes' updates are weighted
+    secagg_clip: float = 0.0
+    secagg_weighting: str = "uniform"
 
     @classmethod
     def from_model_args(cls, model_args: Optional[Mapping[str, Any]]) -> "FactoryConfig":
@@ -69,18 +92,39 @@ class FactoryConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.size < 8 or self.size & (self.size - 1):
-            raise ValueError(f"size must be a power of two >= 8, got {self.size}")
+        check_image_size(self.size)
+        for f in dataclasses.fields(self):  # every number finite (NaN passes every comparison below)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        for name in ("r1", "path_regularize"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not float(self.lr_mlp) > 0:
+            raise ValueError(f"lr_mlp must be > 0, got {self.lr_mlp}")
+        if self.channel_cap is not None and int(self.channel_cap) < 1:
+            raise ValueError(f"channel_cap must be >= 1, got {self.channel_cap}")
+        if not 0 <= int(self.seed) < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
+            raise ValueError(f"run_id must be 1-64 letters, digits, '_' or '-' (it names a folder on the nodes), "
+                             f"got {self.run_id!r}")
         for name in ("style_dim", "n_mlp", "n_domains", "n_zbins", "clip_dim", "path_batch_shrink",
                      "d_reg_every", "g_reg_every", "ada_every", "ada_length", "n_sample", "sample_every",
                      "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not -1.0 <= float(self.ada_target) <= 1.0:  # a target of E[sign(D(real))]
+            raise ValueError(f"ada_target must be in [-1, 1], got {self.ada_target}")
         for name in ("mixing", "augment_p", "clip_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.clip_weight < 0:
             raise ValueError(f"clip_weight must be >= 0, got {self.clip_weight}")
+        if not float(self.secagg_clip) >= 0:
+            raise ValueError(f"secagg_clip must be >= 0, got {self.secagg_clip}")
+        if self.secagg_weighting not in ("uniform", "samples"):
+            raise ValueError(f"secagg_weighting must be 'uniform' or 'samples', got {self.secagg_weighting!r}")
 
     def model_kwargs(self) -> Dict[str, Any]:
         """Constructor arguments shared by Generator and Discriminator (see :func:`network.build_networks`)."""

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustmedseg.errors import InputError, run_cli
-from robustmedseg.io import save_torch_atomic, write_text_atomic
+from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.io import load_torch_file, save_torch_atomic, write_text_atomic
 
 FORMAT = "robustmedseg-fidelity/1"
 
@@ -126,24 +126,15 @@ def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_slice_folder(folder: Path, domain: int, size: int, n_zbins: int) -> RealSlices:
     """Every ``<volume>_slice<NNN>.npz`` under ``folder`` (recursive), z-bins by rank within volume."""
+    from robustmedseg.data.slices import list_slices, load_slice
     from robustmedseg.data.zbins import parse_slice_name, zbins_for_files
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError("slice folder not found", folder)
-    paths = sorted(p for p in folder.rglob("*_slice*.npz") if p.is_file())
+    paths = sorted(list_slices(folder, recursive=True))
     if not paths:
         raise InputError("no '<volume>_slice<NNN>.npz' files in this folder", folder)
     bins = zbins_for_files(paths, n_zbins)
-    images = []
-    for p in paths:
-        with np.load(p, allow_pickle=False) as z:
-            if "data" not in z:
-                raise InputError("slice file has no 'data' array", p)
-            data = np.asarray(z["data"], dtype=np.float32)
-        if data.ndim == 3:
-            data = data[..., 0]
-        images.append(torch.from_numpy(data)[None])
+    images = [torch.from_numpy(np.asarray(load_slice(p)["data"], dtype=np.float32)[..., 0])[None] for p in paths]
     vols = [f"{domain}:{parse_slice_name(p)[0]}" for p in paths]
     imgs = _resize(torch.stack(images), size)
     return RealSlices(imgs, torch.full((len(paths),), int(domain), dtype=torch.long),
@@ -300,15 +291,7 @@ class Evaluator:
     @classmethod
     def load(cls, path: Path) -> "Evaluator":
         path = Path(path)
-        if not path.is_file():
-            raise InputError("fidelity evaluator file not found", path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad/foreign file
-            raise InputError(f"cannot read the fidelity evaluator ({type(err).__name__})", path) from err
-        if not isinstance(payload, Mapping):
-            raise InputError("not a fidelity evaluator file", path)
-        return cls(payload, path)
+        return cls(load_torch_file(path, "fidelity evaluator file", mapping=True), path)
 
     def save(self, path: Path) -> None:
         save_torch_atomic(dict(self.payload), path)
@@ -375,24 +358,6 @@ def scalar_summary(score: Mapping[str, Any]) -> Dict[str, float]:
     return flat
 
 
-def load_generator_file(path: Path) -> nn.Module:
-    """``g_ema`` of a ``final_global_model.pt`` (or of a factory state with ``args``) in eval mode."""
-    from model import Generator
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("generator file not found", path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt or "args" not in ckpt:
-        raise InputError("not a phase-1 generator file (needs 'g_ema' and 'args')", path)
-    a = ckpt["args"]
-    g = Generator(a["size"], style_dim=a["style_dim"], n_mlp=a["n_mlp"], n_domains=a["n_domains"],
-                  channel_multiplier=a["channel_multiplier"], n_zbins=a["n_zbins"], clip_dim=a["clip_dim"],
-                  channel_cap=a.get("channel_cap"), lr_mlp=a.get("lr_mlp", 0.01))
-    g.load_state_dict(ckpt["g_ema"])
-    return g.eval()
-
-
 # ------------------------------------------------------------------------------------------ CLI
 def _domain_folder(text: str) -> Tuple[int, Path]:
     domain, sep, folder = text.partition("=")
@@ -401,10 +366,10 @@ def _domain_folder(text: str) -> Tuple[int, Path]:
     return int(domain), Path(folder)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m robustmedseg.factory.fidelity",
-                                description="Per-domain fidelity of a data factory: train the evaluator on real "
-                                            "slices, then score generators (domain / z-bin accuracy, KID).")
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m robustmedseg.factory.fidelity",
+                  description="Per-domain fidelity of a data factory: train the evaluator on real "
+                              "slices, then score generators (domain / z-bin accuracy, KID).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the evaluator on real slices and measure it on held-out volumes")
     t.add_argument("--train", type=_domain_folder, action="append", required=True, metavar="D=FOLDER",
@@ -460,8 +425,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.json is not None:
             write_text_atomic(args.json, json.dumps(real, indent=2) + "\n")
         return 0
+    from robustmedseg.federation.export import load_factory_file
+
     ev = Evaluator.load(args.evaluator)
-    g = load_generator_file(args.generator)
+    g, _ = load_factory_file(args.generator)
     score = ev.score(g, n_per_domain=args.n, seed=args.seed)
     print(_fmt_score(score, ev.real))
     if args.json is not None:

@@ -36,23 +36,37 @@ def r1_penalty(real_pred: torch.Tensor, real_img: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).reshape(grad.shape[0], -1).sum(1).mean()
 
 
+def path_lengths(fake_img: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """L per sample: with a fresh random image-space direction n ~ N(0, I)/sqrt(H*W),
+    L = ||d(sum(G(w) * n))/dw||, the squared norm taken over the style dimension and averaged over
+    the W+ latents before the square root (in the graph: the penalty is differentiated through it)."""
+    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
+    (grad,) = torch.autograd.grad((fake_img * noise).sum(), latents, create_graph=True)
+    return torch.sqrt(grad.pow(2).sum(2).mean(1))
+
+
+def path_length_loss(lengths: torch.Tensor, mean_path_length: float, decay: float = 0.01
+                     ) -> Tuple[torch.Tensor, float]:
+    """``(mean((L - m_new)^2), m_new)`` with ``m_new = m + decay * (mean(L) - m)``.
+
+    ``m_new`` stays in the graph of the penalty, as in the original (and StyleGAN2): the gradient
+    also flows through the running mean's ``decay * mean(L)`` term. The returned float is detached.
+    """
+    new_mean = mean_path_length + decay * (lengths.mean() - mean_path_length)
+    penalty = (lengths - new_mean).pow(2).mean()
+    return penalty, float(new_mean.detach())
+
+
 def path_length_penalty(
     fake_img: torch.Tensor, latents: torch.Tensor, mean_path_length: float, decay: float = 0.01
 ) -> Tuple[torch.Tensor, float, torch.Tensor]:
-    """Path-length regulariser.
-
-    With a fixed random image-space direction n ~ N(0, I)/sqrt(H*W), L = ||d(sum(G(w) * n))/dw||,
-    the squared norm taken over the style dimension and averaged over the W+ latents before the
-    square root; the running mean m moves by ``decay * (mean(L) - m)``.
+    """Path-length regulariser (:func:`path_lengths` then :func:`path_length_loss`).
 
     Returns:
         (penalty = mean((L - m_new)^2), new running mean m_new, L per sample (detached)).
     """
-    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
-    (grad,) = torch.autograd.grad((fake_img * noise).sum(), latents, create_graph=True)
-    lengths = torch.sqrt(grad.pow(2).sum(2).mean(1))
-    new_mean = mean_path_length + decay * (float(lengths.mean().detach()) - mean_path_length)
-    penalty = (lengths - new_mean).pow(2).mean()
+    lengths = path_lengths(fake_img, latents)
+    penalty, new_mean = path_length_loss(lengths, mean_path_length, decay)
     return penalty, new_mean, lengths.detach()
 
 

@@ -20,26 +20,24 @@ def build_networks(cfg: FactoryConfig) -> Tuple[nn.Module, nn.Module]:
     from model import Discriminator, Generator
 
     kw = cfg.model_kwargs()
-    g = Generator(kw["size"], style_dim=kw["style_dim"], n_mlp=kw["n_mlp"], n_domains=kw["n_domains"],
-                  channel_multiplier=kw["channel_multiplier"], lr_mlp=kw["lr_mlp"], n_zbins=kw["n_zbins"],
-                  clip_dim=kw["clip_dim"], channel_cap=kw["channel_cap"])
-    d = Discriminator(kw["size"], n_domains=kw["n_domains"], channel_multiplier=kw["channel_multiplier"],
-                      n_zbins=kw["n_zbins"], clip_dim=kw["clip_dim"], channel_cap=kw["channel_cap"],
-                      style_dim=kw["style_dim"])
-    return g, d
+    return Generator.from_args(kw), Discriminator.from_args(kw)
 
 
 class FactoryModel(nn.Module):
     """Container of the generator, the discriminator and the EMA generator.
 
-    ``g_ema`` starts as an exact copy of ``generator`` and never receives gradients.
+    ``g_ema`` starts with the parameters of ``generator`` (its buffers, i.e. the fixed noise maps, are
+    its own random draws, as in the original's ``accumulate(g_ema, generator, 0)``) and never receives
+    gradients.
     """
 
     def __init__(self, cfg: FactoryConfig):
         super().__init__()
         self.generator, self.discriminator = build_networks(cfg)
         self.g_ema, _ = build_networks(cfg)
-        self.g_ema.load_state_dict(self.generator.state_dict())
+        with torch.no_grad():
+            for p_ema, p in zip(self.g_ema.parameters(), self.generator.parameters()):
+                p_ema.copy_(p)
         self.g_ema.eval()
         self.g_ema.requires_grad_(False)
 

@@ -23,19 +23,13 @@ def lazy_adam(params: Iterable[torch.nn.Parameter], lr: float, reg_every: int) -
 
 
 class AlternatingAdam(torch.optim.Optimizer):
-    """Two Adams (``d`` and ``g``); :meth:`step` steps the active phase only.
-
-    ``after_step`` (optional) is called with the phase name after each framework-driven
-    :meth:`step` (the trainer uses it for the EMA update after every G update). Steps taken
-    inside a training step through :meth:`inner_step` do not trigger it.
-    """
+    """Two Adams (``d`` and ``g``); :meth:`step` steps the active phase only."""
 
     def __init__(self, d_params: Iterable[torch.nn.Parameter], g_params: Iterable[torch.nn.Parameter],
                  lr: float = 0.002, d_reg_every: int = 16, g_reg_every: int = 4):
         self.d = lazy_adam(d_params, lr, d_reg_every)
         self.g = lazy_adam(g_params, lr, g_reg_every)
         self.phase = "d"
-        self.after_step: Optional[Callable[[str], None]] = None
         self.steps = {"d": 0, "g": 0}
         # Deliberately not calling Optimizer.__init__: expose the inner groups instead.
         self.defaults = dict(lr=lr)
@@ -65,8 +59,6 @@ class AlternatingAdam(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         out = self.active.step(closure)
         self.steps[self.phase] += 1
-        if self.after_step is not None:
-            self.after_step(self.phase)
         return out
 
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]

@@ -1,5 +1,8 @@
 """Round-level glue between the Fed-BioMed training plan and :class:`FactoryTrainer` (node side).
 
+:func:`prepare_round` runs when the plan builds its training data, i.e. before Fed-BioMed's random
+train/test split: it restores the node's random stream (or seeds a fresh node), so that a round is
+reproducible from the seed, the node id and the node-local state.
 :func:`begin_round` runs before Fed-BioMed's training loop of a round: it reads the config from the
 plan's ``model_args``, restores the node-local state of the previous round (or seeds a fresh node
 from ``(seed, node id)``), loads ``clip_mean`` from the node's dataset and, if needed, the frozen
@@ -15,8 +18,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..device import configure_backends, seed_everything
 from .config import FactoryConfig
-from .state import load_state, rng_state, run_dir, save_state, seed_everything, set_rng_state
+from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state
 from .trainer import FactoryTrainer
 
 log = logging.getLogger(__name__)
@@ -52,16 +56,33 @@ def _reporter(history_monitor: Any, num_updates: int, batch_size: int, total: in
     return send
 
 
-def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSession:
-    """Prepare the trainer of this round (see module docstring). ``dataset`` exposes ``clip_mean()``."""
+def prepare_round(plan: Any) -> Tuple[Path, Optional[Dict[str, Any]]]:
+    """Load this node's state of the previous round and restore (or seed) its random stream.
+
+    Called from the plan's ``training_data()``: Fed-BioMed draws a random permutation of the
+    dataset (its train/test split) before ``training_routine``, so seeding later would leave the
+    batch order to chance. Returns (state folder, state or None), kept on the plan for
+    :func:`begin_round`."""
     cfg = FactoryConfig.from_model_args(plan.model_args())
-    node_id, round_ = plan.node_id(), plan.round()
+    node_id = plan.node_id()
     directory = run_dir(cfg.run_id, node_id)
-    state = load_state(directory, round_)
+    state = load_state(directory, plan.round())
     if state is not None:
         set_rng_state(state["rng"])
     else:
-        seed_everything(cfg.seed, node_id)
+        seed_everything(node_seed(cfg.seed, node_id), deterministic_cudnn=False)
+    plan._factory_round_state = (directory, state)
+    return directory, state
+
+
+def begin_round(plan: Any, dataset: Any, history_monitor: Any = None) -> RoundSession:
+    """Prepare the trainer of this round (see module docstring). ``dataset`` exposes ``clip_mean()``."""
+    cfg = FactoryConfig.from_model_args(plan.model_args())
+    configure_backends(cfg.allow_tf32, cfg.cudnn_benchmark)
+    round_ = plan.round()
+    prepared = getattr(plan, "_factory_round_state", None)
+    directory, state = prepared if prepared is not None else prepare_round(plan)
+    plan._factory_round_state = None
     mean = dataset.clip_mean() if hasattr(dataset, "clip_mean") else None
     clip_mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     clip_loss = _clip_loss(cfg) if cfg.clip_weight > 0 and clip_mean is not None else None

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from robustmedseg.io import save_torch_atomic
+from robustmedseg.io import load_torch_file, save_torch_atomic
 
 STATE_VERSION = 1
 KEEP = 2  # the current round's state and the one before (needed to re-run a failed round)
@@ -58,10 +58,18 @@ def node_state_root() -> Path:
     return Path.cwd() / "robustmedseg-node-state"
 
 
+def safe_name(text: Optional[str], default: str) -> str:
+    """``text`` as one harmless path component: characters other than letters, digits, '_', '-' and
+    '.' become '_', and a name starting with '.' (``..``, hidden) gets a '_' prefix."""
+    name = _SAFE_RE.sub("_", text or default)[:128]
+    return f"_{name}" if name.startswith(".") else name
+
+
 def run_dir(run_id: str, node_id: Optional[str], root: Optional[Path] = None) -> Path:
-    """``<root>/<run_id>/<node_id>`` with path-safe names."""
+    """``<root>/<run_id>/<node_id>`` with path-safe names (never outside ``<root>``, whatever the
+    researcher sends: the node does not trust ``model_args``)."""
     root = node_state_root() if root is None else Path(root)
-    return root / _SAFE_RE.sub("_", run_id or "default") / _SAFE_RE.sub("_", node_id or "local")
+    return root / safe_name(run_id, "default") / safe_name(node_id, "local")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -87,13 +95,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int, node_id: Optional[str]) -> None:
-    """Seed all generators from (seed, node id): distinct, reproducible streams per node."""
+def node_seed(seed: int, node_id: Optional[str]) -> int:
+    """The seed of one node's generators, from (seed, node id): distinct, reproducible streams per node."""
     digest = sum((i + 1) * ord(ch) for i, ch in enumerate(node_id or "local"))
-    value = (int(seed) * 1_000_003 + digest) % (2 ** 31)
-    torch.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value)
+    return (int(seed) * 1_000_003 + digest) % (2 ** 31)
 
 
 def list_states(directory: Path) -> List[Tuple[int, Path]]:
@@ -113,7 +118,7 @@ def load_state(directory: Path, current_round: Optional[int]) -> Optional[Dict[s
     if not candidates:
         return None
     _, path = candidates[-1]
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "node state", mapping=True)
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: unsupported node state version {state.get('version')}")
     return state

@@ -11,8 +11,9 @@ node-local update counter ``step`` that continues across rounds (:mod:`.state`):
 * G update: non-saturating loss on augmented fakes, plus the CLIP spherical loss (on the
   un-augmented fake) when ``clip_weight > 0`` and the batch is CLIP-conditioned. When
   ``(step // 2) % g_reg_every == 0`` the update index also takes a path-length step;
-* after every G update the EMA generator moves: ``g_ema <- d * g_ema + (1 - d) * G``,
-  d = 0.5^(32/10000) (parameters only).
+* at every G update the EMA generator moves: ``g_ema <- d * g_ema + (1 - d) * G``,
+  d = 0.5^(32/10000) (parameters only), with G's parameters from *before* this update's optimiser
+  step(s), as in the original (whose EMA ran inside ``training_step``, before Fed-BioMed's step).
 
 **Lazy regularisation ADDS a step (decision for SPEC §9.8).** As in StyleGAN2 (and the MVS
 centralised script), a regularised update index takes the regular step *and then* a separate
@@ -89,7 +90,6 @@ class FactoryTrainer:
         self._sums: Dict[str, float] = defaultdict(float)
         self._nums: Dict[str, int] = defaultdict(int)
         self._pending: Optional[Dict[str, Any]] = None
-        optimizer.after_step = self._after_step
 
     # ------------------------------------------------------------------ state
     @property
@@ -194,6 +194,8 @@ class FactoryTrainer:
     def _g_update(self, c: torch.Tensor, e: Optional[torch.Tensor]) -> torch.Tensor:
         self._set_phase("g")
         cfg, g, d = self.cfg, self.model.generator, self.model.discriminator
+        self.model.update_ema(EMA_DECAY)  # before this update's step(s), as the original
+        self.counts["ema"] += 1
         batch, device = c.shape[0], c.device
         fake, _ = g(mixing_noise(batch, cfg.style_dim, cfg.mixing, device), (c, e))
         loss = g_nonsaturating_loss(d(self._aug(fake), (c, e)))
@@ -216,11 +218,6 @@ class FactoryTrainer:
         self.counts["pl"] += 1
         self._track(path_loss=penalty, path_length=lengths.mean(), mean_path_length=self.mean_path_length)
         return cfg.path_regularize * cfg.g_reg_every * penalty
-
-    def _after_step(self, phase: str) -> None:
-        if phase == "g":
-            self.model.update_ema(EMA_DECAY)
-            self.counts["ema"] += 1
 
     # ------------------------------------------------------------------ reporting
     def _track(self, **values: Any) -> None:

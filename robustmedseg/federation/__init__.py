@@ -2,6 +2,8 @@
 
 * :mod:`.strategy` — node selection (at most k nodes per round) and aggregation weights;
 * :mod:`.researcher` — researcher-side helpers used by ``train.py`` / ``save_global_model.py``;
+* :mod:`.secagg` — secure aggregation: how a node encodes its round update and how the researcher
+  decodes the masked sum (``train.py --secagg``); :mod:`.experiment` — the Experiment that does it;
 * :mod:`.local` — a local federation (N nodes + researcher component on one machine) for demos,
   tests and benchmarks (``python -m robustmedseg.federation.local --help``);
 * :mod:`.inprocess` — one node round in this process, without gRPC (tests, benchmarks).

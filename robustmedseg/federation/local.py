@@ -14,6 +14,19 @@ folder with the tags (non-interactive ``DatasetManager``), starts every node as 
 node log shows that it listens for tasks. ``down`` stops the recorded PIDs (SIGTERM, then SIGKILL).
 In Python: ``with LocalFederation(root).up({"h1": lmdb1, ...}) as fed: ...``.
 
+Every node has secure aggregation enabled in its ``etc/config.ini`` (``[security]
+secure_aggregation = True``, so ``train.py --secagg`` works); ``--secagg-required`` (all nodes) or
+``LocalFederation(..., secagg_required={"name", ...})`` also sets ``force_secure_aggregation =
+True``: such a node refuses any round that is not securely aggregated.
+
+Training-plan approval is ON on every node (``training_plan_approval = True``,
+``allow_default_training_plans = False``), as in a real deployment: a node runs only a plan whose
+hash it has approved.  ``up`` approves exactly the project's ``training_plan.py``
+(``FactoryTrainingPlan``, the source Fed-BioMed ships and hashes: its ``init_dependencies`` lines
+and the class) on each node, and prints the hash; after editing the plan, run ``approve`` again
+(the nodes refuse the edited plan until then).  ``--no-plan-approval`` turns approval off, for
+throwaway runs only: such nodes execute any code a researcher sends.
+
 Each node process gets ``OMP_NUM_THREADS`` (``--threads``, default 1), ``FBM_NODE_COMPONENT_ROOT``
 (so the node-local factory state goes to ``<node>/var/robustmedseg``) and this project on its
 ``PYTHONPATH`` (the nodes import the same code as the researcher).
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import io
 import json
 import os
 import signal
@@ -34,12 +48,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
 DEFAULT_TAGS = ("#im2im",)
+DEFAULT_PLAN = "training_plan:FactoryTrainingPlan"  # module:Class of the plan the nodes approve
 READY_MARK = "Starting task listeners"
 MANIFEST = "federation.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +85,71 @@ def _db_path(root: Path) -> Path:
     cfg = configparser.ConfigParser()
     cfg.read(root / "etc" / "config.ini")
     return (root / "etc" / cfg["default"]["db"]).resolve()
+
+
+def set_node_security(root: Path, secure_aggregation: bool = True, force_secure_aggregation: bool = False,
+                      training_plan_approval: Optional[bool] = None) -> None:
+    """Write the node's security settings into ``<root>/etc/config.ini`` ([security]): secure
+    aggregation, and (unless None) training-plan approval (with approval on, Fed-BioMed's default
+    plans are not accepted either)."""
+    path = Path(root) / "etc" / "config.ini"
+    cfg = configparser.ConfigParser()
+    if not cfg.read(path):
+        raise InputError("not a Fed-BioMed component (no etc/config.ini)", root)
+    if not cfg.has_section("security"):
+        cfg.add_section("security")
+    cfg["security"]["secure_aggregation"] = str(bool(secure_aggregation))
+    cfg["security"]["force_secure_aggregation"] = str(bool(force_secure_aggregation))
+    if training_plan_approval is not None:
+        cfg["security"]["training_plan_approval"] = str(bool(training_plan_approval))
+        cfg["security"]["allow_default_training_plans"] = str(not training_plan_approval)
+    text = io.StringIO()
+    cfg.write(text)
+    write_text_atomic(path, text.getvalue())
+
+
+def plan_source(spec: str = DEFAULT_PLAN) -> str:
+    """The source Fed-BioMed ships to the nodes for the plan class ``module:Class`` (its
+    ``init_dependencies`` lines and the class source): what a node hashes to check approval."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        plan_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"cannot import the training plan {spec!r} ({err})") from None
+    return plan_class().source()
+
+
+def approve_plan(node_root: Path, spec: str = DEFAULT_PLAN) -> Dict[str, str]:
+    """Approve the plan ``spec`` (by the hash of its source) on one node component; idempotent.
+
+    Returns ``{"id", "hash", "status"}`` (status: ``approved`` now or ``already approved``)."""
+    from fedbiomed.common.constants import TrainingPlanApprovalStatus
+    from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
+
+    cfg = configparser.ConfigParser()
+    if not cfg.read(Path(node_root) / "etc" / "config.ini"):
+        raise InputError("not a Fed-BioMed component (no etc/config.ini)", node_root)
+    manager = TrainingPlanSecurityManager(
+        db=str(_db_path(Path(node_root))), node_id=cfg["default"]["id"], node_name=cfg["default"].get("name", ""),
+        hashing=cfg["security"].get("hashing_algorithm", "SHA256"), tp_approval=True)
+    source = plan_source(spec)
+    digest = manager._create_hash(source, from_string=True)[0]  # noqa: SLF001 - the node's own hash
+    approved, entry = manager.check_training_plan_status(source, TrainingPlanApprovalStatus.APPROVED)
+    if approved:
+        return {"id": entry["training_plan_id"], "hash": digest, "status": "already approved"}
+    _, entry = manager.check_training_plan_status(source, None)
+    if entry:  # known to the node but pending or rejected
+        manager.approve_training_plan(entry["training_plan_id"])
+        return {"id": entry["training_plan_id"], "hash": digest, "status": "approved"}
+    folder = Path(node_root) / "var" / "approved_plans"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / f"{spec.partition(':')[2]}-{digest[:12]}.py"
+    write_text_atomic(copy, source)
+    plan_id = manager.register_training_plan(name=copy.stem, description=f"{spec} approved by the local tool",
+                                             path=str(copy))
+    return {"id": plan_id, "hash": digest, "status": "approved"}
 
 
 def register_dataset(node_root: Path, path: Path, name: str, tags: Sequence[str]) -> str:
@@ -107,6 +187,8 @@ class LocalNode:
     dataset: str
     log: str
     pid: Optional[int] = None
+    secagg_required: bool = False
+    plan_approval: bool = True
 
 
 @dataclass
@@ -116,15 +198,19 @@ class Manifest:
     tags: List[str] = field(default_factory=lambda: list(DEFAULT_TAGS))
     threads: int = 1
     nodes: List[LocalNode] = field(default_factory=list)
+    approved_plan: Optional[Dict[str, str]] = None  # {"spec", "hash"} of the plan approved on the nodes
 
     @classmethod
     def load(cls, root: Path) -> "Manifest":
         path = root / MANIFEST
         if not path.is_file():
             raise InputError(f"no local federation here (missing {MANIFEST}); run 'up' first", root)
-        raw = json.loads(path.read_text())
-        nodes = [LocalNode(**n) for n in raw.pop("nodes", [])]
-        return cls(nodes=nodes, **raw)
+        try:
+            raw = json.loads(path.read_text())
+            nodes = [LocalNode(**n) for n in raw.pop("nodes", [])]
+            return cls(nodes=nodes, **raw)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise InputError(f"not a readable federation manifest ({' '.join(str(err).split())[:160]})", path) from None
 
     def save(self, root: Path) -> None:
         write_text_atomic(root / MANIFEST, json.dumps(asdict(self), indent=2) + "\n")
@@ -134,9 +220,16 @@ class LocalFederation:
     """Create, start and stop a local federation under ``root`` (see module docstring)."""
 
     def __init__(self, root: Path, port: Optional[int] = None, threads: int = 1,
-                 tags: Sequence[str] = DEFAULT_TAGS):
+                 tags: Sequence[str] = DEFAULT_TAGS, secagg_required: Union[bool, Iterable[str]] = False,
+                 plan_approval: bool = True, plan: str = DEFAULT_PLAN, log=print):
+        """``secagg_required``: True (every node) or the names of the nodes that refuse any round
+        without secure aggregation (``[security] force_secure_aggregation``); ``plan_approval``:
+        training-plan approval on the nodes (default on; off only for throwaway runs), with ``plan``
+        (``module:Class``) approved by :meth:`create`; ``log`` prints the approval step."""
         self.root = Path(root).resolve()
+        self._plan_approval, self._plan, self._log = bool(plan_approval), plan, log
         self._port, self._threads, self._tags = port, int(threads), list(tags)
+        self._secagg_required = secagg_required if isinstance(secagg_required, bool) else set(secagg_required)
         self._procs: Dict[str, subprocess.Popen] = {}
         self.manifest: Optional[Manifest] = Manifest.load(self.root) if (self.root / MANIFEST).is_file() else None
 
@@ -177,6 +270,8 @@ class LocalFederation:
                 raise InputError("dataset folder not found", path)
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise InputError(f"node name '{name}' must be alphanumeric (with - or _)")
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError("is a file; --root names the federation folder", self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         if self.manifest is None:
@@ -214,8 +309,47 @@ class LocalFederation:
             if name not in known:
                 m.nodes.append(LocalNode(name=name, root=str(node_root), node_id=component_id(node_root),
                                          dataset=str(Path(path).resolve()), log=str(self.root / "logs" / f"{name}.log")))
+        for node in m.nodes:
+            if node.name in datasets:
+                required = self._secagg_required if isinstance(self._secagg_required, bool) \
+                    else node.name in self._secagg_required
+                set_node_security(Path(node.root), secure_aggregation=True, force_secure_aggregation=required,
+                                  training_plan_approval=self._plan_approval)
+                node.secagg_required = required
+                node.plan_approval = self._plan_approval
         m.save(self.root)
+        if self._plan_approval:
+            self.approve([n.name for n in m.nodes if n.name in datasets], self._plan)
+        else:
+            self._log("training-plan approval is OFF on nodes " + ", ".join(datasets) + " (--no-plan-approval): "
+                      "they run any plan a researcher sends; use this for throwaway runs only")
         return m
+
+    def approve(self, names: Optional[Iterable[str]] = None, plan: str = DEFAULT_PLAN) -> str:
+        """Approve ``plan`` (``module:Class``, default the project's training_plan.py) on the nodes
+        (all by default), one process per node; prints and returns the hash."""
+        m = self._require()
+        nodes = [n for n in m.nodes if names is None or n.name in set(names)]
+        procs = [(node, subprocess.Popen(
+            [sys.executable, "-m", "robustmedseg.federation.local", "approve-node", "--node", node.root,
+             "--plan", plan], env=self._tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for node in nodes]
+        digests = set()
+        for node, proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode:
+                lines = [ln for ln in out.strip().splitlines() if ln.startswith("error:")] or out.strip().splitlines()[-1:]
+                raise InputError(f"approving the training plan on node {node.name} failed: {' '.join(lines)}")
+            result = json.loads(out.strip().splitlines()[-1])
+            digests.add(result["hash"])
+        if len(digests) > 1:
+            raise InputError(f"the nodes computed different hashes for {plan}: {sorted(digests)}")
+        digest = digests.pop() if digests else ""
+        m.approved_plan = {"spec": plan, "hash": digest}
+        m.save(self.root)
+        self._log(f"training plan {plan} approved on nodes {', '.join(n.name for n in nodes)} "
+                  f"(sha256 of its source {digest}); the nodes refuse any other plan")
+        return digest
 
     @staticmethod
     def _tool_env() -> Dict[str, str]:
@@ -316,7 +450,8 @@ class LocalFederation:
 
     def status(self) -> List[Dict[str, object]]:
         return [{"name": n.name, "id": n.node_id, "pid": n.pid, "running": _pid_alive(n.pid),
-                 "dataset": n.dataset, "log": n.log} for n in self._require().nodes]
+                 "dataset": n.dataset, "log": n.log, "secagg_required": n.secagg_required,
+                 "plan_approval": n.plan_approval} for n in self._require().nodes]
 
     # ---------------------------------------------------------------- context manager
     def up(self, datasets: Mapping[str, Path], timeout: float = 180.0) -> "LocalFederation":
@@ -342,8 +477,8 @@ def _dataset_arg(text: str) -> tuple:
     return name, Path(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m robustmedseg.federation.local",
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m robustmedseg.federation.local",
                                 description="Local Fed-BioMed federation (N nodes + researcher) on this machine.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create components, register datasets, start the nodes and wait for them")
@@ -354,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each node (default 1)")
     up.add_argument("--tags", default=",".join(DEFAULT_TAGS), help="dataset tags, comma separated (default #im2im)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the nodes (default 180)")
+    up.add_argument("--secagg-required", dest="secagg_required", action="store_true",
+                    help="every node refuses rounds without secure aggregation (force_secure_aggregation; "
+                         "secure aggregation itself is always enabled on the nodes)")
+    up.add_argument("--plan", default=DEFAULT_PLAN, metavar="MODULE:CLASS",
+                    help=f"training plan the nodes approve (default {DEFAULT_PLAN}, the project's plan)")
+    up.add_argument("--no-plan-approval", dest="plan_approval", action="store_false",
+                    help="turn training-plan approval OFF on the nodes: they then run ANY plan a researcher "
+                         "sends. For throwaway runs only (default: approval on, the project's plan approved)")
+    ap = sub.add_parser("approve", help="approve the training plan (again, e.g. after editing it) on every node "
+                                        "of the federation; prints its hash")
+    ap.add_argument("--root", type=Path, required=True, help="folder of the federation")
+    ap.add_argument("--plan", default=DEFAULT_PLAN, metavar="MODULE:CLASS",
+                    help=f"training plan to approve (default {DEFAULT_PLAN})")
+    apn = sub.add_parser("approve-node", help="approve a training plan on one node component (used by 'up')")
+    apn.add_argument("--node", type=Path, required=True, help="node component folder")
+    apn.add_argument("--plan", default=DEFAULT_PLAN, metavar="MODULE:CLASS", help="training plan")
     down = sub.add_parser("down", help="stop the nodes started by 'up' (SIGTERM, then SIGKILL)")
     down.add_argument("--root", type=Path, required=True, help="folder of the federation")
     st = sub.add_parser("status", help="print the nodes, their PIDs and whether they run (JSON)")
@@ -372,14 +523,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         fed = LocalFederation(args.root, port=args.port, threads=args.threads,
-                              tags=[t for t in args.tags.split(",") if t])
+                              tags=[t for t in args.tags.split(",") if t], secagg_required=args.secagg_required,
+                              plan_approval=args.plan_approval, plan=args.plan)
         fed.up(dict(args.dataset), timeout=args.timeout)
         for row in fed.status():
-            print(f"node {row['name']} {row['id']} pid {row['pid']} log {row['log']}")
+            required = ", secure aggregation required" if row["secagg_required"] else ""
+            print(f"node {row['name']} {row['id']} pid {row['pid']} log {row['log']}{required}")
         print(f"researcher component: {fed.researcher_root} (port {fed.manifest.port})")
     elif args.command == "down":
         LocalFederation(args.root).stop()
         print("nodes stopped")
+    elif args.command == "approve":
+        LocalFederation(args.root).approve(plan=args.plan)
+    elif args.command == "approve-node":
+        print(json.dumps(approve_plan(args.node, args.plan)))
     elif args.command == "register":
         dataset_id = register_dataset(args.node, args.path, args.name, [t for t in args.tags.split(",") if t])
         print(f"dataset {dataset_id} registered on {args.node}")
@@ -392,5 +549,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``rms-federation``): :func:`main` with the one-line error policy."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

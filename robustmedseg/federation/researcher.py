@@ -6,6 +6,11 @@ per-process singleton: call :func:`use_researcher_component` first, and run one 
 scenario per process. Fed-BioMed's experiment methods normally print a banner and call
 ``sys.exit`` on errors; :func:`use_researcher_component` sets ``FBM_DEBUG`` after the import so that
 exceptions reach ``train.py``, which reports them in one line.
+
+Secure aggregation (``train.py --secagg``): :func:`create_experiment` / :func:`resume_experiment`
+switch Fed-BioMed's LOM secure aggregation on (fresh keys at every start or resume) and ship the
+encoding settings to the nodes in ``model_args``; :mod:`.experiment` decodes the masked sums and
+:mod:`.secagg` documents the codec.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import torch
 from robustmedseg.errors import InputError
 from robustmedseg.factory.config import FactoryConfig
 
+from . import secagg as codec
+
 log = logging.getLogger(__name__)
 
 
@@ -30,15 +37,29 @@ class FederationError(RuntimeError):
     """A federation-level failure (node died, nodes missing, Fed-BioMed error); one-line message."""
 
 
+def _quiet_fedbiomed(record: logging.LogRecord) -> bool:
+    """Fed-BioMed's INFO/DEBUG records are dropped unless ``--verbose`` (its errors reach the user
+    through train.py's one-line message)."""
+    return record.levelno >= logging.WARNING
+
+
 def use_researcher_component(root: Path, verbose: bool = False) -> Any:
     """Point Fed-BioMed at the researcher component ``root`` (created if missing) and import it."""
+    import warnings
+
     root = Path(root).resolve()
     os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(root)
     os.environ.pop("FBM_DEBUG", None)
+    # opacus (imported by Fed-BioMed's plans) warns about its RNG at import: not this project's concern
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
     from fedbiomed.common.logger import logger as fbm_logger
+
+    if not verbose:  # importing the config resets the level to INFO and logs a banner: filter, not level
+        fbm_logger._logger.addFilter(_quiet_fedbiomed)  # noqa: SLF001 - FedLogger wraps a logging.Logger
     from fedbiomed.researcher.config import config
 
     fbm_logger.setLevel("INFO" if verbose else "WARNING")
+
     os.environ["FBM_DEBUG"] = "1"  # exceptions propagate instead of sys.exit (checked at call time)
     return config
 
@@ -113,6 +134,8 @@ class Schedule:
     weighting: str = "uniform"
     seed: int = 0
     use_gpu: bool = False
+    secagg: bool = False
+    secagg_clip: Optional[float] = None  # None: secagg.DEFAULT_CLIP
 
     def training_args(self) -> Dict[str, Any]:
         # no random_seed: a fixed seed would replay the same random stream every round (§9.7);
@@ -121,40 +144,93 @@ class Schedule:
                 "optimizer_args": {"lr": float(self.lr)}, "log_interval": 0, "use_gpu": bool(self.use_gpu)}
 
 
-def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str],
-                      nodes: Optional[Sequence[str]] = None) -> Any:
-    """A new Fed-BioMed Experiment of the factory plan (breakpoints on, FedAverage, k-of-N sampling)."""
-    from fedbiomed.researcher.aggregators import FedAverage
-    from fedbiomed.researcher.federated_workflows import Experiment
-    from training_plan import FactoryTrainingPlan
+def initial_global_state(cfg: FactoryConfig) -> Dict[str, torch.Tensor]:
+    """The global model before round 1: G, D and G_ema initialised from ``cfg.seed`` (reproducible)."""
+    from robustmedseg.factory.network import FactoryModel
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        return FactoryModel(cfg).state_dict()
+
+
+def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str], plan_class: type,
+                      nodes: Optional[Sequence[str]] = None) -> Any:
+    """A new Fed-BioMed Experiment of the training plan ``plan_class`` (breakpoints on, FedAverage,
+    k-of-N sampling, secure aggregation if ``schedule.secagg``).  ``train.py`` passes
+    ``training_plan.FactoryTrainingPlan``: the plan is a top-level module that Fed-BioMed ships to
+    the nodes, so this library does not import it."""
+    from fedbiomed.researcher.aggregators import FedAverage
+
+    from .experiment import FactoryExperiment, lom_secure_aggregation
     from .strategy import SampleAtMostK
 
     run_id = uuid.uuid4().hex[:12] if cfg.run_id in ("", "default") else cfg.run_id
-    cfg = FactoryConfig.from_model_args({**cfg.to_model_args(), "run_id": run_id})
-    exp = Experiment(tags=list(tags), nodes=list(nodes) if nodes else None, training_plan_class=FactoryTrainingPlan,
-                     model_args=cfg.to_model_args(), training_args=schedule.training_args(),
-                     aggregator=FedAverage(),
-                     node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),
-                     round_limit=schedule.rounds, save_breakpoints=True, retain_full_history=False)
+    cfg = FactoryConfig.from_model_args({**cfg.to_model_args(), "run_id": run_id,
+                                         **secagg_model_args(schedule.secagg, schedule.secagg_clip, schedule.weighting)})
+    exp = FactoryExperiment(tags=list(tags), nodes=list(nodes) if nodes else None, training_plan_class=plan_class,
+                            model_args=cfg.to_model_args(), training_args=schedule.training_args(),
+                            aggregator=FedAverage(),
+                            node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),
+                            round_limit=schedule.rounds, save_breakpoints=True, retain_full_history=False,
+                            secagg=lom_secure_aggregation() if schedule.secagg else False)
+    exp.training_plan().set_model_params(initial_global_state(cfg))
     if not exp.all_federation_nodes():
         raise FederationError(f"no node has a dataset tagged {list(tags)}")
+    check_secagg_nodes(exp)
     return exp
+
+
+def secagg_model_args(active: bool, clip: Optional[float], weighting: str) -> Dict[str, Any]:
+    """The ``model_args`` entries that tell the nodes how to encode their update (see :mod:`.secagg`)."""
+    if active and clip is not None and not clip > 0:
+        raise InputError(f"--secagg-clip must be > 0, got {clip}")
+    return {"secagg_clip": float(clip if clip is not None else codec.DEFAULT_CLIP) if active else 0.0,
+            "secagg_weighting": weighting}
+
+
+def check_secagg_nodes(exp: Any) -> None:
+    """Secure aggregation needs at least 2 nodes in every round."""
+    if not exp.secagg.active:
+        return
+    available = len(exp.all_federation_nodes())
+    per_round = min(int(exp.strategy()._parameters.get("max_nodes", 2)), available)
+    if per_round < 2:
+        raise FederationError(f"secure aggregation needs at least 2 nodes per round, but only {per_round} can be "
+                              f"sampled ({available} node(s) with data, --max-nodes-per-round "
+                              f"{exp.strategy()._parameters.get('max_nodes')}): start more nodes or drop --secagg")
+
+
+def configure_secagg(exp: Any, active: Optional[bool], clip: Optional[float]) -> Dict[str, Any]:
+    """Secure aggregation of a resumed experiment: on (``active`` True, or None and on in the
+    breakpoint) with a fresh LOM controller, so that new keys are agreed and no mask of the
+    breakpoint's rounds is reused; else off. Returns the ``model_args`` entries to apply."""
+    from .experiment import lom_secure_aggregation
+
+    on = bool(exp.secagg.active) if active is None else bool(active)
+    previous = float(exp.model_args().get("secagg_clip") or 0.0)
+    exp.set_secagg(lom_secure_aggregation() if on else False)
+    weighting = exp.strategy()._parameters.get("weighting", "uniform")
+    return secagg_model_args(on, clip if clip is not None else (previous or None), weighting)
 
 
 def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any],
                       training_updates: Mapping[str, Any], strategy_updates: Mapping[str, Any],
-                      rounds: Optional[int]) -> Any:
+                      rounds: Optional[int], secagg: Optional[bool] = None,
+                      secagg_clip: Optional[float] = None) -> Any:
     """Load a breakpoint (None: latest), apply the changed settings and refresh the node list.
 
     The federation is searched again by tags, so nodes that are gone (e.g. the node that died in
-    the failed round) are not sampled any more, and nodes that came back are.
+    the failed round) are not sampled any more, and nodes that came back are. ``secagg`` None
+    keeps the breakpoint's secure-aggregation setting (with new keys), True/False switches it.
     """
-    from fedbiomed.researcher.federated_workflows import Experiment
+    from .experiment import FactoryExperiment
 
-    exp = Experiment.load_breakpoint(breakpoint)
+    exp = FactoryExperiment.load_breakpoint(breakpoint)
     exp.set_retain_full_history(False)  # memory and breakpoint size stay bounded over hundreds of rounds
-    if model_updates:
+    if strategy_updates:
+        exp.strategy()._parameters.update(strategy_updates)
+    model_updates = {**model_updates, **configure_secagg(exp, secagg, secagg_clip)}
+    if any(exp.model_args().get(k) != v for k, v in model_updates.items()):
         exp.set_model_args({**exp.model_args(), **model_updates}, keep_weights=True)
     if training_updates:
         args = dict(exp.training_args())
@@ -164,11 +240,10 @@ def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any
             else:
                 args[key] = value
         exp.set_training_args(args)
-    if strategy_updates:
-        exp.strategy()._parameters.update(strategy_updates)
     exp.set_training_data(None, from_tags=True)
     if not exp.all_federation_nodes():
         raise FederationError(f"no node with a dataset tagged {exp.tags()} answered")
+    check_secagg_nodes(exp)
     if rounds is not None:
         if rounds <= exp.round_current():
             raise InputError(f"--rounds {rounds} must exceed the rounds already run ({exp.round_current()})")
@@ -196,7 +271,7 @@ class NodeMetrics:
     def __call__(self, msg: Mapping[str, Any]) -> None:
         metric = {k: float(v) for k, v in (msg.get("metric") or {}).items()}
         node = msg.get("node_id", "?")
-        self.last[node] = metric
+        self.last.setdefault(node, {}).update(metric)  # a round's last message may carry only some keys
         if self.writer is not None:
             step = int(metric.get("step", msg.get("iteration", 0)))
             name = self.names.get(node, msg.get("node_name") or node)
@@ -232,26 +307,52 @@ def node_training_times(exp: Any, index: int, key: str = "rtime_training") -> Di
 
 def prune_experiment(exp: Any, keep: int) -> None:
     """Bound the researcher's disk use: keep the newest ``keep`` breakpoints (0 = all) and delete the
-    node-reply parameter files that no kept breakpoint references.
+    node-reply parameter files and training-plan copies that no kept breakpoint references.
 
     Fed-BioMed writes every node reply's parameters to the experiment folder and never deletes
-    them; at 512 px that is ~0.4 GB per node per round.
+    them (at 512 px ~0.4 GB per node per round), and a copy of the plan (``model_<uuid>.py``) at
+    every breakpoint, each breakpoint linking to its own.  With ``keep`` 0 every breakpoint is kept,
+    but the files of no breakpoint (a failed round's replies, unused plan copies) still go.
     """
     import shutil
 
-    if keep <= 0:
-        return
     folders = breakpoint_dirs(exp)
-    for old in folders[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for old in folders[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        folders = folders[-keep:]
     referenced = set()
-    for folder in folders[-keep:]:
+    for folder in folders:
         for state_file in Path(folder).glob("breakpoint_*.json"):
             text = state_file.read_text()
             referenced.update(Path(p).name for p in _mpk_paths(text))
-    for path in Path(exp.experimentation_path()).glob("params_*.mpk"):
+        for link in Path(folder).glob("model_*.py"):  # the breakpoint's link to its plan copy
+            target = os.readlink(link) if link.is_symlink() else link.name
+            referenced.add(Path(target).name)
+    _pin_plan_source(exp)
+    root = Path(exp.experimentation_path())
+    for path in list(root.glob("params_*.mpk")) + list(root.glob("model_*.py")):
         if path.name not in referenced:
             path.unlink(missing_ok=True)
+
+
+def _pin_plan_source(exp: Any) -> None:
+    """Keep the source of the experiment's live plan class readable after its file is pruned.
+
+    Fed-BioMed re-reads the plan's source (``inspect.getsource``) every round, from the file it
+    imported the class from: a plan copy in the experiment folder, or the link in the breakpoint a
+    resume started from.  Pruning deletes both in time, so the source is pinned in ``linecache``
+    (an entry without a modification time is never invalidated)."""
+    import inspect
+    import linecache
+
+    try:
+        path = inspect.getsourcefile(type(exp.training_plan()))
+        if path and (path not in linecache.cache or linecache.cache[path][1] is not None):
+            text = Path(path).read_text()
+            linecache.cache[path] = (len(text), None, text.splitlines(True), path)
+    except (OSError, TypeError):
+        pass
 
 
 def _mpk_paths(text: str) -> List[str]:
@@ -277,6 +378,8 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
     ``fidelity``: called every ``fidelity_every`` rounds (and after the last one) with the aggregated
     ``g_ema``; its scalars go to TensorBoard under ``fidelity/`` and into the round report.
     """
+    from fedbiomed.common.exceptions import FedbiomedSecaggError, FedbiomedSecureAggregationError
+
     from .strategy import NodeFailureError
 
     names = node_names(exp)
@@ -287,10 +390,24 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
         try:
             exp.run_once()
         except NodeFailureError as err:
+            refused = [n for n in err.nodes if codec.NODE_REFUSAL in err.reasons[n]]
+            if refused:
+                raise FederationError(secagg_refusal(exp, refused, names, index)) from err
+            unapproved = [n for n in err.nodes if "Training plan is not" in err.reasons[n]]
+            if unapproved:
+                who = ", ".join(describe(n, names) for n in unapproved)
+                raise FederationError(
+                    f"round {index + 1} refused: node {who} has not approved this training plan (the hash of "
+                    f"training_plan.py differs from the approved one); review the plan, then approve it on each "
+                    f"node (fedbiomed node -p NODE_DIR training-plan approve; a local federation: python -m "
+                    f"robustmedseg.federation.local approve --root ROOT). {_after_failure(index)}") from err
             nodes = ", ".join(f"{describe(n, names)}: {err.reasons[n]}" for n in err.nodes)
+            raise FederationError(f"round {index + 1} failed, node {nodes}. {_after_failure(index)}") from err
+        except (FedbiomedSecaggError, FedbiomedSecureAggregationError, codec.SecaggDecodeError) as err:
+            sampled = ", ".join(describe(n, names) for n in (exp.strategy().sampled(index) or []))
             raise FederationError(
-                f"round {index + 1} failed, node {nodes}. The last breakpoint (round {index}) is intact: "
-                f"rerun train.py with --resume to continue with the nodes still up") from err
+                f"round {index + 1}: secure aggregation failed with nodes {sampled}: {' '.join(str(err).split())}. "
+                f"{_after_failure(index)}") from err
         seconds = time.time() - start
         sampled = exp.strategy().sampled(index) or []
         report = RoundReport(round=index + 1, seconds=seconds, nodes=[describe(n, names) for n in sampled],
@@ -333,6 +450,41 @@ def fidelity_scorer(path: Path, n_per_domain: int, seed: int) -> Callable[[Any],
     return score
 
 
+def _after_failure(index: int) -> str:
+    """What the user can do after round ``index + 1`` failed."""
+    if index == 0:
+        return "No round completed, so there is nothing to resume: fix the cause and rerun train.py without --resume"
+    return (f"The last breakpoint (round {index}) is intact: rerun train.py with --resume to continue with the "
+            "nodes still up")
+
+
+def abandon_experiment(exp: Any, fresh: bool, keep: int) -> Optional[str]:
+    """Clean up after a failed or interrupted run; returns a note for the user (or None).
+
+    A new experiment that completed no round is removed entirely: an experiment folder without a
+    breakpoint is useless, and it would become the "latest experiment" of a later ``--resume``.
+    Otherwise the files of the failed round (node replies, plan copies) are pruned as after a round.
+    """
+    import shutil
+
+    try:
+        if fresh and not breakpoint_dirs(exp):
+            shutil.rmtree(exp.experimentation_path(), ignore_errors=True)
+            return "the experiment folder of this run was removed"
+        prune_experiment(exp, keep)
+    except Exception:  # noqa: BLE001 - clean-up must never hide the original error
+        return None
+    return None
+
+
+def writer_file(writer: Any) -> Optional[Path]:
+    """The TensorBoard event file of an open ``writer`` (to delete it when the run completed no round)."""
+    try:
+        return Path(writer._get_file_writer().event_writer._file_name)  # noqa: SLF001 - no public name
+    except Exception:  # noqa: BLE001 - another writer implementation: nothing to delete
+        return None
+
+
 def attach_metrics(exp: Any, writer: Any) -> NodeMetrics:
     """Route the nodes' metric messages of this experiment to :class:`NodeMetrics` (replaces the
     stock monitor, whose per-message console banners would drown the progress lines)."""
@@ -340,6 +492,25 @@ def attach_metrics(exp: Any, writer: Any) -> NodeMetrics:
     reqs = exp.requests() if callable(exp.requests) else exp.requests
     reqs.add_monitor_callback(exp.id, handler)
     return handler
+
+
+def secagg_refusal(exp: Any, nodes: Sequence[str], names: Mapping[str, str], index: int) -> str:
+    """One line explaining why nodes refused a round over their secure-aggregation setting."""
+    who = ", ".join(describe(n, names) for n in nodes)
+    if exp.secagg.active:
+        return (f"node {who} refused round {index + 1}: secure aggregation is disabled on it ([security] "
+                f"secure_aggregation = False in its etc/config.ini or FBM_SECURITY_SECURE_AGGREGATION=False); its "
+                f"operator must enable it, or run without --secagg")
+    again = "train.py --resume --secagg" if index > 0 else "train.py --secagg"
+    return (f"node {who} requires secure aggregation ([security] force_secure_aggregation = True) and refused "
+            f"round {index + 1} of this plain experiment: rerun with {again}")
+
+
+def secagg_info(exp: Any) -> Dict[str, Any]:
+    args = exp.model_args()
+    return {"active": bool(exp.secagg.active), "scheme": exp.secagg.scheme.name if exp.secagg.active else None,
+            "clip": float(args.get("secagg_clip") or 0.0), "resolution": codec.resolution(args.get("secagg_clip") or 0),
+            "weighting": args.get("secagg_weighting", "uniform")}
 
 
 def write_run_info(path: Path, exp: Any, extra: Mapping[str, Any]) -> None:
@@ -350,6 +521,7 @@ def write_run_info(path: Path, exp: Any, extra: Mapping[str, Any]) -> None:
             "model_args": exp.model_args(), "training_args": dict(exp.training_args()),
             "strategy": exp.strategy()._parameters,
             "sampled": {str(k): v for k, v in exp.strategy()._sampling_node_history.items()},
+            "secagg": secagg_info(exp),
             "breakpoints": breakpoint_dirs(exp), **extra}
     write_text_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
 

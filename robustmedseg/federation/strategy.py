@@ -23,6 +23,7 @@ from fedbiomed.common.exceptions import FedbiomedStrategyError
 from fedbiomed.researcher.strategies import DefaultStrategy
 
 WEIGHTINGS = ("uniform", "samples")
+NO_REPLY = "no training reply (node stopped or disconnected)"
 
 
 class NodeFailureError(FedbiomedStrategyError):
@@ -32,8 +33,18 @@ class NodeFailureError(FedbiomedStrategyError):
         self.round = round_i
         self.nodes = sorted(reasons)
         self.reasons = dict(reasons)
-        detail = "; ".join(f"node {n}: {reasons[n]}" for n in self.nodes)
-        super().__init__(f"round {round_i + 1} failed: {detail}")
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        detail = "; ".join(f"node {n}: {self.reasons[n]}" for n in self.nodes)
+        return f"round {self.round + 1} failed: {detail}"
+
+    def add_node_errors(self, errors: Dict[str, str]) -> None:
+        """Replace "no training reply" by the error message the node answered with, when it sent one."""
+        for node in self.nodes:
+            if node in errors and self.reasons[node] == NO_REPLY:
+                self.reasons[node] = f"the node answered with an error: {errors[node]}"
+        self.args = (self._message(),)
 
 
 class SampleAtMostK(DefaultStrategy):
@@ -55,7 +66,8 @@ class SampleAtMostK(DefaultStrategy):
         k = min(self.max_nodes, len(from_nodes))
         rng = random.Random(int(self._parameters["seed"]) * 1_000_003 + int(round_i))
         chosen = sorted(rng.sample(sorted(from_nodes), k))
-        self._sampling_node_history[round_i] = chosen
+        # a copy: Fed-BioMed's training job removes the nodes that fail from the list it is given
+        self._sampling_node_history[round_i] = list(chosen)
         return chosen
 
     def sampled(self, round_i: int) -> Optional[List[str]]:
@@ -67,7 +79,7 @@ class SampleAtMostK(DefaultStrategy):
         for node in self._sampling_node_history.get(round_i, []):
             reply = training_replies.get(node)
             if reply is None:
-                reasons[node] = "no training reply (node stopped or disconnected)"
+                reasons[node] = NO_REPLY
             elif reply.get("success") is not True:
                 reasons[node] = f"training failed on the node: {reply.get('msg') or 'no message'}"
         if reasons:

@@ -1,4 +1,8 @@
-"""Per-slice files: the input of every phase-1 and phase-2 script.
+"""Per-slice files: the input of every phase-1 and phase-2 script (the one definition of the format).
+
+Phase 1 (``prepare_data.py``, :mod:`robustmedseg.data.lmdb_store`) and phase 2
+(``MultiMedSeg/``) both list, name and read slices through this module, so they agree on what a
+slice file is and in which order slices come (:func:`list_slices`).
 
 Format (replaces the reference's pickled ``.npy`` dicts, SPEC §2.1):
 
@@ -18,7 +22,11 @@ Format (replaces the reference's pickled ``.npy`` dicts, SPEC §2.1):
                                   weight map is all ones
   ========  =======  ===========  ====================================================
 
-  H == W == the preprocessing ``--size``.
+  H == W == the preprocessing ``--size``.  ``data`` holds no NaN or inf and no value outside
+  [-1, 1]; no array is empty.
+
+Hidden files and folders (names starting with '.', e.g. the temporaries of
+:mod:`robustmedseg.io`) are never slices: :func:`list_slices` skips them.
 
 :func:`load_slice` validates all of this and raises :class:`~robustmedseg.errors.InputError`
 naming the file when anything is wrong.  :func:`convert_legacy_folder` converts the
@@ -36,7 +44,7 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir, atomic_path
+from robustmedseg.io import atomic_dir, atomic_path, check_apart, is_hidden
 
 PathLike = Union[str, os.PathLike]
 
@@ -72,12 +80,22 @@ def slice_index(slice_path: PathLike) -> int:
 
 
 def list_slices(folder: PathLike, recursive: bool = False) -> List[Path]:
-    """Slice files in ``folder`` (optionally its subfolders), sorted by (volume, index, path)."""
+    """Slice files in ``folder`` (optionally its subfolders), sorted by (volume, index, path).
+
+    Every ``*.npz`` file found must be named ``<volume>_slice<NNN>.npz``; another name is an
+    :class:`InputError` naming it (a renamed or stray file is a mistake, not something to skip).
+    Hidden files and folders (a name starting with '.': temporaries) are skipped.
+    An empty list is returned when there is no ``.npz`` file: callers word that error.
+    """
     folder = Path(folder)
     if not folder.is_dir():
+        if folder.exists():
+            raise InputError("is a file; a slice folder is expected here", folder)
         raise InputError("slice folder does not exist", folder)
     pattern = "**/*" + SLICE_SUFFIX if recursive else "*" + SLICE_SUFFIX
-    paths = [p for p in folder.glob(pattern) if p.is_file() and SLICE_RE.match(p.name)]
+    paths = [p for p in folder.glob(pattern) if p.is_file() and not is_hidden(p, folder)]
+    for p in paths:
+        _match(p)
     return sorted(paths, key=lambda p: (volume_id(p), slice_index(p), str(p)))
 
 
@@ -97,6 +115,11 @@ def group_slices_by_volume(folder: PathLike, recursive: bool = False) -> "Ordere
     return groups
 
 
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Integer label map (...) -> bool one-hot (..., n_classes), the layout of a slice's ``mask``."""
+    return labels[..., None] == np.arange(n_classes, dtype=labels.dtype)
+
+
 def validate_slice(arrays: Dict[str, np.ndarray], path: PathLike, require_mask: bool = False) -> None:
     """Check keys, dtypes, shapes and one-hotness of a slice dict; :class:`InputError` naming ``path``."""
     unknown = set(arrays) - set(SLICE_KEYS)
@@ -107,6 +130,15 @@ def validate_slice(arrays: Dict[str, np.ndarray], path: PathLike, require_mask: 
     data = arrays["data"]
     if data.dtype != np.float32 or data.ndim != 3 or data.shape[2] != 1:
         raise InputError(f"'data' must be float32 (H, W, 1), got {data.dtype} {data.shape}", path)
+    if data.size == 0:
+        raise InputError(f"'data' is empty (shape {data.shape})", path)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"'data' has {bad} non-finite value(s) (NaN or inf); slices must hold values in [-1, 1]",
+                         path)
+    low, high = float(data.min()), float(data.max())
+    if low < -1.0 or high > 1.0:
+        raise InputError(f"'data' values must lie in [-1, 1], found [{low:.6g}, {high:.6g}]", path)
     height, width = data.shape[:2]
     mask = arrays.get("mask")
     if mask is None and require_mask:
@@ -131,16 +163,34 @@ def load_slice(path: PathLike, require_mask: bool = False) -> Dict[str, Optional
     mask is not one-hot (or is absent while ``require_mask``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError("is a folder; a slice file is expected here", path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # .npy bytes under a .npz name
+            raise ValueError(f"a single {type(loaded).__name__}, not an .npz archive")
+        with loaded as archive:
             arrays = {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise InputError("slice file does not exist", path) from None
+    except PermissionError as err:
+        raise InputError(f"cannot read slice file: {err.strerror}", path) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise InputError(f"cannot read slice file (corrupt, truncated or not an .npz archive): {err}",
                          path) from None
     validate_slice(arrays, path, require_mask=require_mask)
     return {"data": arrays["data"], "mask": arrays.get("mask"), "weight": arrays.get("weight")}
+
+
+def data_digest(data: np.ndarray) -> str:
+    """Fingerprint of a slice image: sha256 of its float32 little-endian bytes (first 16 hex digits).
+
+    Preprocessing records it for one slice per volume (``metadata.json``); inference recomputes it
+    to make sure the metadata describes these very slices (another site's metadata is refused).
+    """
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(data, dtype="<f4").tobytes()).hexdigest()[:16]
 
 
 def save_slice(path: PathLike, data: np.ndarray, mask: Optional[np.ndarray] = None,
@@ -212,13 +262,12 @@ def convert_legacy_folder(src: PathLike, dst: PathLike, overwrite: bool = False)
     WARNING: unpickles the source files; only for data you trust.
     """
     src = Path(src)
-    files = sorted(p for p in src.rglob("*.npy") if LEGACY_SLICE_RE.match(p.name)) if src.is_dir() else []
+    check_apart({"DST": dst}, {"SRC": src})
+    files = sorted(p for p in src.rglob("*.npy") if LEGACY_SLICE_RE.match(p.name) and not is_hidden(p, src)) \
+        if src.is_dir() else []
     if not files:
         raise InputError("no legacy <volume>_slice<NNN>.npy files found", src)
-    try:
-        with atomic_dir(dst, overwrite=overwrite) as tmp:
-            for path in files:
-                convert_legacy_slice(path, tmp / path.parent.relative_to(src))
-    except FileExistsError:
-        raise InputError("output folder already exists; pass --overwrite to replace it", dst) from None
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        for path in files:
+            convert_legacy_slice(path, tmp / path.parent.relative_to(src))
     return len(files)

@@ -12,7 +12,7 @@ twice in the same process:
   + slicing; ``leaky_relu(x + b)·√2``).  This is what a straightforward port does.
 
 Printed ratios are naive time / current time (> 1 means the shipped ops are faster).
-Usage: ``python bench/model.py [--quick] [--size 64] [--batch 4] [--channel-cap N|0] [--device cpu|cuda]``.
+Usage: ``python -m bench.bench_model [--quick] [--size 64] [--batch 4] [--channel-cap N|0] [--device cpu|cuda]``.
 """
 from __future__ import annotations
 
@@ -20,22 +20,16 @@ import argparse
 import contextlib
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-# This file is bench/model.py: replace its folder on sys.path by the repository root so that
-# ``import model`` finds the real module (and ``op`` the real package).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import model as M  # noqa: E402
-import op.fused_act  # noqa: E402
-from op import conv2d_gradfix  # noqa: E402
+import model as M
+import op.fused_act
+from op import conv2d_gradfix
+from robustmedseg.errors import CliParser, run_cli
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +131,8 @@ def time_it(fn: Callable[[], None], reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    ap = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (2 instead of 5)")
     ap.add_argument("--size", type=int, default=64, help="image size (default 64)")
     ap.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
@@ -147,7 +140,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="cap every channel count (default: 64 on CPU, paper channels on CUDA; 0 = paper channels)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--no-reg", action="store_true", help="skip the R1 + path-length row")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cap = args.channel_cap if args.channel_cap is not None else (None if device.type == "cuda" else 64)
@@ -182,4 +179,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -16,7 +16,7 @@ federation, where they run in parallel).  Every ``--eval-every`` updates of the 
 fidelity evaluator (:mod:`robustmedseg.factory.fidelity`) scores ``g_ema`` (and the raw generator):
 domain accuracy, z-bin accuracy, KID.  Output: a JSON trace (``--out``) with CPU time.
 
-    OMP_NUM_THREADS=1 python bench/factory_schedule.py --lmdb lmdb/site0 lmdb/site1 lmdb/site2 \\
+    OMP_NUM_THREADS=1 python -m bench.bench_factory_schedule --lmdb lmdb/site0 lmdb/site1 lmdb/site2 \\
         --evaluator evaluator.pt --mode central --total-updates 2400 --out central.json
 """
 from __future__ import annotations
@@ -24,27 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import ConcatDataset, DataLoader  # noqa: E402
-
-from robustmedseg.data.dataset import LMDBSlices  # noqa: E402
-from robustmedseg.factory.config import FactoryConfig  # noqa: E402
-from robustmedseg.factory.fidelity import Evaluator, scalar_summary  # noqa: E402
-from robustmedseg.factory.network import FactoryModel  # noqa: E402
-from robustmedseg.factory.optim import AlternatingAdam  # noqa: E402
-from robustmedseg.factory.trainer import FactoryTrainer  # noqa: E402
+from robustmedseg.data.dataset import LMDBSlices
+from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.factory.config import FactoryConfig
+from robustmedseg.factory.fidelity import Evaluator, scalar_summary
+from robustmedseg.factory.network import FactoryModel
+from robustmedseg.factory.optim import AlternatingAdam
+from robustmedseg.factory.trainer import FactoryTrainer
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lmdb", type=Path, nargs="+", required=True, help="one prepare_data.py LMDB folder per site")
     p.add_argument("--evaluator", type=Path, required=True, help="fidelity evaluator file")
     p.add_argument("--mode", choices=("central", "federated"), required=True)
@@ -60,7 +57,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--style_dim", "--latent", dest="latent", type=int, default=64)
     p.add_argument("--n_mlp", type=int, default=2)
     p.add_argument("--channel-cap", type=int, default=32)
     p.add_argument("--lr-mlp", type=float, default=0.01)
@@ -77,7 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSON trace to write")
     p.add_argument("--save", type=Path, default=None, help="write the final model as a final_global_model.pt")
-    return p.parse_args(argv)
+    return p
 
 
 def make_cfg(a: argparse.Namespace, n_domains: int) -> FactoryConfig:
@@ -132,7 +129,7 @@ def evaluate(ev: Evaluator, model: FactoryModel, n: int, seed: int) -> Dict[str,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(argv)
+    a = build_parser().parse_args(argv)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     ev = Evaluator.load(a.evaluator)
@@ -206,4 +203,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

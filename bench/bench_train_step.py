@@ -7,7 +7,7 @@ path), ADA with a fixed p = 0.3 (geometric + colour pass on every D input, R1 th
 "cycle" column is the mean cost per update over one lazy-regularisation cycle (d_reg_every = 16,
 g_reg_every = 4). Ratios are relative to the ADA-off baseline. Repetitions are interleaved and the minimum is kept
 (robust on a shared machine).
-Usage: ``python bench/train_step.py [--size 64] [--cap 64] [--latent 128] [--batch 4] [--reps 3]``.
+Usage: ``python -m bench.bench_train_step [--size 64] [--cap 64] [--latent 128] [--batch 4] [--reps 3]``.
 """
 from __future__ import annotations
 
@@ -15,17 +15,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import torch
 
-import torch  # noqa: E402
-
-from robustmedseg.factory.config import FactoryConfig  # noqa: E402
-from robustmedseg.factory.network import FactoryModel  # noqa: E402
-from robustmedseg.factory.optim import AlternatingAdam  # noqa: E402
-from robustmedseg.factory.trainer import FactoryTrainer  # noqa: E402
+from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.factory.config import FactoryConfig
+from robustmedseg.factory.network import FactoryModel
+from robustmedseg.factory.optim import AlternatingAdam
+from robustmedseg.factory.trainer import FactoryTrainer
 
 
 def make_trainer(args: argparse.Namespace, augment: bool, p: float) -> FactoryTrainer:
@@ -77,15 +75,19 @@ def bench_all(args: argparse.Namespace, settings: Dict[str, tuple]) -> Dict[str,
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=64, help="image size (default 64)")
     p.add_argument("--cap", type=int, default=64, help="channel cap (default 64)")
     p.add_argument("--latent", type=int, default=128, help="latent width (default 128)")
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per update kind (default 3)")
     p.add_argument("--md", type=Path, default=None, help="append the table as markdown to this file")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     rows = bench_all(args, {"ADA off": (False, 0.0), "ADA p=0": (True, 0.0), "ADA p=0.3": (True, 0.3)})
     base = rows["ADA off"]
     cols = ["D", "D+R1", "G", "G+PL", "cycle"]
@@ -99,11 +101,11 @@ def main() -> None:
     print(title)
     print("\n".join(lines))
     if args.md:
-        cmd = "python bench/train_step.py " + " ".join(sys.argv[1:])
+        cmd = "python -m bench.bench_train_step " + " ".join(sys.argv[1:])
         with open(args.md, "a") as handle:
-            handle.write(f"## Phase 1: one node update (bench/train_step.py)\n\n{title}\n\n" + "\n".join(lines)
+            handle.write(f"## Phase 1: one node update (bench/bench_train_step.py)\n\n{title}\n\n" + "\n".join(lines)
                          + f"\n\nCommand: `{cmd}`\n\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,28 +10,24 @@ machine. Outputs are checked to agree before timing.
 
 Usage (from the repository root)::
 
-    python bench/ops.py            # full shapes
-    python bench/ops.py --quick    # smaller shapes, fewer repetitions
+    python -m bench.bench_ops            # full shapes
+    python -m bench.bench_ops --quick    # smaller shapes, fewer repetitions
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from op import fused_leaky_relu, upfirdn2d  # noqa: E402
-from op.upfirdn import parse_params  # noqa: E402
+from op import fused_leaky_relu, upfirdn2d
+from op.upfirdn import parse_params
+from robustmedseg.errors import CliParser, run_cli
 
 Shape = Tuple[int, int, int, int]
 Op = Callable[[torch.Tensor], torch.Tensor]
@@ -156,13 +152,17 @@ def measure(case: Case, reps: int, backward: bool) -> Tuple[float, float]:
     return statistics.median(ref_t) * 1e3, statistics.median(naive_t) * 1e3
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> CliParser:
+    parser = CliParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes and 3 repetitions")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads value (default: torch's)")
     parser.add_argument("--filter", default="", help="only rows whose name contains this substring")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
@@ -184,4 +184,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

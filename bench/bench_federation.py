@@ -13,7 +13,7 @@ is compared with ONE local node round (the critical path); the sequential cost o
 is printed too.
 
 Overhead % = (federated round - local node round) / local node round. Target <= 15 %.
-Usage: ``python bench/federation.py [--updates 200] [--rounds 3] [--size 32] [--md FILE]``.
+Usage: ``python -m bench.bench_federation [--updates 200] [--rounds 3] [--size 32] [--md FILE]``.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
-_HERE = Path(__file__).resolve().parent
-REPO = _HERE.parent
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import numpy as np
 
-import numpy as np  # noqa: E402
+from robustmedseg.errors import CliParser, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_lmdbs(root: Path, size: int, n_sites: int = 3, n_slices: int = 48) -> Dict[str, Path]:
@@ -104,8 +104,8 @@ def local(args: argparse.Namespace, lmdbs: Dict[str, Path], root: Path) -> List[
     return times
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=200, help="updates per round (default 200)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds; the first is warm-up (default 3)")
     p.add_argument("--size", type=int, default=32, help="image size (default 32)")
@@ -114,7 +114,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--threads", type=int, default=1, help="threads per node and for the local run (default 1)")
     p.add_argument("--md", type=Path, default=None, help="also write the figures as markdown to this file")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_fed_") as tmp:
         root = Path(tmp)
         lmdbs = make_lmdbs(root, args.size)
@@ -148,8 +152,8 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.md:
-        cmd = "python bench/federation.py " + " ".join(sys.argv[1:])
-        text = "## Phase 1: federation overhead (bench/federation.py)\n\n" + "\n".join(f"- {ln}" for ln in lines)
+        cmd = "python -m bench.bench_federation " + " ".join(sys.argv[1:])
+        text = "## Phase 1: federation overhead (bench/bench_federation.py)\n\n" + "\n".join(f"- {ln}" for ln in lines)
         text += f"\n\nCommand: `OMP_NUM_THREADS={args.threads} {cmd}` (2-core CPU box, shared with other jobs).\n"
         args.md.parent.mkdir(parents=True, exist_ok=True)
         with open(args.md, "a") as handle:
@@ -157,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

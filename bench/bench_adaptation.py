@@ -18,7 +18,7 @@ settings), ``--split test`` the test volumes (report once).  Printed: per-class 
 ± sd over volumes, mean GM/WM Dice, the adapted runs' own branches, and **gap closed** =
 (adapted − source only) / (target supervised − source only).  ``--json`` writes the numbers.
 
-    OMP_NUM_THREADS=1 python bench/adaptation.py --data demo_output --work /tmp/p2 --split val \\
+    OMP_NUM_THREADS=1 python -m bench.bench_adaptation --data demo_output --work /tmp/p2 --split val \\
         --bn-mode batch --ensemble-weights 0.4,0.6 --synthetic
 """
 from __future__ import annotations
@@ -27,25 +27,22 @@ import argparse
 import csv
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import model  # noqa: E402
+import model
+from robustmedseg.errors import CliParser, run_cli
 
 SOURCE = 0
 CLASSES = (("1", "GM"), ("2", "WM"))
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (runs; reused)")
     p.add_argument("--data", type=Path, default=None,
                    help="demo output folder with prep/ and final_global_model.pt (default: make a phantom in --work)")
@@ -78,7 +75,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
     p.add_argument("--report", type=Path, default=None, help="write a markdown report")
-    return p.parse_args(argv)
+    return p
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -160,7 +157,7 @@ def stats(rows: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(argv)
+    a = build_parser().parse_args(argv)
     from MultiMedSeg import inference as inference_cli
     from MultiMedSeg import pretrain as pretrain_cli
     from MultiMedSeg import train as train_cli
@@ -259,4 +256,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

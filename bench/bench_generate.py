@@ -15,29 +15,28 @@ Timing is compute only (no slice files written, the same for both).  Agreement: 
 segmentation (reload per batch) is run on the current path's images and compared label by
 label; the baseline's slice count and duplicated latents are printed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/generate.py              # tiny config
-    OMP_NUM_THREADS=1 .venv/bin/python bench/generate.py --preset small
-    OMP_NUM_THREADS=1 .venv/bin/python bench/generate.py --paper-load  # + reload cost of a paper-size checkpoint
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_generate              # tiny config
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_generate --preset small
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_generate --paper-load  # + reload cost of a paper-size checkpoint
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from MultiMedSeg import generation as gen  # noqa: E402
-from MultiMedSeg.models.psp import PSP, PSPConfig  # noqa: E402
-from MultiMedSeg.training import checkpoints as ck  # noqa: E402
+from MultiMedSeg import generation as gen
+from MultiMedSeg.ensemble import feature_scale_of
+from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.training import checkpoints as ck
+from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.io import load_torch_file
 
 PRESETS: Dict[str, Dict] = {
     # the test configuration
@@ -96,7 +95,8 @@ class Reference:
     def __init__(self, paths: List[Path], label: int, s: int, batch: int):
         self.paths, self.label, self.s, self.batch = paths, label, s, batch
         self.net = PSP.from_checkpoint(paths[0]).eval()  # built once, as the reference
-        self.fs = gen.feature_scale_of(ck.load_checkpoint(paths[0]))  # the best checkpoint's, for all
+        # the best checkpoint's feature scale, for all
+        self.fs = feature_scale_of(load_torch_file(paths[0], "phase-2 checkpoint", mapping=True))
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
@@ -161,8 +161,8 @@ def paper_reload_cost(folder: Path) -> Tuple[float, float]:
     return size, sec
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CliParser:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--n_zbins", type=int, default=29)
     p.add_argument("--s", type=int, default=10, help="slices_in_one_z (default 10)")
@@ -171,7 +171,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="volumes timed per path (median)")
     p.add_argument("--paper-load", action="store_true",
                    help="also time the reload of one paper-size checkpoint (writes ~0.7 GB to a temp folder)")
-    a = p.parse_args()
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    a = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     config = PSPConfig(n_zbins=a.n_zbins, src_tgt_domains=[0], label_nc=3, **PRESETS[a.preset])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {a.preset}: {PRESETS[a.preset]}")
@@ -213,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,0 +1,159 @@
+"""Segment new scans with a trained run (the library of ``MultiMedSeg/predict.py``, ``rms-predict``).
+
+Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a preprocessed site,
+:func:`run_prediction` takes raw scans -- NIfTI, NRRD, MetaImage or DICOM series, in any orientation
+(:mod:`MultiMedSeg.data.formats`) -- and needs nothing but the run folder:
+
+1. the run's preprocessing plan (``checkpoints/plan.json``, :mod:`MultiMedSeg.data.plan`) and its
+   ``--ensemble_size`` best checkpoints (:mod:`MultiMedSeg.ensemble`, each file read once) must agree
+   on the number of classes and on the domain the run segments;
+2. every scan is checked before any work (format, 3-D, DICOM series, output names);
+3. per scan: read, preprocess exactly as the training data (:func:`MultiMedSeg.data.plan.prepare_scan`:
+   reorientation, crop, resampling, standardisation, the site's intensity window, padding), segment
+   with the same code as ``inference.py`` (:func:`~MultiMedSeg.training.inference.predict_volume`,
+   :func:`~MultiMedSeg.training.inference.label_volumes`), map back onto the scan's own grid
+   (:func:`MultiMedSeg.data.restore.restore_volume`: same shape, spacing, origin and direction) and
+   write it (:func:`MultiMedSeg.data.formats.write_result`).
+
+An adapted run writes its ``_pred`` labels (inter and intra ensemble, ``--ensemble_weights``), a
+pretraining run its ``_intra`` labels, as ``inference.py`` does.  Outputs: ``OUT/<id>.nii.gz`` (or
+the input's format), ``OUT/<id>_probabilities.nii.gz`` (x, y, z, class) with ``--save_probabilities``
+(restored with linear interpolation, so their argmax may differ from the labels at a few boundary
+voxels), and ``OUT/predict.json`` (run, checkpoints, plan, and per scan its geometry, output and
+warnings).  The folder is written completely or not at all (:func:`robustmedseg.io.atomic_dir`).
+A scan whose spacing is far from the training data's gets a ``warning:`` line (it is still segmented).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from MultiMedSeg.data.formats import ScanSource, find_scans, output_extension, probe_scan, read_scan, write_result
+from MultiMedSeg.data.images_dataset import SliceArrayDataset
+from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
+from MultiMedSeg.data.restore import restore_volume
+from MultiMedSeg.data.transforms import eval_transform
+from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
+from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.inference import ensemble_probabilities, label_volumes, predict_volume
+from robustmedseg.device import configure_backends, resolve_device, seed_everything
+from robustmedseg.errors import InputError
+from robustmedseg.io import atomic_dir, check_apart, check_new_output
+
+SUMMARY_NAME = "predict.json"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_output_folder(output: Path, inputs: Sequence[Path], overwrite: bool, checkpoint_dir=None) -> None:
+    """The output folder may not exist (unless ``overwrite``), nor be, contain or lie inside an input
+    (the project's one rule, :func:`robustmedseg.io.check_apart`)."""
+    given = {("--input" if i == 0 else f"--input #{i + 1}"): src for i, src in enumerate(inputs)}
+    given["--checkpoint_dir"] = checkpoint_dir
+    check_apart({"--output": output}, given)
+    check_new_output(output, overwrite)
+
+
+def check_run(plan: PreprocessingPlan, members: Sequence[Member], plan_path: Path) -> bool:
+    """The plan and the checkpoints agree on the classes and the domain; returns True for an adapted
+    (two-domain) run."""
+    config = members[0].net.config
+    if int(plan.num_classes) != int(config.label_nc):
+        raise InputError(f"label count mismatch: the plan's data has {plan.num_classes} classes but the checkpoints "
+                         f"segment {config.label_nc}", plan_path)
+    domains = list(config.src_tgt_domains)
+    inter = len(domains) == 2
+    role, label = ("target", domains[1]) if inter else ("source", domains[0])
+    if plan.domain.get("role") != role or plan.domain.get("label") != label:
+        raise InputError(f"the plan was written for the {plan.domain.get('role')} domain {plan.domain.get('label')} "
+                         f"but the checkpoints segment the {role} domain {label}; rewrite the plan from the "
+                         f"metadata.json of the site the run segments (python -m MultiMedSeg.plan)", plan_path)
+    return inter
+
+
+def segment_scan(slices: np.ndarray, members: Sequence[Member], inter: bool, weights: Sequence[float],
+                 batch_size: int) -> Dict[str, Any]:
+    """Ensemble prediction of one scan's (Z, S, S) slices: ``labels`` (Z, S, S) of the run's output
+    branch and ``probabilities`` (Z, L, S, S) of the same branch."""
+    net = members[0].net
+    config = net.config
+    dataset = SliceArrayDataset(slices, 1 if inter else 0, eval_transform(config.encoder_input_size),
+                                label_nc=config.label_nc, invert_intensity=config.invert_intensity)
+    pred = predict_volume(members, DataLoader(dataset, batch_size=batch_size, shuffle=False),
+                          net.latent_avg.device, inter)
+    branch = "pred" if inter else "intra"
+    return {"branch": branch, "labels": label_volumes(pred, weights)[branch],
+            "probabilities": ensemble_probabilities(pred, weights)[branch].numpy()}
+
+
+def restore_probabilities(probabilities: np.ndarray, volume_meta: dict) -> np.ndarray:
+    """(Z, L, S, S) -> (X, Y, Z, L) float32 on the scan's grid (background 1 outside the segmented region)."""
+    channels = [restore_volume(probabilities[:, c], volume_meta, kind="probability", fill=1.0 if c == 0 else 0.0)
+                for c in range(probabilities.shape[1])]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
+                   warn: Callable[[str], None] = _stderr) -> Dict[str, Any]:
+    """Segment every scan of ``opts.input`` into ``opts.output``; returns the summary written to
+    ``predict.json``."""
+    from tqdm import tqdm
+
+    scans: List[ScanSource] = find_scans(opts.input, opts.series)
+    names = {}
+    for src in scans:  # everything that can be checked cheaply, before any work
+        probe_scan(src)
+        names[src.id] = f"{src.id}{output_extension(src, opts.output_format)}"
+    check_output_folder(opts.output, opts.input, opts.overwrite, opts.checkpoint_dir)
+    paths = resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False)
+    plan_folder = ck.checkpoints_folder(Path(opts.checkpoint_dir))
+    plan = load_plan(plan_folder)
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
+    members = load_ensemble(paths, device)
+    inter = check_run(plan, members, plan_folder / PLAN_NAME)
+    log(f"{len(scans)} scan(s); run {plan_folder} ({len(members)} checkpoint(s), "
+        f"{'adapted: _pred' if inter else 'source-only: _intra'} labels, {plan.num_classes} classes, "
+        f"orientation {plan.orientation})")
+    records: List[Dict[str, Any]] = []
+    with atomic_dir(opts.output, overwrite=opts.overwrite) as out_dir:
+        bar = tqdm(scans, desc="predict", unit="scan", dynamic_ncols=True,
+                   disable=getattr(opts, "quiet", False) or not sys.stderr.isatty())
+        for src in bar:
+            scan = read_scan(src)
+            vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)
+            spacing = vmeta["orientation"]["spacing"]
+            warning = plan.spacing_warning(spacing)
+            if warning:
+                warn(f"warning: {src.path}: {warning}")
+            result = segment_scan(slices, members, inter, opts.ensemble_weights, opts.test_batch_size)
+            labels = restore_volume(result["labels"], vmeta, kind="label")
+            write_result(labels, scan, vmeta, out_dir / names[src.id])
+            prob_name = None
+            if opts.save_probabilities:
+                stem, ext = src.id, names[src.id][len(src.id):]
+                prob_name = f"{stem}_probabilities{ext}"
+                write_result(restore_probabilities(result["probabilities"], vmeta), scan, vmeta, out_dir / prob_name)
+            counts = np.bincount(labels.ravel().astype(np.int64), minlength=plan.num_classes).tolist()
+            records.append({"id": src.id, "input": str(src.path), "format": src.format, "series": src.series,
+                            "shape": list(vmeta["shape"]), "stored_axcodes": vmeta["orientation"]["stored_axcodes"],
+                            "spacing": spacing, "slices": int(slices.shape[0]), "output": names[src.id],
+                            "probabilities": prob_name, "voxels_per_class": counts,
+                            "warnings": [warning] if warning else []})
+            log(f"{src.id}: {src.format} {tuple(vmeta['shape'])} {vmeta['orientation']['stored_axcodes']} -> "
+                f"{names[src.id]} ({int(slices.shape[0])} slices)")
+        summary = {"run": str(plan_folder), "checkpoints": [str(m.path) for m in members],
+                   "branch": "pred" if inter else "intra",
+                   "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
+                   "output_format": opts.output_format, "plan": plan.to_dict(), "scans": records}
+        ck.write_json(out_dir / SUMMARY_NAME, summary)
+    log(f"wrote {len(records)} segmentation(s) to {opts.output}")
+    return summary
