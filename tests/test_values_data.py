@@ -2,6 +2,7 @@
 (each message names the file or flag and the offending value; found missing by mutation testing)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,12 @@ def test_grouping_by_volume_and_duplicate_indices(tmp_path):
 def test_phase1_reading_refuses_values_outside_the_range(tmp_path):
     data, _ = good()
     data[0, 0, 0] = 1.5
-    path = save_slice(tmp_path / "v_slice000.npz", data)
-    assert message(lmdb_store.read_slice_data, path) == f"{path}: 'data' values must be finite and in [-1, 1]"
+    path = tmp_path / "v_slice000.npz"  # written by hand: save_slice itself refuses such values
+    np.savez(path, data=data)
+    assert message(lmdb_store.read_slice_data, path) == f"{path}: 'data' values must lie in [-1, 1], found [0, 1.5]"
     data[0, 0, 0] = np.nan
-    assert "must be finite" in message(lmdb_store.read_slice_data, save_slice(tmp_path / "v_slice001.npz", data))
+    np.savez(tmp_path / "v_slice001.npz", data=data)
+    assert "1 non-finite value(s)" in message(lmdb_store.read_slice_data, tmp_path / "v_slice001.npz")
     data[0, 0, 0] = 1.0
     np.testing.assert_array_equal(lmdb_store.read_slice_data(save_slice(tmp_path / "v_slice002.npz", data)), data)
 
@@ -94,10 +97,11 @@ def test_phase1_reading_refuses_values_outside_the_range(tmp_path):
     (dict(label=3), "--label 3 out of range: domain labels are 0..2 (--n-domains 3)"),
     (dict(label=-1), "--label -1 out of range: domain labels are 0..2 (--n-domains 3)"),
     (dict(n_zbins=0), "--n-zbins must be >= 1, got 0"),
-    (dict(sizes=(16, 16)), "--size must list distinct positive sizes, got [16, 16]"),
-    (dict(sizes=(0,)), "--size must list distinct positive sizes, got [0]"),
-    (dict(sizes=()), "--size must list distinct positive sizes, got []"),
-    (dict(workers=-1), "--workers must be >= 0, got -1"),
+    (dict(sizes=(16, 16)), "--size must list distinct sizes, got [16, 16]"),
+    (dict(sizes=(0,)), "--size 0: size must be a power of two in [16, 1024], got 0 (train.py would refuse it)"),
+    (dict(sizes=(24,)), "--size 24: size must be a power of two in [16, 1024], got 24 (train.py would refuse it)"),
+    (dict(sizes=()), "--size must list distinct sizes, got []"),
+    (dict(workers=-1), f"--workers must be in [0, {4 * (os.cpu_count() or 1)}] (4 x the CPU count), got -1"),
     (dict(clip_batch=0), "--clip-batch must be >= 1, got 0"),
 ])
 def test_prepare_options_are_checked(tmp_path, change, text):
@@ -108,9 +112,11 @@ def test_prepare_options_are_checked(tmp_path, change, text):
 def test_prepare_output_location_is_checked(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for out in (src, tmp_path):
+    for out, relation in ((src, "is"), (tmp_path, "contains")):
         opts = lmdb_store.PrepareOptions(source=src, out=out, label=0)
-        assert message(lmdb_store.check_options, opts) == f"{out}: --out must not be the slice folder or one of its parents"
+        assert message(lmdb_store.check_options, opts) == \
+            f"{out}: --out {relation} the input PATH {src}: an output must be apart from every input " \
+            "(it could be replaced or deleted)"
     (tmp_path / "file").write_text("x")
     opts = lmdb_store.PrepareOptions(source=src, out=tmp_path / "file", label=0)
     assert message(lmdb_store.check_options, opts) == f"{tmp_path / 'file'}: output already exists (pass --overwrite to replace it)"
@@ -150,21 +156,21 @@ def test_lmdb_reader_index_and_resolution_errors(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    data, _ = good(8, 8)
+    data, _ = good(16, 16)
     for i in range(3):
         save_slice(src / f"v_slice{i:03d}.npz", data)
     out = tmp_path / "lmdb"
-    lmdb_store.prepare_lmdb(lmdb_store.PrepareOptions(source=src, out=out, label=1, sizes=(8,), clip_model=None,
+    lmdb_store.prepare_lmdb(lmdb_store.PrepareOptions(source=src, out=out, label=1, sizes=(16,), clip_model=None,
                                                       progress=False))
     meta = lmdb_store.load_meta(out)
-    assert meta["format"] == "robustmedseg-slices-lmdb" and meta["length"] == 3 and meta["sizes"] == [8]
+    assert meta["format"] == "robustmedseg-slices-lmdb" and meta["length"] == 3 and meta["sizes"] == [16]
     assert meta["image_shape"] == "(size, size, 1)" and meta["dtype"] == "<f4"
-    reader = LMDBSlices(out, 8)
+    reader = LMDBSlices(out, 16)
     assert len(reader) == 3
     with pytest.raises(IndexError, match=r"^slice index 3 out of range 0\.\.2$"):
         reader.image(3)
-    assert message(LMDBSlices, out, 16) == f"{out}: resolution 16 not in the LMDB (sizes [8])"
-    assert message(LMDBSlices, tmp_path / "none", 8) == f"{tmp_path / 'none'}: LMDB folder not found"
+    assert message(LMDBSlices, out, 32) == f"{out}: resolution 32 not in the LMDB (sizes [16])"
+    assert message(LMDBSlices, tmp_path / "none", 16) == f"{tmp_path / 'none'}: LMDB folder not found"
     assert lmdb_store.load_int_array(out / "labels.npy", 3).tolist() == [1, 1, 1]  # the domain of every slice
 
 
@@ -267,7 +273,7 @@ def test_legacy_slices_convert_exactly(tmp_path):
     nested = load_slice(tmp_path / "all" / "sub" / "w_slice012.npz")
     assert nested["mask"] is None and nested["weight"] is None  # an all-ones weight is not stored
     assert message(convert_legacy_folder, src, tmp_path / "all") == \
-        f"{tmp_path / 'all'}: output folder already exists; pass --overwrite to replace it"
+        f"{tmp_path / 'all'}: output already exists (pass --overwrite to replace it)"
     assert convert_legacy_folder(src, tmp_path / "all", overwrite=True) == 2
     assert message(convert_legacy_folder, tmp_path / "one", tmp_path / "x") == \
         f"{tmp_path / 'one'}: no legacy <volume>_slice<NNN>.npy files found"

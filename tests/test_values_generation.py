@@ -199,7 +199,7 @@ def test_generation_log_progress_and_summary(run_dir, tmp_path, capsys):
     assert json.loads((out / "generation.json").read_text()) == summary
     with pytest.raises(InputError) as info:
         gen.generate(make_cfg(run_dir, out), log=quiet, progress=False)
-    assert str(info.value) == f"{out}: output folder already exists; pass --overwrite to replace it"
+    assert str(info.value) == f"{out}: output already exists (pass --overwrite to replace it)"
 
 
 def test_nifti_files_have_the_identity_grid(tmp_path):
