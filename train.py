@@ -51,6 +51,9 @@ MODEL_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "clip_dim": ((), "CLIP embedding width = clip_mean.npy width (ViT-L-14: 768)"),
     "channel_multiplier": ((), "StyleGAN2 channel multiplier"),
     "channel_cap": ((), "cap on the channels of every layer (small CPU runs); default none = paper widths"),
+    "lr_mlp": ((), "learning-rate multiplier of the mapping network (paper: 0.01). Short CPU runs learn the site "
+                   "conditioning much faster with 1 (BENCHMARKS.md); save_global_model.py exports in the paper's "
+                   "parametrisation either way"),
     "r1": ((), "R1 weight"),
     "path_regularize": ((), "path-length weight"),
     "path_batch_shrink": ((), "batch divisor of the path-length step"),
@@ -74,7 +77,7 @@ GPU_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
                             "fastest; runs are no longer bit-reproducible; off by default"),
 }
 FLAG_FIELDS = {**SCHEDULE_FIELDS, **MODEL_FIELDS, **GPU_FIELDS}
-# architecture: fixed by the first run (lr_mlp is not a flag: always the paper's 0.01)
+# architecture: fixed by the first run
 ARCH_FLAGS = tuple(k for k in MODEL_KEYS if k in FLAG_FIELDS)
 
 
@@ -141,6 +144,14 @@ def build_parser(suppress: bool = False) -> CliParser:
         help="keep only the newest N breakpoints and the node-reply files they use (0 = keep all; at 512 px "
              "a breakpoint is ~1 GB); default 3")
     add("--tensorboard", type=Path, default=None, help="TensorBoard folder (default WORKDIR/tensorboard)")
+    add("--fidelity-evaluator", dest="fidelity_evaluator", type=Path, default=None,
+        help="frozen fidelity evaluator file (python -m robustmedseg.factory.fidelity train): after every "
+             "--fidelity-every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
+             "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
+    add("--fidelity-every", dest="fidelity_every", type=int, default=1,
+        help="score the aggregated G_ema every N rounds (and after the last round; default 1)")
+    add("--fidelity-n", dest="fidelity_n", type=int, default=64,
+        help="generated slices per domain for each fidelity score (default 64)")
     add("--min-nodes", dest="min_nodes", type=int, default=1,
         help="wait until at least this many nodes answer before starting (default 1)")
     add("--wait-nodes", dest="wait_nodes", type=float, default=120.0,
@@ -170,6 +181,9 @@ def _print_round(report: Any, limit: int) -> None:
     keys = ("d_loss", "g_loss", "r1", "path_length", "ada_p", "clip_loss", "secagg_clipped")
     shown = " ".join(f"{k} {report.metrics[k]:.4g}" for k in keys if k in report.metrics)
     train_s = max(report.node_train_s.values()) if report.node_train_s else float("nan")
+    fid = report.fidelity
+    if fid:
+        shown += (f"  fidelity: domain acc {fid['domain_accuracy']:.3f} z-bin ±1 {fid['zbin_within1']:.3f}")
     print(f"round {report.round}/{limit}  {report.seconds:.1f} s (node training {train_s:.1f} s)  "
           f"nodes {', '.join(report.nodes)}  {shown}", flush=True)
 
@@ -210,6 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError(f"--secagg-clip must be > 0, got {args.secagg_clip}")
     if args.secagg and args.max_nodes < 2:
         raise InputError("--secagg needs --max-nodes-per-round >= 2 (only a sum over 2+ nodes can be unmasked)")
+    if args.fidelity_every < 1 or args.fidelity_n < 2:
+        raise InputError("--fidelity-every must be >= 1 and --fidelity-n >= 2")
     _check_numbers(args)
     tags = [t for t in args.tags.split(",") if t]
     if not tags:
@@ -227,6 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from robustmedseg.federation import researcher as R
 
+    fidelity = None
+    if args.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
+        fidelity = R.fidelity_scorer(args.fidelity_evaluator, args.fidelity_n, args.seed)
     exp = None
     try:
         R.use_researcher_component(researcher_dir, verbose=args.verbose)
@@ -264,15 +283,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.time()
         rounds = R.previous_rounds(workdir / "run.json", exp.id, exp.round_current())
 
+        if fidelity is not None:
+            fidelity.evaluator.check_generator(exp.training_plan().model().g_ema)
+
         def on_round(report: Any) -> None:
-            rounds.append({"round": report.round, "seconds": report.seconds, "node_train_s": report.node_train_s,
-                           "node_cpu_s": report.node_cpu_s})
+            row = {"round": report.round, "seconds": report.seconds, "node_train_s": report.node_train_s,
+                   "node_cpu_s": report.node_cpu_s}
+            if report.fidelity:
+                row["fidelity"] = report.fidelity
+            rounds.append(row)
             _print_round(report, exp.round_limit())
 
         completed = False
         try:
             R.run_rounds(exp, metrics, writer, workdir / "samples", int(model_args.get("n_sample", 3)),
-                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints)
+                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints,
+                         fidelity=fidelity, fidelity_every=args.fidelity_every)
             completed = True
         finally:
             if writer is not None:

@@ -1,21 +1,25 @@
-"""Quality benchmark of phase 2 (not a test): source-only pretraining vs domain adaptation.
+"""Quality benchmark of phase 2 (not a test): the five reference rows of issue 9 on one target site.
 
-On the embedded phantom (``demo.phantom``): source = site 0 (T1, scanner A, fully labeled),
-target = site 2 (PET-like).  Steps, all through the public CLIs' ``main`` functions:
+Rows (all through the public CLIs' ``main`` functions, in-process; every run is reused when its
+folder already holds a finished run, so settings can be compared cheaply):
 
-1. generate the phantom (sites 0 and 2) and preprocess both sites at ``--size`` px; every
-   target training volume goes to ``train/labeled`` and ``--one_target_slice`` keeps one
-   labeled slice (the middle one) per target volume;
-2. a phase-1 generator of the same size initialised locally (no phase-1 training here);
-3. ``pretrain.py`` on site 0, then ``inference.py`` of that run on the site-2 test volumes
-   (source-only baseline: the source head on target images);
-4. ``train.py`` (adaptation 0 -> 2) from the pretraining run, then ``inference.py`` on the
-   same test volumes (``_pred`` ensemble, also ``_intra`` and ``_inter``);
-5. print per-class Dice on the original grid and write a markdown report (``--report``).
+1. **source only**: ``pretrain.py`` on the source site; its ``_intra`` prediction on the target;
+2. **target only**: ``pretrain.py`` on the few labelled target slices that ``--one_target_slice``
+   keeps (the middle informative slice of each labelled target volume), no source data;
+3. **adapted, real source**: ``train.py`` from row 1 with the real source slices; ``_pred``;
+4. **adapted, synthetic source**: ``generate_volumes.py`` from row 1, then ``train.py`` with the
+   synthetic volumes as the only source data; ``_pred`` (``--synthetic``);
+5. **target supervised**: ``pretrain.py`` on every labelled training volume of the target.
 
-Targets (issue): adaptation >= source-only + 0.10 mean Dice and >= 0.80 mean GM/WM Dice.
+Data: a demo output folder (``--data``, e.g. ``demo_output``: ``prep/site<k>``,
+``prep/site<t>_all_labels``, ``prep/site<t>_fewshot``, ``final_global_model.pt``) or, without
+``--data``, a phantom prepared here.  ``--split val`` scores the validation volumes (use it to choose
+settings), ``--split test`` the test volumes (report once).  Printed: per-class Dice and HD95 as mean
+± sd over volumes, mean GM/WM Dice, the adapted runs' own branches, and **gap closed** =
+(adapted − source only) / (target supervised − source only).  ``--json`` writes the numbers.
 
-    OMP_NUM_THREADS=1 python -m bench.bench_adaptation --work /tmp/bench_phase2 --report notes.md
+    OMP_NUM_THREADS=1 python -m bench.bench_adaptation --data demo_output --work /tmp/p2 --split val \\
+        --bn-mode batch --ensemble-weights 0.4,0.6 --synthetic
 """
 from __future__ import annotations
 
@@ -23,154 +27,231 @@ import argparse
 import csv
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 import model
-from demo.phantom import generate_phantom
-from MultiMedSeg import inference as inference_cli
-from MultiMedSeg import pretrain as pretrain_cli
-from MultiMedSeg import train as train_cli
-from MultiMedSeg.data.preprocessing import PreprocessConfig, _count, preprocess
 from robustmedseg.errors import CliParser, run_cli
 
-SOURCE, TARGET = 0, 2
-CLASS_NAMES = {"1": "GM", "2": "WM", "foreground": "brain"}
+SOURCE = 0
+CLASSES = (("1", "GM"), ("2", "WM"))
 
 
 def build_parser() -> CliParser:
     p = CliParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, required=True, help="working folder (phantom, slices, runs; reused)")
-    p.add_argument("--report", type=Path, default=None, help="markdown report to write")
-    p.add_argument("--size", type=int, default=64, help="slice and generator size (px)")
-    p.add_argument("--subjects", type=int, default=8, help="phantom subjects per site")
-    p.add_argument("--spacing", type=float, default=3.0, help="phantom voxel size (mm)")
+    p.add_argument("--work", type=Path, required=True, help="working folder (runs; reused)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="demo output folder with prep/ and final_global_model.pt (default: make a phantom in --work)")
+    p.add_argument("--generator", type=Path, default=None,
+                   help="phase-1 final_global_model.pt (default: DATA/final_global_model.pt, else a random-init one)")
+    p.add_argument("--target", type=int, default=2)
+    p.add_argument("--split", choices=("val", "test"), default="val", help="volumes scored (choose settings on val)")
+    p.add_argument("--tag", default="", help="suffix of the run folders (to keep variants apart)")
+    p.add_argument("--adapt-tag", default="", help="extra suffix of the adapted runs only (variants of the "
+                   "adaptation that reuse the same pretraining runs)")
+    p.add_argument("--size", type=int, default=32, help="slice and generator size (phantom mode)")
+    p.add_argument("--subjects", type=int, default=16, help="phantom subjects per site (phantom mode)")
+    p.add_argument("--spacing", type=float, default=5.0, help="phantom voxel size in mm (phantom mode)")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--adapt-steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--encoder-depth", type=int, default=18)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--encoder-depth", type=int, default=10)
     p.add_argument("--encoder-base-channels", type=int, default=16)
-    p.add_argument("--style-dim", type=int, default=64)
-    p.add_argument("--channel-cap", type=int, default=32)
     p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--n-best", type=int, default=3)
     p.add_argument("--learning-rate", type=float, default=1e-4, help="encoder learning rate (paper 1e-4)")
+    p.add_argument("--bn-mode", choices=("running", "batch"), default="running")
+    p.add_argument("--ensemble-weights", default="0.6,0.4", help="inter,intra weights of _pred (inference)")
+    p.add_argument("--latent-avg-samples", type=int, default=1024)
+    p.add_argument("--synthetic", action="store_true", help="also the synthetic-source row (generate_volumes.py)")
+    p.add_argument("--n-volumes", type=int, default=6, help="synthetic volumes")
+    p.add_argument("--slices-in-one-z", type=int, default=1)
+    p.add_argument("--extra-adapt", default="", help="extra train.py flags (quoted), e.g. '--use_da'")
+    p.add_argument("--adapt-learning-rate", type=float, default=None, help="encoder lr of train.py (default: --learning-rate)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
+    p.add_argument("--report", type=Path, default=None, help="write a markdown report")
     return p
 
 
-def prepare_data(a: argparse.Namespace) -> Dict[int, Path]:
-    phantom = a.work / "phantom"
+# ------------------------------------------------------------------------------------------ data
+def phantom_data(a: argparse.Namespace) -> Path:
+    """A demo-like data folder (prep/site0, prep/site<t>, _all_labels, _fewshot) made here."""
+    from demo.fewshot import write_fewshot
+    from demo.phantom import generate_phantom
+    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+
+    root = a.work / f"data{a.size}"
+    phantom = root / "data"
     if not phantom.exists():
-        generate_phantom(phantom, seed=a.seed, n_subjects=a.subjects, spacing=a.spacing, sites=(SOURCE, TARGET))
-    sites = {}
-    for site in (SOURCE, TARGET):
-        out = a.work / f"prep{a.size}" / f"site{site}"
+        generate_phantom(phantom, seed=a.seed, n_subjects=a.subjects, spacing=a.spacing, sites=(SOURCE, a.target))
+    jobs = [(SOURCE, "site0", None), (a.target, f"site{a.target}", 2), (a.target, f"site{a.target}_all_labels", None)]
+    for site, name, labeled in jobs:
+        out = root / "prep" / name
         if not out.exists():
-            n_train = a.subjects - _count(a.subjects, 0.2) - _count(a.subjects, 0.3)  # every target train volume
-            preprocess(PreprocessConfig(
-                images=phantom / f"site{site}" / "images", labels=phantom / f"site{site}" / "labels", out=out,
-                size=a.size, num_classes=3, val_frac=0.2, test_frac=0.3, seed=a.seed,
-                labeled_train=None if site == SOURCE else n_train, discard_outside_labels=True),
-                log=lambda *x: None)
-        sites[site] = out
-    return sites
+            preprocess(PreprocessConfig(images=phantom / f"site{site}" / "images",
+                                        labels=phantom / f"site{site}" / "labels", out=out, size=a.size,
+                                        num_classes=3, val_frac=0.15, test_frac=0.25, seed=0, labeled_train=labeled,
+                                        discard_outside_labels=True), log=lambda *x: None)
+    few = root / "prep" / f"site{a.target}_fewshot"
+    if not few.exists():
+        write_fewshot(root / "prep" / f"site{a.target}" / "train" / "labeled", few, 3)
+    return root
 
 
-def make_generator(a: argparse.Namespace) -> Path:
-    path = a.work / f"generator{a.size}.pt"
+def generator_file(a: argparse.Namespace, data: Path) -> Path:
+    if a.generator is not None:
+        return a.generator
+    if (data / "final_global_model.pt").is_file():
+        return data / "final_global_model.pt"
+    path = a.work / f"generator{a.size}_random.pt"
     if not path.exists():
-        args = dict(size=a.size, style_dim=a.style_dim, n_mlp=2, n_domains=3, channel_multiplier=2,
-                    channel_cap=a.channel_cap)
+        args = dict(size=a.size, style_dim=64, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=32)
         torch.manual_seed(a.seed)
         g = model.Generator(**args)
         torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": args}, path)
     return path
 
 
-def read_dice(metrics_csv: Path, branch: str) -> Dict[str, float]:
-    rows = [r for r in csv.DictReader(metrics_csv.open()) if r["prediction"] == branch]
-    classes = sorted({r["class"] for r in rows})
-    return {c: sum(float(r["dice"]) for r in rows if r["class"] == c) / max(1, sum(r["class"] == c for r in rows))
-            for c in classes}
-
-
-def run(label: str, main, argv: List[str], log: List[str], skip: bool = False) -> Optional[float]:
-    """Log the equivalent command line and run ``main(argv)`` in-process (unless ``skip``: reused output)."""
-    cmd = f"python MultiMedSeg/{label}.py " + " ".join(shlex.quote(x) for x in argv)
+# ------------------------------------------------------------------------------------------ runs
+def run(label: str, main, argv: List[str], log: List[str], done: bool) -> Optional[float]:
+    """Log the equivalent command line and run ``main(argv)`` in-process (unless ``done``: reused)."""
+    cmd = f"python {label} " + " ".join(shlex.quote(str(x)) for x in argv)
     log.append(cmd)
-    print(f"$ {cmd}" + ("   # output exists, reused" if skip else ""), flush=True)
-    if skip:
+    print(f"$ {cmd}" + ("   # output exists, reused" if done else ""), flush=True)
+    if done:
         return None
-    t0 = time.time()
-    main(argv)
-    return time.time() - t0
+    t0 = time.process_time()
+    main([str(x) for x in argv])
+    return time.process_time() - t0
+
+
+def finished(folder: Path) -> bool:
+    return (folder / "checkpoints" / "best.json").is_file()
+
+
+def read_rows(metrics_csv: Path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for r in csv.DictReader(metrics_csv.open()):
+        if r["prediction"] == branch:
+            out.setdefault(r["volume"], {})[r["class"]] = {"dice": float(r["dice"]), "hd95": float(r["hd95"])}
+    return out
+
+
+def stats(rows: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Any]:
+    vols = sorted(rows)
+
+    def ms(values: List[float]) -> Dict[str, float]:
+        arr = np.asarray(values, float)
+        return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+    out: Dict[str, Any] = {name: {m: ms([rows[v][c][m] for v in vols]) for m in ("dice", "hd95")}
+                           for c, name in CLASSES}
+    out["mean"] = {m: ms([float(np.mean([rows[v][c][m] for c, _ in CLASSES])) for v in vols]) for m in ("dice", "hd95")}
+    out["n"] = len(vols)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    from MultiMedSeg import inference as inference_cli
+    from MultiMedSeg import pretrain as pretrain_cli
+    from MultiMedSeg import train as train_cli
+
     a.work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    sites = prepare_data(a)
-    gen = make_generator(a)
-    runs = a.work / f"runs{a.size}_lr{a.learning_rate:g}"
-    commands: List[str] = []
-    common = ["--encoder_depth", str(a.encoder_depth), "--encoder_base_channels", str(a.encoder_base_channels),
-              "--encoder_input_size", str(a.size), "--batch_size", str(a.batch_size), "--lpips_lambda", "0",
-              "--start_from_latent_avg", "--label_nc", "3", "--device", "cpu", "--seed", str(a.seed),
-              "--val_interval", str(a.val_every), "--board_interval", "50", "--image_interval", "200",
-              "--latent_avg_samples", "10000", "--learning_rate", str(a.learning_rate)]
-    times = {}
-    pre = runs / f"pretrain{a.pretrain_steps}"  # reused by later runs with the same settings
-    pre_argv = ["--exp_dir", str(pre), "--overwrite", "--source_data", str(sites[SOURCE]), "--stylegan_weights",
-                str(gen), "--src_label", str(SOURCE), "--max_steps", str(a.pretrain_steps),
-                "--feature_scale_rate", str(2.0 / a.pretrain_steps), *common]
-    times["pretrain"] = run("pretrain", pretrain_cli.main, pre_argv, commands,
-                            skip=(pre / "checkpoints" / "best.json").exists())
-    ada = runs / f"adapt{a.adapt_steps}_from{a.pretrain_steps}"
-    ada_argv = ["--exp_dir", str(ada), "--overwrite", "--source_data", str(sites[SOURCE]), "--target_data",
-                str(sites[TARGET]), "--checkpoint_dir", str(pre), "--src_label", str(SOURCE), "--tgt_label",
-                str(TARGET), "--one_target_slice", "--max_steps", str(a.adapt_steps),
-                "--feature_scale_rate", str(2.0 / a.adapt_steps), *common]
-    times["adapt"] = run("train", train_cli.main, ada_argv, commands, skip=(ada / "checkpoints" / "best.json").exists())
-    results = {}
-    for name, folder in (("source_only", pre), ("adapted", ada)):
-        out = runs / f"test_{folder.name}"
-        run("inference", inference_cli.main, ["--exp_dir", str(out), "--overwrite", "--checkpoint_dir", str(folder),
-                                              "--target_data", str(sites[TARGET]), "--ensemble_size", "5",
-                                              "--device", "cpu"], commands)
-        branches = ("intra",) if name == "source_only" else ("pred", "intra", "inter")
-        results[name] = {b: read_dice(out / "metrics.csv", b) for b in branches}
-    src = results["source_only"]["intra"]
-    adp = results["adapted"]["pred"]
-    mean = lambda d: (d["1"] + d["2"]) / 2  # noqa: E731 - mean GM/WM Dice
-    lines = ["| model | GM Dice | WM Dice | mean GM/WM | brain Dice |", "|---|---|---|---|---|"]
-    rows = [("source-only pretrain (intra)", src)] + [(f"adapted ({b})", results["adapted"][b])
-                                                       for b in ("pred", "intra", "inter")]
-    for title, d in rows:
-        lines.append(f"| {title} | {d['1']:.3f} | {d['2']:.3f} | {mean(d):.3f} | {d['foreground']:.3f} |")
-    gain = mean(adp) - mean(src)
-    verdict = [f"- gain of the adapted ensemble over source-only: {gain:+.3f} mean Dice (target >= +0.10: "
-               f"{'met' if gain >= 0.10 else 'NOT met'})",
-               f"- adapted mean GM/WM Dice: {mean(adp):.3f} (target >= 0.80: {'met' if mean(adp) >= 0.80 else 'NOT met'})"]
-    n_test = len(json.loads((sites[TARGET] / "metadata.json").read_text())["splits"]["test"])
-    header = (f"Phantom {a.subjects} subjects/site at {a.spacing} mm, slices {a.size} px, source site {SOURCE} -> "
-              f"target site {TARGET} (PET-like), {n_test} target test volumes, one labeled slice per target "
-              f"training volume; pretrain {a.pretrain_steps} steps, adapt {a.adapt_steps} steps, batch "
-              f"{a.batch_size}, encoder lr {a.learning_rate:g}, encoder IResNet-{a.encoder_depth}/{a.encoder_base_channels}, random-init generator "
-              f"(style_dim {a.style_dim}, cap {a.channel_cap}), LPIPS off, CPU.  Dice on the original NIfTI grid.")
-    text = "\n".join([header, "", *lines, "", *verdict, "",
-                      "Wall times (s, this invocation; 2 shared CPU cores): "
-                      + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} reused" for k, v in times.items()), "",
-                      "Commands:", "```", " ".join(["OMP_NUM_THREADS=1 python -m bench.bench_adaptation",
-                                                    *(argv if argv is not None else sys.argv[1:])]),
-                      *commands, "```", ""])
+    data = a.data if a.data is not None else phantom_data(a)
+    prep = data / "prep"
+    t = a.target
+    gen = generator_file(a, data)
+    size = json.loads((prep / "site0" / "metadata.json").read_text())["size"]
+    runs = a.work / "runs"
+    tag = a.tag
+    common = ["--encoder_depth", a.encoder_depth, "--encoder_base_channels", a.encoder_base_channels,
+              "--encoder_input_size", size, "--batch_size", a.batch_size, "--lpips_lambda", 0,
+              "--start_from_latent_avg", "--label_nc", 3, "--device", "cpu", "--seed", a.seed,
+              "--val_interval", a.val_every, "--n_best", a.n_best, "--latent_avg_samples", a.latent_avg_samples,
+              "--learning_rate", a.learning_rate, "--bn_mode", a.bn_mode, "--test_batch_size", 32]
+    pre_rate = ["--feature_scale_rate", round(1.5 / a.pretrain_steps, 6), "--max_steps", a.pretrain_steps]
+    log: List[str] = []
+    cpu: Dict[str, Optional[float]] = {}
+    folders = {"source_only": runs / f"source_only{tag}", "target_only": runs / f"target_only{tag}",
+               "target_supervised": runs / f"target_supervised{tag}"}
+    cpu["source_only"] = run("MultiMedSeg/pretrain.py", pretrain_cli.main, [
+        "--exp_dir", folders["source_only"], "--overwrite", "--source_data", prep / "site0", "--stylegan_weights", gen,
+        "--src_label", SOURCE, *pre_rate, *common], log, finished(folders["source_only"]))
+    cpu["target_only"] = run("MultiMedSeg/pretrain.py", pretrain_cli.main, [
+        "--exp_dir", folders["target_only"], "--overwrite", "--source_root", prep / f"site{t}_fewshot",
+        "--val_root", prep / f"site{t}" / "val", "--stylegan_weights", gen, "--src_label", t, *pre_rate, *common],
+        log, finished(folders["target_only"]))
+    cpu["target_supervised"] = run("MultiMedSeg/pretrain.py", pretrain_cli.main, [
+        "--exp_dir", folders["target_supervised"], "--overwrite", "--source_data", prep / f"site{t}_all_labels",
+        "--stylegan_weights", gen, "--src_label", t, *pre_rate, *common], log, finished(folders["target_supervised"]))
+    adapt = ["--target_data", prep / f"site{t}", "--checkpoint_dir", folders["source_only"], "--src_label", SOURCE,
+             "--tgt_label", t, "--one_target_slice", "--max_steps", a.adapt_steps,
+             "--feature_scale_rate", round(1.5 / a.adapt_steps, 6), *common, *shlex.split(a.extra_adapt)]
+    if a.adapt_learning_rate is not None:
+        adapt += ["--learning_rate", a.adapt_learning_rate]  # the later flag wins
+    tag = a.tag + a.adapt_tag
+    folders["adapted_real"] = runs / f"adapted_real{tag}"
+    cpu["adapted_real"] = run("MultiMedSeg/train.py", train_cli.main, [
+        "--exp_dir", folders["adapted_real"], "--overwrite", "--source_data", prep / "site0", *adapt], log,
+        finished(folders["adapted_real"]))
+    if a.synthetic:
+        import generate_volumes
+
+        fake = runs / f"synthetic_source{a.tag}"
+        cpu["generate"] = run("generate_volumes.py", generate_volumes.main, [
+            "--ckpt_dir", folders["source_only"], "--generator", gen, "--label", SOURCE, "--n_volumes", a.n_volumes,
+            "--slices_in_one_z", a.slices_in_one_z, "--n_segmentation_labels", 3, "--keep-largest-component",
+            "--seed", a.seed, "--batch_size", 8, "--device", "cpu", "--out_dir", fake, "--overwrite", "--quiet"],
+            log, (fake / "nifti").is_dir())
+        folders["adapted_synthetic"] = runs / f"adapted_synthetic{tag}"
+        cpu["adapted_synthetic"] = run("MultiMedSeg/train.py", train_cli.main, [
+            "--exp_dir", folders["adapted_synthetic"], "--overwrite", "--source_root", fake, *adapt], log,
+            finished(folders["adapted_synthetic"]))
+    scored = prep / f"site{t}" / a.split
+    weights = a.ensemble_weights.replace(" ", "")
+    results: Dict[str, Any] = {}
+    branches: Dict[str, Any] = {}
+    for name, folder in folders.items():
+        out = a.work / "inference" / f"{folder.name}_{a.split}_w{weights.replace(',', '-')}"
+        if not (out / "metrics.csv").is_file():
+            run("MultiMedSeg/inference.py", inference_cli.main, [
+                "--exp_dir", out, "--overwrite", "--checkpoint_dir", folder, "--test_root", scored,
+                "--metadata", prep / f"site{t}" / "metadata.json", "--ensemble_size", a.n_best, "--device", "cpu",
+                "--test_batch_size", 32, "--ensemble_weights", weights], log, False)
+        adapted = name.startswith("adapted")
+        results[name] = stats(read_rows(out / "metrics.csv", "pred" if adapted else "intra"))
+        if adapted:
+            branches[name] = {b: stats(read_rows(out / "metrics.csv", b))["mean"]["dice"]["mean"]
+                              for b in ("intra", "inter", "pred")}
+    so, ts = results["source_only"]["mean"]["dice"]["mean"], results["target_supervised"]["mean"]["dice"]["mean"]
+    gap = {k.split("_", 1)[1]: (results[k]["mean"]["dice"]["mean"] - so) / (ts - so) if ts > so else float("nan")
+           for k in results if k.startswith("adapted")}
+    lines = ["| row | Dice GM | Dice WM | Dice mean | HD95 mean (mm) |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        fmt = lambda s, d=3: f"{s['mean']:.{d}f} ± {s['sd']:.{d}f}"  # noqa: E731
+        lines.append(f"| {name} | {fmt(r['GM']['dice'])} | {fmt(r['WM']['dice'])} | {fmt(r['mean']['dice'])} | "
+                     f"{fmt(r['mean']['hd95'], 1)} |")
+    text = "\n".join([
+        f"{a.split} volumes of site {t} (n = {results['source_only']['n']}); generator {gen}; bn_mode {a.bn_mode}; "
+        f"ensemble weights (inter,intra) {weights}; pretrain {a.pretrain_steps} / adapt {a.adapt_steps} steps; tag '{tag}'",
+        "", *lines, "",
+        "adapted branches (mean GM/WM Dice): " + "; ".join(
+            f"{k}: intra {v['intra']:.3f}, inter {v['inter']:.3f}, pred {v['pred']:.3f}" for k, v in branches.items()),
+        "gap closed: " + ", ".join(f"{k} {v:.3f}" for k, v in gap.items()),
+        "CPU s: " + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} reused" for k, v in cpu.items()), "",
+        "Commands:", "```", *log, "```", ""])
     print(text)
     if a.report is not None:
         a.report.write_text(text)
+    if a.json is not None:
+        a.json.write_text(json.dumps({"results": results, "branches": branches, "gap_closed": gap, "cpu": cpu,
+                                      "args": vars(a)}, indent=1, default=str) + "\n")
     return 0
 
 

@@ -4,16 +4,22 @@ Stages (each runs the project's real command-line tools as subprocesses; the out
 ``<name>`` goes to ``OUT/logs/<name>.log``):
 
 1. ``phantom``       3-site brain phantom (``python -m demo.phantom``) + montage PNG
-2. ``preprocess``    each site to 32 px slices (``python -m MultiMedSeg.preprocess``)
-3. ``prepare_data``  one LMDB per site (``prepare_data.py``, CLIP off unless ``--clip-model``)
-4. ``federated``     3 local Fed-BioMed nodes, ``train.py``, ``save_global_model.py``; nodes always stopped
-5. ``pretrain``      source segmenter on site 0 (``MultiMedSeg/pretrain.py``)
-6. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
-7. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
-8. ``inference``     target test volumes: source-only, adapted-real, adapted-synthetic (``MultiMedSeg/inference.py``)
-9. ``predict``       the target test scans stored as NRRD in another axis order (``python -m demo.reorient``),
+2. ``preprocess``    each site to 32 px slices (``python -m MultiMedSeg.preprocess``), and the target site
+                     with every training volume labelled (the target-supervised upper bound)
+3. ``prepare_data``  one LMDB per site (``prepare_data.py``, CLIP off unless ``--clip-model``); the few
+                     labelled target slices (``python -m demo.fewshot``)
+4. ``evaluator``     fidelity evaluator: a classifier of real slices (``python -m robustmedseg.factory.fidelity``)
+5. ``federated``     3 local Fed-BioMed nodes, ``train.py`` (fidelity per round), ``save_global_model.py``;
+                     nodes always stopped
+6. ``pretrain``      segmenters: source only (site 0), target only, target supervised (``MultiMedSeg/pretrain.py``)
+7. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
+8. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
+9. ``inference``     target test volumes with the five models (``MultiMedSeg/inference.py``)
+10. ``fidelity``     fidelity of the final generator (``python -m robustmedseg.factory.fidelity score``)
+11. ``predict``      the target test scans stored as NRRD in another axis order (``python -m demo.reorient``),
                      segmented like new scans (``MultiMedSeg/predict.py``)
-10. ``report``       ``OUT/REPORT.md`` with figures and the Dice/Hausdorff table (``python -m demo.report``)
+12. ``report``       ``OUT/REPORT.md`` and ``OUT/summary.json`` with figures, the five-row Dice/Hausdorff
+                     table and the gap closed (``python -m demo.report``)
 
 A finished stage leaves ``OUT/.stages/<name>.json`` (its wall time); ``--resume`` skips those.
 ``--full`` prints the paper-scale commands instead of running anything.
@@ -29,9 +35,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
-from demo.stages import DEFAULT, QUICK, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
+from demo.stages import PRESETS, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
 from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
@@ -57,8 +63,11 @@ def build_parser() -> CliParser:
                "OUT/logs/<stage>.log. Use --full to see the paper-scale commands for your own data.")
     p.add_argument("--out", type=Path, default=Path("demo_output"),
                    help="output folder (default demo_output); refused if it exists unless --resume or --overwrite")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke configuration (fewer subjects, rounds and steps; used by the test suite)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="settings: 'default' (32 px, < 20 min on 2 cores), 'quick' (smoke configuration used by the "
+                        "test suite, a few minutes, numbers meaningless), 'quality' (64 px, longer schedules; "
+                        "1-3 h on 2 CPU cores, see BENCHMARKS.md)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--full", action="store_true",
                    help="print the paper-scale commands (GPU, your own data) and exit without running anything")
     p.add_argument("--resume", action="store_true",
@@ -129,10 +138,19 @@ def remove_outputs(out: Path, stage: Stage) -> None:
 THREADS = {"n": 1}
 
 
-def child_env() -> Dict[str, str]:
-    """The environment of every command: no stray Fed-BioMed variables, ``--threads`` torch/OpenMP threads."""
+def default_threads() -> int:
+    """CPU cores this process may use (the default of ``--threads``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def child_env(threads: Optional[int] = None) -> Dict[str, str]:
+    """The environment of every command: no stray Fed-BioMed variables, ``threads`` torch/OpenMP threads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS["n"])
+    n = THREADS["n"] if threads is None else threads
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, n))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -172,12 +190,24 @@ class Progress:
         self.stream.flush()
 
 
-def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str) -> int:
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # interrupted: stop the child before leaving
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str,
+                threads: Optional[int] = None) -> int:
     """Run one command with stdout/stderr appended to ``log``; returns its exit status."""
     log.write(f"\n$ {shell_line(cmd)}\n")
     log.flush()
     t0 = time.monotonic()
-    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=os.getcwd())
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=child_env(threads),
+                            cwd=os.getcwd())
     try:
         while True:
             try:
@@ -189,13 +219,65 @@ def run_command(cmd: Sequence[str], log: TextIO, progress: Progress, what: str) 
             log.flush()
             return status
     finally:
-        if proc.poll() is None:  # interrupted: stop the child before leaving
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
+
+
+def run_parallel(cmds: Sequence[Sequence[str]], log: TextIO, log_path: Path, progress: Progress, lanes: int,
+                 total_threads: int) -> Tuple[int, int]:
+    """Run ``cmds`` at most ``lanes`` at a time, each with ``total_threads // lanes`` threads (at least 1).
+
+    Each command writes to its own part file; when it ends, the part is appended to ``log`` (so the
+    stage log holds every command's output in one piece).  Returns ``(index, status)`` of the first
+    failure, or ``(-1, 0)``.  On a failure the commands still running are stopped.
+    """
+    pending = list(enumerate(cmds))
+    running: List[Tuple[int, subprocess.Popen, Path, Any, float]] = []
+    lanes = max(1, min(lanes, len(cmds)))
+    threads = max(1, total_threads // lanes)
+    failed = (-1, 0)
+    try:
+        while pending or running:
+            while pending and len(running) < lanes and failed[0] < 0:
+                k, cmd = pending.pop(0)
+                part = log_path.with_name(f".{log_path.stem}.{k}.part")
+                fh = open(part, "w")
+                fh.write(f"\n$ {shell_line(cmd)}\n")
+                fh.flush()
+                proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=child_env(threads),
+                                        cwd=os.getcwd())
+                running.append((k, proc, part, fh, time.monotonic()))
+            if not running:
+                break
+            time.sleep(1.0)
+            names = ", ".join(_short(cmds[k]) for k, *_ in running)
+            progress.tick(f"{len(running)} running ({names}), {len(pending)} waiting")
+            for item in list(running):
+                k, proc, part, fh, t0 = item
+                status = proc.poll()
+                if status is None:
+                    continue
+                fh.write(f"# exit status {status} after {time.monotonic() - t0:.1f} s\n")
+                fh.close()
+                log.write(part.read_text())
+                log.flush()
+                part.unlink()
+                running.remove(item)
+                if status and failed[0] < 0:
+                    failed = (k, status)
+                    pending.clear()
+    finally:
+        for k, proc, part, fh, _ in running:
+            _stop(proc)
+            fh.close()
+            if part.exists():
+                log.write(part.read_text() + "# stopped\n")
+                part.unlink()
+        log.flush()
+    return failed
+
+
+def _short(cmd: Sequence[str]) -> str:
+    return Path(cmd[1]).name if cmd[1] != "-m" else cmd[2]
 
 
 def federation_cli(action: str, root: Path, datasets: Optional[Dict[str, str]] = None) -> List[str]:
@@ -215,6 +297,14 @@ def stop_federation(root: Path, log: TextIO, progress: Progress) -> None:
         LocalFederation(root).stop()
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes of this process (and their children)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_stage(stage: Stage, out: Path, progress: Progress) -> float:
     """Run every command of ``stage`` (nodes up around them if needed); returns the wall time."""
     log_path = out / "logs" / f"{stage.name}.log"
@@ -228,11 +318,16 @@ def run_stage(stage: Stage, out: Path, progress: Progress) -> float:
                                      "starting 3 Fed-BioMed nodes")
                 if status:
                     raise StageFailed(stage.name, log_path, status)
-            for k, cmd in enumerate(stage.commands, 1):
-                what = f"command {k}/{len(stage.commands)}: {Path(cmd[1]).name if cmd[1] != '-m' else cmd[2]}"
-                status = run_command(cmd, log, progress, what)
+            if stage.parallel > 1 and len(stage.commands) > 1:
+                k, status = run_parallel(stage.commands, log, log_path, progress, stage.parallel, THREADS["n"])
                 if status:
                     raise StageFailed(stage.name, log_path, status)
+            else:
+                for k, cmd in enumerate(stage.commands, 1):
+                    what = f"command {k}/{len(stage.commands)}: {_short(cmd)}"
+                    status = run_command(cmd, log, progress, what, threads=stage.threads or THREADS["n"])
+                    if status:
+                        raise StageFailed(stage.name, log_path, status)
         finally:
             if stage.federation is not None:
                 stop_federation(fed_root, log, progress)
@@ -266,9 +361,11 @@ def run_pipeline(out: Path, stages: List[Stage], resume: bool, cfg: DemoConfig) 
         remove_outputs(out, stage)
         if stage.name == "report":  # the report reads the timings of the other stages
             write_text_atomic(out / MARKERS / "timings.json", json.dumps(timings, indent=2) + "\n")
+        cpu0 = children_cpu()
         seconds = run_stage(stage, out, progress)
         timings[stage.name] = seconds
-        write_text_atomic(done, json.dumps({"seconds": seconds, "load": _load(),
+        write_text_atomic(done, json.dumps({"seconds": seconds, "cpu_seconds": children_cpu() - cpu0,
+                                            "load": _load(), "threads": THREADS["n"],
                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         progress.done(f"done in {seconds:.1f} s  (total {time.monotonic() - t_all:.0f} s)")
     write_text_atomic(out / MARKERS / "timings.json", json.dumps(timings, indent=2) + "\n")
@@ -283,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # e.g. piped into head
             pass
         return 0
-    cfg = QUICK if args.quick else DEFAULT
+    cfg = PRESETS["quick" if args.quick else args.preset]
     out = args.out.resolve()
     try:
         stages = build_stages(out, cfg, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
@@ -314,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (the command running was stopped, and the Fed-BioMed nodes if they were up). "
               "Continue with: python -m demo.run --resume "
-              f"--out {args.out}{' --quick' if args.quick else ''}", file=sys.stderr)
+              f"--out {args.out} --preset {cfg.name}", file=sys.stderr)
         return 130
     print(f"demo finished in {time.monotonic() - t0:.0f} s: {out / 'REPORT.md'}")
     return 0

@@ -35,9 +35,12 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/phantom.py": _module_parser("demo.phantom"),
     "demo/report.py": _module_parser("demo.report"),
     "demo/reorient.py": _module_parser("demo.reorient"),
+    "demo/fewshot.py": _module_parser("demo.fewshot"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
+    "robustmedseg/factory/fidelity.py": _module_parser("robustmedseg.factory.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
-       for name in ("adaptation", "federation", "generate", "gpu_check", "model", "ops", "secagg", "train_step")},
+       for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
+                    "secagg", "train_step")},
 }
 
 
@@ -114,9 +117,17 @@ PARSES = {
     "demo/phantom.py": (["--out", "o", "--n-subjects", "2"], ["--out", "o", "--n_subjects", "2"]),
     "demo/report.py": (["--out", "o", "--target", "1"], ["--out=o", "--target=1"]),
     "demo/reorient.py": (["--metadata", "m", "--out", "o", "--axcodes", "LPS"], ["--metadata=m", "--out=o", "--axcodes=LPS"]),
+    "demo/fewshot.py": (["--labeled", "l", "--out", "o", "--label-nc", "3"],
+                        ["--labeled=l", "--out=o", "--num_classes", "3"]),
     "robustmedseg/federation/local.py": (["up", "--root", "r", "--dataset", "a=b"],
                                          ["up", "--root=r", "--dataset=a=b"]),
+    "robustmedseg/factory/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
+                                          "--n-zbins", "5"],
+                                         ["train", "--train=0=a", "--heldout=0=b", "--out=e.pt", "--n_zbins", "5"]),
     "bench/bench_adaptation.py": (["--work", "w", "--pretrain-steps", "3"], ["--work", "w", "--pretrain_steps", "3"]),
+    "bench/bench_factory_schedule.py": (
+        ["--lmdb", "a", "--evaluator", "e", "--mode", "central", "--out", "o", "--lr-mlp", "1", "--latent", "32"],
+        ["--lmdb", "a", "--evaluator", "e", "--mode", "central", "--out=o", "--lr_mlp", "1", "--style-dim", "32"]),
     "bench/bench_federation.py": (["--updates", "3"], ["--updates=3"]),
     "bench/bench_generate.py": (["--n_zbins", "5", "--paper-load"], ["--n-zbins", "5", "--paper_load"]),
     "bench/bench_model.py": (["--channel-cap", "8", "--no-reg"], ["--channel_cap", "8", "--no_reg"]),
@@ -170,7 +181,7 @@ def test_train_flags_are_the_factory_config_fields():
     fields = {f.name for f in dataclasses.fields(FactoryConfig)}
     assert set(train.FLAG_FIELDS) <= fields
     # not flags of their own: secagg_clip and secagg_weighting follow --secagg, --secagg-clip and --aggregation
-    assert fields - set(train.FLAG_FIELDS) == {"lr_mlp", "clip_prob", "run_id", "secagg_clip", "secagg_weighting"}
+    assert fields - set(train.FLAG_FIELDS) == {"clip_prob", "run_id", "secagg_clip", "secagg_weighting"}
 
 
 def test_usage_error_is_one_line(capsys):

@@ -554,6 +554,32 @@ def test_export_layout_and_strict_reload(tmp_path):
     assert torch.load(path, weights_only=True)["meta"]["round"] == 3
 
 
+def test_export_of_a_factory_trained_with_another_mapping_lr_is_the_same_generator(tmp_path):
+    """--lr_mlp 1: the export stores the mapping in the paper's parametrisation (lr_mlp 0.01) and a
+    Generator built with the paper's default computes the same images."""
+    from model import Generator
+    from robustmedseg.federation.export import build_export
+
+    cfg = FactoryConfig.from_model_args({**TINY, "run_id": "x", "lr_mlp": 1.0})
+    model = FactoryModel(cfg)
+    with torch.no_grad():  # a trained-looking mapping (non-zero biases)
+        for p in model.g_ema.style.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    export = build_export(model.state_dict(), {"model_args": cfg.to_model_args(), "id": "e", "round_current": 1})
+    assert export["args"]["lr_mlp"] == 0.01 and export["meta"]["trained_lr_mlp"] == 1.0
+    kw = {k: export["args"][k] for k in ("style_dim", "n_mlp", "n_domains", "channel_multiplier", "n_zbins",
+                                         "clip_dim", "channel_cap")}
+    paper = Generator(export["args"]["size"], **kw)  # lr_mlp defaults to the paper's 0.01
+    paper.load_state_dict(export["g_ema"])
+    z = torch.randn(3, cfg.style_dim)
+    c = paper.condition([0, 1, 2], [0, 5, 9])
+    with torch.no_grad():
+        want, _ = model.g_ema([z], c, randomize_noise=False)
+        got, _ = paper([z], c, randomize_noise=False)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(export["g_ema"]["style.0.weight"], model.g_ema.state_dict()["style.0.weight"])
+
+
 def test_unknown_model_args_are_rejected():
     with pytest.raises(ValueError, match="unknown factory model_args: bogus"):
         FactoryConfig.from_model_args({"bogus": 1})

@@ -58,3 +58,28 @@ def split_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, t
             raise KeyError(f"unexpected key in the factory state dict: {key}")
         out[names[prefix]][rest] = value
     return out
+
+
+PAPER_LR_MLP = 0.01
+
+
+def reparametrize_mapping(state: Mapping[str, torch.Tensor], n_mlp: int, lr_mlp: float,
+                          to_lr_mlp: float = PAPER_LR_MLP) -> Dict[str, torch.Tensor]:
+    """A generator state dict trained with mapping lr multiplier ``lr_mlp``, expressed for ``to_lr_mlp``.
+
+    An ``EqualLinear`` with multiplier ``m`` computes ``x @ (W * m / sqrt(in)).T + b * m`` from its stored
+    ``W`` and ``b``; the same function with multiplier ``m'`` needs ``W' = W * m / m'`` and ``b' = b * m / m'``.
+    Only the mapping layers ``style.<i>`` carry the multiplier.  The result is the *same generator*
+    (up to float rounding) stored in the paper's parametrisation, so every loader that builds
+    ``Generator(..., lr_mlp=0.01)`` (phase 2, the original code) reads it correctly.
+    """
+    factor = float(lr_mlp) / float(to_lr_mlp)
+    out = dict(state)
+    if factor == 1.0:
+        return out
+    for i in range(int(n_mlp)):
+        for name in (f"style.{i}.weight", f"style.{i}.bias"):
+            if name not in state:
+                raise KeyError(f"generator state dict has no '{name}'")
+            out[name] = state[name] * factor
+    return out

@@ -9,6 +9,11 @@ Experiment object, no gRPC server, no researcher-component side effects.
 ``"args"`` (the model constructor arguments) and ``"meta"`` (experiment id, round, run id). Only
 tensors and plain Python values: loadable with ``torch.load(..., weights_only=True)``.
 
+A factory trained with another mapping learning-rate multiplier (``train.py --lr_mlp``) is exported
+in the paper's parametrisation (``lr_mlp`` 0.01, :func:`~robustmedseg.factory.network.reparametrize_mapping`):
+the same generator, readable by every loader that assumes the paper's value (``meta.trained_lr_mlp``
+records the value used in training).
+
 Reading (:func:`read_factory_file`, :func:`load_factory_file`) also accepts files written by
 other tools: a ``module.`` key prefix is removed, and ``args`` may be incomplete or use the
 original code's names (``latent`` for ``style_dim``, ``output_size`` for ``size``); the missing
@@ -25,7 +30,7 @@ import torch
 
 from robustmedseg.errors import InputError
 from robustmedseg.factory.config import MODEL_KEYS, FactoryConfig
-from robustmedseg.factory.network import split_state_dict
+from robustmedseg.factory.network import PAPER_LR_MLP, reparametrize_mapping, split_state_dict
 from robustmedseg.io import first_nonfinite, load_torch_file, strip_module_prefix
 
 FILE_WHAT = "phase-1 generator file"
@@ -153,6 +158,11 @@ def build_export(params: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Dict
     args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     meta = {"experiment_id": str(state.get("id", "")), "round": int(state.get("round_current", 0)),
             "run_id": cfg.run_id}
+    if cfg.lr_mlp != PAPER_LR_MLP:  # store the generators in the paper's parametrisation (same function)
+        for key in ("g", "g_ema"):
+            nets[key] = reparametrize_mapping(nets[key], cfg.n_mlp, cfg.lr_mlp)
+        args["lr_mlp"] = PAPER_LR_MLP
+        meta["trained_lr_mlp"] = cfg.lr_mlp
     return {"g": nets["g"], "d": nets["d"], "g_ema": nets["g_ema"], "args": args, "meta": meta}
 
 

@@ -295,6 +295,7 @@ class RoundReport:
     sample: Optional[str] = None
     node_train_s: Dict[str, float] = field(default_factory=dict)
     node_cpu_s: Dict[str, float] = field(default_factory=dict)
+    fidelity: Dict[str, float] = field(default_factory=dict)
 
 
 def node_training_times(exp: Any, index: int, key: str = "rtime_training") -> Dict[str, float]:
@@ -370,8 +371,13 @@ def researcher_grid(exp: Any, out_dir: Path, round_: int, n_sample: int, seed: i
 
 
 def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional[Path], n_sample: int, seed: int,
-               on_round: Callable[[RoundReport], None], keep_breakpoints: int = 3) -> int:
-    """Run until the round limit; one :class:`RoundReport` per round. Returns rounds run."""
+               on_round: Callable[[RoundReport], None], keep_breakpoints: int = 3,
+               fidelity: Optional[Callable[[Any], Dict[str, float]]] = None, fidelity_every: int = 1) -> int:
+    """Run until the round limit; one :class:`RoundReport` per round. Returns rounds run.
+
+    ``fidelity``: called every ``fidelity_every`` rounds (and after the last one) with the aggregated
+    ``g_ema``; its scalars go to TensorBoard under ``fidelity/`` and into the round report.
+    """
     from fedbiomed.common.exceptions import FedbiomedSecaggError, FedbiomedSecureAggregationError
 
     from .strategy import NodeFailureError
@@ -408,18 +414,40 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
                              metrics=metrics.round_summary(sampled), node_train_s=node_training_times(exp, index),
                              node_cpu_s=node_training_times(exp, index, "ptime_training"))
         prune_experiment(exp, keep_breakpoints)
+        last = exp.round_current() >= exp.round_limit()
+        if fidelity is not None and ((index + 1) % max(1, fidelity_every) == 0 or last):
+            report.fidelity = fidelity(exp.training_plan().model().g_ema)
         if writer is not None:
             writer.add_scalar("round/seconds", seconds, index + 1)
             if report.node_train_s:
                 writer.add_scalar("round/node_train_seconds_max", max(report.node_train_s.values()), index + 1)
             for key, value in report.metrics.items():
                 writer.add_scalar(f"train/{key}", value, index + 1)
+            for key, value in report.fidelity.items():
+                writer.add_scalar(f"fidelity/{key}", value, index + 1)
             writer.flush()
         if sample_dir is not None:
             report.sample = str(researcher_grid(exp, sample_dir, index + 1, n_sample, seed))
         on_round(report)
         done += 1
     return done
+
+
+def fidelity_scorer(path: Path, n_per_domain: int, seed: int) -> Callable[[Any], Dict[str, float]]:
+    """Researcher-side fidelity of the aggregated ``g_ema`` with a frozen evaluator file (no image involved).
+
+    The evaluator (:mod:`robustmedseg.factory.fidelity`) holds a classifier and feature statistics of
+    held-out real slices; the same noise seed every round, so the curve shows the model, not the draw.
+    """
+    from robustmedseg.factory.fidelity import Evaluator, scalar_summary
+
+    evaluator = Evaluator.load(Path(path))
+
+    def score(g_ema: Any) -> Dict[str, float]:
+        return scalar_summary(evaluator.score(g_ema, n_per_domain=n_per_domain, seed=seed))
+
+    score.evaluator = evaluator  # type: ignore[attr-defined]
+    return score
 
 
 def _after_failure(index: int) -> str:
