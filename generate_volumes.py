@@ -1,4 +1,5 @@
-"""Generate synthetic labelled source volumes with the data factory (SPEC §8, §9.40 fixed).
+"""Generate synthetic labelled source volumes with the data factory (docs/method.md#generation,
+docs/differences.md#d9-40 fixed).
 
 Per volume: one z shared by all z-bins, the bin latents interpolated with s = --slices_in_one_z
 points per gap, i.e. N = (n_zbins - 1) * s + 1 slices (exactly from the first to the last bin, no

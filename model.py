@@ -1,7 +1,8 @@
 """Conditional single-channel StyleGAN2 generator and discriminator (shared by phase 1 and phase 2).
 
-This is the ONE model module of the project (SPEC §4.1, §4.3, §4.4, §4.7, §6.3).  The state-dict
-layout for ``size=512, n_domains=3, channel_multiplier=2`` matches SPEC §4.7 key for key, so the
+This is the ONE model module of the project (docs/method.md#building-blocks, #generator, #discriminator,
+#state-dict, #phase2-generator).  The state-dict
+layout for ``size=512, n_domains=3, channel_multiplier=2`` matches docs/method.md#state-dict key for key, so the
 original checkpoints load with ``strict=True``.
 
 Conditioning
@@ -15,12 +16,13 @@ A row of ``e`` that is entirely zero means "no encoding for this sample": the ge
 ``ε = ℓ`` for that row (exactly the original rule "e is None or all zero → ε = ℓ", applied per row)
 and the discriminator uses the factor 1 for that row (as if ``e`` were ``None``).
 
-Defects fixed relative to the original code (SPEC §9)
-------------------------------------------------------
-* §9.5: every noise vector is paired with its condition, so style mixing with two ``z`` really mixes.
-* §9.13: the number of z-bins (29), the CLIP width (768) and the middle bins used by
+Defects fixed relative to the original code (docs/differences.md)
+-----------------------------------------------------------------
+* d9-5: every noise vector is paired with its condition, so style mixing with two ``z`` really
+  mixes.
+* d9-13: the number of z-bins (29), the CLIP width (768) and the middle bins used by
   :meth:`Generator.mean_latent` are constructor arguments / derived from them.
-* §9.35: there is no broken ``truncation()`` method; truncation is done through ``forward``'s
+* d9-35: there is no broken ``truncation()`` method; truncation is done through ``forward``'s
   ``truncation``/``truncation_latent`` arguments, and :meth:`Generator.mean_latent` is computed in chunks.
 
 Feature injection (phase 2)
@@ -182,7 +184,7 @@ def minibatch_stddev(x: Tensor, group_max: int = 4) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks (SPEC §4.1)
+# Building blocks (docs/method.md#building-blocks)
 # ----------------------------------------------------------------------------------------------
 class PixelNorm(nn.Module):
     """``x · rsqrt(mean over dim 1 of x² + 1e-8)``."""
@@ -427,7 +429,7 @@ class ResBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generator (SPEC §4.3, §6.3)
+# Generator (docs/method.md#generator, #phase2-generator)
 # ----------------------------------------------------------------------------------------------
 class Generator(nn.Module):
     """Conditional single-channel StyleGAN2 generator.
@@ -686,7 +688,7 @@ class Generator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Discriminator (SPEC §4.4)
+# Discriminator (docs/method.md#discriminator)
 # ----------------------------------------------------------------------------------------------
 class Discriminator(nn.Module):
     """Conditional projection discriminator returning scores of shape (B, 1).

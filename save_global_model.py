@@ -1,6 +1,6 @@
 """Export the federated data factory: latest (or given) Fed-BioMed breakpoint -> final_global_model.pt.
 
-The file holds ``g``, ``d`` and ``g_ema`` state dicts (model key names, SPEC §4.7) and ``args``, the
+The file holds ``g``, ``d`` and ``g_ema`` state dicts (model key names, docs/method.md#state-dict) and ``args``, the
 constructor arguments of ``model.Generator`` / ``model.Discriminator``; it loads with
 ``torch.load(path, weights_only=True)``. Phase 2 uses ``g_ema``.
 """

@@ -9,7 +9,7 @@ every round. With ``--secagg`` the researcher receives only masked updates and c
 but their average (Fed-BioMed secure aggregation, LOM; the README's deployment section says what
 each node must set).
 
-Paper schedule (SPEC §5.4), two commands:
+Paper schedule (docs/method.md#schedule), two commands:
 
   python train.py --size 512 --n_domains 3 --augment --num_updates_per_round 2000 --rounds 350
   python train.py --resume --num_updates_per_round 200 --rounds 385 --clip-weight 50 \\

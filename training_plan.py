@@ -1,10 +1,10 @@
-"""Fed-BioMed training plan of the phase-1 data factory (SPEC §5.2).
+"""Fed-BioMed training plan of the phase-1 data factory (docs/method.md#training-step).
 
 Only the class source below and the lines of ``init_dependencies()`` are shipped to the nodes
 (and hashed for plan approval); everything they import must be installed on each node, which
 ``pip install -e .`` of this project provides. The training logic lives in
 :mod:`robustmedseg.factory` (see :mod:`robustmedseg.factory.trainer` for the update rules and the
-§9 fixes); node-local state between rounds is in :mod:`robustmedseg.factory.state`.
+docs/differences.md fixes); node-local state between rounds is in :mod:`robustmedseg.factory.state`.
 """
 from fedbiomed.common.datamanager import DataManager
 from fedbiomed.common.training_plans import TorchTrainingPlan

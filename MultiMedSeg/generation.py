@@ -1,4 +1,5 @@
-"""Synthetic labelled source volumes from the data factory (SPEC §8, with the §9.40 fixes).
+"""Synthetic labelled source volumes from the data factory (docs/method.md#generation, with the
+docs/differences.md#d9-40 fixes).
 
 For each volume one noise vector ``z`` is shared by all z-bins.  The W+ latents of the
 ``n_zbins`` conditions ``[one-hot(label); one-hot(bin)]`` (plus the optional CLIP encoding) are
@@ -10,7 +11,7 @@ the bin axis, so
 
 slices: bin ``i`` is slice ``i * s`` exactly, the volume starts on the first bin's latent and
 ends exactly on the last bin's latent, and no latent is emitted twice or skipped whatever the
-batch size (§9.40: the reference re-emitted the boundary latent and skipped one point at every
+batch size (docs/differences.md#d9-40: the reference re-emitted the boundary latent and skipped one point at every
 batch boundary, e.g. 280 slices with 7 duplicates for 29 bins, s = 10, batch 4; here 281,
 none duplicated).
 

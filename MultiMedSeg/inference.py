@@ -1,4 +1,4 @@
-"""Phase 3: segment test volumes with the k best checkpoints and write NIfTI files (SPEC §7).
+"""Phase 3: segment test volumes with the k best checkpoints and write NIfTI files (docs/method.md#inference).
 
     python MultiMedSeg/inference.py --checkpoint_dir runs/adapt --target_data prep/site2 \\
         --exp_dir runs/adapt_test --ensemble_size 5

@@ -1,8 +1,10 @@
-"""Phase-2 losses (SPEC §6.6, §6.8); every function takes its settings as arguments (no global options, §9.43).
+"""Phase-2 losses (docs/method.md#coach, #lpips); every function takes its settings as arguments (no global options,
+docs/differences.md#d9-43).
 
 Images are in [-1, 1], segmentations are (B, L, H, W) probabilities / one-hot maps.
 
-* :func:`mse_loss`, :func:`ssim_loss` (1 - SSIM on (x+1)/2, pytorch_msssim, really SSIM: fix of §9.28),
+* :func:`mse_loss`, :func:`ssim_loss` (1 - SSIM on (x+1)/2, pytorch_msssim, really SSIM: fix of
+  docs/differences.md#d9-28),
   :class:`LPIPS` (AlexNet + v0.1 linear heads from local files),
 * :func:`dice_loss`, :func:`ce_loss` with optional class weights,
 * :func:`favoured_weight` (the ``--optimize_mode favoured`` image weighting),
@@ -199,7 +201,7 @@ def build_lpips(alex_model: Optional[Union[str, os.PathLike]],
 # ---------------------------------------------------------------------------------------------- combined
 @dataclass
 class LossConfig:
-    """Loss weights of the Coach (defaults = SPEC §6.6/§6.7)."""
+    """Loss weights of the Coach (defaults = docs/method.md#coach/#phase2-options)."""
 
     l2_lambda: float = 1.0
     ssim_lambda: float = 1.0
@@ -268,7 +270,7 @@ def mask_loss(y: torch.Tensor, y_hat: torch.Tensor, cfg: LossConfig) -> Tuple[to
 def calc_loss(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, where: torch.Tensor, cfg: LossConfig,
               weight: Optional[torch.Tensor] = None, lpips: Optional[nn.Module] = None
               ) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """The Coach's loss (SPEC §6.6 calc_loss, with SSIM really used: §9.28).
+    """The Coach's loss (docs/method.md#coach calc_loss, with SSIM really used: docs/differences.md#d9-28).
 
     x (B,1,H,W) input, y (B,L,H,W) one-hot ground truth, y_hat (B,1+L,H,W) network output, ``where``
     bool (B,) samples with ground truth, ``weight`` (B,1,H,W) weight map or None.  Returns the total

@@ -1,4 +1,4 @@
-"""Ranger optimiser: RAdam + Lookahead + gradient centralisation (SPEC §6.6).
+"""Ranger optimiser: RAdam + Lookahead + gradient centralisation (docs/method.md#coach).
 
 Built on ``torch.optim.RAdam`` (its variance-rectification threshold is ρ_t > 5, i.e. the original
 N_sma threshold 5; below it the step is the bias-corrected momentum step).  Before every RAdam step

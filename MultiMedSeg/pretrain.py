@@ -1,4 +1,4 @@
-"""Phase 2a: pretrain the pSp segmenter on labeled source slices (intra branch only, SPEC §6.6).
+"""Phase 2a: pretrain the pSp segmenter on labeled source slices (intra branch only, docs/method.md#coach).
 
     python MultiMedSeg/pretrain.py --exp_dir runs/pretrain --source_data prep/site0 \\
         --stylegan_weights final_global_model.pt --src_label 0 --label_nc 3 \\

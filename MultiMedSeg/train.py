@@ -1,4 +1,5 @@
-"""Phase 2c: adapt a pretrained pSp segmenter to a target domain (intra, inter and cycle branches, SPEC §6.6).
+"""Phase 2c: adapt a pretrained pSp segmenter to a target domain (intra, inter and cycle branches,
+docs/method.md#coach).
 
     python MultiMedSeg/train.py --exp_dir runs/adapt --source_data prep/site0 --target_data prep/site2 \\
         --checkpoint_dir runs/pretrain --src_label 0 --tgt_label 2 --label_nc 3 \\

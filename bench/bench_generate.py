@@ -1,4 +1,5 @@
-"""Benchmark: synthetic volume generation, MultiMedSeg.generation vs the reference algorithm (SPEC §8).
+"""Benchmark: synthetic volume generation, MultiMedSeg.generation vs the reference algorithm
+(docs/method.md#generation).
 
 Both run in this process on the same phase-2 "best" checkpoints (written here through the phase-2
 API) and the same generator:
@@ -73,7 +74,7 @@ def write_run(folder: Path, config: PSPConfig, k: int) -> List[Path]:
 
 # ------------------------------------------------------------------------------ the reference algorithm
 def reference_path(latents_per_batch: List[torch.Tensor], s: int) -> List[torch.Tensor]:
-    """SPEC §8 step 3 as-is: per batch, prepend the previous batch's last latent; for every pair emit
+    """docs/method.md#generation step 3 as-is: per batch, prepend the previous batch's last latent; for every pair emit
     j = 0..s-1, for the last pair j = 0..s-2 and then the final latent itself."""
     out: List[torch.Tensor] = []
     prev = None

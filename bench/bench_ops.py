@@ -73,7 +73,7 @@ class Case:
 
 
 def blur_kernel(gain: float = 1.0) -> torch.Tensor:
-    """outer([1,3,3,1]) normalised to sum 1, times ``gain`` (SPEC §4.1)."""
+    """outer([1,3,3,1]) normalised to sum 1, times ``gain`` (docs/method.md#building-blocks)."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0])
     k = torch.outer(k, k)
     return k / k.sum() * gain

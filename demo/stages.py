@@ -253,7 +253,8 @@ def _clip_dim(model: str) -> int:
 
 
 def paper_commands() -> str:
-    """The paper-scale pipeline (SPEC §5–§8) for a GPU user with real multi-site data, as shell text."""
+    """The paper-scale pipeline (docs/method.md#factory-training–#generation) for a GPU user with real multi-site
+    data, as shell text."""
     lines = [
         "# Paper-scale pipeline (GPU; replace the phantom by your own NIfTI data). Sites: site0 = labeled",
         "# source, site1/site2 = targets with few labels. Every script documents its flags with --help.",

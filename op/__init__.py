@@ -1,4 +1,4 @@
-"""Custom ops of the StyleGAN2 model (SPEC §4.2).
+"""Custom ops of the StyleGAN2 model (docs/method.md#ops).
 
 * :func:`fused_leaky_relu` / :class:`FusedLeakyReLU`: ``scale * leaky_relu(x + b)``;
 * :func:`upfirdn2d`: upsample, pad, FIR-filter, downsample;

@@ -1,6 +1,6 @@
 """upfirdn2d: upsample (zero insertion), pad/crop, FIR-filter (true convolution), downsample.
 
-Semantics, per channel and per axis (SPEC §4.2): insert ``up - 1`` zeros after
+Semantics, per channel and per axis (docs/method.md#ops): insert ``up - 1`` zeros after
 every sample, pad by ``(pad0, pad1)`` (negative values crop), take the *true*
 convolution with the kernel (cross-correlation with the kernel flipped on both
 axes, "valid" extent) and keep every ``down``-th sample starting at 0. The

@@ -1,4 +1,5 @@
-"""generate_volumes.py / MultiMedSeg.generation: synthetic labelled source volumes (SPEC §8, §9.40).
+"""generate_volumes.py / MultiMedSeg.generation: synthetic labelled source volumes (docs/method.md#generation,
+docs/differences.md#d9-40).
 
 Tiny CPU models: 32 px generator (channel cap 16, style_dim 32, n_mlp 2, 5 z-bins), a 2-member
 "best" checkpoint set written through the phase-2 API (PSP.checkpoint_payload + BestIndex).

@@ -185,7 +185,7 @@ def test_mirror_flips_weight_like_mask():
     s = _sample()
     for seed in range(8):
         out = RandomMirror(0.5)(s, np.random.default_rng(seed))
-        assert np.array_equal(out["weight"][..., 0], out["mask"][..., 1])  # FIX §9.33
+        assert np.array_equal(out["weight"][..., 0], out["mask"][..., 1])  # FIX docs/differences.md#d9-33
 
 
 def test_rotate_scale_keeps_one_hot_and_border():

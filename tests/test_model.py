@@ -1,4 +1,5 @@
-"""Tests of the shared StyleGAN2 module ``model.py`` (SPEC §4.1, §4.3, §4.4, §4.7, §6.3)."""
+"""Tests of the shared StyleGAN2 module ``model.py`` (docs/method.md#building-blocks, #generator, #discriminator,
+#state-dict, #phase2-generator)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import model as M
 from op import conv2d_gradfix
 
-SD = 32        # small style_dim for the tests that are not about the §4.7 layout
+SD = 32        # small style_dim for the tests that are not about the docs/method.md#state-dict layout
 CLIP = 24      # small CLIP width
 CAP = 16       # channel cap
 
@@ -45,7 +46,7 @@ def fixed_noise(g: M.Generator, batch: int, seed: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------
-# §4.7 state-dict layout, written out by hand from the SPEC table (size 512, n_domains 3, cm 2)
+# state-dict layout (docs/method.md#state-dict), written out by hand from the original layout table (size 512, n_domains 3, cm 2)
 # ----------------------------------------------------------------------------------------------
 def spec_generator_shapes() -> Dict[str, Tuple[int, ...]]:
     s: Dict[str, Tuple[int, ...]] = {
@@ -518,7 +519,7 @@ def test_path_length_double_backward():
 
 
 def test_mapping_input_follows_the_spec_formula():
-    """w = style([PN(z); 0.8·PN(encoding_embed(e)) + 0.2·PN(label_embed(c))]) (SPEC §4.3)."""
+    """w = style([PN(z); 0.8·PN(encoding_embed(e)) + 0.2·PN(label_embed(c))]) (docs/method.md#generator)."""
     torch.manual_seed(0)
     g = tiny_g()
     c, z, e = g.condition([0, 2], [5, 6]), torch.randn(2, SD), torch.randn(2, CLIP)

@@ -1,4 +1,4 @@
-"""Tests of the custom ops in ``op/`` (SPEC §4.2).
+"""Tests of the custom ops in ``op/`` (docs/method.md#ops).
 
 The reference path is compared with a literal, naive definition written here
 (zero insertion, pad/crop, full convolution with the flipped kernel,
@@ -37,7 +37,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def naive_upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up, down, pad: Sequence[int]) -> torch.Tensor:
-    """Literal SPEC §4.2: zero insertion, pad (negative = crop), conv with flipped kernel, subsample."""
+    """Literal docs/method.md#ops: zero insertion, pad (negative = crop), conv with flipped kernel, subsample."""
     (ux, uy), (dx, dy), (px0, px1, py0, py1) = parse_params(up, down, pad)
     if kernel.ndim == 1:
         kernel = torch.outer(kernel, kernel)
@@ -67,7 +67,7 @@ def down_blur_pad(k: int) -> Tuple[int, int]:
     return ((p + 1) // 2, p // 2)
 
 
-# (kernel name, up, down, pad) -- the first four are the model's uses (SPEC §4.1).
+# (kernel name, up, down, pad) -- the first four are the model's uses (docs/method.md#building-blocks).
 MODEL_CASES = [
     ("blur_x4", 1, 1, (1, 1)),  # Blur after the upsampling transposed conv
     ("blur_x4", 2, 1, (2, 1)),  # Upsample of the ToRGB skip

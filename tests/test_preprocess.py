@@ -1,5 +1,5 @@
 """Phase-2 preprocessing (MultiMedSeg/preprocess.py, MultiMedSeg/data/): format, split, metadata,
-round trip back to the NIfTI grid, the §9 fixes, and bad input."""
+round trip back to the NIfTI grid, the docs/differences.md fixes, and bad input."""
 from __future__ import annotations
 
 import os
@@ -184,7 +184,7 @@ def test_round_trip_with_resampling_and_nifti_output(phantom_dir, tmp_path):
     assert nib.load(str(tmp_path / "pred" / "trans.nii.gz")).get_data_dtype() == np.float32  # no quantisation
 
 
-# --------------------------------------------------------------------------- §9 fixes
+# --------------------------------------------------------------------------- docs/differences.md fixes
 
 
 def test_crop_end_searched_from_the_end():
@@ -208,7 +208,7 @@ def test_nii_names_weights_and_unlabeled(tmp_path):
     out = tmp_path / "prep"
     meta = preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", weights=root / "weights",
                                        out=out, size=32, val_frac=0.25, test_frac=0.25), **QUIET)
-    assert sorted(meta["volumes"]) == ["vol0", "vol1", "vol2", "vol3"]  # '.nii' stripped (FIX §9.22)
+    assert sorted(meta["volumes"]) == ["vol0", "vol1", "vol2", "vol3"]  # ".nii" stripped (d9-22)
     assert meta["num_classes"] == 3  # inferred from the largest label
     assert "vol3" in meta["splits"]["train"]  # unlabeled volumes never go to val/test
     for path in sorted(out.rglob("*.npz")):

@@ -1,4 +1,4 @@
-"""Phase-2 datasets (SPEC §6.5 ``ImagesDataset``) over folders of ``<vol>_slice<NNN>.npz`` files.
+"""Phase-2 datasets (docs/method.md#datasets ``ImagesDataset``) over folders of ``<vol>_slice<NNN>.npz`` files.
 
 :class:`ImagesDataset` -- the training set.  Source slices (domain 0) and target slices
 (domain 1: the ``labeled`` folder, then the optional ``unlabeled`` folder) are interleaved:

@@ -1,4 +1,4 @@
-"""NIfTI volumes -> normalised 2-D slice files (SPEC §2.3, with the §9 fixes).
+"""NIfTI volumes -> normalised 2-D slice files (docs/method.md#preprocessing, with the docs/differences.md fixes).
 
 Inputs per volume: the image, and optionally a label map (integer classes, 0 = background), a
 weight map (> 0 where losses and metrics count) and a brain mask (> 0 inside the brain), each
@@ -16,18 +16,18 @@ Pipeline (:func:`preprocess`), per volume unless noted:
    permutations and reversals only, so that every volume is sliced along the same anatomical axis;
    ``stored`` keeps the array order as stored, as the original), optional flip of one axis, then
    the heuristic crop (:func:`heuristic_crop`, integer histogram
-   counts as the original, FIX §9.17: the end bin is searched in the reversed histogram),
+   counts as the original, FIX docs/differences.md#d9-17: the end bin is searched in the reversed histogram),
    widened to contain every labeled voxel so that no annotation is ever cropped away;
 4. target spacing from train+val (:func:`compute_target_spacing`); resampling: images
    with a cubic spline (skimage ``resize`` order 3, mode edge, no anti-aliasing), labels,
    weights and brain masks class by class with linear interpolation thresholded at 0.5 (the
    mask rule of :mod:`MultiMedSeg.data.resample`, batchgenerators 0.24
    ``resize_segmentation(order=1)``); ``ignore_z`` keeps the z spacing without mutating shared
-   state (FIX §9.18);
+   state (FIX docs/differences.md#d9-18);
 5. transpose (X, Y, Z) -> (Z, X, Y): a slice is an (X, Y) plane of the 3rd working axis (an axial
    plane with the default ``RAS``; the 3rd stored axis with ``orientation='stored'``);
 6. z-split (:func:`split_region`): every volume with a non-empty brain mask, labeled or not, keeps
-   the slices from its first to its last brain slice *inclusive* (FIX §9.19), as the original's
+   the slices from its first to its last brain slice *inclusive* (FIX docs/differences.md#d9-19), as the original's
    default ``discard_extracerebral_slices`` (off with ``discard_extracerebral=False``); a volume
    without a brain mask keeps all slices, or with ``discard_outside_labels`` its labeled slices;
 7. with brain masks and ``brain_class`` (default) the mask layout is the original's [background,
@@ -174,7 +174,7 @@ class VolumeSource:
 
 
 def strip_nifti_extension(name: str) -> str:
-    """``sub-1.nii.gz`` / ``sub-1.nii`` -> ``sub-1`` (FIX §9.22: ``.nii`` is stripped too)."""
+    """``sub-1.nii.gz`` / ``sub-1.nii`` -> ``sub-1`` (FIX docs/differences.md#d9-22: ``.nii`` is stripped too)."""
     for ext in NIFTI_EXTENSIONS:
         if name.endswith(ext):
             return name[: -len(ext)]
@@ -280,7 +280,7 @@ def _count(n_total: int, frac: float) -> int:
 
 def split_volumes(ids: Sequence[str], labeled: Iterable[str], val_frac: float, test_frac: float,
                   seed: int) -> Dict[str, List[str]]:
-    """Seeded train/val/test split (SPEC §2.3.2).
+    """Seeded train/val/test split (docs/method.md#split).
 
     With N = ``len(ids)``: ``n_val = floor(N * val_frac)`` and ``n_test = floor(N * test_frac)``
     (each at least 1 when its fraction is positive).  Validation is
@@ -430,12 +430,13 @@ def _threshold_minimum(counts: np.ndarray) -> Optional[float]:
 
 
 def axis_crop(profile: np.ndarray) -> Tuple[int, int]:
-    """Crop ``[start, stop)`` along one axis from its max-intensity profile (SPEC §2.3.4, FIX §9.17).
+    """Crop ``[start, stop)`` along one axis from its max-intensity profile (docs/method.md#crop, FIX
+    docs/differences.md#d9-17).
 
     ``c`` = cumulative sum of the profile (float64), histogram of ``c`` in 255 bins, threshold of the
     integer bin counts by ``threshold_minimum`` (as the original: integer counts, so skimage uses one
     bin per integer count value).  The start bin is the first bin with a count <= threshold, the end
-    bin the first such bin searched from the *end* (the original reused the start index, §9.17).
+    bin the first such bin searched from the *end* (the original reused the start index, docs/differences.md#d9-17).
     ``start`` is the first index where ``c`` reaches the start bin's left edge, ``stop`` one past the
     first index where ``c`` reaches the end bin's right edge.  The full axis is kept when the
     heuristic fails.
@@ -483,7 +484,7 @@ def union_with_labels(box: List[Tuple[int, int]], labels: Optional[np.ndarray]) 
 
 def compute_target_spacing(spacings: Sequence[Sequence[float]], cropped_shapes: Sequence[Sequence[int]],
                            size: int, ignore_z: bool = False) -> List[float]:
-    """SPEC §2.3.5: median spacing ``m``; ``M`` = max over volumes of
+    """docs/method.md#target-spacing: median spacing ``m``; ``M`` = max over volumes of
     ``round(spacing / m * cropped_shape)``; target ``m * M / size`` where ``M > size``, else ``m``.
 
     With ``ignore_z`` the z axis is not capped (it is not resampled at all, see
@@ -513,7 +514,8 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
 
 def z_range(region_zxy: Optional[np.ndarray], depth: int, discard: bool) -> Tuple[int, int]:
     """``[first, stop)`` of the slices to keep: the slices where ``region`` (a brain mask, or a label
-    map) is non-zero, the last one included (FIX §9.19), when ``discard`` and the region is non-empty;
+    map) is non-zero, the last one included (FIX docs/differences.md#d9-19), when ``discard`` and the region is
+    non-empty;
     else all ``depth`` slices."""
     if not discard or region_zxy is None or not region_zxy.any():
         return 0, depth
@@ -548,7 +550,7 @@ def inplane_window(length: int, size: int) -> Tuple[int, int, int]:
     """``(src_start, dst_start, n)``: copy ``src[src_start:+n]`` to ``dst[dst_start:+n]``.
 
     Padding puts the data at ``floor(size/2 - length/2)``; centre-cropping keeps
-    ``[floor(length/2 - size/2), +size)`` (SPEC §2.3.9).
+    ``[floor(length/2 - size/2), +size)`` (docs/method.md#normalisation).
     """
     if length <= size:
         return 0, (size - length) // 2, length
@@ -733,7 +735,7 @@ def write_volume_slices(folder: Path, vid: str, image: np.ndarray, labels: Optio
             mask = one_hot(fit_slices(labels[z:z + 1], size, 0, windows)[0], num_classes)
         slice_weight = None
         if weight is not None:
-            pad_value = bool(weight[z].all())  # SPEC §2.3.9: pad with 1 only if the slice is all ones
+            pad_value = bool(weight[z].all())  # docs/method.md#normalisation: pad with 1 only if the slice is all ones
             slice_weight = fit_slices(weight[z:z + 1], size, pad_value, windows)[0][:, :, None]
         path = folder / slice_name(vid, z)
         save_slice(path, data[:, :, None], mask, slice_weight)

@@ -1,4 +1,5 @@
-"""Map slice-space arrays back onto the original NIfTI grid (SPEC §7 steps 6-7, with the §9.39 fixes).
+"""Map slice-space arrays back onto the original NIfTI grid (docs/method.md#inference steps 6-7, with the
+docs/differences.md#d9-39 fixes).
 
 ``OUT/metadata.json`` written by ``MultiMedSeg/preprocess.py`` (format ``multimedseg-slices``,
 version 1)::
@@ -152,7 +153,8 @@ def restore_volume(slices: np.ndarray, volume_meta: dict, kind: str = "label", f
 
 
 def _output_dtype(array: np.ndarray) -> np.dtype:
-    """uint8/int16 for labels and masks, float32 for anything floating (no quantisation, FIX §9.39)."""
+    """uint8/int16 for labels and masks, float32 for anything floating (no quantisation, FIX
+    docs/differences.md#d9-39)."""
     if array.dtype == np.bool_:
         return np.dtype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):

@@ -1,16 +1,16 @@
-"""Balanced source/target sampler (SPEC §6.5 ``MyRandomSampler``, with FIX §9.32).
+"""Balanced source/target sampler (docs/method.md#datasets ``MyRandomSampler``, with FIX docs/differences.md#d9-32).
 
 With both domains the dataset interleaves source (even) and target (odd) indices.  One
 epoch is a random permutation of the ``n//2`` (source, target) index pairs, flattened.
 
 Balanced mode (the default; ``--disable_balanced_sampling`` turns it off) works on the
 *batches the DataLoader will form*: the flattened list is cut into consecutive groups of
-``batch_size`` (the reference hard-codes 4, §9.32).  A group without a labeled target
+``batch_size`` (the reference hard-codes 4, docs/differences.md#d9-32).  A group without a labeled target
 slice gets one of its target indices replaced by a random labeled-target index (the
 replaced index goes to a bucket); a group with more than one labeled target gives its
 extra ones back for bucketed indices while the bucket lasts.  So every full batch holds
 at least one labeled target slice.  Labeled-ness is asked from the dataset for the exact
-index, so the modulo wrap-around of the target list is handled (§9.32).
+index, so the modulo wrap-around of the target list is handled (docs/differences.md#d9-32).
 
 With one domain: a plain random permutation.  All randomness comes from a
 ``torch.Generator`` seeded from torch's global RNG at each epoch (follows ``--seed``).

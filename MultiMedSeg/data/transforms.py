@@ -1,6 +1,6 @@
-"""Slice transforms for phase 2 (SPEC §6.5 "Transforms").
+"""Slice transforms for phase 2 (docs/method.md#datasets "Transforms").
 
-A *sample* is a dict of numpy arrays in the slice layout of §2.1:
+A *sample* is a dict of numpy arrays in the slice layout of docs/method.md#slice-format:
 
 * ``data``   float32 (H, W, 1) in [-1, 1] (padding -1),
 * ``mask``   bool (H, W, C) one-hot,
@@ -28,7 +28,7 @@ law (factor from U(0.7, 1) or U(1, 1.4), 50/50), centred, no elastic deformation
 the image with border value -1, nearest for the mask (label map) and weight with border 0.  All
 three arrays are warped by the *same* transform in one call (the reference warps the data twice
 under a re-seeded RNG).
-Mirroring flips the weight along the same axes as data and mask (FIX §9.33).
+Mirroring flips the weight along the same axes as data and mask (FIX docs/differences.md#d9-33).
 
 Randomness comes from a ``numpy.random.Generator`` passed at call time; the dataset
 draws its seed from torch's RNG, so results follow ``--seed`` and differ between
@@ -100,7 +100,7 @@ class RandomMirror:
         for axis in (0, 1):
             if rng.random() < self.p:
                 for key in ("data", "mask", "weight"):
-                    out[key] = np.flip(out[key], axis=axis)  # same axis for the weight (FIX §9.33)
+                    out[key] = np.flip(out[key], axis=axis)  # same axis for the weight (FIX docs/differences.md#d9-33)
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

@@ -9,7 +9,7 @@ statistics) are computed per domain subset.  With ``disable=True`` every sample 
 The domain of each sample is a boolean vector ``is_target`` of shape (B,); it is derived from the
 (B, 2) one-hot ``[source, target]`` label with :func:`target_mask` (target iff label[:, 1] > label[:, 0]).
 
-BatchNorm evaluation (SPEC §9.36) is selected by ``bn_mode``:
+BatchNorm evaluation (docs/differences.md#d9-36) is selected by ``bn_mode``:
 
 * ``'running'`` (default): ``track_running_stats=True``.  Training uses batch statistics and updates
   the running estimates; ``eval()`` uses the running estimates, so a prediction is deterministic and
@@ -17,7 +17,7 @@ BatchNorm evaluation (SPEC §9.36) is selected by ``bn_mode``:
 * ``'batch'``: ``track_running_stats=False`` (the original behaviour): batch statistics always,
   also in ``eval()``; predictions then depend on the batch composition.
 
-Fix of SPEC §9.34: the 1-d variant shares the routing code of the 2-d one (no unbound method call).
+Fix of docs/differences.md#d9-34: the 1-d variant shares the routing code of the 2-d one (no unbound method call).
 """
 from __future__ import annotations
 

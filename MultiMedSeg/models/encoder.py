@@ -1,4 +1,4 @@
-"""Feature-style encoder (fs_encoder_v2, SPEC §6.2), generalised to any generator size.
+"""Feature-style encoder (fs_encoder_v2, docs/method.md#encoder), generalised to any generator size.
 
 The encoder maps an (B, 1, S, S) slice and its (B, 2) one-hot [source, target] label to
 
@@ -49,7 +49,7 @@ class GeneratorLayout:
 
     @classmethod
     def from_generator(cls, g: nn.Module) -> "GeneratorLayout":
-        """Read the layout from a generator (``model.Generator`` conventions, SPEC §6.3 item 7).
+        """Read the layout from a generator (``model.Generator`` conventions, docs/method.md#phase2-generator item 7).
 
         Feature list: the 4 px constant, conv1's output, then two conv outputs per resolution
         8..size.  Injection index for an input at resolution r (4 <= r <= size/2): the feature enters
@@ -87,7 +87,7 @@ def _rconv(cin: int, cout: int) -> nn.Conv2d:
 
 
 class DynamicSkipLayer(nn.Module):
-    """Gated merge of the up-sampled state with the encoder content (SPEC §6.2).
+    """Gated merge of the up-sampled state with the encoder content (docs/method.md#encoder).
 
     ĥ = lrelu0.2(W_h * up2(s)); r = σ(W_r * [ĥ, f]); h = r⊙ĥ; m = tanh(relu(W_m * [ĥ, f]));
     f̂ = (W_E * [h, f]) ⊙ m.  Gates r and m are per channel.  Returns (m, f̂, h).

@@ -1,4 +1,4 @@
-"""Interpreter: pixel classifiers reading the generator's feature maps (SPEC §6.4, §6.6).
+"""Interpreter: pixel classifiers reading the generator's feature maps (docs/method.md#interpreter, #coach).
 
 :class:`ListedLinear` applies a per-pixel linear map (C_i -> width) to every generator feature,
 bilinearly up-samples (align_corners=True) to the output size and sums.  Because up-sampling is
@@ -11,7 +11,7 @@ the (B, C, H, W) maps, i.e. exactly the BatchNorm1d over the B·H·W pixels of t
 follow ``bn_mode`` like the encoder's.
 
 :class:`Interpreter` holds ``classifiers = {source, target}`` and routes every sample to the head of
-its label's domain, with the gradient rules of SPEC §6.4/§6.6 (see :func:`head_features`).
+its label's domain, with the gradient rules of docs/method.md#interpreter/#coach (see :func:`head_features`).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class PixelClassifier(nn.Module):
 
 def head_features(features: Sequence[torch.Tensor], detach: bool,
                   is_semi: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """Apply the detach rule of SPEC §6.6 to the features of one head's samples.
+    """Apply the detach rule of docs/method.md#coach to the features of one head's samples.
 
     Without ``is_semi``: everything detached iff ``detach``.  With ``is_semi`` (bool per sample):
     ``detach=True`` keeps gradients only for semi samples; ``detach=False`` detaches the semi samples

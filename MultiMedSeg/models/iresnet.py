@@ -8,7 +8,7 @@ Block (:class:`IBasicBlock`): BN -> conv3x3 -> BN -> PReLU -> conv3x3 (stride on
 Depths (blocks per stage): 50 = [3, 4, 14, 3] (the paper's ArcFace IResNet-50), 34 = [3, 4, 6, 3],
 18 = [2, 2, 2, 2], 10 = [1, 1, 1, 1] (tiny, for tests).
 
-ArcFace weights (``backbone.pth`` of the Feature-Style-Encoder, SPEC §10) can be loaded with
+ArcFace weights (``backbone.pth`` of the Feature-Style-Encoder, docs/method.md#pretrained) can be loaded with
 :func:`load_arcface_weights`: every convolution and PReLU weight of the stages and the stem PReLU
 must be present with the same shape (strict); the stem conv is always new (1 input channel) and
 every BatchNorm keeps its fresh initialisation (the file's BN parameters and statistics are

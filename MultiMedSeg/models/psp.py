@@ -1,4 +1,4 @@
-"""pSp segmentation-adaptation model (SPEC §6.1): encoder + phase-1 generator + interpreter.
+"""pSp segmentation-adaptation model (docs/method.md#psp): encoder + phase-1 generator + interpreter.
 
 ``PSP(config)(x, label)`` encodes an (B, 1, S, S) slice with its (B, 2) one-hot [source, target]
 label, synthesises through ``model.Generator`` with the encoder's content injected, segments the
@@ -7,13 +7,13 @@ followed by class probabilities.  Passing the flipped label (:func:`flip_label`)
 translation: the other DSBN branch and label modulation, the other domain's mean latent and the
 other head.
 
-Determinism (SPEC §9.36): with ``noise=None`` the generator noise is random in ``train()`` and the
+Determinism (docs/differences.md#d9-36): with ``noise=None`` the generator noise is random in ``train()`` and the
 generator's fixed noise buffers in ``eval()``; with ``bn_mode='running'`` every BN uses stored
 statistics in ``eval()``.  An eval-mode prediction is therefore reproducible and independent of the
 rest of the batch.
 
 Checkpoints (see :meth:`PSP.checkpoint_payload`) hold only tensors and plain types and load with
-``torch.load(weights_only=True)``.  Loading rules (SPEC §9.37/§9.38, decided here):
+``torch.load(weights_only=True)``.  Loading rules (docs/differences.md#d9-37/#d9-38, decided here):
 
 * every encoder/decoder/interpreter tensor is loaded when shapes match, otherwise a one-line
   :class:`InputError` names the file and the first incompatible key;
@@ -248,7 +248,7 @@ class PSP(nn.Module):
     # ------------------------------------------------------------------ latent averages
     @torch.no_grad()
     def compute_latent_avg(self, n: int = 100_000, force: bool = False, seed: Optional[int] = None) -> List[int]:
-        """Fill missing ``latent_avg`` rows with ``decoder.mean_latent`` (SPEC §6.1: n z per middle z-bin).
+        """Fill missing ``latent_avg`` rows with ``decoder.mean_latent`` (docs/method.md#psp: n z per middle z-bin).
 
         ``force`` recomputes every row; ``seed`` makes the draw reproducible.  Returns the domain ids computed.
         """
@@ -279,7 +279,7 @@ class PSP(nn.Module):
         self.decoder.requires_grad_(flag)
 
     def freeze_source_classifier(self) -> None:
-        """Adaptation: the source head stays as pretrained (SPEC §6.1)."""
+        """Adaptation: the source head stays as pretrained (docs/method.md#psp)."""
         self.interpreter.classifiers["source"].requires_grad_(False)
 
     # ------------------------------------------------------------------ loading
@@ -330,7 +330,8 @@ class PSP(nn.Module):
 
     def reinitialise_encoder(self, arcface_weights: Optional[Union[str, os.PathLike]] = None) -> None:
         """A fresh encoder (ArcFace backbone weights if given, the rest random) and no valid mean latent:
-        what the original did when adapting a pretraining checkpoint to two domains (§9.38), where only
+        what the original did when adapting a pretraining checkpoint to two domains (docs/differences.md#d9-38),
+        where only
         the decoder and the interpreter carry over."""
         c = self.config
         device = self.latent_avg.device

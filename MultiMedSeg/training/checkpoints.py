@@ -1,4 +1,5 @@
-"""Checkpoint files and the best-k index (SPEC §6.6 "Best-5 bookkeeping", §6.9, FIX §9.26).
+"""Checkpoint files and the best-k index (docs/method.md#coach "Best-5 bookkeeping", docs/method.md#checkpoint, FIX
+docs/differences.md#d9-26).
 
 Layout under ``<exp_dir>/checkpoints``:
 

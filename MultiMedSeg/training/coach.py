@@ -1,14 +1,14 @@
-"""Phase-2 training loop (SPEC §6.6): source pretraining and target domain adaptation.
+"""Phase-2 training loop (docs/method.md#coach): source pretraining and target domain adaptation.
 
 One :class:`Coach` runs both: ``opts.only_intra`` (``pretrain.py``) trains the intra branch
 on source slices; otherwise (``train.py``) even steps run the intra branch and odd steps the
 inter + cycle branches on balanced source/target batches.
 
-Fixes of SPEC §9 in this file: one device, no DataParallel (§9.27); the SSIM term really
-is ``1 - SSIM`` (§9.28, in :mod:`MultiMedSeg.losses`); validation never skips small
-batches and groups slices by volume id, not by loader order (§9.30); the classifier
-optimiser only steps when a head received gradients (§9.31); the best-k index is JSON
-(§9.26, :mod:`MultiMedSeg.training.checkpoints`).
+Fixes of docs/differences.md in this file: one device, no DataParallel (docs/differences.md#d9-27); the SSIM term really
+is ``1 - SSIM`` (docs/differences.md#d9-28, in :mod:`MultiMedSeg.losses`); validation never skips small
+batches and groups slices by volume id, not by loader order (docs/differences.md#d9-30); the classifier
+optimiser only steps when a head received gradients (docs/differences.md#d9-31); the best-k index is JSON
+(docs/differences.md#d9-26, :mod:`MultiMedSeg.training.checkpoints`).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class LossBundle:
 
 
 def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: argparse.Namespace) -> torch.optim.Optimizer:
-    """Ranger (default, SPEC §6.6) or Adam over the encoder (and decoder) parameters."""
+    """Ranger (default, docs/method.md#coach) or Adam over the encoder (and decoder) parameters."""
     if opts.optim_name == "adam":
         return torch.optim.Adam(params, lr=opts.learning_rate)
     return Ranger(params, lr=opts.learning_rate)
@@ -210,7 +210,7 @@ class Coach:
         return loss, logs, out
 
     def inter_loss(self, b: Mapping[str, torch.Tensor], fs: float) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
-        """Inter branch: translate to the other domain, cycle back, segment both ways (SPEC §6.6)."""
+        """Inter branch: translate to the other domain, cycle back, segment both ways (docs/method.md#coach)."""
         x, y, w, label, has_gt = b["data"], b["mask"], b["weight"], b["domain"], b["has_gt"].bool()
         is_tgt = label[:, 1] > label[:, 0]
         semi = is_tgt & has_gt
@@ -226,7 +226,7 @@ class Coach:
     def _step_optimizers(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
         for opt in (self.optimizer_seg, self.optimizer):
-            # FIX §9.31: never step an optimiser none of whose parameters received a gradient
+            # FIX docs/differences.md#d9-31: never step an optimiser none of whose parameters received a gradient
             if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
                 self.scaler.step(opt)
         self.scaler.update()

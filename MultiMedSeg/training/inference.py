@@ -1,4 +1,5 @@
-"""Inference library (SPEC §7, with the §9.39 fixes): ensemble prediction, NIfTI output, metrics.
+"""Inference library (docs/method.md#inference, with the docs/differences.md#d9-39 fixes): ensemble prediction,
+NIfTI output, metrics.
 
 :func:`run_inference` segments every test volume with the ``--ensemble_size`` best
 checkpoints of a training run (``best.json``, best first; each file is loaded once by
@@ -22,7 +23,7 @@ and the translation are mapped back to the original grid with the preprocessing 
 ``<id>_pred`` and ``<id>_trans`` ``.nii.gz``.  A pretraining (source-only) run writes only
 ``<id>_intra``.
 
-Determinism (§9.36): models run in ``eval()`` -- the generator uses its fixed noise
+Determinism (docs/differences.md#d9-36): models run in ``eval()`` -- the generator uses its fixed noise
 buffers and BatchNorm its running statistics (``bn_mode='running'``, the default), so the
 same inputs always give the same files, whatever the batch composition.
 

@@ -1,4 +1,4 @@
-"""Per-volume segmentation metrics with MedPy (SPEC §6.6 validation, §7 evaluation).
+"""Per-volume segmentation metrics with MedPy (docs/method.md#coach validation, docs/method.md#inference evaluation).
 
 For every label ``k`` in ``1..L-1`` (and ``foreground`` = any non-zero label):
 
@@ -48,7 +48,8 @@ def volume_scores(pred: np.ndarray, gt: np.ndarray, label_nc: int, spacing: Opti
     """{class name: {dice, hd, hd95}} for labels ``1..label_nc-1`` (``0..`` with ``background``) and
     ``foreground`` (any non-zero label).
 
-    ``vessels_within_gt`` (``--consider_only_vessels_within_brain``, FIX §9.29: the reference asserted
+    ``vessels_within_gt`` (``--consider_only_vessels_within_brain``, FIX docs/differences.md#d9-29: the reference
+    asserted
     on an int): the scores of label 2 count only the GT non-background region (experts labelled the
     vessels inside the brain only), as the original; the other labels and ``foreground`` are unchanged.
     """
@@ -89,7 +90,7 @@ def mean_metrics(per_volume: List[Mapping[str, float]]) -> Dict[str, float]:
 
 def selection_score(metrics: Mapping[str, float], channels: Sequence[str], only_intra: bool) -> float:
     """Best-checkpoint score: for each branch (ensemble, inter, intra; intra only with
-    ``only_intra``) the mean Dice over ``channels``; the score is the best branch (SPEC §6.6)."""
+    ``only_intra``) the mean Dice over ``channels``; the score is the best branch (docs/method.md#coach)."""
     prefixes = ["intra_"] if only_intra else ["", "inter_", "intra_"]
     values = []
     for prefix in prefixes:

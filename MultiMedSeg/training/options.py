@@ -1,4 +1,5 @@
-"""Command-line options of ``pretrain.py``, ``train.py`` (SPEC §6.7), ``inference.py`` and ``predict.py``.
+"""Command-line options of ``pretrain.py``, ``train.py`` (docs/method.md#phase2-options), ``inference.py`` and
+``predict.py``.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
 with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.CliParser`).  Any option can also come from one JSON file given with
@@ -8,7 +9,7 @@ with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.
 
 Flags on the command line override the file.  Unknown keys are an error naming the file.
 This replaces the reference's ``configs*`` folders that were *renamed* at import time
-(FIX §9.25): the data folders are plain options.
+(FIX docs/differences.md#d9-25): the data folders are plain options.
 
 Data folders.  ``--source_data DIR`` / ``--target_data DIR`` name a preprocessed site
 (``MultiMedSeg/preprocess.py`` output: ``DIR/train`` or ``DIR/train/{labeled,unlabeled}``,
@@ -17,9 +18,9 @@ Data folders.  ``--source_data DIR`` / ``--target_data DIR`` name a preprocessed
 ``--test_root``, ``--metadata``) override what those imply.  See :func:`resolve_training_roots`.
 
 Dropped reference options (documented decision): ``--learn_in_w`` (broken shapes,
-§9.37), ``--dataset_type`` (the config file replaces the DATASETS dict), ``--input_nc``
+docs/differences.md#d9-37), ``--dataset_type`` (the config file replaces the DATASETS dict), ``--input_nc``
 (always 1), inference ``--do_flip`` (the flip is recorded in ``metadata.json`` and undone
-by the restoration).  DataParallel is gone: one ``--device`` (§9.27).  ``--workers`` and
+by the restoration).  DataParallel is gone: one ``--device`` (docs/differences.md#d9-27).  ``--workers`` and
 ``--test_workers`` default to 0 (the reference used 6).
 ``--only_intra`` is implied by ``pretrain.py`` (accepted there for the paper command) and
 refused by ``train.py``.
@@ -101,14 +102,14 @@ def _model(p: _Parser, mode: str) -> None:
           help="negate target images (and source background) -- for dark-foreground modalities")
     p.add("bn_mode", choices=("running", "batch"), default="running",
           help="BatchNorm in eval: 'running' statistics (deterministic, default) or per-batch statistics "
-               "(the reference's behaviour, §9.36)")
+               "(the reference's behaviour, docs/differences.md#d9-36)")
     p.add("latent_avg_samples", type=int, default=100_000,
           help="z samples per domain and middle z-bin for the mean latents (paper 1e5)")
 
 
 def _losses(p: _Parser) -> None:
     p.add("l2_lambda", type=float, default=1.0, help="MSE reconstruction weight")
-    p.add("ssim_lambda", type=float, default=1.0, help="(1 - SSIM) weight (FIX §9.28: really SSIM)")
+    p.add("ssim_lambda", type=float, default=1.0, help="(1 - SSIM) weight (FIX docs/differences.md#d9-28: really SSIM)")
     p.add("lpips_lambda", type=float, default=0.8, help="LPIPS weight (needs --alex_model and --alex_pretr_model)")
     p.add("ce_lambda", type=float, default=1.0, help="cross-entropy weight")
     p.add("dice_lambda", type=float, default=1.0, help="soft Dice weight")

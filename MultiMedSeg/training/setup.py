@@ -183,7 +183,7 @@ def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
     except (TypeError, ValueError) as err:
         raise InputError(f"invalid model configuration: {err}", path) from None
     net.load_checkpoint(path, payload)
-    if getattr(opts, "reinit_encoder", False):  # the original's behaviour (§9.38)
+    if getattr(opts, "reinit_encoder", False):  # the original's behaviour (docs/differences.md#d9-38)
         net.reinitialise_encoder(opts.backbone_weights)
     return net, path
 

@@ -1,6 +1,6 @@
 """CLIP image embeddings of slices, and their mean (the domain's ``clip_mean.npy``).
 
-Encoding one slice (SPEC §3 step 6): repeat the single channel to 3, map [-1, 1] to [0, 1]
+Encoding one slice (docs/method.md#lmdb step 6): repeat the single channel to 3, map [-1, 1] to [0, 1]
 with (x + 1) / 2, resize bicubically (align_corners False, no antialiasing) to the model's
 input size, normalise with the model's preprocessing mean/std (OpenAI's for ViT-L-14), run
 ``encode_image`` and L2-normalise.  ``clip_mean.npy`` is the arithmetic mean of these unit

@@ -4,7 +4,7 @@
   float32 (1, R, R) in [-1, 1] and ``target`` int64 ``[domain, zbin]``.
 - :class:`FedSliceDataset`: the same behind Fed-BioMed 6.4.1's ``CustomDataset`` API, for
   the node side of the training plan.  The registered dataset path is the LMDB FOLDER itself
-  (no CSV indirection; SPEC §9.12).  Build it with :func:`fed_slice_dataset` in the plan's
+  (no CSV indirection; docs/differences.md#d9-12).  Build it with :func:`fed_slice_dataset` in the plan's
   ``training_data()``; the node then calls ``load(root=<registered path>)``, which calls
   :meth:`FedSliceDataset.read`.
 

@@ -4,7 +4,7 @@ Phase 1 (``prepare_data.py``, :mod:`robustmedseg.data.lmdb_store`) and phase 2
 (``MultiMedSeg/``) both list, name and read slices through this module, so they agree on what a
 slice file is and in which order slices come (:func:`list_slices`).
 
-Format (replaces the reference's pickled ``.npy`` dicts, SPEC §2.1):
+Format (replaces the reference's pickled ``.npy`` dicts, docs/method.md#slice-format):
 
 * name ``<volume>_slice<NNN>.npz``: ``<volume>`` is the NIfTI basename without ``.nii.gz`` /
   ``.nii``; ``NNN`` is the 0-based slice index after the z-split, zero-padded to at least 3

@@ -3,7 +3,7 @@
 Slice files are named ``<volume>_slice<NNN>.npz``.  The z-bin of a slice is computed from
 its RANK among the slices of its volume found in the folder, not from the number in its
 name, so gaps in the numbering (slices removed upstream, numbering not starting at 0) still
-give bins spread over ``0 .. n_zbins-1`` (SPEC §9.11 fix):
+give bins spread over ``0 .. n_zbins-1`` (docs/differences.md#d9-11 fix):
 
     b = floor(rank * n_zbins / D),   rank in 0..D-1, D = number of slices of the volume.
 

@@ -1,4 +1,5 @@
-"""Adaptive discriminator augmentation for single-channel images (SPEC §4.6, with the §9.6 fix).
+"""Adaptive discriminator augmentation for single-channel images (docs/method.md#ada, with the
+docs/differences.md#d9-6 fix).
 
 Two parts:
 
@@ -21,7 +22,7 @@ Two parts:
     (lognormal, std 0.5 ln 2), luma flip, hue rotation (uniform +-pi) and saturation
     (lognormal, std ln 2). A grey image is the RGB image (x, x, x), i.e. a multiple of the
     luma axis, which is an eigenvector of every one of these matrices. The grey output is
-    therefore ``rowsum(M[0:3, 0:3]) * x + mean(t[0:3])``: **FIX §9.6** — the reference code
+    therefore ``rowsum(M[0:3, 0:3]) * x + mean(t[0:3])``: **FIX docs/differences.md#d9-6** — the reference code
     used the *mean* of the nine linear entries, which scales images by 1/3 even at p = 0.
     Hue and saturation have no effect on grey images (they are drawn anyway, so the random
     stream matches a colour implementation).
@@ -33,7 +34,7 @@ Two parts:
   regular D steps and every ``update_every`` calls moves ``p`` by
   ``sign(r_t - target) * count / length`` (``count`` = number of samples accumulated), clamped
   to [0, 1] (``r_t == target`` moves by ``-count / length``, as the original). Its state is a
-  plain dict (persisted node-locally between rounds, §9.7).
+  plain dict (persisted node-locally between rounds, docs/differences.md#d9-7).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLIP spherical loss of the refinement stage (SPEC §5.3, with the §9.9 fixes).
+"""CLIP spherical loss of the refinement stage (docs/method.md#clip-loss, with the docs/differences.md#d9-9 fixes).
 
 ``loss = clip_weight * mean_b arccos(<x_b, y_b>)^2`` where ``x_b`` is the unit CLIP embedding of
 the generated slice b and ``y_b`` the (normalised) client ``clip_mean`` row used to condition it.
@@ -6,9 +6,9 @@ Gradients flow through the frozen CLIP image tower into the generator.
 
 Decisions (documented in the README):
 
-* FIX §9.9: the cosine is clamped before arccos (:func:`spherical_distance_sq`), so identical
+* FIX docs/differences.md#d9-9: the cosine is clamped before arccos (:func:`spherical_distance_sq`), so identical
   vectors give a finite loss and gradient.
-* FIX §9.9: the loss is taken on the **un-augmented** fake. ``clip_mean`` is computed from
+* FIX docs/differences.md#d9-9: the loss is taken on the **un-augmented** fake. ``clip_mean`` is computed from
   un-augmented real slices (``prepare_data.py``), so comparing it with augmented fakes would
   penalise the augmentation, not the generator.
 * The image preprocessing is exactly the one of ``clip_mean.npy``

@@ -35,7 +35,8 @@ def check_image_size(size: int) -> None:
 
 @dataclass
 class FactoryConfig:
-    """Everything the node-side training needs (defaults = the paper's configuration, SPEC §5.1/§5.4)."""
+    """Everything the node-side training needs (defaults = the paper's configuration,
+    docs/method.md#factory-cli/#schedule)."""
 
     # networks
     size: int = 512

@@ -1,4 +1,4 @@
-"""GAN losses and lazy regularisers of the data factory (SPEC §5.2).
+"""GAN losses and lazy regularisers of the data factory (docs/method.md#training-step).
 
 All functions return scalar tensors; the weighting by the lazy-regularisation interval is done
 by the caller (:mod:`robustmedseg.factory.trainer`).
@@ -73,7 +73,7 @@ def path_length_penalty(
 def spherical_distance_sq(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-row squared geodesic distance arccos(<x/|x|, y/|y|>)^2 on the unit sphere.
 
-    FIX §9.9: the cosine is clamped to [-1 + eps, 1 - eps] before arccos, whose derivative is
+    FIX docs/differences.md#d9-9: the cosine is clamped to [-1 + eps, 1 - eps] before arccos, whose derivative is
     infinite at +-1 (the reference code produced NaN for identical vectors).
     """
     x = F.normalize(x, dim=-1)

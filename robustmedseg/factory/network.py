@@ -1,6 +1,6 @@
 """The module Fed-BioMed trains and aggregates: G, D and G_ema under one ``nn.Module``.
 
-State-dict keys are ``generator.*``, ``discriminator.*`` and ``g_ema.*`` (SPEC §1.2); this full
+State-dict keys are ``generator.*``, ``discriminator.*`` and ``g_ema.*`` (docs/method.md#files); this full
 state dict (parameters and buffers of the three networks) is the only thing a node sends back.
 """
 from __future__ import annotations
@@ -49,7 +49,8 @@ class FactoryModel(nn.Module):
 
 
 def split_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
-    """``{'generator.x': t, ...}`` -> ``{'g': {'x': t}, 'd': {...}, 'g_ema': {...}}`` (SPEC §4.7 keys)."""
+    """``{'generator.x': t, ...}`` -> ``{'g': {'x': t}, 'd': {...}, 'g_ema': {...}}`` (docs/method.md#state-dict
+    keys)."""
     names = {"generator": "g", "discriminator": "d", "g_ema": "g_ema"}
     out: Dict[str, Dict[str, torch.Tensor]] = {v: {} for v in names.values()}
     for key, value in state.items():

@@ -1,4 +1,4 @@
-"""Node-local training state that survives Fed-BioMed rounds (FIX §9.7).
+"""Node-local training state that survives Fed-BioMed rounds (FIX docs/differences.md#d9-7).
 
 Fed-BioMed builds a new training-plan object for every round, and its native-torch optimizer
 wrapper does not save optimizer state. Without help, the step counter, the Adam moments, the ADA

@@ -1,4 +1,4 @@
-"""One Fed-BioMed update of the data factory (SPEC §5.2 with the §9 fixes).
+"""One Fed-BioMed update of the data factory (docs/method.md#training-step with the docs/differences.md fixes).
 
 Fed-BioMed drives every update as ``zero_grad(); loss = training_step(real, target);
 loss.backward(); optimizer.step()``. :class:`FactoryTrainer` implements ``training_step`` with a
@@ -15,19 +15,19 @@ node-local update counter ``step`` that continues across rounds (:mod:`.state`):
   d = 0.5^(32/10000) (parameters only), with G's parameters from *before* this update's optimiser
   step(s), as in the original (whose EMA ran inside ``training_step``, before Fed-BioMed's step).
 
-**Lazy regularisation ADDS a step (decision for SPEC §9.8).** As in StyleGAN2 (and the MVS
+**Lazy regularisation ADDS a step (decision for docs/differences.md#d9-8).** As in StyleGAN2 (and the MVS
 centralised script), a regularised update index takes the regular step *and then* a separate
 regulariser step: the regular loss is back-propagated and applied inside ``training_step``
 (:meth:`AlternatingAdam.inner_step`), and the regulariser loss (R1 weighted ``r1/2 * d_reg_every``,
 path length weighted ``path_regularize * g_reg_every``) is returned for Fed-BioMed's own
 backward/step. This keeps the step count that the lazy-regularisation lr/beta correction
 (``k/(k+1)``, :mod:`.optim`) assumes, and the regular losses are never skipped. The reference
-federated code instead *replaced* the regular step (SPEC §5.2 item 6).
+federated code instead *replaced* the regular step (docs/method.md#training-step item 6).
 
 Conditioning: ``c = [one-hot(domain); one-hot(z-bin)]``; with probability ``clip_prob`` (0.5) the
-batch is also conditioned on the node's ``clip_mean`` **repeated to the batch size** (FIX §9.4),
+batch is also conditioned on the node's ``clip_mean`` **repeated to the batch size** (FIX docs/differences.md#d9-4),
 otherwise ``e = None``. Style mixing: with probability ``mixing`` two z are drawn (the shared model
-pairs every z with the condition, FIX §9.5).
+pairs every z with the condition, FIX docs/differences.md#d9-5).
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ class FactoryTrainer:
         loss = g_nonsaturating_loss(d(self._aug(fake), (c, e)))
         self._track(g_loss=loss)
         if cfg.clip_weight > 0 and e is not None and self.clip_loss is not None:
-            clip = self.clip_loss(fake, e)  # un-augmented fake (FIX §9.9)
+            clip = self.clip_loss(fake, e)  # un-augmented fake (FIX docs/differences.md#d9-9)
             loss = loss + cfg.clip_weight * clip
             self.counts["clip"] += 1
             self._track(clip_loss=clip)

@@ -5,7 +5,7 @@ Reads the breakpoint files directly (JSON state + Fed-BioMed's msgpack parameter
 Experiment object, no gRPC server, no researcher-component side effects.
 
 ``final_global_model.pt`` = ``{"g", "d", "g_ema"}`` state dicts with the model's own key names
-(SPEC §4.7, i.e. without the ``generator.`` / ``discriminator.`` / ``g_ema.`` prefixes), plus
+(docs/method.md#state-dict, i.e. without the ``generator.`` / ``discriminator.`` / ``g_ema.`` prefixes), plus
 ``"args"`` (the model constructor arguments) and ``"meta"`` (experiment id, round, run id). Only
 tensors and plain Python values: loadable with ``torch.load(..., weights_only=True)``.
 

@@ -138,7 +138,7 @@ class Schedule:
     secagg_clip: Optional[float] = None  # None: secagg.DEFAULT_CLIP
 
     def training_args(self) -> Dict[str, Any]:
-        # no random_seed: a fixed seed would replay the same random stream every round (§9.7);
+        # no random_seed: a fixed seed would replay the same random stream every round (docs/differences.md#d9-7);
         # the nodes seed themselves from model_args["seed"] and persist their RNG state.
         return {"num_updates": int(self.num_updates), "loader_args": {"batch_size": int(self.batch)},
                 "optimizer_args": {"lr": float(self.lr)}, "log_interval": 0, "use_gpu": bool(self.use_gpu)}

@@ -7,7 +7,7 @@ settings live in ``self._parameters`` and the class in an importable module, bec
 ``_parameters`` and the sampling history.
 
 Aggregation weights: ``uniform`` (1 / number of replying nodes, as the paper's Fed-BioMed fork,
-SPEC §5.1) or ``samples`` (Fed-BioMed's default, proportional to each node's dataset size).
+docs/method.md#factory-cli) or ``samples`` (Fed-BioMed's default, proportional to each node's dataset size).
 
 A sampled node that does not reply (died, disconnected) or replies with an error aborts the round
 with :class:`NodeFailureError`, whose one-line message names the node(s): aggregating a subset
