@@ -44,7 +44,7 @@ class DemoConfig:
     # Chosen on validation data (BENCHMARKS.md, "Demo settings"): few updates per round (client drift),
     # lr 0.004, R1 1 and a mapping network at full learning rate (lr_mlp 1; the paper's 0.01 learns the
     # site conditioning too slowly for a CPU budget; the exported file is re-parametrised to 0.01).
-    rounds: int = 192
+    rounds: int = 480
     updates: int = 25
     batch: int = 8
     nodes_per_round: int = 2
