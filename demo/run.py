@@ -65,8 +65,8 @@ def build_parser() -> CliParser:
                    help="output folder (default demo_output); refused if it exists unless --resume or --overwrite")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="settings: 'default' (32 px, < 20 min on 2 cores), 'quick' (smoke configuration used by the "
-                        "test suite, a few minutes, numbers meaningless), 'quality' (64 px, longer schedules; "
-                        "1-3 h on 2 CPU cores, see BENCHMARKS.md)")
+                        "test suite, a few minutes, numbers meaningless), 'quality' (64 px slices of a 3 mm phantom, "
+                        "the default schedules; about 46 min on 2 CPU cores, see BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--full", action="store_true",
                    help="print the paper-scale commands (GPU, your own data) and exit without running anything")

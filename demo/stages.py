@@ -23,9 +23,11 @@ CLASS_NAMES = {"1": "GM", "2": "WM"}
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and schedules of one demo run (``default`` < 20 min on 2 cores, ``quick`` = the smoke test).
+    """Sizes and schedules of one demo run (``default`` < 20 min on 2 cores, ``quick`` = the smoke test,
+    ``quality`` = the default schedules at 64 px on a 3 mm phantom, about 46 min).
 
-    Every value of ``default`` was chosen on the validation volumes (BENCHMARKS.md, "Demo settings").
+    Every value of ``default`` was chosen on the validation volumes, or for the data factory on the fidelity
+    of its samples (BENCHMARKS.md, "Does the method work?").
     """
 
     name: str
@@ -41,7 +43,7 @@ class DemoConfig:
     latent: int = 64
     n_mlp: int = 2
     channel_cap: int = 32
-    # Chosen on validation data (BENCHMARKS.md, "Demo settings"): few updates per round (client drift),
+    # Chosen on validation data (BENCHMARKS.md, "Does the method work?"): few updates per round (client drift),
     # lr 0.004, R1 1 and a mapping network at full learning rate (lr_mlp 1; the paper's 0.01 learns the
     # site conditioning too slowly for a CPU budget; the exported file is re-parametrised to 0.01).
     rounds: int = 480
