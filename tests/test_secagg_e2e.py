@@ -17,7 +17,6 @@ One local federation, 3 nodes (one per phantom site); node ``site2`` requires se
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,18 +28,11 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_FLAGS = ["--size", "32", "--latent", "32", "--n_mlp", "2", "--channel-cap", "16", "--n_sample", "2",
-              "--augment", "--batch", "4", "--sample-every", "4", "--log-every", "4", "--wait-nodes", "120",
-              "--min-nodes", "3", "--num_updates_per_round", "8"]
+from test_federation_e2e import REPO, _env  # noqa: E402  (the same subprocess environment)
+from test_federation_e2e import TINY_FLAGS as _BASE_FLAGS  # noqa: E402
+
+TINY_FLAGS = _BASE_FLAGS + ["--min-nodes", "3", "--num_updates_per_round", "8"]
 FORCED = "site2"
-
-
-def _env() -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 @pytest.fixture(scope="module")
