@@ -24,17 +24,16 @@ settings), ``--split test`` the test volumes (report once).  Printed: per-class 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 import model
+from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.errors import CliParser, run_cli
 
 SOURCE = 0
@@ -134,26 +133,8 @@ def finished(folder: Path) -> bool:
     return (folder / "checkpoints" / "best.json").is_file()
 
 
-def read_rows(metrics_csv: Path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]]:
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for r in csv.DictReader(metrics_csv.open()):
-        if r["prediction"] == branch:
-            out.setdefault(r["volume"], {})[r["class"]] = {"dice": float(r["dice"]), "hd95": float(r["hd95"])}
-    return out
-
-
-def stats(rows: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Any]:
-    vols = sorted(rows)
-
-    def ms(values: List[float]) -> Dict[str, float]:
-        arr = np.asarray(values, float)
-        return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-    out: Dict[str, Any] = {name: {m: ms([rows[v][c][m] for v in vols]) for m in ("dice", "hd95")}
-                           for c, name in CLASSES}
-    out["mean"] = {m: ms([float(np.mean([rows[v][c][m] for c, _ in CLASSES])) for v in vols]) for m in ("dice", "hd95")}
-    out["n"] = len(vols)
-    return out
+def stats(metrics_csv: Path, branch: str) -> Dict[str, Any]:
+    return volume_statistics(read_metrics_csv(metrics_csv, branch), CLASSES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -225,12 +206,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "--metadata", prep / f"site{t}" / "metadata.json", "--ensemble_size", a.n_best, "--device", "cpu",
                 "--test_batch_size", 32, "--ensemble_weights", weights], log, False)
         adapted = name.startswith("adapted")
-        results[name] = stats(read_rows(out / "metrics.csv", "pred" if adapted else "intra"))
+        results[name] = stats(out / "metrics.csv", "pred" if adapted else "intra")
         if adapted:
-            branches[name] = {b: stats(read_rows(out / "metrics.csv", b))["mean"]["dice"]["mean"]
+            branches[name] = {b: stats(out / "metrics.csv", b)["mean"]["dice"]["mean"]
                               for b in ("intra", "inter", "pred")}
     so, ts = results["source_only"]["mean"]["dice"]["mean"], results["target_supervised"]["mean"]["dice"]["mean"]
-    gap = {k.split("_", 1)[1]: (results[k]["mean"]["dice"]["mean"] - so) / (ts - so) if ts > so else float("nan")
+    gap = {k.split("_", 1)[1]: gap_closed(results[k]["mean"]["dice"]["mean"], so, ts)
            for k in results if k.startswith("adapted")}
     lines = ["| row | Dice GM | Dice WM | Dice mean | HD95 mean (mm) |", "|---|---|---|---|---|"]
     for name, r in results.items():
@@ -238,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(f"| {name} | {fmt(r['GM']['dice'])} | {fmt(r['WM']['dice'])} | {fmt(r['mean']['dice'])} | "
                      f"{fmt(r['mean']['hd95'], 1)} |")
     text = "\n".join([
-        f"{a.split} volumes of site {t} (n = {results['source_only']['n']}); generator {gen}; bn_mode {a.bn_mode}; "
+        f"{a.split} volumes of site {t} (n = {len(results['source_only']['volumes'])}); generator {gen}; bn_mode {a.bn_mode}; "
         f"ensemble weights (inter,intra) {weights}; pretrain {a.pretrain_steps} / adapt {a.adapt_steps} steps; tag '{tag}'",
         "", *lines, "",
         "adapted branches (mean GM/WM Dice): " + "; ".join(

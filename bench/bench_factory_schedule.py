@@ -38,6 +38,7 @@ from robustmedseg.factory.fidelity import Evaluator, scalar_summary
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.factory.optim import AlternatingAdam
 from robustmedseg.factory.trainer import FactoryTrainer
+from robustmedseg.io import save_torch_atomic, write_text_atomic
 
 
 def build_parser() -> CliParser:
@@ -155,10 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def dump() -> None:
         result = {"args": vars(a), "trace": trace,
                   "real": {k: ev.real[k] for k in ("domain_accuracy", "zbin_accuracy", "zbin_within1", "kid_real")}}
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        tmp.replace(a.out)
+        write_text_atomic(a.out, json.dumps(result, indent=1, default=str) + "\n")
 
     record(0)
     if a.mode == "central":
@@ -198,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.save is not None:
         from robustmedseg.federation.export import build_export
 
-        torch.save(build_export(model.state_dict(), {"model_args": cfg.to_model_args()}), a.save)
+        save_torch_atomic(build_export(model.state_dict(), {"model_args": cfg.to_model_args()}), a.save)
     return 0
 
 

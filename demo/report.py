@@ -19,7 +19,6 @@ and writes ``generator_grid.png`` (sites x z-bins from the global generator), ``
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -29,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from robustmedseg.errors import CliParser, InputError, run_cli
+from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}
@@ -47,52 +47,9 @@ STAGE_ORDER = ("phantom", "preprocess", "prepare_data", "evaluator", "federated"
 
 # ----------------------------------------------------------------------------------------- metrics
 
-def read_rows(csv_path: Path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """``{volume: {class: {dice, hd95, hd}}}`` for one prediction branch of a metrics.csv."""
-    if not csv_path.is_file():
-        raise InputError("metrics file not found (did the inference stage run?)", csv_path)
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    with open(csv_path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["prediction"] != branch:
-                continue
-            out.setdefault(row["volume"], {})[row["class"]] = {k: float(row[k]) for k in ("dice", "hd95", "hd")}
-    if not out:
-        raise InputError(f"no rows for prediction '{branch}'", csv_path)
-    return out
-
-
-def _mean_sd(values: Sequence[float]) -> Dict[str, float]:
-    arr = np.asarray(values, dtype=float)
-    finite = arr[np.isfinite(arr)]
-    if len(finite) < len(arr):  # an infinite distance (empty prediction) makes the mean infinite
-        return {"mean": float("inf"), "sd": float("nan"), "n": int(len(arr))}
-    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": int(len(arr))}
-
-
-def method_stats(per_volume: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Dict[str, Any]:
-    """Per class and for the GM/WM mean: Dice and HD95 as mean ± sd over volumes."""
-    vols = sorted(per_volume)
-    out: Dict[str, Any] = {}
-    for cls, name in CLASSES:
-        out[name] = {m: _mean_sd([per_volume[v][cls][m] for v in vols]) for m in ("dice", "hd95")}
-    out["mean"] = {m: _mean_sd([float(np.mean([per_volume[v][c][m] for c, _ in CLASSES])) for v in vols])
-                   for m in ("dice", "hd95")}
-    out["volumes"] = vols
-    return out
-
-
-def read_metrics(csv_path: Path, branch: str) -> Dict[str, Dict[str, float]]:
-    """Mean Dice / HD95 / HD over volumes per class for one prediction branch of a metrics.csv."""
-    rows = read_rows(csv_path, branch)
-    classes = sorted({c for v in rows.values() for c in v})
-    return {c: {k: float(np.mean([rows[v][c][k] for v in rows if c in rows[v]])) for k in ("dice", "hd95", "hd")}
-            for c in classes}
-
-
-def count_volumes(csv_path: Path) -> int:
-    with open(csv_path, newline="") as fh:
-        return len({row["volume"] for row in csv.DictReader(fh)})
+def method_stats(csv_path: Path, branch: str) -> Dict[str, Any]:
+    """Dice and HD95 (mean ± sd over volumes, per class and for the GM/WM mean) of one branch of a metrics.csv."""
+    return volume_statistics(read_metrics_csv(csv_path, branch), CLASSES)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -105,19 +62,13 @@ def _pm(s: Mapping[str, float], digits: int = 3) -> str:
 
 def collect_results(out: Path) -> Dict[str, Any]:
     """Statistics of the five rows plus the adapted runs' own branches (intra, inter)."""
-    results = {name: method_stats(read_rows(out / "inference" / name / "metrics.csv", branch))
+    results = {name: method_stats(out / "inference" / name / "metrics.csv", branch)
                for name, branch, _ in METHODS}
     branches = {}
     for name in ("adapted_real", "adapted_synthetic"):
-        branches[name] = {b: method_stats(read_rows(out / "inference" / name / "metrics.csv", b))
+        branches[name] = {b: method_stats(out / "inference" / name / "metrics.csv", b)
                           for b in ("intra", "inter", "pred")}
     return {"rows": results, "branches": branches}
-
-
-def gap_closed(adapted: float, source_only: float, supervised: float) -> float:
-    """(adapted − source only) / (target supervised − source only); nan when there is no gap."""
-    gap = supervised - source_only
-    return (adapted - source_only) / gap if gap > 1e-9 else float("nan")
 
 
 def metrics_table(results: Mapping[str, Any]) -> str:

@@ -58,7 +58,7 @@ from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.metrics import volume_scores
+from MultiMedSeg.training.metrics import METRICS_CSV_FIELDS, volume_scores
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_dir, check_new_output
@@ -260,7 +260,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
             log(f"{vid}: wrote {', '.join(f'{vid}_{k}' for k in list(restored) + (['trans'] if inter else []))}")
         if rows:
             with open(out_dir / "metrics.csv", "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["volume", "prediction", "class", "dice", "hd95", "hd"])
+                w = csv.DictWriter(fh, fieldnames=METRICS_CSV_FIELDS)
                 w.writeheader()
                 for r in rows:
                     w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})

@@ -98,3 +98,62 @@ def selection_score(metrics: Mapping[str, float], channels: Sequence[str], only_
         if all(k in metrics for k in keys):
             values.append(float(np.mean([metrics[k] for k in keys])))
     return max(values) if values else 0.0
+
+
+# ------------------------------------------------------------------------------ metrics.csv of inference.py
+#: Columns of the ``metrics.csv`` that ``inference.py`` writes: one row per volume, prediction branch and class.
+METRICS_CSV_FIELDS = ("volume", "prediction", "class", "dice", "hd95", "hd")
+
+
+def read_metrics_csv(path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{volume: {class: {dice, hd95, hd}}}`` of one prediction branch (``intra``, ``inter``, ``pred``)
+    of an inference ``metrics.csv``.  A missing file or a branch without rows is a one-line
+    :class:`~robustmedseg.errors.InputError` naming the file."""
+    import csv
+    from pathlib import Path
+
+    from robustmedseg.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("metrics file not found (did the inference run?)", path)
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["prediction"] == branch:
+                out.setdefault(row["volume"], {})[row["class"]] = {k: float(row[k]) for k in DISTANCES + ("dice",)}
+    if not out:
+        raise InputError(f"no rows for prediction '{branch}'", path)
+    return out
+
+
+def mean_sd(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and sample sd (ddof 1; 0 for one value) over volumes, with their number ``n``.  An
+    infinite value (a distance to an empty prediction) makes the mean infinite and the sd undefined."""
+    arr = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(arr)):
+        return {"mean": float("inf"), "sd": float("nan"), "n": int(len(arr))}
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": int(len(arr))}
+
+
+def volume_statistics(per_volume: Mapping[str, Mapping[str, Mapping[str, float]]],
+                      classes: Sequence[Sequence[str]]) -> Dict[str, object]:
+    """Dice and HD95 as :func:`mean_sd` over volumes, per class and for the mean over ``classes``.
+
+    ``per_volume`` as :func:`read_metrics_csv` returns it; ``classes`` = ``((label, name), ...)``, e.g.
+    ``(("1", "GM"), ("2", "WM"))``.  Keys: each name, ``"mean"`` and ``"volumes"`` (sorted ids)."""
+    vols = sorted(per_volume)
+    out: Dict[str, object] = {}
+    for label, name in classes:
+        out[name] = {m: mean_sd([per_volume[v][label][m] for v in vols]) for m in ("dice", "hd95")}
+    out["mean"] = {m: mean_sd([float(np.mean([per_volume[v][label][m] for label, _ in classes])) for v in vols])
+                   for m in ("dice", "hd95")}
+    out["volumes"] = vols
+    return out
+
+
+def gap_closed(adapted: float, source_only: float, supervised: float) -> float:
+    """Fraction of the gap between a source-only and a target-supervised model that adaptation closes:
+    ``(adapted - source_only) / (supervised - source_only)``; nan when there is no gap."""
+    gap = supervised - source_only
+    return (adapted - source_only) / gap if gap > 1e-9 else float("nan")
