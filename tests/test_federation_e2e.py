@@ -193,7 +193,8 @@ def test_node_killed_mid_round_then_resume(federation, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     # round index 1 samples, with the same strategy stream, these nodes:
     nodes = sorted(n.node_id for n in fed.manifest.nodes)
-    victim_id = SampleAtMostK(2, seed=5).sample_nodes(nodes, 1)[0]
+    sites = {n.node_id: n.name for n in fed.manifest.nodes}  # the researcher's site keys: the dataset names
+    victim_id = SampleAtMostK(2, seed=5, site_keys=sites).sample_nodes(nodes, 1)[0]
     victim = fed.node(victim_id)
     offset = Path(victim.log).stat().st_size
     proc = _researcher(fed, work, "--resume", "--rounds", "2", "--num_updates_per_round", "400",

@@ -75,6 +75,14 @@ def test_train_evaluator_learns_separable_sites_and_scores_a_generator(sites, tm
     assert sum(map(sum, score["confusion"])) == 20
     flat = F.scalar_summary(score)
     assert {"domain_accuracy", "zbin_within1", "kid_domain0", "domain_accuracy_domain1"} <= set(flat)
+    # per z-bin figures cover every conditioned bin; the score does not depend on (nor move) the global stream
+    assert sum(v["n"] for v in score["per_zbin"].values()) == 20
+    torch.manual_seed(123)
+    again = ev.score(g, n_per_domain=10, seed=0)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+    assert again["kid"] == score["kid"] and again["per_zbin"] == score["per_zbin"]
     with pytest.raises(InputError):
         ev.check_generator(Generator(16, style_dim=8, n_mlp=1, n_domains=3, n_zbins=6, clip_dim=4, channel_cap=8))
 

@@ -61,13 +61,13 @@ def _train(fed, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-def _seed(ids: List[str], forced: str, in_first_round: bool) -> int:
+def _seed(ids: List[str], forced: str, in_first_round: bool, sites: Dict[str, str]) -> int:
     """A sampling seed whose round 1 includes (or not) ``forced`` and whose 3 first rounds each use
-    a new node set (so that every round needs a new key setup)."""
+    a new node set (so that every round needs a new key setup). ``sites``: the researcher's site keys."""
     from robustmedseg.federation.strategy import SampleAtMostK
 
     for seed in range(1000):
-        rounds = [SampleAtMostK(2, seed=seed).sample_nodes(sorted(ids), r) for r in range(3)]
+        rounds = [SampleAtMostK(2, seed=seed, site_keys=sites).sample_nodes(sorted(ids), r) for r in range(3)]
         if (forced in rounds[0]) == in_first_round and rounds[0] != rounds[1] != rounds[2]:
             return seed
     raise AssertionError("no suitable seed")
@@ -96,7 +96,8 @@ def test_secure_aggregation_schedule_privacy_and_refusal(federation, tmp_path):
     fed = federation
     ids = [n.node_id for n in fed.manifest.nodes]
     forced_id = fed.node(FORCED).node_id
-    seed = _seed(ids, forced_id, in_first_round=False)
+    sites = {n.node_id: n.name for n in fed.manifest.nodes}  # the dataset names, as the researcher reads them
+    seed = _seed(ids, forced_id, in_first_round=False, sites=sites)
 
     # 1-2. plain and secure runs from the same seed, then a resume and the export
     plain_dir, secure_dir = tmp_path / "plain", tmp_path / "secure"
@@ -167,7 +168,7 @@ def test_secure_aggregation_schedule_privacy_and_refusal(federation, tmp_path):
     assert ((start + torch.from_numpy(summed)).float().double() - s).abs().max() == 0
 
     # 4. a node that requires secure aggregation refuses a plain experiment, in one line
-    refusal_seed = _seed(ids, forced_id, in_first_round=True)
+    refusal_seed = _seed(ids, forced_id, in_first_round=True, sites=sites)
     refused = _train(fed, tmp_path / "refused", *TINY_FLAGS, "--rounds", "1", "--seed", str(refusal_seed))
     assert refused.returncode != 0
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]

@@ -618,3 +618,56 @@ def test_gpu_switches_travel_in_model_args_and_are_applied_on_the_node(lmdb_plai
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
          torch.backends.cudnn.deterministic) = saved
+
+
+def test_sampling_and_averaging_follow_site_identity_not_node_ids():
+    """The same sites under fresh random node ids (a new deployment) get the same schedule (issue 19)."""
+    from robustmedseg.federation.strategy import SampleAtMostK
+
+    sites = ("site0", "site1", "site2", "site3")
+
+    def schedule(ids):
+        keys = dict(zip(ids, sites))
+        s = SampleAtMostK(max_nodes=2, seed=3, site_keys=keys)
+        return [[keys[n] for n in s.sample_nodes(list(reversed(ids)), r)] for r in range(12)], s, keys
+
+    first, _, _ = schedule(["NODE_c", "NODE_a", "NODE_d", "NODE_b"])
+    second, s, keys = schedule(["NODE_9", "NODE_7", "NODE_8", "NODE_1"])
+    assert first == second and len({tuple(p) for p in first}) > 1
+    # without site keys the draw follows the ids' order, which differs between the two deployments
+    plain = [SampleAtMostK(2, seed=3).sample_nodes(["NODE_9", "NODE_7", "NODE_8", "NODE_1"], r) for r in range(12)]
+    assert [[keys[n] for n in p] for p in plain] != first
+    # the replies are averaged in site order, whatever order they arrived in
+    s2 = SampleAtMostK(max_nodes=4, seed=0, site_keys=keys)
+    nodes = s2.sample_nodes(list(keys), 0)
+    replies = {n: {"success": True, "node_id": n, "params": {}, "sample_size": 1} for n in reversed(nodes)}
+    params, weights, _, _ = s2.refine(replies, 0)
+    assert [keys[n] for n in params] == list(sites) == [keys[n] for n in weights]
+
+
+def test_site_keys_are_dataset_names_and_seed_node_streams():
+    from robustmedseg.factory import state
+    from robustmedseg.federation.researcher import site_keys
+
+    class Data:  # what Experiment.training_data() answers: node id -> dataset entry
+        def __init__(self, entries):
+            self.entries = entries
+
+        def data(self):
+            return self.entries
+
+    class Exp:
+        def __init__(self, entries):
+            self._data = Data(entries)
+
+        def training_data(self):
+            return self._data
+
+    keys = site_keys(Exp({"NODE_x": {"name": "site0"}, "NODE_y": {"name": "site1"}, "NODE_z": {"name": "site1"}}))
+    assert keys == {"NODE_x": "site0", "NODE_y": "site1@NODE_y", "NODE_z": "site1@NODE_z"}
+    # a node seeds its stream from its site, not from its id: the same site under another id, same seed
+    assert state.node_seed(0, state.site_of(keys, "NODE_x")) == state.node_seed(0, state.site_of({"NODE_q": "site0"}, "NODE_q"))
+    assert state.node_seed(0, "site0") != state.node_seed(0, "site1") != state.node_seed(1, "site1")
+    assert state.site_of({}, "NODE_x") == "NODE_x"
+    with pytest.raises(ValueError, match="site_keys"):
+        FactoryConfig.from_model_args({"site_keys": {"NODE_x": ""}})

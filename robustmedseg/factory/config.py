@@ -75,6 +75,9 @@ class FactoryConfig:
     log_every: int = 50
     seed: int = 0
     run_id: str = "default"
+    # node id -> the site's stable identity (the name its dataset is registered under), set by the
+    # researcher from the federation's datasets: it seeds the node's random stream (state.node_seed)
+    site_keys: Dict[str, str] = dataclasses.field(default_factory=dict)
     # secure aggregation (robustmedseg.federation.secagg): clipping range of the per-round change of
     # one stored value (0: parameters travel in the clear) and how the nodes' updates are weighted
     secagg_clip: float = 0.0
@@ -110,6 +113,9 @@ class FactoryConfig:
         if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
             raise ValueError(f"run_id must be 1-64 letters, digits, '_' or '-' (it names a folder on the nodes), "
                              f"got {self.run_id!r}")
+        if not isinstance(self.site_keys, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and 0 < len(v) <= 256 for k, v in self.site_keys.items()):
+            raise ValueError("site_keys must map node ids to non-empty names of at most 256 characters")
         for name in ("style_dim", "n_mlp", "n_domains", "n_zbins", "clip_dim", "path_batch_shrink",
                      "d_reg_every", "g_reg_every", "ada_every", "ada_length", "n_sample", "sample_every",
                      "log_every"):

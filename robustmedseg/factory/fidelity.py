@@ -183,12 +183,17 @@ def accuracies(pred_d: torch.Tensor, pred_z: torch.Tensor, domains: torch.Tensor
         if bool(sel.any()):
             per[str(d)] = {"domain_accuracy": float(ok_d[sel].mean()), "zbin_accuracy": float(ok_z[sel].mean()),
                            "zbin_within1": float(ok_z1[sel].mean()), "n": int(sel.sum())}
+    per_zbin = {}  # z-bin accuracy of each conditioned (or true) z-bin, e.g. the vertex and base bins
+    for z in sorted(set(zbins.tolist())):
+        sel = zbins == z
+        per_zbin[str(int(z))] = {"zbin_accuracy": float(ok_z[sel].mean()), "zbin_within1": float(ok_z1[sel].mean()),
+                                 "n": int(sel.sum())}
     confusion = torch.zeros(n_domains, n_domains, dtype=torch.long)
     for t, p in zip(domains.tolist(), pred_d.tolist()):
         confusion[t, p] += 1
     return {"domain_accuracy": float(np.mean([v["domain_accuracy"] for v in per.values()])) if per else float("nan"),
             "zbin_accuracy": float(ok_z.mean()), "zbin_within1": float(ok_z1.mean()), "per_domain": per,
-            "confusion": confusion.tolist()}
+            "per_zbin": per_zbin, "confusion": confusion.tolist()}
 
 
 def volume_halves(volumes: Sequence[str]) -> torch.Tensor:
@@ -307,8 +312,16 @@ class Evaluator:
               encoding: Optional[Mapping[int, torch.Tensor]] = None) -> Dict[str, Any]:
         """Fidelity of generator ``g`` (see module doc).  ``n_per_domain`` None: the size of half A."""
         self.check_generator(g)
-        gen = torch.Generator().manual_seed(seed)
         device = next(g.parameters()).device
+        # the generator draws its per-layer noise from the global stream: seed it too (and leave the
+        # caller's stream as it was), so that the same generator always gets the same score
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self._score(g, n_per_domain, seed, batch, encoding, device)
+
+    def _score(self, g: nn.Module, n_per_domain: Optional[int], seed: int, batch: int,
+               encoding: Optional[Mapping[int, torch.Tensor]], device: torch.device) -> Dict[str, Any]:
+        gen = torch.Generator().manual_seed(seed)
         was_training = g.training
         g.eval()
         preds_d, preds_z, conds_d, conds_z = [], [], [], []

@@ -2,10 +2,10 @@
 
 :func:`prepare_round` runs when the plan builds its training data, i.e. before Fed-BioMed's random
 train/test split: it restores the node's random stream (or seeds a fresh node), so that a round is
-reproducible from the seed, the node id and the node-local state.
+reproducible from the seed, the site's stable identity (``site_keys``) and the node-local state.
 :func:`begin_round` runs before Fed-BioMed's training loop of a round: it reads the config from the
 plan's ``model_args``, restores the node-local state of the previous round (or seeds a fresh node
-from ``(seed, node id)``), loads ``clip_mean`` from the node's dataset and, if needed, the frozen
+from ``(seed, site)``), loads ``clip_mean`` from the node's dataset and, if needed, the frozen
 CLIP model (cached for the life of the node process), and builds the trainer. :func:`end_round`
 flushes the metrics and saves the state (only after a successful round).
 """
@@ -20,7 +20,7 @@ import torch
 
 from ..device import configure_backends, seed_everything
 from .config import FactoryConfig
-from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state
+from .state import load_state, node_seed, rng_state, run_dir, save_state, set_rng_state, site_of
 from .trainer import FactoryTrainer
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def prepare_round(plan: Any) -> Tuple[Path, Optional[Dict[str, Any]]]:
     if state is not None:
         set_rng_state(state["rng"])
     else:
-        seed_everything(node_seed(cfg.seed, node_id), deterministic_cudnn=False)
+        seed_everything(node_seed(cfg.seed, site_of(cfg.site_keys, node_id)), deterministic_cudnn=False)
     plan._factory_round_state = (directory, state)
     return directory, state
 

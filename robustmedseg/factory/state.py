@@ -30,11 +30,12 @@ Python values only).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -95,10 +96,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def node_seed(seed: int, node_id: Optional[str]) -> int:
-    """The seed of one node's generators, from (seed, node id): distinct, reproducible streams per node."""
-    digest = sum((i + 1) * ord(ch) for i, ch in enumerate(node_id or "local"))
-    return (int(seed) * 1_000_003 + digest) % (2 ** 31)
+def node_seed(seed: int, site: Optional[str]) -> int:
+    """The seed of one node's generators, from ``(seed, site)``: distinct, reproducible streams per site.
+
+    ``site`` is the site's stable identity (its key in :attr:`FactoryConfig.site_keys`, i.e. the name its
+    dataset was registered under), never an id drawn when a node component is created, so the same
+    seed and data give the same streams in every deployment (docs/phase1.md#reproducibility)."""
+    digest = hashlib.sha256(f"{int(seed)}:{site or 'local'}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % (2 ** 31)
+
+
+def site_of(site_keys: Mapping[str, str], node_id: Optional[str]) -> str:
+    """The stable identity of the node ``node_id`` (its own id when the researcher sent none)."""
+    return str(site_keys.get(node_id or "", node_id or "local"))
 
 
 def list_states(directory: Path) -> List[Tuple[int, Path]]:

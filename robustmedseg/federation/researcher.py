@@ -173,11 +173,36 @@ def create_experiment(cfg: FactoryConfig, schedule: Schedule, tags: Sequence[str
                             node_selection_strategy=SampleAtMostK(schedule.max_nodes, schedule.seed, schedule.weighting),
                             round_limit=schedule.rounds, save_breakpoints=True, retain_full_history=False,
                             secagg=lom_secure_aggregation() if schedule.secagg else False)
-    exp.training_plan().set_model_params(initial_global_state(cfg))
     if not exp.all_federation_nodes():
         raise FederationError(f"no node has a dataset tagged {list(tags)}")
+    apply_site_keys(exp)
+    exp.training_plan().set_model_params(initial_global_state(cfg))
     check_secagg_nodes(exp)
     return exp
+
+
+def site_keys(exp: Any) -> Dict[str, str]:
+    """Node id -> the site's stable identity: the name its dataset was registered under
+    (``fedbiomed node dataset add``; ``--dataset NAME=...`` of the local tool). Node ids are drawn
+    when a node component is created; dataset names are chosen by the sites, so the same sites give
+    the same keys in every deployment. Two nodes with the same dataset name are told apart by their
+    node id (then their streams depend on the ids)."""
+    data = exp.training_data().data() if exp.training_data() is not None else {}
+    names = {node: str((entry or {}).get("name") or node)[:200] for node, entry in data.items()}
+    counts: Dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {node: name if counts[name] == 1 else f"{name}@{node}" for node, name in names.items()}
+
+
+def apply_site_keys(exp: Any) -> Dict[str, str]:
+    """Give the site keys to the node-selection strategy (draw and averaging order) and to the nodes
+    (``model_args["site_keys"]``: the seed of each node's random stream). Keeps the weights."""
+    keys = site_keys(exp)
+    exp.strategy()._parameters["site_keys"] = dict(keys)
+    if exp.model_args().get("site_keys") != keys:
+        exp.set_model_args({**exp.model_args(), "site_keys": dict(keys)}, keep_weights=True)
+    return keys
 
 
 def secagg_model_args(active: bool, clip: Optional[float], weighting: str) -> Dict[str, Any]:
@@ -243,6 +268,7 @@ def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any
     exp.set_training_data(None, from_tags=True)
     if not exp.all_federation_nodes():
         raise FederationError(f"no node with a dataset tagged {exp.tags()} answered")
+    apply_site_keys(exp)
     check_secagg_nodes(exp)
     if rounds is not None:
         if rounds <= exp.round_current():

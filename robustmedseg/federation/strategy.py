@@ -1,7 +1,11 @@
 """Node selection and aggregation weights for the data factory (researcher side).
 
 :class:`SampleAtMostK` draws at most ``max_nodes`` distinct nodes per round, uniformly, from a
-random stream derived from ``(seed, round)`` (reproducible, and identical after a resume). Its
+random stream derived from ``(seed, round)`` (reproducible, and identical after a resume). The draw
+and the order in which the replies are averaged follow each node's stable site identity
+(``site_keys``: node id -> the name its dataset is registered under, set by the researcher), never the
+node ids drawn when the node components were created, so the same seed gives the same schedule in
+every deployment of the same sites. Its
 settings live in ``self._parameters`` and the class in an importable module, because
 ``Experiment.load_breakpoint`` rebuilds strategies with ``cls()`` and no arguments, then restores
 ``_parameters`` and the sampling history.
@@ -50,22 +54,29 @@ class NodeFailureError(FedbiomedStrategyError):
 class SampleAtMostK(DefaultStrategy):
     """Sample at most ``max_nodes`` nodes per round; weights ``uniform`` or by ``samples``."""
 
-    def __init__(self, max_nodes: int = 2, seed: int = 0, weighting: str = "uniform"):
+    def __init__(self, max_nodes: int = 2, seed: int = 0, weighting: str = "uniform",
+                 site_keys: Optional[Dict[str, str]] = None):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if int(max_nodes) < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
-        self._parameters = {"max_nodes": int(max_nodes), "seed": int(seed), "weighting": weighting}
+        self._parameters = {"max_nodes": int(max_nodes), "seed": int(seed), "weighting": weighting,
+                            "site_keys": dict(site_keys or {})}
 
     @property
     def max_nodes(self) -> int:
         return int(self._parameters["max_nodes"])
 
+    def site_order(self, nodes: Any) -> List[str]:
+        """``nodes`` ordered by their site identity (node id for a node without one)."""
+        keys = self._parameters.get("site_keys") or {}
+        return sorted(nodes, key=lambda n: (str(keys.get(n, n)), n))
+
     def sample_nodes(self, from_nodes: List[str], round_i: int) -> List[str]:
         k = min(self.max_nodes, len(from_nodes))
         rng = random.Random(int(self._parameters["seed"]) * 1_000_003 + int(round_i))
-        chosen = sorted(rng.sample(sorted(from_nodes), k))
+        chosen = self.site_order(rng.sample(self.site_order(from_nodes), k))
         # a copy: Fed-BioMed's training job removes the nodes that fail from the list it is given
         self._sampling_node_history[round_i] = list(chosen)
         return chosen
@@ -87,6 +98,10 @@ class SampleAtMostK(DefaultStrategy):
         model_params, weights, total_rows, encryption = super().refine(training_replies, round_i)
         if self._parameters.get("weighting", "uniform") == "uniform" and weights:
             weights = {node: 1.0 / len(weights) for node in weights}
+        # replies arrive in the order the nodes finish: average them in site order (a float sum of
+        # three or more terms depends on its order)
+        model_params = {node: model_params[node] for node in self.site_order(model_params)}
+        weights = {node: weights[node] for node in self.site_order(weights)}
         return model_params, weights, total_rows, encryption
 
     def save_state_breakpoint(self) -> Dict[str, Any]:
