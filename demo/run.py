@@ -80,6 +80,10 @@ def build_parser() -> CliParser:
                         "be downloaded here; e.g. ViT-L-14 with --clip-pretrained)")
     p.add_argument("--clip-pretrained", default=None,
                    help="local CLIP weights file (or cached open_clip tag) passed to prepare_data.py")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every training stage (data factory, segmenters, synthetic volumes; default 0). "
+                        "The phantom, the splits and the fidelity evaluator stay the same for every seed. The same "
+                        "seed, code and --threads give the same numbers and weights on CPU (docs/demo.md)")
     p.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS of every command (default 1). On a 2-core machine shared with other "
                         "work, 2 threads were measured up to 5x SLOWER than 1 (OpenMP threads wait for each other)")
@@ -96,13 +100,14 @@ def _is_demo_folder(out: Path) -> bool:
 
 def prepare_folder(out: Path, cfg: DemoConfig, args: argparse.Namespace) -> None:
     """Create ``out`` (fresh), or accept it for ``--resume``; refuse anything else."""
-    info = {"config": cfg.name, "target": args.target, "clip_model": args.clip_model,
+    info = {"config": cfg.name, "target": args.target, "seed": args.seed, "clip_model": args.clip_model,
             "clip_pretrained": args.clip_pretrained}
     if out.exists():
         if args.resume:
             if not _is_demo_folder(out):
                 raise InputError("--resume: not a demo output folder (no demo.json)", out)
             old = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).is_file() else info
+            old.setdefault("seed", 0)  # folders made before --seed existed ran with seed 0
             if old != info:
                 raise InputError(f"--resume: this folder was made with other settings {old}; "
                                  "use the same flags or --overwrite", out)
@@ -384,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out.resolve()
     try:
         stages = build_stages(out, cfg, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                              target=args.target)
+                              target=args.target, seed=args.seed)
     except ValueError as err:
         raise InputError(str(err)) from err
     if args.print_commands:
@@ -397,6 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError("--resume and --overwrite exclude each other")
     if args.threads < 1:
         raise InputError("--threads must be >= 1")
+    if not 0 <= args.seed < 2**31:
+        raise InputError(f"--seed must be in [0, 2**31), got {args.seed}")
     THREADS["n"] = args.threads
     prepare_folder(out, cfg, args)
     signal.signal(signal.SIGTERM, _terminate)
@@ -411,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (the command running was stopped, and the Fed-BioMed nodes if they were up). "
               "Continue with: python -m demo.run --resume "
-              f"--out {args.out} --preset {cfg.name}", file=sys.stderr)
+              f"--out {args.out} --preset {cfg.name} --seed {args.seed}", file=sys.stderr)
         return 130
     print(f"demo finished in {time.monotonic() - t0:.0f} s: {out / 'REPORT.md'}")
     return 0

@@ -10,7 +10,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 SOURCE_SITE = 0
 #: Target of the adaptation. Site 2 (PET-like: inverted GM/WM contrast, 8 mm blur, Poisson noise) is
@@ -67,9 +67,9 @@ class DemoConfig:
     latent_avg_samples: int = 1024
     n_best: int = 3
     bn_mode: str = "batch"  # validation: target-only 0.32 -> 0.42, gap closed 0.00 -> 0.12 (BENCHMARKS.md)
-    # (inter, intra) weights of `_pred`. The paper's 0.6/0.4 leans on the translated (inter) branch, which
-    # is the weaker one at this budget: validation mean Dice 0.39 (0.6/0.4), 0.54 (0.2/0.8), 0.58 (0/1).
-    ensemble_weights: Tuple[float, float] = (0.0, 1.0)
+    # The (inter, intra) weights of `_pred` and the ensemble size are no demo setting: each training run
+    # chooses them on its validation volumes and records them (checkpoints/evaluation.json), and
+    # inference.py / predict.py use what the run recorded (docs/phase2.md).
     # synthetic source
     n_volumes: int = 6
     slices_in_one_z: int = 1
@@ -113,8 +113,13 @@ def _repo() -> Path:
 
 
 def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pretrained: Optional[str] = None,
-                 target: int = TARGET_SITE) -> List[Stage]:
-    """The demo stages for the output folder ``out`` (absolute paths in every command)."""
+                 target: int = TARGET_SITE, seed: int = 0) -> List[Stage]:
+    """The demo stages for the output folder ``out`` (absolute paths in every command).
+
+    ``seed`` is the seed of every training stage: the data factory (initial weights, node streams, node
+    sampling), the three pretrainings, the synthetic volumes and the two adaptations. The data (phantom,
+    splits) and the measuring instrument (the fidelity evaluator) do not depend on it, so that runs of
+    several seeds measure the method's variation on the same data with the same ruler."""
     repo, out = _repo(), out.resolve()
     data, prep, lmdb, fed = out / "data", out / "prep", out / "lmdb", out / "federation"
     runs = out / "runs"
@@ -166,7 +171,7 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
                    "--sample-every", max(cfg.updates, 4) * cfg.sample_every_rounds,
                    "--log-every", max(cfg.updates // 4, 1), "--keep-breakpoints", 1,
                    "--fidelity-evaluator", out / "evaluator.pt", "--fidelity-every", cfg.fidelity_every,
-                   "--fidelity-n", cfg.fidelity_n)
+                   "--fidelity-n", cfg.fidelity_n, "--seed", seed)
     stages.append(Stage("federated", "federated data factory: 3 Fed-BioMed nodes, train.py, save_global_model.py", [
         fl_train,
         _py(repo / "save_global_model.py", "--researcher-dir", fed / "researcher", "--out",
@@ -178,7 +183,8 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         return ["--lpips_lambda", 0, "--latent_avg_samples", cfg.latent_avg_samples,
                 "--feature_scale_rate", round(1.5 / max(steps, 1), 6), "--batch_size", cfg.p2_batch,
                 "--test_batch_size", 32, "--val_interval", cfg.val_interval, "--n_best", cfg.n_best,
-                "--start_from_latent_avg", "--device", "cpu", "--label_nc", 3, "--bn_mode", cfg.bn_mode]
+                "--start_from_latent_avg", "--device", "cpu", "--label_nc", 3, "--bn_mode", cfg.bn_mode,
+                "--seed", seed]
 
     encoder = ["--encoder_depth", cfg.encoder_depth, "--encoder_base_channels", cfg.encoder_base_channels,
                "--encoder_input_size", cfg.size]
@@ -202,7 +208,7 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
     stages.append(Stage("generate", "synthetic labelled source volumes (generate_volumes.py)", [
         _py(repo / "generate_volumes.py", "--ckpt_dir", pre, "--generator", gen_file,
             "--label", SOURCE_SITE, "--n_volumes", cfg.n_volumes, "--slices_in_one_z", cfg.slices_in_one_z,
-            "--n_segmentation_labels", 3, "--keep-largest-component", "--seed", 0, "--batch_size", 8,
+            "--n_segmentation_labels", 3, "--keep-largest-component", "--seed", seed, "--batch_size", 8,
             "--device", "cpu", "--out_dir", fake)], ["synthetic_site0"]))
 
     adapt_common = ["--target_data", prep / f"site{target}", "--checkpoint_dir", pre, "--src_label", SOURCE_SITE,
@@ -216,11 +222,9 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         [f"runs/adapt_real_site{target}", f"runs/adapt_synth_site{target}"], parallel=2))
 
     inf = out / "inference"
-    weights = ",".join(f"{w:g}" for w in cfg.ensemble_weights)
     stages.append(Stage("inference", f"segment the site-{target} test volumes with the 5 models (MultiMedSeg/inference.py)", [
         _py(repo / "MultiMedSeg" / "inference.py", "--exp_dir", inf / name, "--checkpoint_dir", ckpt,
-            "--target_data", prep / f"site{target}", "--ensemble_size", cfg.n_best, "--device", "cpu",
-            "--test_batch_size", 32, "--label_nc", 3, "--ensemble_weights", weights)
+            "--target_data", prep / f"site{target}", "--device", "cpu", "--test_batch_size", 32, "--label_nc", 3)
         for name, ckpt in [("source_only", pre), ("target_only", t_only),
                            ("adapted_real", runs / f"adapt_real_site{target}"),
                            ("adapted_synthetic", runs / f"adapt_synth_site{target}"), ("target_supervised", t_sup)]],
@@ -236,8 +240,8 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         _py("-m", "demo.reorient", "--metadata", prep / f"site{target}" / "metadata.json", "--split", "test",
             "--axcodes", "PIL", "--format", "nrrd", "--out", new_scans / "scans"),
         _py(repo / "MultiMedSeg" / "predict.py", "-i", new_scans / "scans", "-o", new_scans / "segmentations",
-            "--checkpoint_dir", runs / f"adapt_real_site{target}", "--ensemble_size", cfg.n_best,
-            "--ensemble_weights", weights, "--output_format", "input", "--device", "cpu")], ["predict"]))
+            "--checkpoint_dir", runs / f"adapt_real_site{target}", "--output_format", "input", "--device", "cpu")],
+        ["predict"]))
 
     stages.append(Stage("report", "REPORT.md, summary.json and figures", [
         _py("-m", "demo.report", "--out", out, "--target", target)],
