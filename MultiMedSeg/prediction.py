@@ -12,8 +12,11 @@ Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a
    reorientation, crop, resampling, standardisation, the site's intensity window, padding), segment
    with the same code as ``inference.py`` (:func:`~MultiMedSeg.training.inference.predict_volume`,
    :func:`~MultiMedSeg.training.inference.label_volumes`), map back onto the scan's own grid
-   (:func:`MultiMedSeg.data.restore.restore_volume`: same shape, spacing, origin and direction) and
-   write it (:func:`MultiMedSeg.data.formats.write_result`).
+   (:func:`MultiMedSeg.data.restore.restore_volume`: same shape, spacing, origin and direction), set
+   to background every voxel outside the field of view the model knows
+   (:mod:`MultiMedSeg.data.field_of_view`: outside the head, and outside the slab of the head the
+   training slices covered when the plan records it; ``--no_fov_mask``: the raw labels) and write it
+   (:func:`MultiMedSeg.data.formats.write_result`).
 
 An adapted run writes its ``_pred`` labels (inter and intra ensemble, ``--ensemble_weights``), a
 pretraining run its ``_intra`` labels, as ``inference.py`` does.  Outputs: ``OUT/<id>.nii.gz`` (or
@@ -21,7 +24,11 @@ the input's format), ``OUT/<id>_probabilities.nii.gz`` (x, y, z, class) with ``-
 (restored with linear interpolation, so their argmax may differ from the labels at a few boundary
 voxels), and ``OUT/predict.json`` (run, checkpoints, plan, and per scan its geometry, output and
 warnings).  The folder is written completely or not at all (:func:`robustmedseg.io.atomic_dir`).
-A scan whose spacing is far from the training data's gets a ``warning:`` line (it is still segmented).
+A scan whose spacing is far from the training data's, or whose axes are more than
+:data:`~MultiMedSeg.data.orientation.OBLIQUE_TOLERANCE_DEG` degrees oblique to the canonical axes
+(:func:`~MultiMedSeg.data.orientation.oblique_warning`), gets a ``warning:`` line (it is still
+segmented); ``predict.json`` records per scan its warnings, its obliquity and the field-of-view rule
+applied with the number of labelled voxels it set to background.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 from torch.utils.data import DataLoader
 
+from MultiMedSeg.data import field_of_view as fov
+from MultiMedSeg.data import orientation as orient
 from MultiMedSeg.data.formats import ScanSource, find_scans, output_extension, probe_scan, read_scan, write_result
 from MultiMedSeg.data.images_dataset import SliceArrayDataset
 from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
@@ -120,6 +129,11 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     members = load_ensemble(paths, device)
     inter = check_run(plan, members, plan_folder / PLAN_NAME)
+    use_fov = not getattr(opts, "no_fov_mask", False)
+    if use_fov and plan.field_of_view is None:
+        warn(f"note: {plan_folder / PLAN_NAME}: the plan does not record the slices the run was trained on (written "
+             "before field-of-view support): labels are set to background outside the head only; re-preprocess the "
+             "site and rewrite the plan (python -m MultiMedSeg.plan --overwrite) to add the training slab rule")
     log(f"{len(scans)} scan(s); run {plan_folder} ({len(members)} checkpoint(s), "
         f"{'adapted: _pred' if inter else 'source-only: _intra'} labels, {plan.num_classes} classes, "
         f"orientation {plan.orientation})")
@@ -131,29 +145,46 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
             scan = read_scan(src)
             vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)
             spacing = vmeta["orientation"]["spacing"]
-            warning = plan.spacing_warning(spacing)
-            if warning:
+            angle = orient.obliquity(scan.image.affine)
+            warnings = [w for w in (plan.spacing_warning(spacing), orient.oblique_warning(scan.image.affine)) if w]
+            for warning in warnings:
                 warn(f"warning: {src.path}: {warning}")
             result = segment_scan(slices, members, inter, opts.ensemble_weights, opts.test_batch_size)
             labels = restore_volume(result["labels"], vmeta, kind="label")
+            inside, fov_record = None, {"rule": "off", "removed_voxels": 0}
+            if use_fov:  # no label outside what the model knows (MultiMedSeg.data.field_of_view)
+                head, slab, fov_record = fov.field_of_view(scan.image.get_fdata(dtype=np.float32), vmeta,
+                                                           plan.field_of_view)
+                labels, removed = fov.apply_field_of_view(labels, head, slab)
+                fov_record.update(removed)
+                inside = fov.inside_mask(head, slab)
             write_result(labels, scan, vmeta, out_dir / names[src.id])
             prob_name = None
             if opts.save_probabilities:
                 stem, ext = src.id, names[src.id][len(src.id):]
                 prob_name = f"{stem}_probabilities{ext}"
-                write_result(restore_probabilities(result["probabilities"], vmeta), scan, vmeta, out_dir / prob_name)
+                probabilities = restore_probabilities(result["probabilities"], vmeta)
+                if inside is not None:  # background 1 outside the field of view, as outside the crop
+                    probabilities[~inside] = 0.0
+                    probabilities[~inside, 0] = 1.0
+                write_result(probabilities, scan, vmeta, out_dir / prob_name)
             counts = np.bincount(labels.ravel().astype(np.int64), minlength=plan.num_classes).tolist()
             records.append({"id": src.id, "input": str(src.path), "format": src.format, "series": src.series,
                             "shape": list(vmeta["shape"]), "stored_axcodes": vmeta["orientation"]["stored_axcodes"],
                             "spacing": spacing, "slices": int(slices.shape[0]), "output": names[src.id],
                             "probabilities": prob_name, "voxels_per_class": counts,
-                            "warnings": [warning] if warning else []})
+                            "obliquity_degrees": round(angle, 3) if np.isfinite(angle) else None,
+                            "field_of_view": fov_record, "warnings": warnings})
             log(f"{src.id}: {src.format} {tuple(vmeta['shape'])} {vmeta['orientation']['stored_axcodes']} -> "
                 f"{names[src.id]} ({int(slices.shape[0])} slices)")
         summary = {"run": str(plan_folder), "checkpoints": [str(m.path) for m in members],
                    "branch": "pred" if inter else "intra",
                    "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
-                   "output_format": opts.output_format, "plan": plan.to_dict(), "scans": records}
+                   "output_format": opts.output_format, "plan": plan.to_dict(),
+                   "field_of_view": {"applied": use_fov, "training": plan.field_of_view,
+                                     "head_dilation_voxels": fov.HEAD_DILATION,
+                                     "oblique_tolerance_degrees": orient.OBLIQUE_TOLERANCE_DEG},
+                   "scans": records}
         ck.write_json(out_dir / SUMMARY_NAME, summary)
     log(f"wrote {len(records)} segmentation(s) to {opts.output}")
     return summary

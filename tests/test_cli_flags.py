@@ -36,6 +36,8 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/report.py": _module_parser("demo.report"),
     "demo/reorient.py": _module_parser("demo.reorient"),
     "demo/fewshot.py": _module_parser("demo.fewshot"),
+    "demo/evidence.py": _module_parser("demo.evidence"),
+    "demo/compare.py": _module_parser("demo.compare"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
     "robustmedseg/factory/fidelity.py": _module_parser("robustmedseg.factory.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
@@ -119,6 +121,9 @@ PARSES = {
     "demo/reorient.py": (["--metadata", "m", "--out", "o", "--axcodes", "LPS"], ["--metadata=m", "--out=o", "--axcodes=LPS"]),
     "demo/fewshot.py": (["--labeled", "l", "--out", "o", "--label-nc", "3"],
                         ["--labeled=l", "--out=o", "--num_classes", "3"]),
+    "demo/evidence.py": (["--seeds", "0,1", "--aggregate-only", "--out", "o"],
+                         ["--seeds=0,1", "--aggregate_only", "--out=o"]),
+    "demo/compare.py": (["a", "b", "--max-lines", "3"], ["a", "b", "--max_lines=3"]),
     "robustmedseg/federation/local.py": (["up", "--root", "r", "--dataset", "a=b"],
                                          ["up", "--root=r", "--dataset=a=b"]),
     "robustmedseg/factory/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
@@ -181,7 +186,8 @@ def test_train_flags_are_the_factory_config_fields():
     fields = {f.name for f in dataclasses.fields(FactoryConfig)}
     assert set(train.FLAG_FIELDS) <= fields
     # not flags of their own: secagg_clip and secagg_weighting follow --secagg, --secagg-clip and --aggregation
-    assert fields - set(train.FLAG_FIELDS) == {"clip_prob", "run_id", "secagg_clip", "secagg_weighting"}
+    assert fields - set(train.FLAG_FIELDS) == {"clip_prob", "run_id", "secagg_clip", "secagg_weighting",
+                                                          "site_keys"}
 
 
 def test_usage_error_is_one_line(capsys):

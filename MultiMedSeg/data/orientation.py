@@ -109,3 +109,31 @@ def describe(code: str, affine: np.ndarray, transform: np.ndarray, shape: Sequen
         "shape": [int(n) for n in permute(list(shape), transform)],
         "spacing": [float(s) for s in permute(list(spacing), transform)],
     }
+
+
+#: degrees between a scan's voxel axes and the nearest world axes beyond which predict warns
+OBLIQUE_TOLERANCE_DEG = 5.0
+
+
+def obliquity(affine: np.ndarray) -> float:
+    """The largest angle, in degrees, between a voxel axis of ``affine`` (its direction cosines: the
+    columns of the 3x3 part, normalised) and the world axis nearest to it; 0 for a canonical grid
+    (any permutation or reversal of the axes), nan for a degenerate affine."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    if not np.all(np.isfinite(linear)) or np.any(norms < 1e-12):
+        return float("nan")
+    cosines = np.clip(np.abs(linear / norms).max(axis=0), 0.0, 1.0)
+    return float(np.degrees(np.arccos(cosines)).max())
+
+
+def oblique_warning(affine: np.ndarray, tolerance: float = OBLIQUE_TOLERANCE_DEG) -> Optional[str]:
+    """A one-line warning when the scan's axes are more than ``tolerance`` degrees oblique to the nearest
+    canonical axes: reorientation only permutes and reverses axes (no interpolation), so its slices
+    are then tilted planes, not the anatomical planes the model was trained on."""
+    angle = obliquity(affine)
+    if not angle > tolerance:
+        return None
+    return (f"the scan's axes are oblique by {angle:.1f} degrees to the nearest canonical axes (more than "
+            f"{tolerance:g}): its slices are tilted planes, not the anatomical planes the model was trained on; "
+            "the segmentation may be poor (resample the scan onto a canonical grid first)")

@@ -23,6 +23,7 @@ folder and the images.  A run trained before plans existed gets one with
       "spacing": {"median": [...], "min": [...], "max": [...]},  # training volumes, working axes (mm)
       "domain": {"label": 2, "role": "target" | "source"},       # phase-1 domain id the run segments
       "training_only": {"discard_outside_labels": bool, "brain_masks": bool, "brain_class": bool},
+      "field_of_view": {"slab": [lo, hi] | null, "volumes": n, "rule": "..."},  # optional (see below)
       "source": {"metadata": "/abs/prep/site2/metadata.json", "sha256": "..."}
     }
 
@@ -32,11 +33,19 @@ segmented.  :func:`prepare_scan` preprocesses one scan exactly as :func:`MultiMe
 did the training volumes (same functions: :func:`~MultiMedSeg.data.preprocessing.inspect_volume`,
 :func:`~MultiMedSeg.data.preprocessing.process_volume`, the window of the plan) and returns its
 metadata entry, so that :func:`MultiMedSeg.data.restore.restore_volume` maps predictions back.
+
+``field_of_view`` records what the training slices covered
+(:func:`MultiMedSeg.data.field_of_view.training_slab`): the union of the kept slabs of the selected
+train/val volumes relative to their foreground z-extent (``slab`` null when training covered whole
+volumes).  It is optional: a plan written before it existed, or from metadata without
+``foreground_z``, loads with ``field_of_view`` null, and ``predict`` then masks labels outside the
+head only (:mod:`MultiMedSeg.data.field_of_view`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -48,6 +57,7 @@ from robustmedseg.errors import InputError
 from robustmedseg.io import write_text_atomic
 
 from . import orientation as orient
+from .field_of_view import training_slab
 from .preprocessing import (PreprocessConfig, VolumeSource, fit_slices, inspect_volume, process_volume,
                             scale_to_unit, volume_entry, volume_windows)
 
@@ -55,6 +65,8 @@ PLAN_NAME = "plan.json"
 PLAN_FORMAT = "multimedseg-plan"
 PLAN_VERSION = 1
 ROLES = ("source", "target")
+#: keys a plan may lack (written by an older version)
+OPTIONAL_KEYS = ("training_only", "source", "field_of_view")
 #: spacing ratio (scan / training median, per axis) beyond which predict warns
 SPACING_TOLERANCE = 2.0
 WRITE_PLAN_HINT = ("write it with: python -m MultiMedSeg.plan --checkpoint_dir {run} (from the site named by the run's "
@@ -78,6 +90,7 @@ class PreprocessingPlan:
     domain: Dict[str, Any]
     training_only: Dict[str, bool] = field(default_factory=dict)
     source: Dict[str, Any] = field(default_factory=dict)
+    field_of_view: Optional[Dict[str, Any]] = None
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -93,7 +106,7 @@ class PreprocessingPlan:
         names = {f.name for f in fields(cls)}
         body = {k: v for k, v in data.items() if k not in ("format", "version")}
         unknown, missing = sorted(set(body) - names), sorted(
-            f.name for f in fields(cls) if f.name not in body and f.name not in ("training_only", "source"))
+            f.name for f in fields(cls) if f.name not in body and f.name not in OPTIONAL_KEYS)
         if unknown or missing:
             raise InputError(f"plan has unknown keys {unknown} / lacks keys {missing}", path)
         try:
@@ -120,6 +133,12 @@ class PreprocessingPlan:
         for key in ("median", "min", "max"):
             if len(self.spacing[key]) != 3:
                 raise InputError(f"spacing.{key} needs 3 numbers")
+        fov = self.field_of_view
+        if fov is not None:
+            slab = fov.get("slab") if isinstance(fov, dict) else "?"
+            if slab is not None and not (len(slab) == 2 and all(math.isfinite(float(v)) for v in slab)
+                                         and float(slab[0]) < float(slab[1])):
+                raise InputError(f"field_of_view.slab must be null or [lo, hi] with lo < hi, got {slab}")
 
     # ---------------------------------------------------------------- use
     @property
@@ -182,6 +201,7 @@ def plan_from_metadata(meta: dict, metadata_path: Union[str, Path], domain_label
         training_only={"discard_outside_labels": bool(opts.get("discard_outside_labels", False)),
                        "brain_masks": opts.get("brain_masks") is not None,
                        "brain_class": bool(opts.get("brain_masks") is not None and opts.get("brain_class", True))},
+        field_of_view=training_slab(meta["volumes"].values()),
         source={"metadata": str(metadata_path.resolve()), "sha256": digest})
 
 

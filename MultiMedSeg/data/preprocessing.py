@@ -26,7 +26,8 @@ Pipeline (:func:`preprocess`), per volume unless noted:
    state (FIX docs/differences.md#d9-18);
 5. transpose (X, Y, Z) -> (Z, X, Y): a slice is an (X, Y) plane of the 3rd working axis (an axial
    plane with the default ``RAS``; the 3rd stored axis with ``orientation='stored'``);
-6. z-split (:func:`split_region`): every volume with a non-empty brain mask, labeled or not, keeps
+6. z-split (:func:`split_region`; the z-extent of the volume's foreground before it is recorded as
+   ``foreground_z``, :mod:`MultiMedSeg.data.field_of_view`): every volume with a non-empty brain mask, labeled or not, keeps
    the slices from its first to its last brain slice *inclusive* (FIX docs/differences.md#d9-19), as the original's
    default ``discard_extracerebral_slices`` (off with ``discard_extracerebral=False``); a volume
    without a brain mask keeps all slices, or with ``discard_outside_labels`` its labeled slices;
@@ -77,6 +78,7 @@ from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_dir, check_apart, check_new_output
 
 from . import orientation as orient
+from .field_of_view import foreground_extent
 from .resample import resize_image, resize_labels  # noqa: F401  (re-exported)
 
 METADATA_NAME = "metadata.json"
@@ -689,6 +691,7 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
 
     image, labels, weight, brain = to_zxy(image), to_zxy(labels), to_zxy(weight), to_zxy(brain)
     depth = image.shape[0]
+    foreground_z = foreground_extent(image)  # where the head is, for predict's field of view
     region, region_name = split_region(brain, labels, cfg)
     first, stop = z_range(region, depth, region is not None)
     image = image[first:stop]
@@ -707,6 +710,7 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
         "depth_before_split": int(depth),
         "z_split": [int(first), int(stop)],
         "z_split_by": region_name,
+        "foreground_z": foreground_z,
         "shape_before_padding": [int(n) for n in image.shape],
         "mean": mean,
         "std": std,

@@ -38,6 +38,9 @@ version 1)::
           "shape_after_resampling": [X', Y', Z'],
           "depth_before_split": Z',
           "z_split": [first, stop],      # kept slices [first, stop) of the resampled (Z, X, Y) volume
+          "z_split_by": "labels" | "brain" | "none",  # what selected them
+          "foreground_z": [f0, f1] | null,  # slices of the resampled volume holding its foreground (Otsu,
+                                         # largest component; MultiMedSeg.data.field_of_view); absent before
           "shape_before_padding": [Z, X', Y'],     # Z = stop - first = number of slices
           "inplane_window": [[src, dst, n], [src, dst, n]],  # rows, cols: slice[dst:dst+n] = vol[src:src+n]
           "mean", "std": before standardisation, "min", "max": after,

@@ -235,6 +235,9 @@ def predict_parser() -> _Parser:
           help="nifti (default, .nii.gz), input (the scan's own format; not for DICOM), nrrd or mha")
     p.add("series", default=None, metavar="UID", help="DICOM SeriesInstanceUID to segment in a folder holding several")
     p.add("overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add("no_fov_mask", action="store_true",
+          help="write the model's raw labels: no background outside the head and the training slab (the "
+               "field-of-view rule, MultiMedSeg/data/field_of_view.py)")
     p.add("test_batch_size", type=int, default=8, help="slices per forward pass (default 8)")
     p.add("seed", type=int, default=0, help="seed of torch/numpy/random (default 0)")
     p.add("allow_tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 convolutions (off by default)")
