@@ -19,7 +19,10 @@ Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a
    (:func:`MultiMedSeg.data.formats.write_result`).
 
 An adapted run writes its ``_pred`` labels (inter and intra ensemble, ``--ensemble_weights``), a
-pretraining run its ``_intra`` labels, as ``inference.py`` does.  Outputs: ``OUT/<id>.nii.gz`` (or
+pretraining run its ``_intra`` labels, as ``inference.py`` does; ``--ensemble_size`` and
+``--ensemble_weights`` default to the run's ``checkpoints/evaluation.json``
+(:func:`MultiMedSeg.training.evaluation.resolve_settings`), and ``predict.json`` records the values
+used and where they came from.  Outputs: ``OUT/<id>.nii.gz`` (or
 the input's format), ``OUT/<id>_probabilities.nii.gz`` (x, y, z, class) with ``--save_probabilities``
 (restored with linear interpolation, so their argmax may differ from the labels at a few boundary
 voxels), and ``OUT/predict.json`` (run, checkpoints, plan, and per scan its geometry, output and
@@ -49,6 +52,7 @@ from MultiMedSeg.data.restore import restore_volume
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.evaluation import resolve_settings
 from MultiMedSeg.training.inference import ensemble_probabilities, label_volumes, predict_volume
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
@@ -121,7 +125,8 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
         probe_scan(src)
         names[src.id] = f"{src.id}{output_extension(src, opts.output_format)}"
     check_output_folder(opts.output, opts.input, opts.overwrite, opts.checkpoint_dir)
-    paths = resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False)
+    settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
+    paths = resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False)
     plan_folder = ck.checkpoints_folder(Path(opts.checkpoint_dir))
     plan = load_plan(plan_folder)
     device = resolve_device(opts.device)
@@ -129,6 +134,8 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     members = load_ensemble(paths, device)
     inter = check_run(plan, members, plan_folder / PLAN_NAME)
+    if settings.notice(inter):
+        warn(settings.notice(inter))
     use_fov = not getattr(opts, "no_fov_mask", False)
     if use_fov and plan.field_of_view is None:
         warn(f"note: {plan_folder / PLAN_NAME}: the plan does not record the slices the run was trained on (written "
@@ -149,7 +156,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
             warnings = [w for w in (plan.spacing_warning(spacing), orient.oblique_warning(scan.image.affine)) if w]
             for warning in warnings:
                 warn(f"warning: {src.path}: {warning}")
-            result = segment_scan(slices, members, inter, opts.ensemble_weights, opts.test_batch_size)
+            result = segment_scan(slices, members, inter, settings.ensemble_weights, opts.test_batch_size)
             labels = restore_volume(result["labels"], vmeta, kind="label")
             inside, fov_record = None, {"rule": "off", "removed_voxels": 0}
             if use_fov:  # no label outside what the model knows (MultiMedSeg.data.field_of_view)
@@ -179,7 +186,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
                 f"{names[src.id]} ({int(slices.shape[0])} slices)")
         summary = {"run": str(plan_folder), "checkpoints": [str(m.path) for m in members],
                    "branch": "pred" if inter else "intra",
-                   "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
+                   **settings.record(inter, len(members)),  # ensemble size and weights, and where they came from
                    "output_format": opts.output_format, "plan": plan.to_dict(),
                    "field_of_view": {"applied": use_fov, "training": plan.field_of_view,
                                      "head_dilation_voxels": fov.HEAD_DILATION,

@@ -31,6 +31,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "MultiMedSeg/inference.py": _module_parser("MultiMedSeg.training.options", "inference_parser"),
     "MultiMedSeg/predict.py": _module_parser("MultiMedSeg.training.options", "predict_parser"),
     "MultiMedSeg/plan.py": _module_parser("MultiMedSeg.plan"),
+    "MultiMedSeg/select_evaluation.py": _module_parser("MultiMedSeg.select_evaluation"),
     "demo/run.py": _module_parser("demo.run"),
     "demo/phantom.py": _module_parser("demo.phantom"),
     "demo/report.py": _module_parser("demo.report"),
@@ -115,6 +116,8 @@ PARSES = {
                                ["--input", "a", "b", "--output=o", "--checkpoint-dir", "c", "--save-probabilities",
                                 "--output-format", "input"]),
     "MultiMedSeg/plan.py": (["--checkpoint_dir", "c", "--metadata", "m"], ["--checkpoint-dir=c", "--metadata=m"]),
+    "MultiMedSeg/select_evaluation.py": (["--checkpoint_dir", "c", "--ensemble_selection", "paper", "--val_root", "v"],
+                                         ["--checkpoint-dir=c", "--ensemble-selection", "paper", "--val-root=v"]),
     "demo/run.py": (["--clip-model", "none", "--print-commands"], ["--clip_model", "none", "--print_commands"]),
     "demo/phantom.py": (["--out", "o", "--n-subjects", "2"], ["--out", "o", "--n_subjects", "2"]),
     "demo/report.py": (["--out", "o", "--target", "1"], ["--out=o", "--target=1"]),
@@ -224,7 +227,8 @@ def _console_scripts() -> Dict[str, str]:
 def test_every_user_facing_command_has_a_console_script():
     scripts = _console_scripts()
     expected = {"rms-preprocess", "rms-prepare-data", "rms-federation", "rms-train", "rms-export", "rms-pretrain",
-                "rms-generate", "rms-adapt", "rms-infer", "rms-plan", "rms-predict", "rms-demo", "rms-phantom"}
+                "rms-generate", "rms-adapt", "rms-infer", "rms-plan", "rms-predict", "rms-select-evaluation",
+                "rms-demo", "rms-phantom"}
     assert set(scripts) == expected
     assert all(name.startswith("rms-") and name == name.lower() for name in scripts)
     # the modules behind them are installed: a top-level py-module or a module of an installed package

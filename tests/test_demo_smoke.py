@@ -108,7 +108,9 @@ def test_summary_json_has_the_issue_keys(demo_out: Path) -> None:
     assert set(summary["stage_seconds"]) == set(STAGES) - {"report"}
     assert all(v > 0 for v in summary["stage_seconds"].values())
     assert set(summary["targets"]) >= {"gap_closed_real", "synthetic_gain", "adapted_beats_target_only",
-                                       "factory_domains", "sites_distinguishable", "shift_is_real"}
+                                       "factory_domains_each_site", "factory_extreme_zbins", "sites_distinguishable",
+                                       "shift_is_real"}
+    assert summary["seed"] == 0 and set(factory["relative_per_domain"]) == {"0", "1", "2"}
 
 
 def test_fidelity_logged_per_round_from_the_aggregated_model(demo_out: Path) -> None:
@@ -173,6 +175,74 @@ def test_existing_output_refused_and_resume_skips(demo_out: Path) -> None:
     assert (demo_out / "REPORT.md").stat().st_mtime_ns != before
 
 
+def test_same_seed_gives_identical_runs(demo_out: Path, tmp_path: Path) -> None:
+    """Issue 19: the same seed, code and threads on CPU give the same numbers, factory file and checkpoints,
+    although the second federation's nodes get other random node ids."""
+    from demo.compare import compare_runs
+
+    again = tmp_path / "again"
+    proc = _run("--quick", "--seed", "0", "--out", str(again))
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    ids = [{n["node_id"] for n in json.loads((d / "federation" / "federation.json").read_text())["nodes"]}
+           for d in (demo_out, again)]
+    assert not ids[0] & ids[1]  # fresh node components: the ids drawn at start-up differ
+    diffs, n_files = compare_runs(demo_out, again)
+    assert diffs == [] and n_files > 10
+    # the comparison can fail: another seed changes the factory and every checkpoint after it
+    other = json.loads((again / "summary.json").read_text())
+    other["dice_mean"]["adapted_real"] += 1e-6
+    (again / "summary.json").write_text(json.dumps(other))
+    assert any("adapted_real" in d for d in compare_runs(demo_out, again)[0])
+
+
+def test_demo_evaluates_with_the_runs_own_settings(demo_out: Path) -> None:
+    """Issue 19: no evaluation flag a user would not know about; inference and predict use what each run
+    recorded when it was judged on validation (checkpoints/evaluation.json), and say so in their outputs."""
+    for stage in ("inference", "predict"):
+        commands = [ln for ln in (demo_out / "logs" / f"{stage}.log").read_text().splitlines() if ln.startswith("$ ")]
+        assert commands and not any("--ensemble" in c for c in commands), stage
+    recorded = json.loads((demo_out / "runs" / "adapt_real_site2" / "checkpoints" / "evaluation.json").read_text())
+    used = json.loads((demo_out / "inference" / "adapted_real" / "inference.json").read_text())
+    assert used["ensemble_weights"] == recorded["ensemble_weights"] and used["ensemble_size"] == recorded["ensemble_size"]
+    assert used["evaluation_settings"]["ensemble_weights"] == "run file"
+    predicted = json.loads((demo_out / "predict" / "segmentations" / "predict.json").read_text())
+    assert predicted["ensemble_weights"] == recorded["ensemble_weights"]
+    # the five rows of the report are the inference outputs made with these settings
+    assert {c["inter"] for c in recorded["candidates"]} >= {0.6, 0.0}
+
+
+def test_evidence_table_over_seed_folders(demo_out: Path, tmp_path: Path) -> None:
+    """``python -m demo.evidence --aggregate-only`` reads each seed's summary.json: mean, sample sd, min, max."""
+    import statistics
+
+    base = json.loads((demo_out / "summary.json").read_text())
+    shifted = json.loads(json.dumps(base))
+    shifted["seed"] = 1
+    for row in shifted["dice_mean"]:
+        shifted["dice_mean"][row] += 0.1 if row != "source_only" else 0.0
+    for seed, summary in ((0, base), (1, shifted)):
+        folder = tmp_path / f"seed{seed}"
+        (folder / ".stages").mkdir(parents=True)
+        (folder / ".stages" / "report.json").write_text("{}")
+        (folder / "summary.json").write_text(json.dumps(summary))
+    proc = subprocess.run([sys.executable, "-m", "demo.evidence", "--seeds", "0,1", "--out", str(tmp_path),
+                           "--aggregate-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads((tmp_path / "evidence.json").read_text())
+    values = [base["dice_mean"]["adapted_real"], shifted["dice_mean"]["adapted_real"]]
+    fig = ev["figures"]["dice.adapted_real"]
+    assert fig["mean"] == pytest.approx(statistics.mean(values)) and fig["sd"] == pytest.approx(statistics.stdev(values))
+    assert (fig["min"], fig["max"], fig["n"]) == (min(values), max(values), 2)
+    table = (tmp_path / "EVIDENCE.md").read_text()
+    assert "| adapted (real source) |" in table and "mean gap closed with the real source >= 0.65" in table
+    assert any(k.startswith("factory.relative_site") for k in ev["figures"])
+    # a folder of another seed is refused, in one line
+    (tmp_path / "seed1" / "summary.json").write_text(json.dumps({**shifted, "seed": 7}))
+    bad = subprocess.run([sys.executable, "-m", "demo.evidence", "--seeds", "0,1", "--out", str(tmp_path),
+                          "--aggregate-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "seed 7" in bad.stderr
+
+
 def test_full_prints_paper_commands() -> None:
     proc = _run("--full", timeout=120)
     assert proc.returncode == 0
@@ -188,7 +258,7 @@ def test_failing_stage_names_stage_and_log(tmp_path: Path) -> None:
     out = tmp_path / "broken"
     (out / ".stages").mkdir(parents=True)
     (out / "logs").mkdir()
-    (out / "demo.json").write_text(json.dumps({"config": "quick", "target": 2, "clip_model": "none",
+    (out / "demo.json").write_text(json.dumps({"config": "quick", "target": 2, "seed": 0, "clip_model": "none",
                                                "clip_pretrained": None}))
     (out / ".stages" / "phantom.json").write_text(json.dumps({"seconds": 1.0}))  # ...but no phantom data
     proc = _run("--quick", "--resume", "--out", str(out), timeout=120)

@@ -389,7 +389,8 @@ def test_options_config_file_and_dash_aliases(tmp_path):
                                 "--stylegan_weights", "g", "--ce_weights", "1,2"], "pretrain")
     opts = parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d"])
     assert opts.test_root == Path("d/test") and opts.metadata == Path("d/metadata.json")
-    assert opts.ensemble_weights == [0.6, 0.4] and not opts.mask_outside_weight
+    assert opts.ensemble_weights is None and opts.ensemble_size is None  # the run's evaluation.json decides
+    assert not opts.mask_outside_weight
     assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
                                     "--mask-outside-weight"]).mask_outside_weight
     train = ["--exp_dir", "x", "--source_root", "s", "--target_labeled", "t", "--val_root", "v", "--src_label", "0",

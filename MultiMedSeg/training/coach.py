@@ -266,6 +266,7 @@ class Coach:
         batches = self._batches()
         try:
             self._loop(opts, bar, batches, last_val)
+            self.record_evaluation_settings()
         except BaseException:
             note = self.run.abandon()
             if note:
@@ -375,6 +376,23 @@ class Coach:
             _, inter_logs = self.losses.calc_loss(b["data"], y, cycle, has_gt, w)
             logs.update({f"inter_{k}": v for k, v in inter_logs.items()})
         return logs
+
+    def record_evaluation_settings(self) -> Optional[Path]:
+        """``checkpoints/evaluation.json``: the ensemble the run is judged with, what ``inference.py`` and
+        ``predict.py`` use by default (:mod:`MultiMedSeg.training.evaluation`; adaptation: the weights
+        ``--ensemble_selection`` picks on the validation volumes; pretraining: the intra branch)."""
+        from MultiMedSeg.training.evaluation import choose_settings, describe, write_settings
+
+        if not self.best.entries:  # nothing qualified (every validation score was 0)
+            print(f"note: no best checkpoint, so no {self.ckpt_dir / 'evaluation.json'}", file=sys.stderr)
+            return None
+        opts = self.opts
+        record = choose_settings(self.ckpt_dir, getattr(opts, "ensemble_selection", "paper"), self.val_set,
+                                 self.device, opts.test_batch_size, opts.consider_only_vessels_within_brain,
+                                 opts.test_workers, inter=not opts.only_intra)
+        path = write_settings(self.ckpt_dir, record)
+        print(f"{describe(record)} -> {self.run.final / 'checkpoints' / path.name}", file=sys.stderr)
+        return path
 
     # ---------------------------------------------------------------- logging
     def _log_scalars(self, prefix: str, logs: Mapping[str, float]) -> None:

@@ -3,13 +3,16 @@ NIfTI output, metrics.
 
 :func:`run_inference` segments every test volume with the ``--ensemble_size`` best
 checkpoints of a training run (``best.json``, best first; each file is loaded once by
-:mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept):
+:mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept).  ``--ensemble_size`` and
+``--ensemble_weights`` default to the run's evaluation settings (``checkpoints/evaluation.json``,
+:mod:`MultiMedSeg.training.evaluation`; the paper's 5 and 0.6/0.4 for a run without them);
+``inference.json`` records the values used and where they came from.
 
 * ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
   domain; ``inter`` = mean of the probabilities of the translated slice segmented by the
   source head (FIX: the reference accumulated the intra probabilities twice);
-* ``pred`` = argmax of ``w_inter * inter + w_intra * intra`` (``--ensemble_weights``,
-  default 0.6/0.4); the means divide by the number of checkpoints actually used;
+* ``pred`` = argmax of ``w_inter * inter + w_intra * intra`` (``--ensemble_weights``);
+  the means divide by the number of checkpoints actually used;
 * ``trans`` = the translated image of the best checkpoint, written as float32 (never
   quantised to the header's integer type).
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -58,6 +62,7 @@ from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
 from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.training.evaluation import resolve_settings
 from MultiMedSeg.training.metrics import METRICS_CSV_FIELDS, volume_scores
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError, warn
@@ -208,18 +213,25 @@ def _fmt(v: float) -> str:
     return f"{v:.6f}" if math.isfinite(v) else str(v)
 
 
-def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
-    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict."""
+def run_inference(opts: argparse.Namespace, log=print, notice=None) -> Dict[str, Any]:
+    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict.
+
+    ``notice`` (default: stderr) gets the one-line note when the run has no evaluation settings."""
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
-    # up to --ensemble_size: a run that kept fewer best checkpoints uses all it kept
-    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, opts.ensemble_size, exact=False), device)
+    settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
+    # up to the ensemble size: a run that kept fewer best checkpoints uses all it kept
+    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device)
     config = models[0].net.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
                          models[0].path)
     inter = len(config.src_tgt_domains) == 2
+    note = settings.notice(inter)
+    if note:
+        (notice or (lambda m: print(m, file=sys.stderr)))(note)
+    weights = settings.ensemble_weights
     domain = 1 if inter else 0  # test data is the target domain of an adapted run, the source otherwise
     meta = load_metadata(opts.metadata)
     dataset = VolumeDataset(opts.test_root, domain, eval_transform(config.encoder_input_size),
@@ -236,7 +248,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
             batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
             pred = predict_volume(models, loader, device, inter)
-            labels = label_volumes(pred, opts.ensemble_weights, opts.mask_outside_weight)
+            labels = label_volumes(pred, weights, opts.mask_outside_weight)
             restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
             for k, v in restored.items():
                 written.append(str(write_nifti_like(v, vmeta, out_dir / f"{vid}_{k}.nii.gz").name))
@@ -266,7 +278,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
                     w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})
         ck.write_json(out_dir / "inference.json", {
             "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
-            "ensemble_weights": {"inter": opts.ensemble_weights[0], "intra": opts.ensemble_weights[1]},
+            **settings.record(inter, len(models)),  # ensemble_size, ensemble_weights and where they came from
             "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written,
             "no_ground_truth": no_gt})
     if no_gt:
@@ -278,7 +290,7 @@ def run_inference(opts: argparse.Namespace, log=print) -> Dict[str, Any]:
     if summary:
         log(summary["line"])
     return {"volumes": list(dataset.volumes), "files": written, "rows": rows, "summary": summary,
-            "n_checkpoints": len(models), "no_ground_truth": no_gt}
+            "n_checkpoints": len(models), "no_ground_truth": no_gt, **settings.record(inter, len(models))}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], branch: str) -> Dict[str, Any]:

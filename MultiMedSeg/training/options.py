@@ -165,6 +165,16 @@ def training_parser(mode: str) -> _Parser:
     p.add("val_interval", type=int, default=1000, help="validate every N steps (and at --max_steps)")
     p.add("save_interval", type=int, default=None, help="write iteration_<step>.pt every N steps (default: at the end)")
     p.add("n_best", "--ensemble_size", type=int, default=5, help="k best checkpoints kept")
+    if not pre:
+        from MultiMedSeg.training.evaluation import RULES, WEIGHT_GRID
+
+        grid = " / ".join(f"{a:g},{b:g}" for a, b in WEIGHT_GRID)
+        p.add("ensemble_selection", choices=RULES, default="validation",
+              help="evaluation settings written to checkpoints/evaluation.json at the end (what inference.py and "
+                   "predict.py use by default): 'validation' (default) scores the ensemble of the kept best "
+                   f"checkpoints on the validation volumes for the (inter, intra) weights {grid} and keeps the best "
+                   f"mean Dice (ties: the paper's {grid.split(' / ')[0]}); 'paper' records the paper's fixed "
+                   f"{grid.split(' / ')[0]} (docs/differences.md)")
     p.add("optimize_mode", choices=("foreground", "favoured"), default="foreground",
           help="best-checkpoint classes: all foreground classes, or the favoured ones (largest weight in the CE or "
                "Dice weights, whichever has the larger maximum; every class incl. background without weights)")
@@ -193,9 +203,13 @@ def inference_parser() -> _Parser:
     p.add("metadata", type=Path, default=None, help="metadata.json of the preprocessing (default DIR/metadata.json)")
     p.add("labels", type=Path, default=None,
           help="folder of ground-truth label NIfTI files <id>.nii[.gz] (default: label paths in the metadata)")
-    p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged")
-    p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
-          help="weights of the inter and intra probabilities in _pred (default 0.6,0.4)")
+    p.add("ensemble_size", type=int, default=None,
+          help="number of best checkpoints averaged (default: the run's checkpoints/evaluation.json; a run without "
+               "it: 5, the paper's)")
+    p.add("ensemble_weights", type=_floats, default=None, metavar="INTER,INTRA",
+          help="weights of the inter and intra probabilities in _pred (default: the run's "
+               "checkpoints/evaluation.json, chosen on validation when it was trained; a run without it: 0.6,0.4, "
+               "the paper's)")
     p.add("mask_outside_weight", action="store_true",
           help="predict background (and -1 in _trans) outside each slice's weight map; default: the weight map "
                "is not applied at inference, as the original")
@@ -225,10 +239,12 @@ def predict_parser() -> _Parser:
     p.add("checkpoint_dir", type=Path, default=None,
           help="training run (its folder or checkpoints/) holding best.json and plan.json (required)")
     p.add("device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    p.add("ensemble_size", type=int, default=5, help="number of best checkpoints averaged (default 5; a run that kept "
-                                                     "fewer uses all it kept)")
-    p.add("ensemble_weights", type=_floats, default=[0.6, 0.4], metavar="INTER,INTRA",
-          help="adapted runs: weights of the inter and intra probabilities (default 0.6,0.4, as inference.py's _pred)")
+    p.add("ensemble_size", type=int, default=None,
+          help="number of best checkpoints averaged (default: the run's checkpoints/evaluation.json; a run without "
+               "it: 5; a run that kept fewer uses all it kept)")
+    p.add("ensemble_weights", type=_floats, default=None, metavar="INTER,INTRA",
+          help="adapted runs: weights of the inter and intra probabilities (default: the run's "
+               "checkpoints/evaluation.json; a run without it: 0.6,0.4, the paper's), as inference.py's _pred")
     p.add("save_probabilities", action="store_true",
           help="also write OUT/<id>_probabilities (x, y, z, class) float32 on the scan's grid")
     p.add("output_format", choices=OUTPUT_FORMATS, default="nifti",
@@ -247,9 +263,11 @@ def predict_parser() -> _Parser:
 
 
 def _check_ensemble(opts: argparse.Namespace) -> None:
-    if opts.ensemble_size < 1:
+    """None = not given: the run's evaluation settings (MultiMedSeg.training.evaluation) decide."""
+    if opts.ensemble_size is not None and opts.ensemble_size < 1:
         raise InputError("--ensemble_size must be >= 1")
-    if len(opts.ensemble_weights) != 2 or min(opts.ensemble_weights) < 0 or sum(opts.ensemble_weights) <= 0:
+    w = opts.ensemble_weights
+    if w is not None and (len(w) != 2 or min(w) < 0 or sum(w) <= 0):
         raise InputError("--ensemble_weights needs two non-negative numbers (inter, intra) with a positive sum")
 
 
