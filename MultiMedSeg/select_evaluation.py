@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = build_parser().parse_args(argv)  # --help exits here, before torch is imported
     if opts.test_batch_size < 1:
         raise InputError("--test_batch_size must be >= 1")
-    from MultiMedSeg.training.evaluation import select_for_run
+    from MultiMedSeg.training.selection import select_for_run
 
     select_for_run(opts)
     return 0

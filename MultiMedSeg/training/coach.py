@@ -381,7 +381,8 @@ class Coach:
         """``checkpoints/evaluation.json``: the ensemble the run is judged with, what ``inference.py`` and
         ``predict.py`` use by default (:mod:`MultiMedSeg.training.evaluation`; adaptation: the weights
         ``--ensemble_selection`` picks on the validation volumes; pretraining: the intra branch)."""
-        from MultiMedSeg.training.evaluation import choose_settings, describe, write_settings
+        from MultiMedSeg.training.evaluation import describe, write_settings
+        from MultiMedSeg.training.selection import choose_settings
 
         if not self.best.entries:  # nothing qualified (every validation score was 0)
             print(f"note: no best checkpoint, so no {self.ckpt_dir / 'evaluation.json'}", file=sys.stderr)
