@@ -77,7 +77,7 @@ def test_report_has_five_row_table_with_numbers(demo_out: Path) -> None:
     with open(demo_out / "inference" / "source_only" / "metrics.csv", newline="") as fh:
         gm = [float(r["dice"]) for r in csv.DictReader(fh) if r["prediction"] == "intra" and r["class"] == "1"]
     assert abs(rows["source only"][0] - sum(gm) / len(gm)) < 1e-3
-    assert "Gap closed" in report and "Targets of the one-command demo" in report
+    assert "Gap closed" in report and "Targets of one run" in report and "seed 0" in report
 
 
 def test_summary_json_has_the_issue_keys(demo_out: Path) -> None:
