@@ -95,7 +95,7 @@ def _site_figures(summaries: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str
     figs = [(f"factory.relative_site{d}", f"factory: site {d}, generated / real accuracy",
              (lambda k: lambda s: float(s["factory"]["relative_per_domain"].get(k, float("nan"))))(d)) for d in sites]
     bins = sorted({z for s in summaries for z in extreme_zbins(s["factory"])}, key=int)
-    figs += [(f"factory.zbin{z}_within1", f"factory: z-bin {z} within ±1, generated (real)",
+    figs += [(f"factory.zbin{z}_within1", f"factory: z-bin {z}, generated within ±1 bin",
               (lambda k: lambda s: float(s["factory"]["per_zbin"].get(k, float("nan"))))(z)) for z in bins]
     return figs
 
