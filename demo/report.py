@@ -105,7 +105,7 @@ def _save_fig(fig, path: Path) -> Path:
 
 def load_generator(path: Path):
     """``g_ema`` of a ``final_global_model.pt`` as a ``model.Generator`` in eval mode."""
-    from robustmedseg.federation.export import load_factory_file
+    from robustmedseg.factory_file import load_factory_file
 
     if not path.is_file():
         raise InputError("global model not found (did the federated stage run?)", path)

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import Generator
+from model import Generator, GeneratorArgs
 from MultiMedSeg import generation as gen
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
+from robustmedseg.factory_file import write_factory_file
 
 torch.set_num_threads(1)
 
@@ -97,8 +98,7 @@ def phase1_file(path: Path, n_zbins: int, seed: int) -> Path:
     g = Generator(32, **{**GEN_KW, "n_zbins": n_zbins})
     _noisy(g)
     args = dict(size=32, channel_multiplier=2, lr_mlp=0.01, clip_dim=768, **{**GEN_KW, "n_zbins": n_zbins})
-    torch.save({"g_ema": g.state_dict(), "args": args}, path)
-    return path
+    return write_factory_file(path, g, GeneratorArgs(**args))
 
 
 # ----------------------------------------------------------------------------- latent path

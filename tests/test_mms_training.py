@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import model
 from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
@@ -28,10 +27,10 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
 from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.training.options import parse_inference_options, parse_training_options
+from builders import tiny_generator_file
 from robustmedseg.errors import InputError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-GEN_ARGS = dict(size=32, style_dim=32, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=16)
 TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_input_size", "32",
         "--latent_avg_samples", "256", "--feature_scale_rate", "0.1", "--batch_size", "4", "--test_batch_size", "8",
         "--board_interval", "2", "--image_interval", "4", "--start_from_latent_avg", "--device", "cpu"]
@@ -39,12 +38,8 @@ TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_inpu
 
 # ------------------------------------------------------------------------------------ helpers
 def write_generator(path: Path, **overrides) -> Path:
-    """A tiny phase-1 generator file, initialised locally."""
-    args = dict(GEN_ARGS, **overrides)
-    torch.manual_seed(0)
-    g = model.Generator(**args)
-    torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": args}, path)
-    return path
+    """A tiny phase-1 generator file, initialised locally (:func:`builders.tiny_generator_file`)."""
+    return tiny_generator_file(path, **overrides)
 
 
 def write_alexnet(folder: Path) -> tuple:

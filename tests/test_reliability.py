@@ -34,19 +34,18 @@ import pytest
 import torch
 
 import generate_volumes
-import model
 import prepare_data
 import save_global_model
 from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import preprocess as preprocess_cli
 from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
+from builders import tiny_generator_file
 from robustmedseg.data.slices import list_slices, load_slice, save_slice
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg import io as rio
 
 REPO = Path(__file__).resolve().parents[1]
-GEN_ARGS = dict(size=32, style_dim=32, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=16)
 TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_input_size", "32",
         "--latent_avg_samples", "64", "--batch_size", "4", "--test_batch_size", "8", "--board_interval", "100",
         "--image_interval", "100", "--lpips_lambda", "0", "--device", "cpu"]
@@ -75,10 +74,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def write_generator(path: Path) -> Path:
-    torch.manual_seed(0)
-    g = model.Generator(**GEN_ARGS)
-    torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": GEN_ARGS}, path)
-    return path
+    return tiny_generator_file(path)
 
 
 def slice_site(folder: Path, n: int = 2, size: int = 32) -> Path:

@@ -133,7 +133,7 @@ def test_secure_aggregation_schedule_privacy_and_refusal(federation, tmp_path):
     export = subprocess.run([sys.executable, str(REPO / "save_global_model.py"), "--researcher-dir",
                              str(fed.researcher_root), "--out", str(out)], env=_env(), capture_output=True, text=True)
     assert export.returncode == 0, export.stderr[-2000:]
-    from robustmedseg.federation.export import load_factory_file
+    from robustmedseg.factory_file import load_factory_file
 
     assert torch.load(out, weights_only=True)["meta"]["round"] == 3
     exported = load_factory_file(out)[0].state_dict()

@@ -539,7 +539,8 @@ def test_uniform_aggregation_weights():
 
 
 def test_export_layout_and_strict_reload(tmp_path):
-    from robustmedseg.federation.export import build_export, load_factory_file
+    from robustmedseg.factory_file import load_factory_file
+    from robustmedseg.federation.export import build_export
     from robustmedseg.io import save_torch_atomic
 
     cfg = FactoryConfig.from_model_args({**TINY, "run_id": "x"})

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import N_ZBINS
 from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import load_torch_file, save_torch_atomic, write_text_atomic
 
@@ -61,7 +60,7 @@ FORMAT = "robustmedseg-fidelity/1"
 class EvaluatorConfig:
     size: int = 32
     n_domains: int = 3
-    n_zbins: int = 29
+    n_zbins: int = N_ZBINS
     width: int = 16
     feat_dim: int = 128
 
@@ -391,7 +390,7 @@ def build_parser() -> CliParser:
                    help="held-out volumes of domain D (accuracy and the KID reference); repeat")
     t.add_argument("--out", type=Path, required=True, help="evaluator file to write (.pt)")
     t.add_argument("--size", type=int, default=32, help="image side the evaluator works at (= generator size)")
-    t.add_argument("--n-zbins", type=int, default=29, help="number of z-bins (default 29)")
+    t.add_argument("--n-zbins", type=int, default=N_ZBINS, help=f"number of z-bins (default {N_ZBINS})")
     t.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     t.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-annealed (default 3e-3)")
@@ -438,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.json is not None:
             write_text_atomic(args.json, json.dumps(real, indent=2) + "\n")
         return 0
-    from robustmedseg.federation.export import load_factory_file
+    from robustmedseg.factory_file import load_factory_file
 
     ev = Evaluator.load(args.evaluator)
     g, _ = load_factory_file(args.generator)
