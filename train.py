@@ -145,7 +145,7 @@ def build_parser(suppress: bool = False) -> CliParser:
              "a breakpoint is ~1 GB); default 3")
     add("--tensorboard", type=Path, default=None, help="TensorBoard folder (default WORKDIR/tensorboard)")
     add("--fidelity-evaluator", dest="fidelity_evaluator", type=Path, default=None,
-        help="frozen fidelity evaluator file (python -m robustmedseg.factory.fidelity train): after every "
+        help="frozen fidelity evaluator file (python -m robustmedseg.fidelity train): after every "
              "--fidelity-every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
              "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
     add("--fidelity-every", dest="fidelity_every", type=int, default=1,

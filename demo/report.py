@@ -547,7 +547,7 @@ Samples of the global generator (`final_global_model.pt`, `g_ema`): rows = site 
 ![generator grid](generator_grid.png)
 
 **Fidelity** (`factory_fidelity.json`, `evaluator.json`): a small classifier trained on the real training
-slices of the three sites (the evaluator, `python -m robustmedseg.factory.fidelity`) is asked which site
+slices of the three sites (the evaluator, `python -m robustmedseg.fidelity`) is asked which site
 and which z-bin a slice comes from. On held-out real volumes it is right as often as the first row says;
 on slices generated under a site and z-bin condition, as often as the second row says. KID is measured in
 the evaluator's feature space against half B of the held-out real slices, for generated slices and for

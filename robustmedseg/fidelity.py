@@ -20,7 +20,9 @@ answers it with a small **evaluator** network trained on real slices of every si
      generated features and real half B, next to ``kid_real[d]`` = KID(A, B).  A generator that
      matches the site has ``kid[d]`` close to ``kid_real[d]``.
 
-The evaluator is a measuring instrument, not part of the method.  It needs real slices of every
+The evaluator is a measuring instrument, not part of the method, and no node runs it: it sits
+beside the node-side ``robustmedseg.factory`` package, below its users (the demo, the benchmarks and
+the researcher's per-round score, ``robustmedseg.federation.researcher``).  It needs real slices of every
 site to be trained, so in a real federation it is either trained federatedly or supplied by the
 sites; here (demo, benchmarks) it is trained on the pooled phantom.  The researcher-side use in
 ``train.py --fidelity-evaluator FILE`` needs no image at all: the file holds the network weights
@@ -32,7 +34,7 @@ File format (``torch.save``, loadable with ``weights_only=True``)::
      "reference": {"features": (N, F), "domains": (N,), "zbins": (N,), "halves": (N,)},
      "real": {... held-out accuracies, "kid_real": {domain: value}}, "sources": [...]}
 
-CLI: ``python -m robustmedseg.factory.fidelity train|score --help``.
+CLI: ``python -m robustmedseg.fidelity train|score --help``.
 """
 from __future__ import annotations
 
@@ -379,7 +381,7 @@ def _domain_folder(text: str) -> Tuple[int, Path]:
 
 
 def build_parser() -> CliParser:
-    p = CliParser(prog="python -m robustmedseg.factory.fidelity",
+    p = CliParser(prog="python -m robustmedseg.fidelity",
                   description="Per-domain fidelity of a data factory: train the evaluator on real "
                               "slices, then score generators (domain / z-bin accuracy, KID).")
     sub = p.add_subparsers(dest="command", required=True)

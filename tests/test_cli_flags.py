@@ -40,7 +40,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/evidence.py": _module_parser("demo.evidence"),
     "demo/compare.py": _module_parser("demo.compare"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
-    "robustmedseg/factory/fidelity.py": _module_parser("robustmedseg.factory.fidelity"),
+    "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
        for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
                     "secagg", "train_step")},
@@ -129,7 +129,7 @@ PARSES = {
     "demo/compare.py": (["a", "b", "--max-lines", "3"], ["a", "b", "--max_lines=3"]),
     "robustmedseg/federation/local.py": (["up", "--root", "r", "--dataset", "a=b"],
                                          ["up", "--root=r", "--dataset=a=b"]),
-    "robustmedseg/factory/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
+    "robustmedseg/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
                                           "--n-zbins", "5"],
                                          ["train", "--train=0=a", "--heldout=0=b", "--out=e.pt", "--n_zbins", "5"]),
     "bench/bench_adaptation.py": (["--work", "w", "--pretrain-steps", "3"], ["--work", "w", "--pretrain_steps", "3"]),

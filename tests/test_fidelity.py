@@ -1,4 +1,4 @@
-"""Fidelity evaluator of the data factory (robustmedseg.factory.fidelity): metric, training, file, CLI."""
+"""Fidelity evaluator of the data factory (robustmedseg.fidelity): metric, training, file, CLI."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 from model import Generator, GeneratorArgs
 from robustmedseg.errors import InputError
 from robustmedseg.factory_file import write_factory_file
-from robustmedseg.factory import fidelity as F
+from robustmedseg import fidelity as F
 
 
 def _write_site(folder: Path, domain: int, n_volumes: int = 2, depth: int = 6, size: int = 16, seed: int = 0):

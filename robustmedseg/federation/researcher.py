@@ -462,10 +462,10 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
 def fidelity_scorer(path: Path, n_per_domain: int, seed: int) -> Callable[[Any], Dict[str, float]]:
     """Researcher-side fidelity of the aggregated ``g_ema`` with a frozen evaluator file (no image involved).
 
-    The evaluator (:mod:`robustmedseg.factory.fidelity`) holds a classifier and feature statistics of
+    The evaluator (:mod:`robustmedseg.fidelity`) holds a classifier and feature statistics of
     held-out real slices; the same noise seed every round, so the curve shows the model, not the draw.
     """
-    from robustmedseg.factory.fidelity import Evaluator, scalar_summary
+    from robustmedseg.fidelity import Evaluator, scalar_summary
 
     evaluator = Evaluator.load(Path(path))
 
