@@ -562,6 +562,70 @@ def test_train_resume_refuses_a_missing_or_damaged_breakpoint_in_one_line(tmp_pa
         path.write_bytes(data)
 
 
+def test_train_refuses_a_folder_without_a_researcher_component_at_once(tmp_path, capsys):
+    """#22: a mistyped --researcher-dir is one line naming it, before Fed-BioMed creates anything there
+    and before any wait for nodes; an existing folder without a component likewise."""
+    import train
+
+    start = time.monotonic()
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "typo"), "--wait-nodes", "120"])
+    assert err.startswith(f"error: {tmp_path / 'typo'}: not a Fed-BioMed researcher component (no such folder)")
+    assert "--create-researcher-dir" in err and not (tmp_path / "typo").exists()
+    (tmp_path / "plain").mkdir()
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "plain")])
+    assert "(no etc/config.ini in it)" in err and not any((tmp_path / "plain").iterdir())
+    assert time.monotonic() - start < 20  # no wait for nodes
+
+
+def test_the_wait_for_nodes_shows_progress_then_names_what_is_missing():
+    from robustmedseg.federation.researcher import FederationError, await_nodes
+
+    now = [0.0]
+    lines: List[str] = []
+    answers = iter([[]] * 12 + [["NODE_a"]] * 100)  # one ping a second: NODE_a from t = 12 s
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(FederationError) as err:
+        await_nodes(lambda: next(answers), 2, timeout=25, report_every=10, where="researcher component R",
+                    hint="node logs: x.log", clock=lambda: now[0], sleep=sleep, report=lines.append)
+    assert lines == ["waiting for nodes: 0 of 2 answered (none yet), 15 s left",
+                     "waiting for nodes: 1 of 2 answered (NODE_a), 5 s left"]
+    assert str(err.value) == ("waited 25 s for 2 nodes but 1 answered (NODE_a): check that the nodes run and use "
+                              "this researcher's address (researcher component R); node logs: x.log")
+    now[0] = 0.0
+    assert await_nodes(lambda: ["NODE_b", "NODE_a"], 2, clock=lambda: now[0], sleep=sleep,
+                       report=lines.append) == ["NODE_a", "NODE_b"]
+
+
+def test_researcher_failures_follow_run_cli_policy(capsys):
+    """One policy: Fed-BioMed's own errors become one FederationError line (with the clean-up note),
+    bad input passes unchanged, an interruption prints the note and stays an interruption."""
+    from robustmedseg.federation.researcher import FederationError, reported_failures
+
+    class FedbiomedSomethingError(Exception):
+        pass
+
+    def boom(exc: BaseException) -> None:
+        with reported_failures(lambda: "the experiment folder of this run was removed"):
+            raise exc
+
+    with pytest.raises(FederationError) as err:
+        boom(FedbiomedSomethingError("FB600: no\n reply"))
+    assert str(err.value) == ("Fed-BioMed: FedbiomedSomethingError: FB600: no reply (the experiment folder of this "
+                              "run was removed)")
+    with pytest.raises(FederationError, match=r"^round 2 failed, node a: gone \(the experiment"):
+        boom(FederationError("round 2 failed, node a: gone"))
+    with pytest.raises(InputError, match="bad flag") as err:
+        boom(InputError("bad flag"))
+    assert not isinstance(err.value, FederationError)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        boom(KeyboardInterrupt())
+    assert capsys.readouterr().err == "the experiment folder of this run was removed\n"
+
+
 def test_save_global_model_on_a_truncated_breakpoint_and_good_one(tmp_path, capsys):
     folder = _fake_breakpoint(tmp_path / "res")
     out = tmp_path / "final.pt"
