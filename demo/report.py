@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from robustmedseg.errors import CliParser, InputError, run_cli
-from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
+from MultiMedSeg.training.metrics import binary_scores, gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}
@@ -279,8 +279,8 @@ def _on_grid(img, reference) -> np.ndarray:
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    """The project's one Dice (``MultiMedSeg.training.metrics.binary_scores``: 1 on two empty masks)."""
+    return binary_scores(a, b, distances=())["dice"]
 
 
 #: labelled voxels farther than this (voxels) from the ground-truth brain count as outside it

@@ -27,13 +27,11 @@ from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
 from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.training.options import parse_inference_options, parse_training_options
-from builders import tiny_generator_file
-from robustmedseg.errors import InputError, run_cli
+from builders import MMS_TINY, exit_message, tiny_generator_file
+from robustmedseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_input_size", "32",
-        "--latent_avg_samples", "256", "--feature_scale_rate", "0.1", "--batch_size", "4", "--test_batch_size", "8",
-        "--board_interval", "2", "--image_interval", "4", "--start_from_latent_avg", "--device", "cpu"]
+TINY = MMS_TINY
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -70,15 +68,6 @@ def make_slices(folder: Path, vid: str, n: int, size: int = 16, classes: int = 3
         paths.append(save_slice(folder / f"{vid}_slice{z:03d}.npz", data, mask, weight))
     return paths
 
-
-def exit_message(capsys, main, argv) -> str:
-    """Run a CLI main through run_cli in-process; assert exit 2 and a one-line error; return it."""
-    with pytest.raises(SystemExit) as info:
-        run_cli(main, argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 # ------------------------------------------------------------------------------------ datasets

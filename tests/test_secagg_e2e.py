@@ -28,8 +28,8 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-from test_federation_e2e import REPO, _env  # noqa: E402  (the same subprocess environment)
-from test_federation_e2e import TINY_FLAGS as _BASE_FLAGS  # noqa: E402
+from builders import FACTORY_TINY_FLAGS as _BASE_FLAGS  # noqa: E402
+from builders import REPO, subprocess_env as _env  # noqa: E402  (the same subprocess environment)
 
 TINY_FLAGS = _BASE_FLAGS + ["--min-nodes", "3", "--num_updates_per_round", "8"]
 FORCED = "site2"

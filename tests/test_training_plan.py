@@ -26,7 +26,6 @@ from robustmedseg.factory.trainer import FactoryTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(size=16, style_dim=32, n_mlp=2, channel_cap=16, clip_dim=16, n_sample=2)
-TINY_CLIP = "rms-plan-test-tiny-clip"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -40,23 +39,6 @@ def _write_slices(folder: Path, n_vol: int = 2, n_slices: int = 6, size: int = 1
             mask = np.eye(2, dtype=bool)[np.zeros((size, size), int)]
             np.savez(folder / f"vol{v}_slice{n:03d}.npz", data=data, mask=mask)
     return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Dict[str, str]:
-    """A tiny random open_clip architecture + its weights file (shared by prepare and the loss)."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
-    torch.manual_seed(0)
-    weights = folder / "tiny_clip.pt"
-    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), weights)
-    return {"model": TINY_CLIP, "pretrained": str(weights)}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -173,7 +172,8 @@ def test_phase1_aggregate_is_the_uniform_mean_of_the_node_replies(node_data, tmp
 # ------------------------------------------------------------------------------------------ phase 2
 @pytest.fixture(scope="module")
 def phase2_data(tmp_path_factory) -> Path:
-    from test_mms_training import make_slices, write_generator
+    from builders import tiny_generator_file as write_generator
+    from test_mms_training import make_slices
 
     root = tmp_path_factory.mktemp("resume_phase2")
     for vid in ("a", "b"):
@@ -185,7 +185,7 @@ def phase2_data(tmp_path_factory) -> Path:
 
 def _pretrain(root: Path, exp: Path, max_steps: int, resume: bool = False) -> None:
     from MultiMedSeg import pretrain as pretrain_cli
-    from test_mms_training import TINY as MMS_TINY
+    from builders import MMS_TINY
 
     pretrain_cli.main((["--resume"] if resume else []) + [
         "--exp_dir", str(exp), "--source_root", str(root / "train"), "--val_root", str(root / "val"),
