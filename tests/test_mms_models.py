@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from builders import tiny_psp_config
 from model import Generator
 from MultiMedSeg.losses import (LPIPS, LossConfig, build_lpips, calc_loss, ce_loss, dice_loss, favoured_channels,
                                 favoured_weight, ssim_loss)
@@ -25,11 +26,7 @@ torch.set_num_threads(1)
 LABELS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
 
 
-def tiny_config(**kw) -> PSPConfig:
-    base = dict(output_size=32, style_dim=32, n_mlp=2, n_domains=3, channel_cap=16, src_tgt_domains=[0, 1],
-                label_nc=3, encoder_depth=10, encoder_base_channels=8, encoder_input_size=32)
-    base.update(kw)
-    return PSPConfig(**base)
+tiny_config = tiny_psp_config
 
 
 def tiny_psp(seed: int = 0, **kw) -> PSP:

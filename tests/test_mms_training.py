@@ -21,13 +21,12 @@ from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
-from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
 from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.training.options import parse_inference_options, parse_training_options
-from builders import MMS_TINY, exit_message, tiny_generator_file
+from builders import MMS_TINY, exit_message, make_slices, tiny_generator_file
 from robustmedseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,20 +52,6 @@ def write_alexnet(folder: Path) -> tuple:
     return heads, feats
 
 
-def make_slices(folder: Path, vid: str, n: int, size: int = 16, classes: int = 3, labeled: bool = True,
-                background_only: tuple = (), weight_zero: tuple = ()) -> list:
-    """Synthetic slices: a square of class 1 and one of class 2 (background-only / zero-weight on request)."""
-    paths = []
-    for z in range(n):
-        lab = np.zeros((size, size), np.int64)
-        if z not in background_only:
-            lab[2:6, 2:6] = 1
-            lab[8:12, 8:12] = classes - 1
-        data = np.where(lab > 0, 0.5, -1.0).astype(np.float32)[..., None] + 0.01 * z
-        mask = (lab[..., None] == np.arange(classes)) if labeled else None
-        weight = np.zeros((size, size, 1), bool) if z in weight_zero else None
-        paths.append(save_slice(folder / f"{vid}_slice{z:03d}.npz", data, mask, weight))
-    return paths
 
 
 
