@@ -215,7 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         batches = -(-(slices - 1) // a.batch)
         print(f"paper-size checkpoint: {size:.0f} MiB, reload {sec:.2f} s -> the reference spends "
               f"{a.ensemble} x {batches} x {sec:.2f} = {a.ensemble * batches * sec / 60:.1f} min per volume on "
-              f"reloads alone ({N_ZBINS} bins, s 10, batch {a.batch}); the current path {a.ensemble * sec:.1f} s per run")
+              f"reloads alone ({N_ZBINS} bins, s 10, batch {a.batch}); the current path {a.ensemble * sec:.1f} s "
+              "per run")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ class Sizes:
     @classmethod
     def tiny(cls) -> "Sizes":
         tiny = GeneratorArgs(size=32, style_dim=32, n_mlp=2, channel_cap=16, clip_dim=16)
-        return cls(p1=tiny, batch=4, reps=1, op_batch=2, op_div=8, p2=tiny, p2_encoder_depth=10, p2_encoder_base=8, p2_lpips=False, p2_reps=1, p2_latent_avg_samples=64)
+        return cls(p1=tiny, batch=4, reps=1, op_batch=2, op_div=8, p2=tiny, p2_encoder_depth=10, p2_encoder_base=8,
+                   p2_lpips=False, p2_reps=1, p2_latent_avg_samples=64)
 
 
 @dataclass
@@ -359,7 +360,8 @@ def section_phase1(rep: Report, sizes: Sizes, args: argparse.Namespace) -> None:
         out["img/s"] = sizes.batch / (d_cycle + g_cycle)
         return out
 
-    label = (f"{sizes.p1.size} px, {'paper channels' if sizes.p1.channel_cap is None else f'cap {sizes.p1.channel_cap}'}, "
+    cap = sizes.p1.channel_cap
+    label = (f"{sizes.p1.size} px, {'paper channels' if cap is None else f'cap {cap}'}, "
              f"batch {sizes.batch}, ADA p=0.2, float32")
     base: Optional[Dict[str, float]] = None
     for mode, tf32, bench, name in (("kernels", False, False, "CUDA kernels" if dev.type == "cuda" else
