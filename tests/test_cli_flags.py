@@ -51,7 +51,7 @@ def _scripts_in_repo() -> List[str]:
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
     if not files:  # not a git checkout: walk the tree
         files = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py") if ".venv" not in p.parts]
-    return sorted(f for f in files if not f.startswith("tests/")
+    return sorted(f for f in files if not f.startswith(("tests/", "tools/"))  # developer tools: not the CLI
                   and 'if __name__ == "__main__"' in (REPO / f).read_text())
 
 
