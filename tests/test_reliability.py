@@ -577,6 +577,21 @@ def test_train_refuses_a_folder_without_a_researcher_component_at_once(tmp_path,
     assert time.monotonic() - start < 20  # no wait for nodes
 
 
+@pytest.mark.slow
+def test_train_creates_a_missing_researcher_component_only_when_asked_and_says_so(tmp_path):
+    """#22: --create-researcher-dir lets Fed-BioMed create the component (~25 s: its gRPC server waits for
+    nodes before giving up), and the run says so before it waits for the nodes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
+    env["PYTHONPATH"] = str(REPO)
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "--researcher-dir", str(tmp_path / "new"),
+                          "--create-researcher-dir", "--wait-nodes", "1", "--workdir", str(tmp_path / "w")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert f"created a new Fed-BioMed researcher component in {tmp_path / 'new'}" in run.stdout
+    assert (tmp_path / "new" / "etc" / "config.ini").is_file() and not (tmp_path / "w").exists()
+    assert run.stderr.strip().splitlines()[-1].startswith("error: waited 1 s for 1 nodes but 0 answered")
+
+
 def test_the_wait_for_nodes_shows_progress_then_names_what_is_missing():
     from robustmedseg.federation.researcher import FederationError, await_nodes
 
