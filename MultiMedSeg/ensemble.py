@@ -1,6 +1,6 @@
 """The best-k ensemble of a phase-2 run: which checkpoints, how they are loaded, how they vote.
 
-Used by inference (:mod:`MultiMedSeg.training.inference`), synthetic-volume generation
+Used by inference (:mod:`MultiMedSeg.evaluation.test_volumes`), synthetic-volume generation
 (:mod:`MultiMedSeg.generation`) and any other tool that segments with a trained run.
 
 * :func:`resolve_checkpoints` -- the ``n`` best checkpoints listed in ``checkpoints/best.json``
@@ -22,7 +22,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from MultiMedSeg.models.psp import PSP
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 

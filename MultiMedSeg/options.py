@@ -166,7 +166,7 @@ def training_parser(mode: str) -> _Parser:
     p.add("save_interval", type=int, default=None, help="write iteration_<step>.pt every N steps (default: at the end)")
     p.add("n_best", "--ensemble_size", type=int, default=5, help="k best checkpoints kept")
     if not pre:
-        from MultiMedSeg.training.evaluation import RULES, WEIGHT_GRID
+        from MultiMedSeg.evaluation.settings import RULES, WEIGHT_GRID
 
         grid = " / ".join(f"{a:g},{b:g}" for a, b in WEIGHT_GRID)
         p.add("ensemble_selection", choices=RULES, default="validation",
@@ -263,7 +263,7 @@ def predict_parser() -> _Parser:
 
 
 def _check_ensemble(opts: argparse.Namespace) -> None:
-    """None = not given: the run's evaluation settings (MultiMedSeg.training.evaluation) decide."""
+    """None = not given: the run's evaluation settings (MultiMedSeg.evaluation.settings) decide."""
     if opts.ensemble_size is not None and opts.ensemble_size < 1:
         raise InputError("--ensemble_size must be >= 1")
     w = opts.ensemble_weights

@@ -41,8 +41,8 @@ def build_parser() -> CliParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from MultiMedSeg.data.plan import load_plan
-    from MultiMedSeg.training import checkpoints as ck
+    from MultiMedSeg.data.preprocessing_plan import load_plan
+    from MultiMedSeg import checkpoints as ck
     from MultiMedSeg.training.setup import write_run_plan
 
     if args.show:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess  # noqa: E402
+from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess  # noqa: E402
 from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
 from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
 

@@ -1,17 +1,17 @@
 """Segment new scans with a trained run (the library of ``MultiMedSeg/predict.py``, ``rms-predict``).
 
-Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a preprocessed site,
+Unlike :mod:`MultiMedSeg.evaluation.test_volumes`, which segments the test split of a preprocessed site,
 :func:`run_prediction` takes raw scans -- NIfTI, NRRD, MetaImage or DICOM series, in any orientation
 (:mod:`MultiMedSeg.data.formats`) -- and needs nothing but the run folder:
 
-1. the run's preprocessing plan (``checkpoints/plan.json``, :mod:`MultiMedSeg.data.plan`) and its
+1. the run's preprocessing plan (``checkpoints/plan.json``, :mod:`MultiMedSeg.data.preprocessing_plan`) and its
    ``--ensemble_size`` best checkpoints (:mod:`MultiMedSeg.ensemble`, each file read once) must agree
    on the number of classes and on the domain the run segments;
 2. every scan is checked before any work (format, 3-D, DICOM series, output names);
-3. per scan: read, preprocess exactly as the training data (:func:`MultiMedSeg.data.plan.prepare_scan`:
+3. per scan: read, preprocess exactly as the training data (:func:`MultiMedSeg.data.preprocessing_plan.prepare_scan`:
    reorientation, crop, resampling, standardisation, the site's intensity window, padding), segment
-   with the same code as ``inference.py`` (:func:`~MultiMedSeg.training.inference.predict_volume`,
-   :func:`~MultiMedSeg.training.inference.label_volumes`), map back onto the scan's own grid
+   with the same code as ``inference.py`` (:func:`~MultiMedSeg.evaluation.test_volumes.predict_volume`,
+   :func:`~MultiMedSeg.evaluation.test_volumes.label_volumes`), map back onto the scan's own grid
    (:func:`MultiMedSeg.data.restore.restore_volume`: same shape, spacing, origin and direction), set
    to background every voxel outside the field of view the model knows
    (:mod:`MultiMedSeg.data.field_of_view`: outside the head, and outside the slab of the head the
@@ -21,7 +21,7 @@ Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a
 An adapted run writes its ``_pred`` labels (inter and intra ensemble, ``--ensemble_weights``), a
 pretraining run its ``_intra`` labels, as ``inference.py`` does; ``--ensemble_size`` and
 ``--ensemble_weights`` default to the run's ``checkpoints/evaluation.json``
-(:func:`MultiMedSeg.training.evaluation.resolve_settings`), and ``predict.json`` records the values
+(:func:`MultiMedSeg.evaluation.settings.resolve_settings`), and ``predict.json`` records the values
 used and where they came from.  Outputs: ``OUT/<id>.nii.gz`` (or
 the input's format), ``OUT/<id>_probabilities.nii.gz`` (x, y, z, class) with ``--save_probabilities``
 (restored with linear interpolation, so their argmax may differ from the labels at a few boundary
@@ -47,13 +47,13 @@ from MultiMedSeg.data import field_of_view as fov
 from MultiMedSeg.data import orientation as orient
 from MultiMedSeg.data.formats import ScanSource, find_scans, output_extension, probe_scan, read_scan, write_result
 from MultiMedSeg.data.images_dataset import SliceArrayDataset
-from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
+from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
 from MultiMedSeg.data.restore import restore_volume
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.evaluation import resolve_settings
-from MultiMedSeg.training.inference import ensemble_probabilities, label_volumes, predict_volume
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.settings import resolve_settings
+from MultiMedSeg.evaluation.test_volumes import ensemble_probabilities, label_volumes, predict_volume
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, check_apart, check_new_output

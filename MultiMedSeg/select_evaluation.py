@@ -8,7 +8,7 @@ run's ensemble of all its kept best checkpoints is scored on the validation volu
 (inter, intra) weights and the best mean Dice is kept (``--ensemble_selection paper``: the paper's
 0.6/0.4 without searching); a pretraining run records its intra branch.  ``inference.py`` and
 ``predict.py`` use the file when their ``--ensemble_size`` / ``--ensemble_weights`` are not given.
-The library is :mod:`MultiMedSeg.training.evaluation`.  Also ``rms-select-evaluation``.
+The library is :mod:`MultiMedSeg.evaluation.settings`.  Also ``rms-select-evaluation``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
 
 
 def build_parser() -> CliParser:
-    from MultiMedSeg.training.evaluation import RULES  # no torch import before --help
+    from MultiMedSeg.evaluation.settings import RULES  # no torch import before --help
 
     p = CliParser(prog="python -m MultiMedSeg.select_evaluation", description=__doc__.split("\n\n")[0],
                   epilog="Example: python -m MultiMedSeg.select_evaluation --checkpoint_dir runs/adapt_site2 "
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = build_parser().parse_args(argv)  # --help exits here, before torch is imported
     if opts.test_batch_size < 1:
         raise InputError("--test_batch_size must be >= 1")
-    from MultiMedSeg.training.selection import select_for_run
+    from MultiMedSeg.evaluation.selection import select_for_run
 
     select_for_run(opts)
     return 0

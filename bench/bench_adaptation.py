@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 import model
-from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
+from MultiMedSeg.evaluation.metrics import gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.errors import CliParser, run_cli
 
 SOURCE = 0
@@ -82,7 +82,7 @@ def phantom_data(a: argparse.Namespace) -> Path:
     """A demo-like data folder (prep/site0, prep/site<t>, _all_labels, _fewshot) made here."""
     from demo.fewshot import write_fewshot
     from demo.phantom import generate_phantom
-    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 
     root = a.work / f"data{a.size}"
     phantom = root / "data"

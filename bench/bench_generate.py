@@ -35,7 +35,7 @@ import torch
 from MultiMedSeg import generation as gen
 from MultiMedSeg.ensemble import feature_scale_of
 from MultiMedSeg.models.psp import PSP, PSPConfig
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import CliParser, run_cli
 from robustmedseg.io import load_torch_file
 

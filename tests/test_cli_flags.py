@@ -26,10 +26,10 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "save_global_model.py": _module_parser("save_global_model"),
     "generate_volumes.py": _module_parser("generate_volumes"),
     "MultiMedSeg/preprocess.py": _module_parser("MultiMedSeg.preprocess"),
-    "MultiMedSeg/pretrain.py": _module_parser("MultiMedSeg.training.options", "training_parser", "pretrain"),
-    "MultiMedSeg/train.py": _module_parser("MultiMedSeg.training.options", "training_parser", "train"),
-    "MultiMedSeg/inference.py": _module_parser("MultiMedSeg.training.options", "inference_parser"),
-    "MultiMedSeg/predict.py": _module_parser("MultiMedSeg.training.options", "predict_parser"),
+    "MultiMedSeg/pretrain.py": _module_parser("MultiMedSeg.options", "training_parser", "pretrain"),
+    "MultiMedSeg/train.py": _module_parser("MultiMedSeg.options", "training_parser", "train"),
+    "MultiMedSeg/inference.py": _module_parser("MultiMedSeg.options", "inference_parser"),
+    "MultiMedSeg/predict.py": _module_parser("MultiMedSeg.options", "predict_parser"),
     "MultiMedSeg/plan.py": _module_parser("MultiMedSeg.plan"),
     "MultiMedSeg/select_evaluation.py": _module_parser("MultiMedSeg.select_evaluation"),
     "demo/run.py": _module_parser("demo.run"),
@@ -155,7 +155,7 @@ def test_both_spellings_parse_alike(script):
 def test_paper_command_lines_still_parse():
     import generate_volumes
     import train
-    from MultiMedSeg.training.options import parse_inference_options, parse_training_options, training_parser
+    from MultiMedSeg.options import parse_inference_options, parse_training_options, training_parser
 
     a = train.build_parser().parse_args("--size 512 --n_domains 3 --augment --num_updates_per_round 2000 "
                                         "--rounds 350".split())

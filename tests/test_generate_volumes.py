@@ -19,7 +19,7 @@ from model import Generator
 from MultiMedSeg import generation as gen
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
 from MultiMedSeg.models.psp import PSP, PSPConfig
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
 
 torch.set_num_threads(1)

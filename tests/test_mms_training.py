@@ -24,10 +24,10 @@ from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
 from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.inference import label_volumes
-from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
-from MultiMedSeg.training.options import parse_inference_options, parse_training_options
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.test_volumes import label_volumes
+from MultiMedSeg.evaluation.metrics import binary_scores, branch_metrics, selection_score, volume_scores
+from MultiMedSeg.options import parse_inference_options, parse_training_options
 from robustmedseg.errors import InputError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,7 +274,7 @@ def test_ensemble_weights_are_honoured():
 
 
 def test_translation_volume_and_invert_intensity_undo():
-    from MultiMedSeg.training.inference import translation_volume
+    from MultiMedSeg.evaluation.test_volumes import translation_volume
 
     pred = {"trans": torch.full((1, 1, 2, 2), 0.5), "weight": torch.ones(1, 1, 2, 2)}
     pred["weight"][0, 0, 1, 1] = 0
@@ -289,7 +289,7 @@ def test_invert_intensity_translation_is_negated_back_on_background():
     from types import SimpleNamespace
 
     from MultiMedSeg.ensemble import Member
-    from MultiMedSeg.training.inference import predict_volume
+    from MultiMedSeg.evaluation.test_volumes import predict_volume
 
     seg = torch.zeros(1, 3, 4, 4)
     seg[:, 0, :2] = 1.0   # background on the top half

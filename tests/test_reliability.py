@@ -291,7 +291,7 @@ def test_stale_temporaries_of_dead_processes_only(tmp_path):
 
 
 def test_preprocess_ignores_hidden_folders(phantom_dir, tmp_path):
-    from MultiMedSeg.data.preprocessing import find_images
+    from MultiMedSeg.data.volumes_to_slices import find_images
 
     images = tmp_path / "images"
     shutil.copytree(phantom_dir / "site0" / "images", images)
@@ -604,7 +604,7 @@ def test_run_id_cannot_name_a_path():
 
 
 def test_best_index_entries_stay_in_the_checkpoint_folder(tmp_path):
-    from MultiMedSeg.training import checkpoints as ck
+    from MultiMedSeg import checkpoints as ck
 
     for name in ("../outside.pt", "sub/x.pt", "/abs/x.pt", "..pt", ".hidden.pt", "x.pth"):
         (tmp_path / ck.INDEX_NAME).write_text(json.dumps([{"file": name, "score": 0.5, "step": 1}]))

@@ -54,7 +54,7 @@ Everything is written into a temporary folder that becomes ``out`` only when com
 to map predictions back onto the original NIfTI grid, and per volume a ``fingerprint`` of
 its slices that inference checks (:func:`robustmedseg.data.slices.data_digest`).  The per-volume
 steps (:func:`inspect_volume`, :func:`process_volume`, :func:`volume_entry`) also preprocess a
-single new scan from a run's plan (:mod:`MultiMedSeg.data.plan`).
+single new scan from a run's plan (:mod:`MultiMedSeg.data.preprocessing_plan`).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Choosing a run's evaluation settings on its validation volumes (the writer of ``checkpoints/evaluation.json``).
 
-:mod:`MultiMedSeg.training.evaluation` owns the file (its format, reading it, what ``inference.py`` and
+:mod:`MultiMedSeg.evaluation.settings` owns the file (its format, reading it, what ``inference.py`` and
 ``predict.py`` take from it); this module scores the candidates, which needs the inference code
-(:mod:`MultiMedSeg.training.inference`), so that the file's reader stays below the inference code and the
+(:mod:`MultiMedSeg.evaluation.test_volumes`), so that the file's reader stays below the inference code and the
 two modules import each other in one direction only. Used at the end of training
 (:meth:`MultiMedSeg.training.coach.Coach.record_evaluation_settings`) and by
 ``python -m MultiMedSeg.select_evaluation`` (:func:`select_for_run`).
@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.evaluation import (EVALUATION_NAME, FORMAT, INTRA_ONLY, PAPER_WEIGHTS, RULES, WEIGHT_GRID,
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.settings import (EVALUATION_NAME, FORMAT, INTRA_ONLY, PAPER_WEIGHTS, RULES, WEIGHT_GRID,
                                              best_candidate, describe, write_settings)
 from robustmedseg.errors import InputError
 
@@ -32,8 +32,8 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
     import torch
     from torch.utils.data import DataLoader
 
-    from MultiMedSeg.training.inference import label_volumes, predict_volume, volume_labels
-    from MultiMedSeg.training.metrics import volume_scores
+    from MultiMedSeg.evaluation.test_volumes import label_volumes, predict_volume, volume_labels
+    from MultiMedSeg.evaluation.metrics import volume_scores
 
     classes = [str(c) for c in range(1, label_nc)]
     per_volume: List[List[Dict[str, float]]] = [[] for _ in grid]

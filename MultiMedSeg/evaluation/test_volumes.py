@@ -5,7 +5,7 @@ NIfTI output, metrics.
 checkpoints of a training run (``best.json``, best first; each file is loaded once by
 :mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept).  ``--ensemble_size`` and
 ``--ensemble_weights`` default to the run's evaluation settings (``checkpoints/evaluation.json``,
-:mod:`MultiMedSeg.training.evaluation`; the paper's 5 and 0.6/0.4 for a run without them);
+:mod:`MultiMedSeg.evaluation.settings`; the paper's 5 and 0.6/0.4 for a run without them);
 ``inference.json`` records the values used and where they came from.
 
 * ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
@@ -61,9 +61,9 @@ from MultiMedSeg.data.restore import check_slices_match, load_metadata, restore_
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP, flip_label
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.evaluation import resolve_settings
-from MultiMedSeg.training.metrics import METRICS_CSV_FIELDS, volume_scores
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.settings import resolve_settings
+from MultiMedSeg.evaluation.metrics import METRICS_CSV_FIELDS, volume_scores
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_dir, check_new_output

@@ -8,7 +8,7 @@ Fixes of docs/differences.md in this file: one device, no DataParallel (docs/dif
 is ``1 - SSIM`` (docs/differences.md#d9-28, in :mod:`MultiMedSeg.losses`); validation never skips small
 batches and groups slices by volume id, not by loader order (docs/differences.md#d9-30); the classifier
 optimiser only steps when a head received gradients (docs/differences.md#d9-31); the best-k index is JSON
-(docs/differences.md#d9-26, :mod:`MultiMedSeg.training.checkpoints`).
+(docs/differences.md#d9-26, :mod:`MultiMedSeg.checkpoints`).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from MultiMedSeg.data.sampler import BalancedSampler
 from MultiMedSeg.data.transforms import eval_transform, train_transform
 from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
 from MultiMedSeg.optim import Ranger
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.inference import predict_slices, volume_labels
-from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
-from MultiMedSeg.training.options import options_to_dict
-from MultiMedSeg.data.plan import save_plan
-from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, training_plan
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.test_volumes import predict_slices, volume_labels
+from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
+from MultiMedSeg.options import options_to_dict
+from MultiMedSeg.data.preprocessing_plan import save_plan
+from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, preprocessing_plan
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
@@ -102,7 +102,7 @@ class Coach:
         self._writer = None
         self.net = self._build_model()
         self._build_data()
-        self.plan = training_plan(opts)  # checked now, written with the run (MultiMedSeg.data.plan)
+        self.plan = preprocessing_plan(opts)  # checked now, written with the run (MultiMedSeg.data.preprocessing_plan)
         self.losses = LossBundle(opts, self.device)
         self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
         self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
@@ -379,10 +379,10 @@ class Coach:
 
     def record_evaluation_settings(self) -> Optional[Path]:
         """``checkpoints/evaluation.json``: the ensemble the run is judged with, what ``inference.py`` and
-        ``predict.py`` use by default (:mod:`MultiMedSeg.training.evaluation`; adaptation: the weights
+        ``predict.py`` use by default (:mod:`MultiMedSeg.evaluation.settings`; adaptation: the weights
         ``--ensemble_selection`` picks on the validation volumes; pretraining: the intra branch)."""
-        from MultiMedSeg.training.evaluation import describe, write_settings
-        from MultiMedSeg.training.selection import choose_settings
+        from MultiMedSeg.evaluation.settings import describe, write_settings
+        from MultiMedSeg.evaluation.selection import choose_settings
 
         if not self.best.entries:  # nothing qualified (every validation score was 0)
             print(f"note: no best checkpoint, so no {self.ckpt_dir / 'evaluation.json'}", file=sys.stderr)

@@ -7,7 +7,7 @@
 * the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
   :func:`adaptation_model` (its config with two domains);
 * :func:`check_domains`: domain ids must index the generator's conditioning;
-* the run's preprocessing plan (:mod:`MultiMedSeg.data.plan`): :func:`training_plan` finds the
+* the run's preprocessing plan (:mod:`MultiMedSeg.data.preprocessing_plan`): :func:`preprocessing_plan` finds the
   ``metadata.json`` of the site the run segments and :func:`run_plan` builds the plan from it;
   :func:`write_run_plan` writes the plan of a finished run (``python -m MultiMedSeg.plan``).
 
@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, plan_from_metadata, save_plan
-from MultiMedSeg.data.preprocessing import METADATA_NAME
+from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, plan_from_metadata, save_plan
+from MultiMedSeg.data.volumes_to_slices import METADATA_NAME
 from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.models.psp import PSP, PSPConfig
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError
 from robustmedseg.federation.export import read_factory_file
 from robustmedseg.io import check_parents, clean_stale_temporaries, load_torch_file, replace_dir, temp_sibling
@@ -224,7 +224,7 @@ def site_metadata(opts: Mapping[str, Any]) -> Optional[Path]:
     return find_site_metadata(*(Path(opts[k]) for k in keys if opts.get(k)))
 
 
-def training_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
+def preprocessing_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
     """The plan of this training run (pretraining: the source site, adaptation: the target site), or
     None with a note on stderr when no ``metadata.json`` is found next to its data."""
     metadata = site_metadata(vars(opts))
