@@ -10,8 +10,8 @@ Unlike :mod:`MultiMedSeg.evaluation.test_volumes`, which segments the test split
 2. every scan is checked before any work (format, 3-D, DICOM series, output names);
 3. per scan: read, preprocess exactly as the training data (:func:`MultiMedSeg.data.preprocessing_plan.prepare_scan`:
    reorientation, crop, resampling, standardisation, the site's intensity window, padding), segment
-   with the same code as ``inference.py`` (:func:`~MultiMedSeg.evaluation.test_volumes.predict_volume`,
-   :func:`~MultiMedSeg.evaluation.test_volumes.label_volumes`), map back onto the scan's own grid
+   with the same code as ``inference.py`` (:meth:`MultiMedSeg.ensemble.Ensemble.predict_volume`,
+   :func:`~MultiMedSeg.ensemble.label_volumes`), map back onto the scan's own grid
    (:func:`MultiMedSeg.data.restore.restore_volume`: same shape, spacing, origin and direction), set
    to background every voxel outside the field of view the model knows
    (:mod:`MultiMedSeg.data.field_of_view`: outside the head, and outside the slab of the head the
@@ -50,10 +50,9 @@ from MultiMedSeg.data.images_dataset import SliceArrayDataset
 from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
 from MultiMedSeg.data.restore import restore_volume
 from MultiMedSeg.data.transforms import eval_transform
-from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
+from MultiMedSeg.ensemble import Ensemble, ensemble_probabilities, label_volumes, load_ensemble, resolve_checkpoints
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.evaluation.settings import resolve_settings
-from MultiMedSeg.evaluation.test_volumes import ensemble_probabilities, label_volumes, predict_volume
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, check_apart, check_new_output
@@ -74,7 +73,7 @@ def check_output_folder(output: Path, inputs: Sequence[Path], overwrite: bool, c
     check_new_output(output, overwrite)
 
 
-def check_run(plan: PreprocessingPlan, members: Sequence[Member], plan_path: Path) -> bool:
+def check_run(plan: PreprocessingPlan, members: Ensemble, plan_path: Path) -> bool:
     """The plan and the checkpoints agree on the classes and the domain; returns True for an adapted
     (two-domain) run."""
     config = members[0].net.config
@@ -91,7 +90,7 @@ def check_run(plan: PreprocessingPlan, members: Sequence[Member], plan_path: Pat
     return inter
 
 
-def segment_scan(slices: np.ndarray, members: Sequence[Member], inter: bool, weights: Sequence[float],
+def segment_scan(slices: np.ndarray, members: Ensemble, inter: bool, weights: Sequence[float],
                  batch_size: int) -> Dict[str, Any]:
     """Ensemble prediction of one scan's (Z, S, S) slices: ``labels`` (Z, S, S) of the run's output
     branch and ``probabilities`` (Z, L, S, S) of the same branch."""
@@ -99,8 +98,7 @@ def segment_scan(slices: np.ndarray, members: Sequence[Member], inter: bool, wei
     config = net.config
     dataset = SliceArrayDataset(slices, 1 if inter else 0, eval_transform(config.encoder_input_size),
                                 label_nc=config.label_nc, invert_intensity=config.invert_intensity)
-    pred = predict_volume(members, DataLoader(dataset, batch_size=batch_size, shuffle=False),
-                          net.latent_avg.device, inter)
+    pred = members.predict_volume(DataLoader(dataset, batch_size=batch_size, shuffle=False), inter)
     branch = "pred" if inter else "intra"
     return {"branch": branch, "labels": label_volumes(pred, weights)[branch],
             "probabilities": ensemble_probabilities(pred, weights)[branch].numpy()}

@@ -25,7 +25,7 @@ from MultiMedSeg.data.sampler import BalancedSampler
 from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg import checkpoints as ck
-from MultiMedSeg.evaluation.test_volumes import label_volumes
+from MultiMedSeg.ensemble import label_volumes
 from MultiMedSeg.evaluation.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.options import parse_inference_options, parse_training_options
 from robustmedseg.errors import InputError, run_cli
@@ -274,7 +274,7 @@ def test_ensemble_weights_are_honoured():
 
 
 def test_translation_volume_and_invert_intensity_undo():
-    from MultiMedSeg.evaluation.test_volumes import translation_volume
+    from MultiMedSeg.ensemble import translation_volume
 
     pred = {"trans": torch.full((1, 1, 2, 2), 0.5), "weight": torch.ones(1, 1, 2, 2)}
     pred["weight"][0, 0, 1, 1] = 0
@@ -288,8 +288,7 @@ def test_invert_intensity_translation_is_negated_back_on_background():
     background; inference negates it again there, which gives back the generator's intensities."""
     from types import SimpleNamespace
 
-    from MultiMedSeg.ensemble import Member
-    from MultiMedSeg.evaluation.test_volumes import predict_volume
+    from MultiMedSeg.ensemble import Ensemble, Member
 
     seg = torch.zeros(1, 3, 4, 4)
     seg[:, 0, :2] = 1.0   # background on the top half
@@ -307,9 +306,9 @@ def test_invert_intensity_translation_is_negated_back_on_background():
 
     batch = {"data": torch.zeros(2, 1, 4, 4), "domain": torch.tensor([[0.0, 1.0]] * 2),
              "weight": torch.ones(2, 1, 4, 4)}
-    out = predict_volume([Member(Stub(True), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    out = Ensemble([Member(Stub(True), 1.0, None)], torch.device("cpu")).predict_volume([batch], inter=True)
     assert torch.allclose(out["trans"], torch.full((2, 1, 4, 4), 0.5))
-    plain = predict_volume([Member(Stub(False), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    plain = Ensemble([Member(Stub(False), 1.0, None)], torch.device("cpu")).predict_volume([batch], inter=True)
     assert torch.allclose(plain["trans"], torch.full((2, 1, 4, 4), 0.5))
 
 

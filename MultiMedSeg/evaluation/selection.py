@@ -32,9 +32,10 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
     import torch
     from torch.utils.data import DataLoader
 
-    from MultiMedSeg.evaluation.test_volumes import label_volumes, predict_volume, volume_labels
+    from MultiMedSeg.ensemble import Ensemble, label_volumes, volume_labels
     from MultiMedSeg.evaluation.metrics import volume_scores
 
+    ensemble = members if isinstance(members, Ensemble) else Ensemble(members, device)
     classes = [str(c) for c in range(1, label_nc)]
     per_volume: List[List[Dict[str, float]]] = [[] for _ in grid]
     scored: List[str] = []
@@ -48,7 +49,7 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
                 masks.append(batch["mask"])
                 yield batch
 
-        pred = predict_volume(members, batches(), device, inter=True)
+        pred = ensemble.predict_volume(batches(), inter=True)
         mask = torch.cat(masks)
         if not bool(mask.any()):  # a volume without ground truth, skipped as in validation
             continue

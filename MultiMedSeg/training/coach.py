@@ -30,7 +30,7 @@ from MultiMedSeg.data.transforms import eval_transform, train_transform
 from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
 from MultiMedSeg.optim import Ranger
 from MultiMedSeg import checkpoints as ck
-from MultiMedSeg.evaluation.test_volumes import predict_slices, volume_labels
+from MultiMedSeg.ensemble import Ensemble, Member, blend, volume_labels
 from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.options import options_to_dict
 from MultiMedSeg.data.preprocessing_plan import save_plan
@@ -313,6 +313,7 @@ class Coach:
         self.net.eval()
         opts = self.opts
         fs = self.feature_scale()
+        ensemble = Ensemble([Member(self.net, fs, None)], self.device)  # the one ensemble code, one member
         batches = self.val_set.volume_batches(opts.test_batch_size)
         loader = DataLoader(self.val_set, batch_sampler=[idx for _, idx in batches], num_workers=opts.test_workers)
         per_volume: List[Dict[str, float]] = []
@@ -325,8 +326,7 @@ class Coach:
                 parts = {}
             current = vid
             b = self._to_device(batch)
-            pred = predict_slices(self.net, b["data"], b["domain"], fs, b["mask"].shape[-2:],
-                                  inter=not opts.only_intra)
+            pred = ensemble.predict_batch(b["data"], b["domain"], b["mask"].shape[-2:], inter=not opts.only_intra)
             for key in ("intra", "inter"):
                 if key in pred:
                     parts.setdefault(key, []).append(pred[key].cpu())
@@ -356,9 +356,8 @@ class Coach:
         if "inter" in parts:
             inter = torch.cat(list(parts["inter"]))
             intra = torch.cat(list(parts["intra"]))
-            w_inter, w_intra = VAL_ENSEMBLE_WEIGHTS
             preds["inter_"] = volume_labels(inter, weight)
-            preds[""] = volume_labels(w_inter * inter + w_intra * intra, weight)
+            preds[""] = volume_labels(blend(inter, intra, VAL_ENSEMBLE_WEIGHTS), weight)
         return [branch_metrics({k: v.numpy() for k, v in preds.items()}, gt.numpy(), self.opts.label_nc,
                                self.opts.consider_only_vessels_within_brain)]
 
