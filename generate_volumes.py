@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 
 
 def build_parser() -> CliParser:

@@ -183,6 +183,11 @@ def load_encoding(path: Path, clip_dim: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- settings
+# fields whose canonical flag has another name (the field keeps the reference's name; the flag is the
+# project's one name of the concept, the reference's name is an alias)
+CANONICAL_FLAGS = {"ckpt_dir": "--checkpoint_dir", "z_depth": "--n_zbins", "n_segmentation_labels": "--label_nc"}
+
+
 @dataclass
 class GenerationConfig:
     """Settings of :func:`generate` (the CLI flags of ``generate_volumes.py``)."""
@@ -208,6 +213,11 @@ class GenerationConfig:
     montage: bool = True
     overwrite: bool = False
 
+    @staticmethod
+    def flag(name: str) -> str:
+        """The canonical ``generate_volumes.py`` flag of field ``name`` (what error messages name)."""
+        return CANONICAL_FLAGS.get(name, f"--{name}")
+
     def validate(self) -> None:
         """Check the plain-value settings (one-line :class:`InputError`)."""
         if int(self.label) < 0:
@@ -215,7 +225,7 @@ class GenerationConfig:
         for name in ("n_volumes", "slices_in_one_z", "batch_size", "n_segmentation_labels"):
             low = 2 if name == "n_segmentation_labels" else 1
             if int(getattr(self, name)) < low:
-                raise InputError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+                raise InputError(f"{self.flag(name)} must be >= {low}, got {getattr(self, name)}")
         if self.noise not in NOISE_MODES:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
         if self.head not in HEADS:
@@ -307,7 +317,7 @@ def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> 
     ensemble = SegmentationEnsemble.load(paths, cfg.label, cfg.head, device)
     pc = ensemble.config
     if pc.label_nc != cfg.n_segmentation_labels:
-        raise InputError(f"checkpoint segments {pc.label_nc} labels but --n_segmentation_labels is "
+        raise InputError(f"checkpoint segments {pc.label_nc} labels but --label_nc is "
                          f"{cfg.n_segmentation_labels}", paths[0])
     if cfg.generator is not None:
         generator, _ = load_factory_file(cfg.generator)
@@ -335,7 +345,7 @@ def _check_generator(cfg: GenerationConfig, generator: Generator, source: Any) -
         raise InputError(f"--label {cfg.label} is not a domain of the generator (n_domains = {generator.n_domains})",
                          source)
     if cfg.z_depth is not None and cfg.z_depth != generator.n_zbins:
-        raise InputError(f"generator has {generator.n_zbins} z-bins but --z_depth is {cfg.z_depth}", source)
+        raise InputError(f"generator has {generator.n_zbins} z-bins but --n_zbins is {cfg.z_depth}", source)
 
 
 # ------------------------------------------------------------------------------- writing
@@ -394,7 +404,7 @@ def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress
     """Run the whole job (see module doc); returns the summary also written to ``generation.json``."""
     cfg.validate()
     out = Path(cfg.out_dir)
-    check_apart({"--out_dir": out}, {"--ckpt_dir": cfg.ckpt_dir, "--generator": cfg.generator,
+    check_apart({"--out_dir": out}, {"--checkpoint_dir": cfg.ckpt_dir, "--generator": cfg.generator,
                                      "--clip_mean": cfg.clip_mean})
     check_new_output(out, cfg.overwrite)
     factory, paths = build_factory(cfg, log)

@@ -2,7 +2,7 @@
 ``predict.py``.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
-with dashes (``--batch-size``), as in every script (:class:`robustmedseg.errors.CliParser`).  Any option can also come from one JSON file given with
+with dashes (``--batch-size``), as in every script (:class:`robustmedseg.cli.CliParser`).  Any option can also come from one JSON file given with
 ``--config FILE``: an object whose keys are option names (underscores), e.g.::
 
     {"source_root": "prep/site0/train", "val_root": "prep/site0/val", "label_nc": 3}
@@ -34,7 +34,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from robustmedseg.errors import CliParser, InputError
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError
 from robustmedseg.io import check_apart
 
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
@@ -61,7 +62,7 @@ def _floats(text: str) -> List[float]:
 def _common(p: _Parser) -> None:
     p.add("config", type=Path, default=None, metavar="FILE",
           help="JSON file of option values (keys = option names with underscores); flags override it")
-    p.add("exp_dir", type=Path, default=None, help="output folder (required); must not exist unless --resume/--overwrite")
+    p.mark_required(p.add("exp_dir", type=Path, default=None, help="output folder (required); must not exist unless --resume/--overwrite"))
     p.add("overwrite", action="store_true", help="replace an existing --exp_dir")
     p.add("device", choices=("auto", "cpu", "cuda"), default="auto",
           help="one device for everything (auto: cuda when available); no DataParallel")
@@ -79,9 +80,9 @@ def _common(p: _Parser) -> None:
 def _model(p: _Parser, mode: str) -> None:
     p.add("label_nc", "--num_classes", "--n_segmentation_labels", type=int, metavar="L", default=3,
           help="number of segmentation classes incl. background (default 3)")
-    p.add("src_label", type=int, default=None, help="phase-1 domain id of the source (required)")
+    p.mark_required(p.add("src_label", type=int, default=None, help="phase-1 domain id of the source (required)"))
     if mode == "train":
-        p.add("tgt_label", type=int, default=None, help="phase-1 domain id of the target (required)")
+        p.mark_required(p.add("tgt_label", type=int, default=None, help="phase-1 domain id of the target (required)"))
     p.add("n_domains", type=int, default=None,
           help="generator conditioning width; default: read from the generator file / checkpoint (paper: 3)")
     p.add("output_size", type=int, default=None, help="generator size; default: read from the generator file (paper: 512)")
@@ -129,7 +130,7 @@ def training_parser(mode: str) -> _Parser:
             "Phase 2c: adapt a pretrained pSp segmenter to a target domain (intra, inter and cycle branches).")
     epilog = f"Paper command: python MultiMedSeg/{mode}.py --exp_dir EXP --config data.json " + (
         PAPER_PRETRAIN if pre else PAPER_TRAIN)
-    p = _Parser(prog=f"MultiMedSeg/{mode}.py", description=desc, epilog=epilog)
+    p = _Parser(prog=f"MultiMedSeg/{mode}.py", command=f"MultiMedSeg.{mode}", description=desc, epilog=epilog)
     _common(p)
     p.add("resume", action="store_true", help="continue the run in --exp_dir from checkpoints/last.pt")
     p.add("source_data", type=Path, default=None,
@@ -142,15 +143,17 @@ def training_parser(mode: str) -> _Parser:
               help="preprocessed target site folder (DIR/train/labeled, DIR/train/unlabeled, DIR/val)")
         p.add("target_labeled", type=Path, default=None, help="folder of labeled target training slices")
         p.add("target_unlabeled", type=Path, default=None, help="folder of unlabeled target training slices (optional)")
-        p.add("checkpoint_dir", type=Path, default=None,
-              help="pretrain output (its folder or checkpoints/): its best checkpoint initialises this run (required)")
+        p.mark_required(p.add("checkpoint_dir", type=Path, default=None,
+                              help="pretrain output (its folder or checkpoints/): its best checkpoint initialises "
+                                   "this run (required)"))
         p.add("one_target_slice", action="store_true", help="keep only the middle labeled slice of each target volume")
         p.add("reinit_encoder", action="store_true",
               help="as the original: do not carry the pretrained encoder over, start it again from the ArcFace "
                    "backbone (--backbone_weights; the rest random) and recompute both mean latents; only the "
                    "generator and the classifiers come from --checkpoint_dir (default: the encoder is kept)")
     else:
-        p.add("stylegan_weights", type=Path, default=None, help="phase-1 final_global_model.pt (g_ema used; required)")
+        p.mark_required(p.add("stylegan_weights", type=Path, default=None,
+                              help="phase-1 final_global_model.pt (g_ema used; required)"))
         p.add("only_intra", action="store_true", help="accepted for the paper command; pretraining is always intra-only")
     _model(p, mode)
     _losses(p)
@@ -191,13 +194,14 @@ def training_parser(mode: str) -> _Parser:
 
 
 def inference_parser() -> _Parser:
-    p = _Parser(prog="MultiMedSeg/inference.py",
+    p = _Parser(prog="MultiMedSeg/inference.py", command="MultiMedSeg.inference",
                 description="Phase 3: segment test volumes with the k best checkpoints of a training run and "
                             "write <id>_intra/_inter/_pred/_trans NIfTI files on the original grid.",
                 epilog="Example: python MultiMedSeg/inference.py --checkpoint_dir EXP --target_data PREP/site2 "
                        "--exp_dir OUT --ensemble_size 5")
     _common(p)
-    p.add("checkpoint_dir", type=Path, default=None, help="training output folder (or its checkpoints/) (required)")
+    p.mark_required(p.add("checkpoint_dir", type=Path, default=None,
+                          help="training output folder (or its checkpoints/) (required)"))
     p.add("target_data", type=Path, default=None, help="preprocessed site folder: DIR/test and DIR/metadata.json")
     p.add("test_root", type=Path, default=None, help="folder of test slices (default DIR/test of --target_data)")
     p.add("metadata", type=Path, default=None, help="metadata.json of the preprocessing (default DIR/metadata.json)")
@@ -224,20 +228,20 @@ def inference_parser() -> _Parser:
 def predict_parser() -> _Parser:
     from MultiMedSeg.data.formats import OUTPUT_FORMATS
 
-    p = _Parser(prog="MultiMedSeg/predict.py",
+    p = _Parser(prog="MultiMedSeg/predict.py", command="MultiMedSeg.predict",
                 description="Segment new scans (NIfTI, NRRD, MetaImage, DICOM series; any orientation) with the k "
                             "best checkpoints of a training run, preprocessed by the run's plan, and write the labels "
                             "on each scan's own grid. No labels needed.",
                 epilog="Example: python MultiMedSeg/predict.py -i new_scans/ -o segmentations/ --checkpoint_dir "
                        "runs/adapt_site2 -- outputs: OUT/<id>.nii.gz (labels; --output_format input: the input's "
                        "format), OUT/<id>_probabilities.nii.gz with --save_probabilities, OUT/predict.json.")
-    p.add_argument("-i", "--input", dest="input", type=Path, nargs="+", default=None, metavar="PATH",
+    p.mark_required(p.add_argument("-i", "--input", dest="input", type=Path, nargs="+", default=None, metavar="PATH",
                    help="scans: image files and/or folders (a folder's image files, its DICOM series and those of its "
-                        "sub-folders); formats: .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folders")
-    p.add_argument("-o", "--output", dest="output", type=Path, default=None, metavar="OUT",
-                   help="output folder (refused if it exists, unless --overwrite; written completely or not at all)")
-    p.add("checkpoint_dir", type=Path, default=None,
-          help="training run (its folder or checkpoints/) holding best.json and plan.json (required)")
+                        "sub-folders); formats: .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folders"))
+    p.mark_required(p.add_argument("-o", "--output", dest="output", type=Path, default=None, metavar="OUT",
+                   help="output folder (refused if it exists, unless --overwrite; written completely or not at all)"))
+    p.mark_required(p.add("checkpoint_dir", type=Path, default=None,
+                          help="training run (its folder or checkpoints/) holding best.json and plan.json (required)"))
     p.add("device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add("ensemble_size", type=int, default=None,
           help="number of best checkpoints averaged (default: the run's checkpoints/evaluation.json; a run without "

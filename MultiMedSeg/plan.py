@@ -20,11 +20,12 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from robustmedseg.errors import CliParser, run_cli  # noqa: E402
+from robustmedseg.cli import CliParser  # noqa: E402
+from robustmedseg.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> CliParser:
-    p = CliParser(prog="python -m MultiMedSeg.plan", description=__doc__.split("\n\n")[0],
+    p = CliParser(prog="python -m MultiMedSeg.plan", command="MultiMedSeg.plan", description=__doc__.split("\n\n")[0],
                   epilog="Example: python -m MultiMedSeg.plan --checkpoint_dir runs/adapt_site2 "
                          "--metadata prep/site2/metadata.json", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="training run (its folder or checkpoints/)")

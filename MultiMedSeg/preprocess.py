@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # run as a script: import the repository, not thi
 
 from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess  # noqa: E402
 from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
-from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
+from robustmedseg.cli import CliParser  # noqa: E402
+from robustmedseg.errors import InputError, run_cli  # noqa: E402
 
 EPILOG = """\
 output layout:
@@ -37,10 +38,10 @@ slice file: np.savez archive (no pickle) with data float32 (S,S,1) in [-1,1] (pa
 
 def build_parser() -> CliParser:
     p = CliParser(
-        prog="python -m MultiMedSeg.preprocess", description=__doc__.split("\n\n")[0],
+        prog="python -m MultiMedSeg.preprocess", command="MultiMedSeg.preprocess", description=__doc__.split("\n\n")[0],
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--images", type=Path, help="folder of .nii/.nii.gz images (searched recursively, sorted)")
+    p.mark_required(io.add_argument("--images", type=Path, help="folder of .nii/.nii.gz images (searched recursively, sorted)"))
     io.add_argument("--labels", type=Path, default=None,
                     help="folder of integer label volumes (0 = background); a missing label file means an "
                          "unlabeled volume")
@@ -56,7 +57,7 @@ def build_parser() -> CliParser:
                          "same subfolder of --labels/--weights/--brain-masks, then at its top (default '{name}')")
     io.add_argument("--path-rule", default="",
                     help="regular expression the image basename must match from its start (default: all)")
-    io.add_argument("--out", type=Path, help="output folder (refused if it exists, unless --overwrite)")
+    p.mark_required(io.add_argument("--out", type=Path, help="output folder (refused if it exists, unless --overwrite)"))
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
 
     split = p.add_argument_group("split")

@@ -20,13 +20,15 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
+from robustmedseg.cli import CliParser  # noqa: E402
+from robustmedseg.errors import InputError, run_cli  # noqa: E402
 
 
 def build_parser() -> CliParser:
     from MultiMedSeg.evaluation.settings import RULES  # no torch import before --help
 
-    p = CliParser(prog="python -m MultiMedSeg.select_evaluation", description=__doc__.split("\n\n")[0],
+    p = CliParser(prog="python -m MultiMedSeg.select_evaluation", command="MultiMedSeg.select_evaluation",
+                  description=__doc__.split("\n\n")[0],
                   epilog="Example: python -m MultiMedSeg.select_evaluation --checkpoint_dir runs/adapt_site2 "
                          "--target_data prep/site2 --overwrite", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="training run (its folder or checkpoints/)")

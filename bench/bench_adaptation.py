@@ -34,7 +34,8 @@ import torch
 
 import model
 from MultiMedSeg.evaluation.metrics import gap_closed, read_metrics_csv, volume_statistics
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 
 SOURCE = 0
 CLASSES = (("1", "GM"), ("2", "WM"))

@@ -520,7 +520,7 @@ RUNNERS = {"env": section_env, "ext": section_ext, "selfcheck": section_selfchec
 
 
 def build_parser() -> "CliParser":
-    from robustmedseg.errors import CliParser
+    from robustmedseg.cli import CliParser
 
     p = CliParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Usage::")[1],
                   formatter_class=argparse.RawDescriptionHelpFormatter)

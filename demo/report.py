@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from MultiMedSeg.evaluation.metrics import gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.io import atomic_path, write_text_atomic
 

@@ -302,9 +302,9 @@ def test_keep_largest_component_flag_applies(run_dir, tmp_path):
 # ----------------------------------------------------------------------------- errors and CLI
 def test_label_count_and_model_mismatches_are_one_line_errors(run_dir, tmp_path):
     cases = [
-        (dict(n_segmentation_labels=4), "checkpoint segments 3 labels but --n_segmentation_labels is 4"),
+        (dict(n_segmentation_labels=4), "checkpoint segments 3 labels but --label_nc is 4"),
         (dict(n_domains=2), "n_domains = 3 but --n_domains is 2"),
-        (dict(z_depth=29), "5 z-bins but --z_depth is 29"),
+        (dict(z_depth=29), "5 z-bins but --n_zbins is 29"),
         (dict(label=1), "--label 1 is not a domain of the checkpoints"),
         (dict(label=1, head="target"), "--head target needs an adaptation checkpoint"),
         (dict(label=5, head="source"), "--label 5 is not a domain of the generator"),

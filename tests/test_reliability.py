@@ -134,7 +134,7 @@ def test_generate_volumes_out_dir_equal_to_ckpt_dir_is_refused(tmp_path, capsys)
     err = cli_error(capsys, generate_volumes.main, ["--ckpt_dir", str(run), "--out_dir", str(run), "--overwrite",
                                                     "--label", "0", "--n_volumes", "1", "--slices_in_one_z", "1",
                                                     "--n_segmentation_labels", "3"])
-    assert "--out_dir is the input --ckpt_dir" in err
+    assert "--out_dir is the input --checkpoint_dir" in err
     assert (run / "checkpoints" / "best.json").read_text() == "[]"
 
 
