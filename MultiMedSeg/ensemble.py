@@ -56,7 +56,7 @@ class Member:
 def feature_scale_of(payload: Mapping[str, Any]) -> float:
     """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
     opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", 1e-4))
+    rate = float(opts.get("feature_scale_rate", ck.DEFAULT_FEATURE_SCALE_RATE))
     return min(1.0, rate * int(payload.get("global_step", 0)))
 
 

@@ -35,7 +35,6 @@ applied with the number of labelled voxels it set to background.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -111,10 +110,10 @@ def restore_probabilities(probabilities: np.ndarray, volume_meta: dict) -> np.nd
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
-def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
+def run_prediction(opts: Any, log: Callable[[str], None] = print,
                    warn: Callable[[str], None] = _stderr) -> Dict[str, Any]:
-    """Segment every scan of ``opts.input`` into ``opts.output``; returns the summary written to
-    ``predict.json``."""
+    """Segment every scan of ``opts.input`` into ``opts.output`` (``opts``: the typed options of ``predict.py``,
+    :class:`MultiMedSeg.options.PredictOptions`); returns the summary written to ``predict.json``."""
     from tqdm import tqdm
 
     scans: List[ScanSource] = find_scans(opts.input, opts.series)
@@ -134,7 +133,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     inter = check_run(plan, members, plan_folder / PLAN_NAME)
     if settings.notice(inter):
         warn(settings.notice(inter))
-    use_fov = not getattr(opts, "no_fov_mask", False)
+    use_fov = not opts.no_fov_mask
     if use_fov and plan.field_of_view is None:
         warn(f"note: {plan_folder / PLAN_NAME}: the plan does not record the slices the run was trained on (written "
              "before field-of-view support): labels are set to background outside the head only; re-preprocess the "
@@ -145,7 +144,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     records: List[Dict[str, Any]] = []
     with atomic_dir(opts.output, overwrite=opts.overwrite) as out_dir:
         bar = tqdm(scans, desc="predict", unit="scan", dynamic_ncols=True,
-                   disable=getattr(opts, "quiet", False) or not sys.stderr.isatty())
+                   disable=opts.quiet or not sys.stderr.isatty())
         for src in bar:
             scan = read_scan(src)
             vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)

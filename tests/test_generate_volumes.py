@@ -335,7 +335,7 @@ def test_cli_help_and_errors(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:
         run_cli(generate_volumes.main, argv)
     err = capsys.readouterr().err.strip()
-    assert ex.value.code == 2 and err.startswith("error: ") and "\n" not in err and "--n_segmentation_labels" in err
+    assert ex.value.code == 2 and err.startswith("error: ") and "\n" not in err and "--label_nc is 4" in err
 
 
 def test_cli_end_to_end_and_overwrite(run_dir, tmp_path, capsys):

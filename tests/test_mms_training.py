@@ -379,7 +379,8 @@ def test_options_config_file_and_dash_aliases(tmp_path):
                                "stylegan_weights": "g.pt", "batch_size": 2, "ce_weights": [1, 2, 3]}))
     opts = parse_training_options(["--config", str(cfg), "--exp-dir", "x", "--batch_size", "6"], "pretrain")
     assert opts.source_root == tmp_path / "data" / "src" and opts.batch_size == 6 and opts.src_label == 1
-    assert opts.ce_weights == [1.0, 2.0, 3.0] and opts.only_intra and opts.save_interval == opts.max_steps
+    assert opts.ce_weights == [1.0, 2.0, 3.0] and opts.only_intra and opts.save_interval is None
+    assert opts.checkpoint_interval == opts.max_steps  # derived, not written into the options
     cfg.write_text(json.dumps({"learn_in_w": True}))
     with pytest.raises(InputError, match="cfg.json.*learn_in_w"):
         parse_training_options(["--config", str(cfg)], "pretrain")
@@ -398,16 +399,61 @@ def test_options_config_file_and_dash_aliases(tmp_path):
     assert parse_training_options(train + ["--reinit-encoder"], "train").reinit_encoder
 
 
+def test_options_are_typed_frozen_and_read_back_with_their_type(tmp_path):
+    """One configuration style: a frozen dataclass per command, its flags generated from its fields, stored
+    in the run (opt.json) and read back with the same type; older opt.json files still load."""
+    import dataclasses
+
+    from MultiMedSeg import options as O
+
+    base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
+    pre = parse_training_options(base + ["--no_amp", "--ce_weights", "1,2,3"], "pretrain")
+    assert type(pre) is O.PretrainOptions and pre.mode == "pretrain" and pre.only_intra
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.save_interval = 3  # no attribute changes after parsing
+    stored = json.loads(json.dumps(pre.to_dict()))  # as opt.json holds it
+    assert stored["mode"] == "pretrain" and stored["only_intra"] is True and stored["amp"] == "fp16"
+    back = O.stored_training_options(stored)
+    assert back == pre and type(back) is O.PretrainOptions
+    (tmp_path / "opt.json").write_text(json.dumps(stored))
+    assert O.load_run_options(tmp_path) == pre and O.load_run_options(tmp_path / "none") is None
+    # an opt.json of the earlier Namespace options: derived values written in, keys of older versions
+    old = dict(stored, save_interval=15000, amp="off", mode="train", only_intra=False, tgt_label=2,
+               target_labeled="t", checkpoint_dir="c", some_removed_option=1)
+    adapt = O.stored_training_options(old)
+    assert type(adapt) is O.AdaptOptions and adapt.target_labeled == Path("t") and adapt.checkpoint_interval == 15000
+    assert adapt.amp_mode == "off" and not adapt.only_intra
+    assert type(O.stored_training_options({"only_intra": True})) is O.PretrainOptions  # before "mode" was stored
+    with pytest.raises(InputError, match="unknown mode"):
+        O.stored_training_options({"mode": "other"})
+    # the flags are the fields: each flag's type and default is its field's
+    for parser, cls, not_flags in ((O.training_parser("pretrain"), O.PretrainOptions,
+                                    {"target_data", "target_labeled", "target_unlabeled", "checkpoint_dir",
+                                     "one_target_slice", "reinit_encoder", "tgt_label", "ensemble_selection"}),
+                                   (O.training_parser("train"), O.AdaptOptions, {"stylegan_weights"}),
+                                   (O.inference_parser(), O.InferenceOptions, set()),
+                                   (O.predict_parser(), O.PredictOptions, set()),
+                                   (O.select_evaluation_parser(), O.SelectEvaluationOptions, set()),
+                                   (O.plan_parser(), O.PlanOptions, set())):
+        dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "paper_only_intra")}
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(dests) == names - not_flags, (cls.__name__, set(dests) ^ (names - not_flags))
+        defaults = cls()
+        assert all(a.default == getattr(defaults, name) for name, a in dests.items()), cls.__name__
+    assert O.PretrainOptions().batch_size == 8 and O.AdaptOptions().batch_size == 4
+    assert O.training_parser("pretrain").parse_args([]).max_steps == 15000
+
+
 def test_gpu_options_amp_tf32_cudnn_benchmark(monkeypatch):
     """--amp fp16|bf16|off (fp16 default, as the reference; --no_amp = off), --allow_tf32, --cudnn_benchmark."""
     from MultiMedSeg.training.coach import amp_dtype
 
     base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
     opts = parse_training_options(base, "pretrain")
-    assert opts.amp == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
-    assert parse_training_options(base + ["--no-amp"], "pretrain").amp == "off"
+    assert opts.amp_mode == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
+    assert parse_training_options(base + ["--no-amp"], "pretrain").amp_mode == "off"
     opts = parse_training_options(base + ["--amp", "bf16", "--allow-tf32", "--cudnn_benchmark"], "pretrain")
-    assert opts.amp == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
+    assert opts.amp_mode == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
     assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
                                     "--allow_tf32"]).allow_tf32
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

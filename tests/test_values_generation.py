@@ -252,7 +252,7 @@ def test_phase1_generator_override_is_reported(run_dir, tmp_path):
     assert f"synthesis: phase-1 file {g_file} (32 px, {N_ZBINS} z-bins)" in lines[0]
     with pytest.raises(InputError) as info:
         gen.build_factory(make_cfg(run_dir, tmp_path / "p", generator=g_file, z_depth=N_ZBINS + 1), log=quiet)
-    assert str(info.value) == f"{g_file}: generator has {N_ZBINS} z-bins but --z_depth is {N_ZBINS + 1}"
+    assert str(info.value) == f"{g_file}: generator has {N_ZBINS} z-bins but --n_zbins is {N_ZBINS + 1}"
     first = sorted((run_dir / "checkpoints").glob("best_*.pt"), key=lambda p: -int(p.stem[9:]))[0]
     with pytest.raises(InputError) as info:
         gen.build_factory(make_cfg(run_dir, tmp_path / "p", n_segmentation_labels=4), log=quiet)

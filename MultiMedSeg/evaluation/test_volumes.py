@@ -43,7 +43,6 @@ without a ground-truth file still get their predictions; a ``warning:`` line nam
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -111,8 +110,9 @@ def _fmt(v: float) -> str:
     return f"{v:.6f}" if math.isfinite(v) else str(v)
 
 
-def run_inference(opts: argparse.Namespace, log=print, notice=None) -> Dict[str, Any]:
-    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict.
+def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
+    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict.  ``opts``: the
+    typed options of ``inference.py`` (:class:`MultiMedSeg.options.InferenceOptions`).
 
     ``notice`` (default: stderr) gets the one-line note when the run has no evaluation settings."""
     device = resolve_device(opts.device)

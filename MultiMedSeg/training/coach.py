@@ -12,8 +12,8 @@ optimiser only steps when a head received gradients (docs/differences.md#d9-31);
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -32,7 +32,7 @@ from MultiMedSeg.optim import Ranger
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.ensemble import Ensemble, Member, blend, volume_labels
 from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
-from MultiMedSeg.options import options_to_dict
+from MultiMedSeg.options import OPTIONS_NAME, TrainingOptions
 from MultiMedSeg.data.preprocessing_plan import save_plan
 from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, preprocessing_plan
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
@@ -55,7 +55,7 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 class LossBundle:
     """The loss weights and (if used) the LPIPS network, built once from the options."""
 
-    def __init__(self, opts: argparse.Namespace, device: torch.device):
+    def __init__(self, opts: TrainingOptions, device: torch.device):
         self.cfg = L.LossConfig(l2_lambda=opts.l2_lambda, ssim_lambda=opts.ssim_lambda, lpips_lambda=opts.lpips_lambda,
                                 ce_lambda=opts.ce_lambda, dice_lambda=opts.dice_lambda, ce_weights=opts.ce_weights,
                                 dice_weights=opts.dice_weights, optimize_mode=opts.optimize_mode)
@@ -75,7 +75,7 @@ class LossBundle:
         return self.cfg.favoured()
 
 
-def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: argparse.Namespace) -> torch.optim.Optimizer:
+def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: TrainingOptions) -> torch.optim.Optimizer:
     """Ranger (default, docs/method.md#coach) or Adam over the encoder (and decoder) parameters."""
     if opts.optim_name == "adam":
         return torch.optim.Adam(params, lr=opts.learning_rate)
@@ -86,10 +86,10 @@ def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: argparse.Name
 class Coach:
     """Builds model, data, losses and optimisers from the options and runs training."""
 
-    def __init__(self, opts: argparse.Namespace):
+    def __init__(self, opts: TrainingOptions):
         self.opts = opts
         self.device = resolve_device(opts.device)
-        self.amp_dtype = amp_dtype(opts.amp, self.device)
+        self.amp_dtype = amp_dtype(opts.amp_mode, self.device)
         self.use_amp = self.amp_dtype is not None
         seed_everything(opts.seed)
         configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
@@ -101,6 +101,7 @@ class Coach:
         self.best = ck.BestIndex(self.ckpt_dir, opts.n_best)
         self._writer = None
         self.net = self._build_model()
+        opts = self.opts  # with the model's geometry
         self._build_data()
         self.plan = preprocessing_plan(opts)  # checked now, written with the run (MultiMedSeg.data.preprocessing_plan)
         self.losses = LossBundle(opts, self.device)
@@ -111,7 +112,7 @@ class Coach:
             self._resume()
         self.run.open()
         try:
-            ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+            ck.write_json(self.exp_dir / OPTIONS_NAME, self.opts.to_dict())
             if self.plan is not None:
                 save_plan(self.plan, self.ckpt_dir)
         except BaseException:
@@ -138,10 +139,10 @@ class Coach:
         net.set_decoder_trainable(bool(opts.train_decoder))
         net.to(self.device)
         net.compute_latent_avg(n=opts.latent_avg_samples, seed=opts.seed)
-        # the rest of the run is reported with the model's real geometry
-        opts.output_size = net.config.output_size
-        opts.encoder_input_size = net.config.encoder_input_size
-        opts.n_domains = net.config.n_domains
+        # the rest of the run is reported with the model's real geometry (a new options object, never a change)
+        self.opts = dataclasses.replace(opts, output_size=net.config.output_size,
+                                        encoder_input_size=net.config.encoder_input_size,
+                                        n_domains=net.config.n_domains)
         return net
 
     def _check_resume_config(self, config: PSPConfig) -> None:
@@ -157,7 +158,7 @@ class Coach:
         size = self.net.config.encoder_input_size
         self.train_set = ImagesDataset(
             source_root=opts.source_root, target_labeled=opts.target_labeled, target_unlabeled=opts.target_unlabeled,
-            transform=train_transform(size, opts.use_da), one_target_slice=getattr(opts, "one_target_slice", False),
+            transform=train_transform(size, opts.use_da), one_target_slice=opts.one_target_slice,
             invert_intensity=opts.invert_intensity, label_nc=opts.label_nc,
             min_length=max(opts.batch_size, opts.test_batch_size))
         if self.train_set.natural_length < 1:
@@ -279,7 +280,7 @@ class Coach:
         self.run.commit()
         return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
 
-    def _loop(self, opts: argparse.Namespace, bar, batches, last_val: Dict[str, float]) -> None:
+    def _loop(self, opts: TrainingOptions, bar, batches, last_val: Dict[str, float]) -> None:
         try:
             while self.global_step < opts.max_steps:
                 logs = self.train_step(next(batches))
@@ -295,7 +296,7 @@ class Coach:
                 if validate:
                     last_val.clear()
                     last_val.update(self.validate())
-                if self.global_step % opts.save_interval == 0 or final:
+                if self.global_step % opts.checkpoint_interval == 0 or final:
                     self.save_training_state(f"iteration_{self.global_step}.pt")  # also refreshes last.pt
                 elif validate:
                     self.save_training_state()
@@ -387,7 +388,7 @@ class Coach:
             print(f"note: no best checkpoint, so no {self.ckpt_dir / 'evaluation.json'}", file=sys.stderr)
             return None
         opts = self.opts
-        record = choose_settings(self.ckpt_dir, getattr(opts, "ensemble_selection", "paper"), self.val_set,
+        record = choose_settings(self.ckpt_dir, opts.ensemble_selection, self.val_set,
                                  self.device, opts.test_batch_size, opts.consider_only_vessels_within_brain,
                                  opts.test_workers, inter=not opts.only_intra)
         path = write_settings(self.ckpt_dir, record)
@@ -414,7 +415,7 @@ class Coach:
 
     # ---------------------------------------------------------------- checkpoints
     def _model_payload(self) -> Dict[str, Any]:
-        return self.net.checkpoint_payload(self.global_step, options_to_dict(self.opts))
+        return self.net.checkpoint_payload(self.global_step, self.opts.to_dict())
 
     def save_training_state(self, name: str = ck.LAST_NAME) -> Path:
         """Model + optimisers + scaler + step + best index (loadable with ``weights_only=True``)."""
