@@ -31,13 +31,12 @@ import argparse
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, Union
 
 from MultiMedSeg.checkpoints import DEFAULT_FEATURE_SCALE_RATE
-from robustmedseg.cli import CliParser, dataclass_from_dict, field_type
+from robustmedseg.cli import CliParser, DataclassParser, dataclass_from_dict, field_type
 from robustmedseg.errors import InputError
 from robustmedseg.io import check_apart
 
@@ -295,37 +294,12 @@ def _floats(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
-class _Parser(CliParser):
+class _Parser(DataclassParser):
     """The project's parser (both spellings of every flag, one-line usage errors) whose flags are the
-    fields of one options dataclass: :meth:`add` takes the type and the default from the field."""
+    fields of one options dataclass (:class:`robustmedseg.cli.DataclassParser`); a list of numbers is
+    written ``1,2,3``."""
 
-    def __init__(self, options: type, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.options = options
-        self.field_defaults = options()
-
-    def add(self, name: str, *aliases: str, flags: Sequence[str] = (), **kwargs: Any) -> argparse.Action:
-        """``--name`` (destination ``name``, a field of the options class) with other names of the same
-        concept as aliases; its type (``bool``: a switch) and default are the field's."""
-        if name not in {f.name for f in fields(self.options)}:
-            raise ValueError(f"--{name} is not a field of {self.options.__name__}")
-        if {"type", "default", "dest", "nargs"} & set(kwargs):
-            raise ValueError(f"--{name}: the type and default come from {self.options.__name__}.{name}")
-        kind = field_type(self.options, name)
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        elif typing.get_origin(kind) is list:
-            item = typing.get_args(kind)[0]
-            kwargs.update({"type": _floats} if item is float else {"type": item, "nargs": "+"})
-        elif kind is not str:
-            kwargs["type"] = kind
-        names = tuple(flags) or (f"--{name}",)
-        return self.add_argument(*names, *aliases, dest=name, default=getattr(self.field_defaults, name), **kwargs)
-
-    def build(self, namespace: argparse.Namespace, **resolved: Any) -> Any:
-        """The options object of the parsed flags (``resolved``: values filled in while building)."""
-        values = {f.name: getattr(namespace, f.name) for f in fields(self.options) if hasattr(namespace, f.name)}
-        return self.options(**{**values, **resolved})
+    list_converters = {float: _floats}
 
 
 def _common(p: _Parser) -> None:
@@ -561,6 +535,8 @@ def select_evaluation_parser() -> _Parser:
 def parse_select_evaluation_options(argv: Optional[Sequence[str]]) -> SelectEvaluationOptions:
     parser = select_evaluation_parser()
     opts: SelectEvaluationOptions = parser.build(parser.parse_args(argv))
+    if opts.checkpoint_dir is None:
+        raise InputError("--checkpoint_dir is required")
     if opts.test_batch_size < 1:
         raise InputError("--test_batch_size must be >= 1")
     return opts
@@ -585,7 +561,10 @@ def plan_parser() -> _Parser:
 
 def parse_plan_options(argv: Optional[Sequence[str]]) -> PlanOptions:
     parser = plan_parser()
-    return parser.build(parser.parse_args(argv))
+    opts: PlanOptions = parser.build(parser.parse_args(argv))
+    if opts.checkpoint_dir is None:
+        raise InputError("--checkpoint_dir is required")
+    return opts
 
 
 def _check_ensemble(opts: Union[InferenceOptions, PredictOptions]) -> None:

@@ -199,6 +199,18 @@ def field_type(cls: type, name: str) -> Any:
     return kind
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (None for a field without one)."""
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+            return None
+    raise KeyError(name)
+
+
 def add_field_flags(add: Callable[..., Any], cls: type, fields: FieldFlags, defaults: Any = None,
                     show_default: bool = True) -> None:
     """One flag ``--<field>`` per entry of ``fields`` (aliases, help), with the type and default of the
@@ -213,6 +225,56 @@ def add_field_flags(add: Callable[..., Any], cls: type, fields: FieldFlags, defa
         else:
             shown = "" if default is None or not show_default else f" (default {default})"
             add(f"--{name}", *aliases, dest=name, type=kind, default=default, help=text + shown)
+
+
+class DataclassParser(CliParser):
+    """A :class:`CliParser` whose flags are the fields of one options dataclass: :meth:`add` takes each
+    flag's type and default from its field, :meth:`build` makes the options object of the parsed flags.
+
+    A ``bool`` field is a switch (``store_true``; ``action="store_false"`` with a ``--no-...`` flag, or
+    :class:`BooleanFlag`, for one that defaults to True), a ``Tuple[X, ...]`` field takes that many values,
+    a ``List[X]`` field one or more (or one text read by ``list_converters[X]``, e.g. ``"1,2,3"``)."""
+
+    list_converters: Dict[type, Callable[[str], Any]] = {}
+
+    def __init__(self, options: type, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.options = options
+        self._fields = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+
+    def add(self, name: str, *aliases: str, flags: Sequence[str] = (), group: Any = None, required: bool = False,
+            **kwargs: Any) -> argparse.Action:
+        """``--name`` (or ``flags``; destination: field ``name``) with ``aliases``, other names of the same
+        concept; ``group``: an argument group of this parser; ``required``: shown without brackets and
+        enforced by the command (the value may come from elsewhere)."""
+        if name not in self._fields:
+            raise ValueError(f"--{name} is not a field of {self.options.__name__}")
+        if {"type", "default", "dest", "nargs"} & set(kwargs):
+            raise ValueError(f"--{name}: the type and default come from {self.options.__name__}.{name}")
+        kind = field_type(self.options, name)
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if kind is bool:
+            kwargs.setdefault("action", "store_true")
+        elif origin in (tuple, typing.Tuple):
+            kwargs.update(type=args[0], nargs=len(args) if Ellipsis not in args else "+")
+        elif origin is list:
+            converter = self.list_converters.get(args[0])
+            kwargs.update({"type": converter} if converter is not None else {"type": args[0], "nargs": "+"})
+        elif kind is not str:
+            kwargs["type"] = kind
+        names = tuple(flags) or (f"--{name}",)
+        target = group if group is not None else self
+        action = target.add_argument(*names, *aliases, dest=name, default=field_default(self.options, name),
+                                     **kwargs)
+        if required:
+            self.mark_required(action)
+        return action
+
+    def build(self, namespace: argparse.Namespace, **resolved: Any) -> Any:
+        """The options object of the parsed flags (``resolved``: values filled in while building)."""
+        values = {name: getattr(namespace, name) for name in self._fields if hasattr(namespace, name)}
+        options, _ = dataclass_from_dict(self.options, {**values, **resolved})
+        return options
 
 
 def dataclass_from_dict(cls: Type[T], values: Mapping[str, Any]) -> Tuple[T, List[str]]:

@@ -343,3 +343,33 @@ def test_missing_backbone_weights_name_the_flag(tmp_path):
         load_arcface_weights(IResNet([1, 1, 1, 1], base_channels=8), tmp_path / "backbone.pth")
     message = str(info.value)
     assert "backbone.pth" in message and "--backbone_weights" in message and "not found" in message
+
+
+def test_preprocess_and_generate_flags_are_their_config_fields():
+    """preprocess.py's flags are generated from PreprocessConfig; generate_volumes.py's flags are exactly
+    GenerationConfig's fields with the same defaults (its parser stays free of torch for --help)."""
+    import dataclasses
+
+    import generate_volumes
+    from MultiMedSeg import preprocess
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig
+    from MultiMedSeg.generation import GenerationConfig
+
+    p = preprocess.build_parser()
+    dests = {a.dest for a in p._actions} - {"help", "convert_legacy", "quiet"}
+    assert dests == {f.name for f in dataclasses.fields(PreprocessConfig)}
+    cfg = preprocess.config_from_args(p.parse_args(["--images", "i", "--out", "o", "--target-spacing", "1", "2", "3",
+                                                    "--no-crop", "--num_classes", "4", "--no-standardize"]))
+    assert cfg == PreprocessConfig(images=Path("i"), out=Path("o"), target_spacing=(1.0, 2.0, 3.0), crop=False,
+                                   num_classes=4, standardize=False)
+    assert preprocess.config_from_args(p.parse_args(["--images", "i", "--out", "o"])) == \
+        PreprocessConfig(images=Path("i"), out=Path("o"))
+    g = generate_volumes.build_parser()
+    actions = {a.dest: a for a in g._actions if a.dest not in ("help", "quiet")}
+    fields = {f.name: f for f in dataclasses.fields(GenerationConfig)}
+    assert set(actions) == set(fields)
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            assert actions[name].default == f.default, name
+        else:
+            assert actions[name].required, name

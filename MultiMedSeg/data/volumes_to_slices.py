@@ -137,7 +137,7 @@ class PreprocessConfig:
         if self.labeled_train is not None and (self.labeled_train < 0 or self.labels is None):
             raise InputError("--labeled-train needs --labels and a count >= 0")
         if self.num_classes is not None and not 2 <= self.num_classes <= MAX_CLASSES:
-            raise InputError(f"--num-classes counts the background and must be in [2, {MAX_CLASSES}], "
+            raise InputError(f"--label-nc counts the background and must be in [2, {MAX_CLASSES}], "
                              f"got {self.num_classes}")
         if self.target_spacing is not None and (len(self.target_spacing) != 3 or not all(
                 math.isfinite(v) and v > 0 for v in self.target_spacing)):
@@ -158,7 +158,7 @@ class PreprocessConfig:
         if self.annotation_required and self.labels is None:
             raise InputError("--annotation-required needs --labels")
         if self.num_classes is not None and self.brain_masks is not None and self.brain_class and self.num_classes < 3:
-            raise InputError(f"with --brain-masks (brain = class 1) --num-classes must be >= 3, got {self.num_classes}")
+            raise InputError(f"with --brain-masks (brain = class 1) --label-nc must be >= 3, got {self.num_classes}")
 
 
 # --------------------------------------------------------------------------- discovery
