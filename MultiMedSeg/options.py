@@ -1,8 +1,17 @@
-"""Command-line options of ``pretrain.py``, ``train.py`` (docs/method.md#phase2-options), ``inference.py`` and
-``predict.py``.
+"""The options of the phase-2 commands: ``pretrain.py``, ``train.py`` (docs/method.md#phase2-options),
+``inference.py``, ``predict.py``, ``select_evaluation`` and ``plan``.
+
+One configuration style: each command's options are ONE typed, frozen dataclass (:class:`PretrainOptions`,
+:class:`AdaptOptions`, :class:`InferenceOptions`, :class:`PredictOptions`, :class:`SelectEvaluationOptions`,
+:class:`PlanOptions`) and its flags are generated from the fields (:class:`robustmedseg.cli.DataclassParser`:
+a flag's type and default are its field's).  Nothing is added or changed after parsing: derived values are
+properties (:attr:`TrainingOptions.mode`, ``only_intra``, ``checkpoint_interval``, ``amp_mode``).  A
+training run stores its options (``opt.json`` and every checkpoint's ``opts``, :meth:`TrainingOptions.to_dict`)
+and :func:`stored_training_options` / :func:`load_run_options` read them back as the same type.
 
 Every flag is accepted with underscores (the paper's spelling, e.g. ``--batch_size``) and
-with dashes (``--batch-size``), as in every script (:class:`robustmedseg.cli.CliParser`).  Any option can also come from one JSON file given with
+with dashes (``--batch-size``), as in every script (:class:`robustmedseg.cli.CliParser`).  Any option of the
+training and inference commands can also come from one JSON file given with
 ``--config FILE``: an object whose keys are option names (underscores), e.g.::
 
     {"source_root": "prep/site0/train", "val_root": "prep/site0/val", "label_nc": 3}
@@ -15,7 +24,8 @@ Data folders.  ``--source_data DIR`` / ``--target_data DIR`` name a preprocessed
 (``MultiMedSeg/preprocess.py`` output: ``DIR/train`` or ``DIR/train/{labeled,unlabeled}``,
 ``DIR/val``, ``DIR/test``, ``DIR/metadata.json``); the individual folder flags
 (``--source_root``, ``--target_labeled``, ``--target_unlabeled``, ``--val_root``,
-``--test_root``, ``--metadata``) override what those imply.  See :func:`resolve_training_roots`.
+``--test_root``, ``--metadata``) override what those imply; they are filled in once, when the options
+object is built (:func:`resolve_training_roots`).
 
 Dropped reference options (documented decision): ``--learn_in_w`` (broken shapes,
 docs/differences.md#d9-37), ``--dataset_type`` (the config file replaces the DATASETS dict), ``--input_nc``
