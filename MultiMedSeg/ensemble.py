@@ -171,10 +171,6 @@ class Ensemble(Sequence[Member]):
         self.config = self.members[0].net.config
         self._device = device
 
-    @classmethod
-    def load(cls, paths: Sequence[Path], device: torch.device = torch.device("cpu")) -> "Ensemble":
-        return cls(load_ensemble(paths, device).members, device)
-
     def __len__(self) -> int:
         return len(self.members)
 
