@@ -31,9 +31,6 @@ from robustmedseg.io import save_torch_atomic, write_text_atomic
 
 INDEX_NAME = "best.json"
 LAST_NAME = "last.pt"
-# --feature_scale_rate's default (the paper's: full feature injection at step 10000); a checkpoint's feature
-# scale is min(1, rate * global_step) with the rate of its stored options (MultiMedSeg.ensemble.feature_scale_of)
-DEFAULT_FEATURE_SCALE_RATE = 1e-4
 CHECKPOINT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.pt")  # no folder part, not hidden
 
 

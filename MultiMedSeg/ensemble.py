@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.models.psp import PSP, flip_label
+from MultiMedSeg.options import HEADS, stored_training_options
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 
-HEADS = ("auto", "source", "target")
 
 
 @dataclass
@@ -55,8 +55,7 @@ class Member:
 
 def feature_scale_of(payload: Mapping[str, Any]) -> float:
     """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
-    opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", ck.DEFAULT_FEATURE_SCALE_RATE))
+    rate = float(stored_training_options(payload.get("opts") or {}).feature_scale_rate)  # the run's options, typed
     return min(1.0, rate * int(payload.get("global_step", 0)))
 
 

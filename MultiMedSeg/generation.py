@@ -61,7 +61,8 @@ import numpy as np
 import torch
 
 from model import Generator
-from MultiMedSeg.ensemble import HEADS, SegmentationEnsemble, resolve_checkpoints
+from MultiMedSeg.ensemble import SegmentationEnsemble, resolve_checkpoints
+from MultiMedSeg.options import HEADS, NOISE_MODES, GenerationConfig  # noqa: F401  (the settings of generate)
 from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
@@ -69,7 +70,6 @@ from robustmedseg.federation.export import load_factory_file
 from robustmedseg.io import atomic_dir, atomic_path, check_apart, check_new_output, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
-NOISE_MODES = ("slice", "volume", "fixed")
 MONTAGE_SLICES = 6
 # Overlay colours of labels 1, 2, ... (RGB in [0, 1]); cycled for more labels.
 PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.75, 0.20], [0.15, 0.35, 0.95], [0.95, 0.80, 0.10],
@@ -180,58 +180,6 @@ def load_encoding(path: Path, clip_dim: int) -> torch.Tensor:
     if not np.all(np.isfinite(array)):
         raise InputError("CLIP mean contains NaN or inf", path)
     return torch.from_numpy(array.astype(np.float32))
-
-
-# ------------------------------------------------------------------------------- settings
-# fields whose canonical flag has another name (the field keeps the reference's name; the flag is the
-# project's one name of the concept, the reference's name is an alias)
-CANONICAL_FLAGS = {"ckpt_dir": "--checkpoint_dir", "z_depth": "--n_zbins", "n_segmentation_labels": "--label_nc"}
-
-
-@dataclass
-class GenerationConfig:
-    """Settings of :func:`generate` (the CLI flags of ``generate_volumes.py``)."""
-
-    ckpt_dir: Path
-    label: int
-    n_volumes: int
-    slices_in_one_z: int
-    n_segmentation_labels: int
-    out_dir: Path
-    generator: Optional[Path] = None
-    clip_mean: Optional[Path] = None
-    z_depth: Optional[int] = None
-    n_domains: Optional[int] = None
-    batch_size: int = 4
-    device: str = "auto"
-    ensemble_size: Optional[int] = None
-    head: str = "auto"
-    keep_largest_component: bool = False
-    noise: str = "slice"
-    seed: int = 0
-    nifti: bool = True
-    montage: bool = True
-    overwrite: bool = False
-
-    @staticmethod
-    def flag(name: str) -> str:
-        """The canonical ``generate_volumes.py`` flag of field ``name`` (what error messages name)."""
-        return CANONICAL_FLAGS.get(name, f"--{name}")
-
-    def validate(self) -> None:
-        """Check the plain-value settings (one-line :class:`InputError`)."""
-        if int(self.label) < 0:
-            raise InputError(f"--label must be >= 0, got {self.label}")
-        for name in ("n_volumes", "slices_in_one_z", "batch_size", "n_segmentation_labels"):
-            low = 2 if name == "n_segmentation_labels" else 1
-            if int(getattr(self, name)) < low:
-                raise InputError(f"{self.flag(name)} must be >= {low}, got {getattr(self, name)}")
-        if self.noise not in NOISE_MODES:
-            raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
-        if self.head not in HEADS:
-            raise InputError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
 # ------------------------------------------------------------------------------- the factory

@@ -45,7 +45,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, Union
 
-from MultiMedSeg.checkpoints import DEFAULT_FEATURE_SCALE_RATE
 from robustmedseg.cli import CliParser, DataclassParser, dataclass_from_dict, field_type
 from robustmedseg.errors import InputError
 from robustmedseg.io import check_apart
@@ -154,7 +153,7 @@ class TrainingOptions(_RunOptions):
     train_decoder: bool = False
     disable_balanced_sampling: bool = False
     use_da: bool = False
-    feature_scale_rate: float = DEFAULT_FEATURE_SCALE_RATE
+    feature_scale_rate: float = 1e-4  # the paper's: full feature injection at step 10000
     amp: str = "fp16"
     no_amp: bool = False
 
@@ -261,6 +260,60 @@ class PlanOptions:
     force: bool = False
     show: bool = False
     overwrite: bool = False
+
+
+HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
+NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
+# fields whose canonical flag has another name (the field keeps the reference's name; the flag is the
+# project's one name of the concept, the reference's name is an alias)
+CANONICAL_FLAGS = {"ckpt_dir": "--checkpoint_dir", "z_depth": "--n_zbins", "n_segmentation_labels": "--label_nc"}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """``generate_volumes.py`` (the settings of :func:`MultiMedSeg.generation.generate`); a field without a
+    default is a required flag."""
+
+    ckpt_dir: Path
+    label: int
+    n_volumes: int
+    slices_in_one_z: int
+    n_segmentation_labels: int
+    out_dir: Path
+    generator: Optional[Path] = None
+    clip_mean: Optional[Path] = None
+    z_depth: Optional[int] = None
+    n_domains: Optional[int] = None
+    batch_size: int = 4
+    device: str = "auto"
+    ensemble_size: Optional[int] = None
+    head: str = "auto"
+    keep_largest_component: bool = False
+    noise: str = "slice"
+    seed: int = 0
+    nifti: bool = True
+    montage: bool = True
+    overwrite: bool = False
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The canonical ``generate_volumes.py`` flag of field ``name`` (what error messages name)."""
+        return CANONICAL_FLAGS.get(name, f"--{name}")
+
+    def validate(self) -> None:
+        """Check the plain-value settings (one-line :class:`InputError`)."""
+        if int(self.label) < 0:
+            raise InputError(f"--label must be >= 0, got {self.label}")
+        for name in ("n_volumes", "slices_in_one_z", "batch_size", "n_segmentation_labels"):
+            low = 2 if name == "n_segmentation_labels" else 1
+            if int(getattr(self, name)) < low:
+                raise InputError(f"{self.flag(name)} must be >= {low}, got {getattr(self, name)}")
+        if self.noise not in NOISE_MODES:
+            raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+        if self.head not in HEADS:
+            raise InputError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
 TRAINING_OPTIONS: Dict[str, Type[TrainingOptions]] = {"pretrain": PretrainOptions, "train": AdaptOptions}

@@ -43,7 +43,7 @@ def build_parser() -> DataclassParser:
         PreprocessConfig, prog="python -m MultiMedSeg.preprocess", command="MultiMedSeg.preprocess",
         description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
-    p.add("images", flags=("--images",), group=io, required=True,
+    p.add("images", flags=("--images",), group=io, shown_required=True,
           help="folder of .nii/.nii.gz images (searched recursively, sorted)")
     p.add("labels", group=io,
           help="folder of integer label volumes (0 = background); a missing label file means an unlabeled volume")
@@ -58,7 +58,7 @@ def build_parser() -> DataclassParser:
                "--labels/--weights/--brain-masks, then at its top (default '{name}')")
     p.add("path_rule", flags=("--path-rule",), group=io,
           help="regular expression the image basename must match from its start (default: all)")
-    p.add("out", group=io, required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add("out", group=io, shown_required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add("overwrite", group=io, help="replace an existing --out once the new one is complete")
 
     split = p.add_argument_group("split")

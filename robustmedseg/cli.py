@@ -242,11 +242,12 @@ class DataclassParser(CliParser):
         self.options = options
         self._fields = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
 
-    def add(self, name: str, *aliases: str, flags: Sequence[str] = (), group: Any = None, required: bool = False,
-            **kwargs: Any) -> argparse.Action:
+    def add(self, name: str, *aliases: str, flags: Sequence[str] = (), group: Any = None,
+            shown_required: bool = False, **kwargs: Any) -> argparse.Action:
         """``--name`` (or ``flags``; destination: field ``name``) with ``aliases``, other names of the same
-        concept; ``group``: an argument group of this parser; ``required``: shown without brackets and
-        enforced by the command (the value may come from elsewhere)."""
+        concept; ``group``: an argument group of this parser; ``required=True``: argparse requires it;
+        ``shown_required``: shown without brackets, checked by the command (the value may come from
+        elsewhere, e.g. ``--config``)."""
         if name not in self._fields:
             raise ValueError(f"--{name} is not a field of {self.options.__name__}")
         if {"type", "default", "dest", "nargs"} & set(kwargs):
@@ -266,7 +267,7 @@ class DataclassParser(CliParser):
         target = group if group is not None else self
         action = target.add_argument(*names, *aliases, dest=name, default=field_default(self.options, name),
                                      **kwargs)
-        if required:
+        if shown_required:
             self.mark_required(action)
         return action
 

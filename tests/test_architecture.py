@@ -70,23 +70,26 @@ def test_robustmedseg_imports_no_higher_layer():
 
 
 # phase 2, bottom to top: a module never imports one of a higher layer (modules of one layer may
-# import each other, without a cycle).  Data/models/checkpoints < the ensemble < evaluation, generation
-# and new-scan segmentation < training and the commands' options < the commands.
+# import each other, without a cycle).  Data/models/checkpoints, the commands' typed options and the
+# evaluation-settings file < the ensemble < evaluation, generation and new-scan segmentation < training
+# < the commands.
 MMS_LAYERS = (
-    ("MultiMedSeg.data", "MultiMedSeg.models", "MultiMedSeg.losses", "MultiMedSeg.optim", "MultiMedSeg.checkpoints"),
+    ("MultiMedSeg.data", "MultiMedSeg.models", "MultiMedSeg.losses", "MultiMedSeg.optim", "MultiMedSeg.checkpoints",
+     "MultiMedSeg.options", "MultiMedSeg.evaluation.settings"),
     ("MultiMedSeg.ensemble",),
     ("MultiMedSeg.evaluation", "MultiMedSeg.generation", "MultiMedSeg.segment_scans"),
-    ("MultiMedSeg.training", "MultiMedSeg.options"),
+    ("MultiMedSeg.training",),
     ("MultiMedSeg.preprocess", "MultiMedSeg.pretrain", "MultiMedSeg.train", "MultiMedSeg.inference",
      "MultiMedSeg.predict", "MultiMedSeg.plan", "MultiMedSeg.select_evaluation"),
 )
 
 
 def _mms_layer(module: str) -> int:
-    for level, prefixes in enumerate(MMS_LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return level
-    raise AssertionError(f"{module}: not in MMS_LAYERS (add it to its layer)")
+    """The layer of the longest prefix of ``module`` in :data:`MMS_LAYERS`."""
+    hits = [(len(p), level) for level, prefixes in enumerate(MMS_LAYERS) for p in prefixes
+            if module == p or module.startswith(p + ".")]
+    assert hits, f"{module}: not in MMS_LAYERS (add it to its layer)"
+    return max(hits)[1]
 
 
 def test_multimedseg_imports_no_higher_layer():

@@ -346,14 +346,14 @@ def test_missing_backbone_weights_name_the_flag(tmp_path):
 
 
 def test_preprocess_and_generate_flags_are_their_config_fields():
-    """preprocess.py's flags are generated from PreprocessConfig; generate_volumes.py's flags are exactly
-    GenerationConfig's fields with the same defaults (its parser stays free of torch for --help)."""
+    """preprocess.py's and generate_volumes.py's flags are generated from PreprocessConfig and GenerationConfig
+    (same fields, same defaults; a field without a default is a required flag); --help imports no torch."""
     import dataclasses
 
     import generate_volumes
     from MultiMedSeg import preprocess
     from MultiMedSeg.data.volumes_to_slices import PreprocessConfig
-    from MultiMedSeg.generation import GenerationConfig
+    from MultiMedSeg.options import GenerationConfig
 
     p = preprocess.build_parser()
     dests = {a.dest for a in p._actions} - {"help", "convert_legacy", "quiet"}
@@ -373,3 +373,14 @@ def test_preprocess_and_generate_flags_are_their_config_fields():
             assert actions[name].default == f.default, name
         else:
             assert actions[name].required, name
+    args = g.parse_args(["--ckpt_dir", "c", "--label", "0", "--n_volumes", "2", "--slices_in_one_z", "3",
+                         "--n_segmentation_labels", "3", "--out_dir", "o", "--no-nifti", "--z_depth", "5"])
+    assert g.build(args) == GenerationConfig(ckpt_dir=Path("c"), label=0, n_volumes=2, slices_in_one_z=3,
+                                             n_segmentation_labels=3, out_dir=Path("o"), nifti=False, z_depth=5)
+    import os
+
+    code = "import sys, generate_volumes, MultiMedSeg.preprocess as p; p.build_parser(); " \
+           "generate_volumes.build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.stdout.strip() == "False", res.stderr

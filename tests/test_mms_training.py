@@ -442,6 +442,12 @@ def test_options_are_typed_frozen_and_read_back_with_their_type(tmp_path):
         assert all(a.default == getattr(defaults, name) for name, a in dests.items()), cls.__name__
     assert O.PretrainOptions().batch_size == 8 and O.AdaptOptions().batch_size == 4
     assert O.training_parser("pretrain").parse_args([]).max_steps == 15000
+    # a checkpoint's feature scale reads its stored options with the same type (older payloads too)
+    from MultiMedSeg.ensemble import feature_scale_of
+
+    assert feature_scale_of({"opts": dict(old, feature_scale_rate=0.1), "global_step": 3}) == pytest.approx(0.3)
+    assert feature_scale_of({"opts": {"only_intra": True}, "global_step": 5000}) == pytest.approx(0.5)  # default rate
+    assert feature_scale_of({"global_step": 20000}) == 1.0
 
 
 def test_gpu_options_amp_tf32_cudnn_benchmark(monkeypatch):
