@@ -15,7 +15,6 @@ Library: MultiMedSeg/generation.py.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional, Sequence
 
 from robustmedseg.cli import DataclassParser

@@ -53,7 +53,7 @@ Choices made explicit here (the reference hard-coded them):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -62,7 +62,7 @@ import torch
 
 from model import Generator
 from MultiMedSeg.ensemble import SegmentationEnsemble, resolve_checkpoints
-from MultiMedSeg.options import HEADS, NOISE_MODES, GenerationConfig  # noqa: F401  (the settings of generate)
+from MultiMedSeg.options import NOISE_MODES, GenerationConfig
 from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
