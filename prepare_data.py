@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 
 from model import N_ZBINS
 from robustmedseg.data.lmdb_store import RESAMPLE_METHODS, PrepareOptions, prepare_lmdb
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 
 
 def _sizes(text: str) -> List[int]:

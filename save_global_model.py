@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 
 
 def build_parser() -> CliParser:

@@ -2,7 +2,7 @@
 
 The nodes (one per hospital) must be running, each with its ``prepare_data.py`` LMDB folder
 registered under the tag(s) given by ``--tags``. Each round samples at most
-``--max-nodes-per-round`` nodes, sends them the global G/D/G_ema, each trains
+``--max_nodes_per_round`` nodes, sends them the global G/D/G_ema, each trains
 ``--num_updates_per_round`` alternating D/G updates on its own data, and the returned parameters
 are averaged (FedAverage). Only parameters cross the network. A breakpoint is saved after
 every round. With ``--secagg`` the researcher receives only masked updates and can read nothing
@@ -12,8 +12,8 @@ each node must set).
 Paper schedule (docs/method.md#schedule), two commands:
 
   python train.py --size 512 --n_domains 3 --augment --num_updates_per_round 2000 --rounds 350
-  python train.py --resume --num_updates_per_round 200 --rounds 385 --clip-weight 50 \\
-      --clip-pretrained /path/to/ViT-L-14-openai.pt
+  python train.py --resume --num_updates_per_round 200 --rounds 385 --clip_weight 50 \\
+      --clip_pretrained /path/to/ViT-L-14-openai.pt
 
 then ``python save_global_model.py``. ``--rounds`` is the total round limit; ``--resume`` continues
 the latest (or the given) breakpoint. With ``--resume``, only the flags given on the command line
@@ -27,17 +27,17 @@ import os
 import sys
 import time
 from pathlib import Path
-import typing
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import BooleanFlag, CliParser, add_field_flags
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.factory.config import MODEL_KEYS, FactoryConfig
 
 # FactoryConfig fields that are flags: field -> (other names, help).  The flag is the field's name
 # (both spellings accepted), its type and default are the field's (FactoryConfig holds the paper's).
 SCHEDULE_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "clip_weight": ((), "weight of the CLIP spherical loss (0: off; the refinement stage uses 50)"),
-    "clip_model": ((), "open_clip architecture of the CLIP loss, loaded on the nodes if --clip-weight > 0"),
+    "clip_model": ((), "open_clip architecture of the CLIP loss, loaded on the nodes if --clip_weight > 0"),
     "clip_pretrained": ((), "CLIP weights on the nodes: a local file path (same path on every node) or an open_clip "
                             "tag already in the nodes' cache; must match the model used by prepare_data.py"),
     "sample_every": ((), "node-side sample grid every N updates, written on the node only"),
@@ -82,22 +82,6 @@ FLAG_FIELDS = {**SCHEDULE_FIELDS, **MODEL_FIELDS, **GPU_FIELDS}
 ARCH_FLAGS = tuple(k for k in MODEL_KEYS if k in FLAG_FIELDS)
 
 
-def _add_field_flags(add: Callable[..., None], fields: Dict[str, Tuple[Tuple[str, ...], str]]) -> None:
-    """One flag per FactoryConfig field, with the field's type and default."""
-    hints = typing.get_type_hints(FactoryConfig)
-    defaults = FactoryConfig()
-    for name, (aliases, text) in fields.items():
-        kind = hints[name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X]
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default = getattr(defaults, name)
-        if kind is bool:
-            add(f"--{name}", *aliases, dest=name, action="store_true", default=default, help=text)
-        else:
-            shown = "" if default is None else f" (default {default})"
-            add(f"--{name}", *aliases, dest=name, type=kind, default=default, help=text + shown)
-
-
 def build_parser(suppress: bool = False) -> CliParser:
     """The CLI; ``suppress`` builds a copy without defaults (to see which flags were given)."""
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -116,60 +100,60 @@ def build_parser(suppress: bool = False) -> CliParser:
         help="updates per round on each sampled node; even updates train D, odd ones G (default 2000)")
     add("--batch", "--batch_size", dest="batch", type=int, default=16, help="batch size on the nodes (default 16)")
     add("--lr", type=float, default=0.002, help="base learning rate (G: lr*4/5, D: lr*16/17; default 0.002)")
-    _add_field_flags(add, SCHEDULE_FIELDS)
-    add("--max-nodes-per-round", dest="max_nodes", type=int, default=2,
+    add_field_flags(add, FactoryConfig, SCHEDULE_FIELDS)
+    add("--max_nodes_per_round", dest="max_nodes", type=int, default=2,
         help="nodes sampled per round, uniformly at random (default 2)")
     add("--aggregation", choices=("uniform", "samples"), default="uniform",
         help="FedAverage weights: uniform over the replying nodes (as the paper) or by dataset size")
-    add("--secagg", action=argparse.BooleanOptionalAction, default=False,
+    add("--secagg", action=BooleanFlag, default=False,
         help="secure aggregation (Fed-BioMed LOM): the researcher sees only the average of the sampled nodes' "
              "updates, never one node's weights; needs >= 2 nodes per round. On --resume, the breakpoint's "
-             "setting is kept unless --secagg / --no-secagg is given (default off)")
-    add("--secagg-clip", dest="secagg_clip", type=float, default=None,
+             "setting is kept unless --secagg / --no_secagg is given (default off)")
+    add("--secagg_clip", dest="secagg_clip", type=float, default=None,
         help="with --secagg: largest change of one stored weight during one round that is represented "
              "(larger changes are clipped, reported as secagg_clipped); precision of the average: clip/8192 "
              "per round (default 2.0 = lr x steps per network of a 2000-update round; measured max 0.74)")
 
     group[0] = p.add_argument_group("model, losses and augmentation (architecture flags are fixed by the first run; "
                                     "names and defaults are those of robustmedseg.factory.config.FactoryConfig)")
-    _add_field_flags(add, MODEL_FIELDS)
+    add_field_flags(add, FactoryConfig, MODEL_FIELDS)
 
     group[0] = p.add_argument_group("federation and outputs")
     add("--tags", default="#im2im", help="dataset tags searched on the nodes, comma separated (default #im2im)")
-    add("--researcher-dir", dest="researcher_dir", type=Path, default=None,
+    add("--researcher_dir", dest="researcher_dir", type=Path, default=None,
         help="Fed-BioMed researcher component (default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher); "
              "breakpoints live in its var/experiments. It must exist (fedbiomed component create -c researcher, "
-             "or python -m robustmedseg.federation.local up) unless --create-researcher-dir")
-    add("--create-researcher-dir", dest="create_researcher_dir", action="store_true", default=False,
-        help="let Fed-BioMed create a missing researcher component at --researcher-dir (with its default "
+             "or python -m robustmedseg.federation.local up) unless --create_researcher_dir")
+    add("--create_researcher_dir", dest="create_researcher_dir", action="store_true", default=False,
+        help="let Fed-BioMed create a missing researcher component at --researcher_dir (with its default "
              "server address; real deployments create it once with fedbiomed component create)")
     add("--workdir", type=Path, default=Path("factory_run"),
         help="researcher outputs: samples/round_*.png from the aggregated G_ema, run.json (default ./factory_run)")
-    add("--keep-breakpoints", dest="keep_breakpoints", type=int, default=3,
+    add("--keep_breakpoints", dest="keep_breakpoints", type=int, default=3,
         help="keep only the newest N breakpoints and the node-reply files they use (0 = keep all; at 512 px "
              "a breakpoint is ~1 GB); default 3")
     add("--tensorboard", type=Path, default=None, help="TensorBoard folder (default WORKDIR/tensorboard)")
-    add("--fidelity-evaluator", dest="fidelity_evaluator", type=Path, default=None,
+    add("--fidelity_evaluator", dest="fidelity_evaluator", type=Path, default=None,
         help="frozen fidelity evaluator file (python -m robustmedseg.fidelity train): after every "
-             "--fidelity-every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
+             "--fidelity_every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
              "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
-    add("--fidelity-every", dest="fidelity_every", type=int, default=1,
+    add("--fidelity_every", dest="fidelity_every", type=int, default=1,
         help="score the aggregated G_ema every N rounds (and after the last round; default 1)")
-    add("--fidelity-n", dest="fidelity_n", type=int, default=64,
+    add("--fidelity_n", dest="fidelity_n", type=int, default=64,
         help="generated slices per domain for each fidelity score (default 64)")
-    add("--min-nodes", dest="min_nodes", type=int, default=1,
+    add("--min_nodes", dest="min_nodes", type=int, default=1,
         help="wait until at least this many nodes answer before starting (default 1)")
-    add("--wait-nodes", dest="wait_nodes", type=float, default=120.0,
+    add("--wait_nodes", dest="wait_nodes", type=float, default=120.0,
         help="seconds to wait for the nodes, with a progress line every 10 s (default 120)")
     add("--resume", nargs="?", const="LATEST", default=None, metavar="BREAKPOINT",
         help="continue from the latest breakpoint (or the given breakpoint folder)")
-    add("--use-gpu", dest="use_gpu", action="store_true", default=False,
+    add("--use_gpu", dest="use_gpu", action="store_true", default=False,
         help="ask the nodes to train on their GPU (nodes must be started with --gpu)")
     add("--verbose", action="store_true", default=False, help="Fed-BioMed INFO logs")
 
     group[0] = p.add_argument_group("GPU switches of the nodes (no effect on CPU; may change on --resume)")
     for name, (_, text) in GPU_FIELDS.items():
-        add(f"--{name}", dest=name, action=argparse.BooleanOptionalAction, default=getattr(FactoryConfig(), name),
+        add(f"--{name}", dest=name, action=BooleanFlag, default=getattr(FactoryConfig(), name),
             help=text)
     return p
 
@@ -229,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError("--tags needs at least one tag")
     researcher_dir = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
     if researcher_dir.exists() and not researcher_dir.is_dir():
-        raise InputError("is a file; --researcher-dir names the researcher component folder", researcher_dir)
+        raise InputError("is a file; --researcher_dir names the researcher component folder", researcher_dir)
     for folder in (args.workdir, args.tensorboard):
         if folder is not None and folder.exists() and not folder.is_dir():
             raise InputError("is a file; a folder is expected here", folder)
@@ -257,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         created = not R.is_researcher_component(researcher_dir)
         R.use_researcher_component(researcher_dir, verbose=args.verbose)
         if created:
-            print(f"created a new Fed-BioMed researcher component in {researcher_dir} (--create-researcher-dir)",
+            print(f"created a new Fed-BioMed researcher component in {researcher_dir} (--create_researcher_dir)",
                   flush=True)
         online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
         print(f"{len(online)} node(s) online: {', '.join(online)}", flush=True)
@@ -320,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _check_researcher_component(folder: Path, create: bool) -> None:
-    """A folder that holds no researcher component is refused unless ``--create-researcher-dir``:
+    """A folder that holds no researcher component is refused unless ``--create_researcher_dir``:
     Fed-BioMed would silently make a new, empty component there (a mistyped path), with a server
     certificate the nodes do not know."""
     from robustmedseg.federation.researcher import is_researcher_component
@@ -328,9 +312,9 @@ def _check_researcher_component(folder: Path, create: bool) -> None:
     if create or is_researcher_component(folder):
         return
     problem = "no such folder" if not folder.exists() else "no etc/config.ini in it"
-    raise InputError(f"not a Fed-BioMed researcher component ({problem}): check --researcher-dir, create the "
+    raise InputError(f"not a Fed-BioMed researcher component ({problem}): check --researcher_dir, create the "
                      f"component once with 'fedbiomed component create -c researcher -p DIR' (docs/phase1.md), or "
-                     f"pass --create-researcher-dir", folder)
+                     f"pass --create_researcher_dir", folder)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -338,21 +322,21 @@ def _check_numbers(args: argparse.Namespace) -> None:
     import math
 
     if args.rounds < 1 or args.num_updates_per_round < 1 or args.batch < 1 or args.max_nodes < 1:
-        raise InputError("--rounds, --num_updates_per_round, --batch and --max-nodes-per-round must be >= 1")
+        raise InputError("--rounds, --num_updates_per_round, --batch and --max_nodes_per_round must be >= 1")
     if args.secagg_clip is not None and not args.secagg_clip > 0:
-        raise InputError(f"--secagg-clip must be > 0, got {args.secagg_clip}")
+        raise InputError(f"--secagg_clip must be > 0, got {args.secagg_clip}")
     if args.secagg and args.max_nodes < 2:
-        raise InputError("--secagg needs --max-nodes-per-round >= 2 (only a sum over 2+ nodes can be unmasked)")
+        raise InputError("--secagg needs --max_nodes_per_round >= 2 (only a sum over 2+ nodes can be unmasked)")
     if args.fidelity_every < 1 or args.fidelity_n < 2:
-        raise InputError("--fidelity-every must be >= 1 and --fidelity-n >= 2")
+        raise InputError("--fidelity_every must be >= 1 and --fidelity_n >= 2")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a finite number > 0, got {args.lr}")
     if not (math.isfinite(args.wait_nodes) and args.wait_nodes >= 0):
-        raise InputError(f"--wait-nodes must be a finite number of seconds >= 0, got {args.wait_nodes}")
+        raise InputError(f"--wait_nodes must be a finite number of seconds >= 0, got {args.wait_nodes}")
     if args.keep_breakpoints < 0:
-        raise InputError(f"--keep-breakpoints must be >= 0 (0 = keep all), got {args.keep_breakpoints}")
+        raise InputError(f"--keep_breakpoints must be >= 0 (0 = keep all), got {args.keep_breakpoints}")
     if args.min_nodes < 1:
-        raise InputError(f"--min-nodes must be >= 1, got {args.min_nodes}")
+        raise InputError(f"--min_nodes must be >= 1, got {args.min_nodes}")
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,14 +1,27 @@
 """The best-k ensemble of a phase-2 run: which checkpoints, how they are loaded, how they vote.
 
-Used by inference (:mod:`MultiMedSeg.training.inference`), synthetic-volume generation
-(:mod:`MultiMedSeg.generation`) and any other tool that segments with a trained run.
+The ONE home of the ensemble: validation during training (:class:`MultiMedSeg.training.coach.Coach`,
+a one-member ensemble of the network being trained), inference on a site's test volumes
+(:mod:`MultiMedSeg.evaluation.test_volumes`), the evaluation settings (:mod:`MultiMedSeg.evaluation.selection`),
+new scans (:mod:`MultiMedSeg.segment_scans`) and synthetic-volume generation (:mod:`MultiMedSeg.generation`)
+all segment through :class:`Ensemble`.
 
 * :func:`resolve_checkpoints` -- the ``n`` best checkpoints listed in ``checkpoints/best.json``
   (best first); the experiment folder or its ``checkpoints/`` folder are both accepted.
 * :func:`load_ensemble` -- every checkpoint read ONCE into a :class:`Member` (network in eval mode
   + the feature scale it was validated with); all members must agree on (label_nc, output size,
   encoder input size, domains); members whose decoders are equal share one decoder module.
-* :class:`SegmentationEnsemble` -- mean class probabilities of one classifier head over the members.
+* :class:`Ensemble` -- the members (a sequence of :class:`Member`) and how they vote:
+  :meth:`Ensemble.predict_batch` (one batch: ``intra`` and ``inter`` mean class probabilities, the
+  ``trans`` image of the best member), :meth:`Ensemble.predict_volume` (every batch of one volume);
+* the inter/intra blend: :func:`blend`, :func:`ensemble_probabilities`, :func:`label_volumes`,
+  :func:`volume_labels` and :func:`translation_volume`;
+* :class:`SegmentationEnsemble` -- mean class probabilities of one classifier head over the members
+  (generation).
+
+``intra`` = mean over the members of the class probabilities in the slices' own domain; ``inter`` = mean
+of the probabilities of the translated slices segmented by the other head; ``pred`` =
+``(w_inter * inter + w_intra * intra) / (w_inter + w_intra)``; the means divide by the number of members.
 
 A member's feature scale is ``min(1, feature_scale_rate * global_step)`` of its own checkpoint,
 the value it was validated with during training.
@@ -17,16 +30,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from MultiMedSeg.models.psp import PSP
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.models.psp import PSP, flip_label
+from MultiMedSeg.options import HEADS, stored_training_options
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 
-HEADS = ("auto", "source", "target")
 
 
 @dataclass
@@ -35,13 +50,12 @@ class Member:
 
     net: PSP
     feature_scale: float
-    path: Path
+    path: Optional[Path]  # None: a network not read from a file (validation of the network being trained)
 
 
 def feature_scale_of(payload: Mapping[str, Any]) -> float:
     """feature_scale = min(1, rate * global_step) of a checkpoint (rate from its options)."""
-    opts = payload.get("opts") or {}
-    rate = float(opts.get("feature_scale_rate", 1e-4))
+    rate = float(stored_training_options(payload.get("opts") or {}).feature_scale_rate)  # the run's options, typed
     return min(1.0, rate * int(payload.get("global_step", 0)))
 
 
@@ -97,7 +111,7 @@ def share_identical_decoders(members: Sequence[Member]) -> int:
     return shared
 
 
-def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cpu")) -> List[Member]:
+def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cpu")) -> "Ensemble":
     """Read every checkpoint once, check that they agree, share equal decoders, move to ``device``."""
     members: List[Member] = []
     for path in paths:
@@ -109,7 +123,7 @@ def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cp
     share_identical_decoders(members)
     for m in members:
         m.net.to(device)
-    return members
+    return Ensemble(members, device)
 
 
 def choose_head(head: str, label: int, domains: Sequence[int], path: Path) -> str:
@@ -133,30 +147,145 @@ def choose_head(head: str, label: int, domains: Sequence[int], path: Path) -> st
                      f"pass --head source (or target) to segment it with that head anyway", path)
 
 
-class SegmentationEnsemble:
-    """The best checkpoints, loaded once, averaging class probabilities of one head."""
+def _resize(t: torch.Tensor, size: Optional[Sequence[int]]) -> torch.Tensor:
+    if size is None:
+        return t
+    size = tuple(int(s) for s in size)
+    if tuple(t.shape[-2:]) == size:
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
-    def __init__(self, members: Sequence[Member], head: str):
+
+class Ensemble(Sequence[Member]):
+    """The members of an ensemble (a sequence of :class:`Member`, best first) and how they vote.
+
+    Every member runs with its own feature scale; the nets must be in ``eval()`` for deterministic
+    outputs (:func:`load_ensemble` does it).  ``device``: where the inputs go (default: the first
+    member's)."""
+
+    def __init__(self, members: Sequence[Member], device: Optional[torch.device] = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
-        self.head = head
         self.config = self.members[0].net.config
+        self._device = device
 
-    @classmethod
-    def load(cls, paths: Sequence[Path], label: int, head: str = "auto",
-             device: torch.device = torch.device("cpu")) -> "SegmentationEnsemble":
-        """:func:`load_ensemble` of ``paths`` with the head that segments domain ``label`` (:func:`choose_head`)."""
-        members = load_ensemble(paths, device)
-        return cls(members, choose_head(head, label, members[0].net.config.src_tgt_domains, members[0].path))
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.members[index]
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(self.members)
 
     @property
     def device(self) -> torch.device:
-        return self.members[0].net.latent_avg.device
+        return self._device if self._device is not None else self.members[0].net.latent_avg.device
 
     @property
     def label_nc(self) -> int:
         return self.config.label_nc
+
+    @property
+    def adapted(self) -> bool:
+        """Two domains (an adaptation run: intra, inter and pred) or one (pretraining: intra only)."""
+        return len(self.config.src_tgt_domains) == 2
+
+    @torch.no_grad()
+    def predict_batch(self, x: torch.Tensor, label: torch.Tensor, out_size: Optional[Sequence[int]] = None,
+                      inter: bool = True) -> Dict[str, torch.Tensor]:
+        """One batch at the generator's resolution, each member with its feature scale, resized to
+        ``out_size`` (the slice grid; None: not resized).
+
+        Returns ``intra`` (B, L, H, W), the mean class probabilities in the slices' own domain (the
+        head ``label`` selects) and, with ``inter``, ``inter`` (B, L, H, W), the mean probabilities after
+        translation to the other domain, and ``trans`` (B, 1, H, W), the translated image of the first
+        (best) member, clamped to [-1, 1] (with ``invert_intensity`` negated again where that member's
+        inter prediction is background, undoing the interpreter's inversion there)."""
+        x = x.to(self.device)
+        label = label.to(self.device)
+        sums: Dict[str, torch.Tensor] = {}
+        trans = None
+        for k, member in enumerate(self.members):
+            out = member.net(x, label, resize=False, feature_scale=member.feature_scale).float()
+            sums["intra"] = sums.get("intra", 0) + _resize(out[:, 1:], out_size)
+            if inter:
+                t = member.net(x, flip_label(label), resize=False, feature_scale=member.feature_scale).float()
+                member_inter = _resize(t[:, 1:], out_size)
+                sums["inter"] = sums.get("inter", 0) + member_inter
+                if k == 0:
+                    trans = _resize(t[:, :1], out_size).clamp(-1.0, 1.0)
+                    if member.net.config.invert_intensity:
+                        trans = torch.where(member_inter.argmax(1, keepdim=True) == 0, -trans, trans)
+        result = {key: value / len(self.members) for key, value in sums.items()}
+        if trans is not None:
+            result["trans"] = trans
+        return result
+
+    def predict_volume(self, batches: Iterable[Mapping[str, torch.Tensor]], inter: bool) -> Dict[str, torch.Tensor]:
+        """:meth:`predict_batch` of every batch (``data``, ``domain``, ``weight``) of one volume, on the
+        slice grid of the weight maps; CPU tensors ``intra`` (+ ``inter``, ``trans``) and ``weight``."""
+        parts: Dict[str, List[torch.Tensor]] = {"intra": [], "inter": [], "trans": [], "weight": []}
+        for batch in batches:
+            out = self.predict_batch(batch["data"], batch["domain"], batch["weight"].shape[-2:], inter=inter)
+            for key, value in out.items():
+                parts[key].append(value.cpu())
+            parts["weight"].append(batch["weight"])
+        return {key: torch.cat(value) for key, value in parts.items() if value}
+
+
+def blend(inter: torch.Tensor, intra: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """The ensemble's ``pred`` probabilities: ``(w_inter * inter + w_intra * intra) / (w_inter + w_intra)``."""
+    w_inter, w_intra = weights
+    return (w_inter * inter + w_intra * intra) / (w_inter + w_intra)
+
+
+def ensemble_probabilities(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """intra / inter / pred class probabilities (Z, L, H, W) from the ensemble means (pred and inter only
+    for an adapted run, :func:`blend`)."""
+    out = {"intra": pred["intra"]}
+    if "inter" in pred:
+        out["inter"] = pred["inter"]
+        out["pred"] = blend(pred["inter"], pred["intra"], weights)
+    return out
+
+
+def volume_labels(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(Z, L, H, W) scores + (Z, 1, H, W) weight -> (Z, H, W) int64 labels; 0 outside the weight."""
+    return (probs * weight).argmax(1)
+
+
+def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float],
+                  mask_outside_weight: bool = False) -> Dict[str, np.ndarray]:
+    """intra / inter / pred label volumes (Z, H, W) from the ensemble means; background outside the
+    weight maps only with ``mask_outside_weight`` (the original applied no weight at inference)."""
+    w = pred["weight"] if mask_outside_weight else torch.ones_like(pred["weight"])
+    return {k: volume_labels(v, w).numpy() for k, v in ensemble_probabilities(pred, weights).items()}
+
+
+def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bool = False) -> np.ndarray:
+    """(Z, H, W) float32 translated image of the best checkpoint; -1 outside the weight maps only
+    with ``mask_outside_weight``."""
+    trans = pred["trans"][:, 0].numpy()
+    if mask_outside_weight:
+        trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0)
+    return trans.astype(np.float32)
+
+
+class SegmentationEnsemble(Ensemble):
+    """The best checkpoints, loaded once, averaging class probabilities of one head (generation)."""
+
+    def __init__(self, members: Sequence[Member], head: str, device: Optional[torch.device] = None):
+        super().__init__(members, device)
+        self.head = head
+
+    @classmethod
+    def load(cls, paths: Sequence[Path], label: int, head: str = "auto",  # type: ignore[override]
+             device: torch.device = torch.device("cpu")) -> "SegmentationEnsemble":
+        """:func:`load_ensemble` of ``paths`` with the head that segments domain ``label`` (:func:`choose_head`)."""
+        members = load_ensemble(paths, device).members
+        return cls(members, choose_head(head, label, members[0].net.config.src_tgt_domains, members[0].path))
 
     def domain_label(self, batch: int) -> torch.Tensor:
         """(batch, 2) one-hot [source, target] selecting the head: [1, 0] source, [0, 1] target."""
@@ -167,12 +296,7 @@ class SegmentationEnsemble:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, R, R) images in [-1, 1] -> mean class probabilities (B, L, R, R) over the members."""
         x = self.members[0].net.face_pool(images.to(self.device))  # same pooling in every member
-        label = self.domain_label(x.shape[0])
-        total = None
-        for m in self.members:
-            probs = m.net(x, label, resize=False, feature_scale=m.feature_scale)[:, 1:].float()
-            total = probs if total is None else total + probs
-        return total / len(self.members)
+        return self.predict_batch(x, self.domain_label(x.shape[0]), inter=False)["intra"]
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, R, R) -> (B, R, R) int64 argmax labels of the ensemble mean."""

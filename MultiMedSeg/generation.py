@@ -53,7 +53,7 @@ Choices made explicit here (the reference hard-coded them):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -61,7 +61,8 @@ import numpy as np
 import torch
 
 from model import Generator
-from MultiMedSeg.ensemble import HEADS, SegmentationEnsemble, resolve_checkpoints
+from MultiMedSeg.ensemble import SegmentationEnsemble, resolve_checkpoints
+from MultiMedSeg.options import NOISE_MODES, GenerationConfig
 from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
@@ -69,7 +70,6 @@ from robustmedseg.factory_file import load_factory_file
 from robustmedseg.io import atomic_dir, atomic_path, check_apart, check_new_output, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"
-NOISE_MODES = ("slice", "volume", "fixed")
 MONTAGE_SLICES = 6
 # Overlay colours of labels 1, 2, ... (RGB in [0, 1]); cycled for more labels.
 PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.75, 0.20], [0.15, 0.35, 0.95], [0.95, 0.80, 0.10],
@@ -182,48 +182,6 @@ def load_encoding(path: Path, clip_dim: int) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-# ------------------------------------------------------------------------------- settings
-@dataclass
-class GenerationConfig:
-    """Settings of :func:`generate` (the CLI flags of ``generate_volumes.py``)."""
-
-    ckpt_dir: Path
-    label: int
-    n_volumes: int
-    slices_in_one_z: int
-    n_segmentation_labels: int
-    out_dir: Path
-    generator: Optional[Path] = None
-    clip_mean: Optional[Path] = None
-    z_depth: Optional[int] = None
-    n_domains: Optional[int] = None
-    batch_size: int = 4
-    device: str = "auto"
-    ensemble_size: Optional[int] = None
-    head: str = "auto"
-    keep_largest_component: bool = False
-    noise: str = "slice"
-    seed: int = 0
-    nifti: bool = True
-    montage: bool = True
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        """Check the plain-value settings (one-line :class:`InputError`)."""
-        if int(self.label) < 0:
-            raise InputError(f"--label must be >= 0, got {self.label}")
-        for name in ("n_volumes", "slices_in_one_z", "batch_size", "n_segmentation_labels"):
-            low = 2 if name == "n_segmentation_labels" else 1
-            if int(getattr(self, name)) < low:
-                raise InputError(f"--{name} must be >= {low}, got {getattr(self, name)}")
-        if self.noise not in NOISE_MODES:
-            raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
-        if self.head not in HEADS:
-            raise InputError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-
-
 # ------------------------------------------------------------------------------- the factory
 class VolumeFactory:
     """Generator + segmentation ensemble + settings; :meth:`volume` makes one labelled volume.
@@ -307,7 +265,7 @@ def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> 
     ensemble = SegmentationEnsemble.load(paths, cfg.label, cfg.head, device)
     pc = ensemble.config
     if pc.label_nc != cfg.n_segmentation_labels:
-        raise InputError(f"checkpoint segments {pc.label_nc} labels but --n_segmentation_labels is "
+        raise InputError(f"checkpoint segments {pc.label_nc} labels but --label_nc is "
                          f"{cfg.n_segmentation_labels}", paths[0])
     if cfg.generator is not None:
         generator, _ = load_factory_file(cfg.generator)
@@ -335,7 +293,7 @@ def _check_generator(cfg: GenerationConfig, generator: Generator, source: Any) -
         raise InputError(f"--label {cfg.label} is not a domain of the generator (n_domains = {generator.n_domains})",
                          source)
     if cfg.z_depth is not None and cfg.z_depth != generator.n_zbins:
-        raise InputError(f"generator has {generator.n_zbins} z-bins but --z_depth is {cfg.z_depth}", source)
+        raise InputError(f"generator has {generator.n_zbins} z-bins but --n_zbins is {cfg.z_depth}", source)
 
 
 # ------------------------------------------------------------------------------- writing
@@ -394,7 +352,7 @@ def generate(cfg: GenerationConfig, log: Callable[[str], None] = print, progress
     """Run the whole job (see module doc); returns the summary also written to ``generation.json``."""
     cfg.validate()
     out = Path(cfg.out_dir)
-    check_apart({"--out_dir": out}, {"--ckpt_dir": cfg.ckpt_dir, "--generator": cfg.generator,
+    check_apart({"--out_dir": out}, {"--checkpoint_dir": cfg.ckpt_dir, "--generator": cfg.generator,
                                      "--clip_mean": cfg.clip_mean})
     check_new_output(out, cfg.overwrite)
     factory, paths = build_factory(cfg, log)

@@ -20,10 +20,10 @@ from robustmedseg.errors import run_cli  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from MultiMedSeg.training.options import parse_inference_options
+    from MultiMedSeg.options import parse_inference_options
 
     opts = parse_inference_options(argv)  # --help exits here, before torch is imported
-    from MultiMedSeg.training.inference import run_inference
+    from MultiMedSeg.evaluation.test_volumes import run_inference
 
     run_inference(opts)
     return 0

@@ -11,7 +11,6 @@ have moved).  The domain and the number of classes come from the run's best chec
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,29 +19,22 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from robustmedseg.errors import CliParser, run_cli  # noqa: E402
+from robustmedseg.cli import CliParser  # noqa: E402
+from robustmedseg.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> CliParser:
-    p = CliParser(prog="python -m MultiMedSeg.plan", description=__doc__.split("\n\n")[0],
-                  epilog="Example: python -m MultiMedSeg.plan --checkpoint_dir runs/adapt_site2 "
-                         "--metadata prep/site2/metadata.json", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_dir", type=Path, required=True, help="training run (its folder or checkpoints/)")
-    p.add_argument("--metadata", type=Path, default=None,
-                   help="metadata.json (or its folder) of the preprocessed site the run segments: the target site "
-                        "of an adapted run, the source site of a pretraining run (default: the one named by the "
-                        "run's saved options)")
-    p.add_argument("--force", action="store_true",
-                   help="accept a --metadata other than the one the run's options name (e.g. the data moved)")
-    p.add_argument("--show", action="store_true", help="print the run's plan and stop")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing plan.json")
-    return p
+    from MultiMedSeg.options import plan_parser
+
+    return plan_parser()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from MultiMedSeg.data.plan import load_plan
-    from MultiMedSeg.training import checkpoints as ck
+    from MultiMedSeg.options import parse_plan_options
+
+    args = parse_plan_options(argv)
+    from MultiMedSeg.data.preprocessing_plan import load_plan
+    from MultiMedSeg import checkpoints as ck
     from MultiMedSeg.training.setup import write_run_plan
 
     if args.show:

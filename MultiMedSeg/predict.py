@@ -7,7 +7,7 @@
 (``checkpoints/plan.json``, written by pretraining and adaptation), segmented by the ensemble of the
 run's best checkpoints, and written as ``OUT/<id>.nii.gz`` with exactly the scan's shape, spacing,
 origin and direction (``--output_format input``: in the scan's own format).  Also runnable as
-``python -m MultiMedSeg.predict`` and ``rms-predict``; the library is :mod:`MultiMedSeg.prediction`.
+``python -m MultiMedSeg.predict`` and ``rms-predict``; the library is :mod:`MultiMedSeg.segment_scans`.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from robustmedseg.errors import run_cli  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from MultiMedSeg.training.options import parse_predict_options
+    from MultiMedSeg.options import parse_predict_options
 
     opts = parse_predict_options(argv)  # --help exits here, before torch is imported
-    from MultiMedSeg.prediction import run_prediction
+    from MultiMedSeg.segment_scans import run_prediction
 
     run_prediction(opts, log=(lambda *a, **k: None) if opts.quiet else print)
     return 0

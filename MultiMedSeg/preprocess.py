@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess  # noqa: E402
+from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess  # noqa: E402
 from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
-from robustmedseg.errors import CliParser, InputError, run_cli  # noqa: E402
+from robustmedseg.cli import DataclassParser  # noqa: E402
+from robustmedseg.errors import InputError, run_cli  # noqa: E402
 
 EPILOG = """\
 output layout:
@@ -35,80 +36,80 @@ slice file: np.savez archive (no pickle) with data float32 (S,S,1) in [-1,1] (pa
 """
 
 
-def build_parser() -> CliParser:
-    p = CliParser(
-        prog="python -m MultiMedSeg.preprocess", description=__doc__.split("\n\n")[0],
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> DataclassParser:
+    """The flags are the fields of :class:`~MultiMedSeg.data.volumes_to_slices.PreprocessConfig` (type and
+    default), written with dashes; ``--convert-legacy`` and ``--quiet`` are not preprocessing options."""
+    p = DataclassParser(
+        PreprocessConfig, prog="python -m MultiMedSeg.preprocess", command="MultiMedSeg.preprocess",
+        description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--images", type=Path, help="folder of .nii/.nii.gz images (searched recursively, sorted)")
-    io.add_argument("--labels", type=Path, default=None,
-                    help="folder of integer label volumes (0 = background); a missing label file means an "
-                         "unlabeled volume")
-    io.add_argument("--weights", type=Path, default=None,
-                    help="folder of weight volumes (> 0 where losses/metrics count), matched like labels")
-    io.add_argument("--brain-masks", type=Path, default=None,
-                    help="folder of brain masks (> 0 inside the brain), matched like labels; a volume with a "
-                         "non-empty brain mask keeps only the slices from its first to its last brain slice "
-                         "(labeled or not), and the brain becomes mask class 1 (see --no-brain-class)")
-    io.add_argument("--label-rule", default="{name}",
-                    help="file name of an image's label/weight/brain-mask file, a format string with {name} "
-                         "(image basename), {id} (basename without .nii.gz/.nii) and {ext}; looked up in the "
-                         "same subfolder of --labels/--weights/--brain-masks, then at its top (default '{name}')")
-    io.add_argument("--path-rule", default="",
-                    help="regular expression the image basename must match from its start (default: all)")
-    io.add_argument("--out", type=Path, help="output folder (refused if it exists, unless --overwrite)")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add("images", flags=("--images",), group=io, shown_required=True,
+          help="folder of .nii/.nii.gz images (searched recursively, sorted)")
+    p.add("labels", group=io,
+          help="folder of integer label volumes (0 = background); a missing label file means an unlabeled volume")
+    p.add("weights", group=io, help="folder of weight volumes (> 0 where losses/metrics count), matched like labels")
+    p.add("brain_masks", flags=("--brain-masks",), group=io,
+          help="folder of brain masks (> 0 inside the brain), matched like labels; a volume with a non-empty brain "
+               "mask keeps only the slices from its first to its last brain slice (labeled or not), and the brain "
+               "becomes mask class 1 (see --no-brain-class)")
+    p.add("label_rule", flags=("--label-rule",), group=io,
+          help="file name of an image's label/weight/brain-mask file, a format string with {name} (image "
+               "basename), {id} (basename without .nii.gz/.nii) and {ext}; looked up in the same subfolder of "
+               "--labels/--weights/--brain-masks, then at its top (default '{name}')")
+    p.add("path_rule", flags=("--path-rule",), group=io,
+          help="regular expression the image basename must match from its start (default: all)")
+    p.add("out", group=io, shown_required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add("overwrite", group=io, help="replace an existing --out once the new one is complete")
 
     split = p.add_argument_group("split")
-    split.add_argument("--val-frac", type=float, default=0.15,
-                       help="validation fraction: floor(N*f) volumes, at least 1 if f > 0, drawn from the "
-                            "labeled volumes with random.Random(seed) (default 0.15)")
-    split.add_argument("--test-frac", type=float, default=0.15,
-                       help="test fraction, drawn like validation with seed+1 from the rest (default 0.15)")
-    split.add_argument("--seed", type=int, default=0, help="seed of the split and of --labeled-train (default 0)")
-    split.add_argument("--annotation-required", action="store_true",
-                       help="leave out the volumes without a label file (split, slices and statistics use the "
-                            "annotated volumes only); default: unlabeled volumes go to training, without masks")
-    split.add_argument("--labeled-train", type=int, default=None, metavar="N",
-                       help="write N seeded labeled training volumes to OUT/train/labeled and the other "
-                            "training volumes to OUT/train/unlabeled (phase-2 target sites)")
+    p.add("val_frac", flags=("--val-frac",), group=split,
+          help="validation fraction: floor(N*f) volumes, at least 1 if f > 0, drawn from the labeled volumes with "
+               "random.Random(seed) (default 0.15)")
+    p.add("test_frac", flags=("--test-frac",), group=split,
+          help="test fraction, drawn like validation with seed+1 from the rest (default 0.15)")
+    p.add("seed", group=split, help="seed of the split and of --labeled-train (default 0)")
+    p.add("annotation_required", flags=("--annotation-required",), group=split,
+          help="leave out the volumes without a label file (split, slices and statistics use the annotated "
+               "volumes only); default: unlabeled volumes go to training, without masks")
+    p.add("labeled_train", flags=("--labeled-train",), group=split, metavar="N",
+          help="write N seeded labeled training volumes to OUT/train/labeled and the other training volumes to "
+               "OUT/train/unlabeled (phase-2 target sites)")
 
     geo = p.add_argument_group("geometry")
-    geo.add_argument("--size", type=int, default=512, help="slice side in pixels, any size (default 512)")
-    geo.add_argument("--target-spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
-                     help="resampling voxel size in mm; default: median train+val spacing, enlarged on axes "
-                          "where a volume would exceed --size")
-    geo.add_argument("--crop", action=argparse.BooleanOptionalAction, default=True,
-                     help="heuristic bounding-box crop of each volume, widened to keep every labeled voxel "
-                          "(default on; --no-crop keeps the full volume)")
-    geo.add_argument("--ignore-z", action="store_true", help="do not resample the slice (3rd) axis")
-    geo.add_argument("--orientation", default="RAS", metavar="CODE",
-                     help="reorient every volume to these nibabel axis codes before anything else (axis "
-                          "permutations and reversals only, undone when mapping back); slices are planes of the "
-                          "3rd axis: S/I axial, A/P coronal, R/L sagittal (default RAS: axial slices). 'stored' "
-                          "keeps the array order as stored (the original code's behaviour)")
-    geo.add_argument("--flip-axis", type=int, choices=(0, 1, 2), default=None,
-                     help="reverse this axis of every volume after reorientation (undone when mapping back)")
-    geo.add_argument("--keep-extracerebral-slices", dest="discard_extracerebral", action="store_false",
-                     help="keep every slice of volumes with a brain mask (default: only the slices from the "
-                          "first to the last brain slice, inclusive, as the original)")
-    geo.add_argument("--discard-outside-labels", action="store_true",
-                     help="for labeled volumes WITHOUT a brain mask: keep only the slices from the first to the "
-                          "last labeled slice (inclusive)")
+    p.add("size", group=geo, help="slice side in pixels, any size (default 512)")
+    p.add("target_spacing", flags=("--target-spacing",), group=geo, metavar=("SX", "SY", "SZ"),
+          help="resampling voxel size in mm; default: median train+val spacing, enlarged on axes where a volume "
+               "would exceed --size")
+    p.add("crop", group=geo, action=argparse.BooleanOptionalAction,
+          help="heuristic bounding-box crop of each volume, widened to keep every labeled voxel (default on; "
+               "--no-crop keeps the full volume)")
+    p.add("ignore_z", flags=("--ignore-z",), group=geo, help="do not resample the slice (3rd) axis")
+    p.add("orientation", group=geo, metavar="CODE",
+          help="reorient every volume to these nibabel axis codes before anything else (axis permutations and "
+               "reversals only, undone when mapping back); slices are planes of the 3rd axis: S/I axial, A/P "
+               "coronal, R/L sagittal (default RAS: axial slices). 'stored' keeps the array order as stored (the "
+               "original code's behaviour)")
+    p.add("flip_axis", flags=("--flip-axis",), group=geo, choices=(0, 1, 2),
+          help="reverse this axis of every volume after reorientation (undone when mapping back)")
+    p.add("discard_extracerebral", flags=("--keep-extracerebral-slices",), group=geo, action="store_false",
+          help="keep every slice of volumes with a brain mask (default: only the slices from the first to the "
+               "last brain slice, inclusive, as the original)")
+    p.add("discard_outside_labels", flags=("--discard-outside-labels",), group=geo,
+          help="for labeled volumes WITHOUT a brain mask: keep only the slices from the first to the last "
+               "labeled slice (inclusive)")
 
     inten = p.add_argument_group("intensities and labels")
-    inten.add_argument("--no-standardize", dest="standardize", action="store_false",
-                       help="skip the per-volume (x - mean) / std standardisation")
-    inten.add_argument("--percentiles", type=float, nargs=2, default=(0.1, 99.9), metavar=("LOW", "HIGH"),
-                       help="intensity window from the train+val histogram, mapped to [-1, 1] (default 0.1 99.9)")
-    inten.add_argument("--label-nc", "--num-classes", "--n-segmentation-labels", dest="num_classes", type=int,
-                       default=None, metavar="L",
-                       help="mask channels including background (and the brain class with --brain-masks); "
-                            "default: largest label value + 1 (+ 1 for the brain class)")
-    inten.add_argument("--no-brain-class", dest="brain_class", action="store_false",
-                       help="with --brain-masks: use the brain masks only to select slices; default: the mask is "
-                            "[background, brain, label 1, ...] (label k -> class k + 1), as the original's "
-                            "[background, brain, vessel]")
+    p.add("standardize", flags=("--no-standardize",), group=inten, action="store_false",
+          help="skip the per-volume (x - mean) / std standardisation")
+    p.add("percentiles", group=inten, metavar=("LOW", "HIGH"),
+          help="intensity window from the train+val histogram, mapped to [-1, 1] (default 0.1 99.9)")
+    p.add("num_classes", "--num-classes", "--n-segmentation-labels", flags=("--label-nc",), group=inten, metavar="L",
+          help="mask channels including background (and the brain class with --brain-masks); default: largest "
+               "label value + 1 (+ 1 for the brain class)")
+    p.add("brain_class", flags=("--no-brain-class",), group=inten, action="store_false",
+          help="with --brain-masks: use the brain masks only to select slices; default: the mask is "
+               "[background, brain, label 1, ...] (label k -> class k + 1), as the original's "
+               "[background, brain, vessel]")
 
     legacy = p.add_argument_group("legacy data")
     legacy.add_argument("--convert-legacy", nargs=2, type=Path, default=None, metavar=("SRC", "DST"),
@@ -120,19 +121,10 @@ def build_parser() -> CliParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    """The preprocessing options of the parsed flags (the parser's dataclass, built once)."""
     if args.images is None or args.out is None:
         raise InputError("--images and --out are required (unless --convert-legacy)")
-    return PreprocessConfig(
-        images=args.images, out=args.out, labels=args.labels, weights=args.weights, brain_masks=args.brain_masks,
-        label_rule=args.label_rule, annotation_required=args.annotation_required,
-        discard_extracerebral=args.discard_extracerebral, brain_class=args.brain_class,
-        path_rule=args.path_rule, size=args.size, val_frac=args.val_frac, test_frac=args.test_frac,
-        seed=args.seed, labeled_train=args.labeled_train,
-        target_spacing=tuple(args.target_spacing) if args.target_spacing else None, crop=args.crop,
-        ignore_z=args.ignore_z, standardize=args.standardize, num_classes=args.num_classes,
-        discard_outside_labels=args.discard_outside_labels, flip_axis=args.flip_axis,
-        orientation=args.orientation,
-        percentiles=tuple(args.percentiles), overwrite=args.overwrite)
+    return build_parser().build(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,7 +21,7 @@ from robustmedseg.errors import run_cli  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from MultiMedSeg.training.cli import run_training
+    from MultiMedSeg.training.command import run_training
 
     return run_training(argv, "train")
 

@@ -33,8 +33,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 import model
-from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
-from robustmedseg.errors import CliParser, run_cli
+from MultiMedSeg.evaluation.metrics import gap_closed, read_metrics_csv, volume_statistics
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 from robustmedseg.factory_file import write_factory_file
 
 SOURCE = 0
@@ -83,7 +84,7 @@ def phantom_data(a: argparse.Namespace) -> Path:
     """A demo-like data folder (prep/site0, prep/site<t>, _all_labels, _fewshot) made here."""
     from demo.fewshot import write_fewshot
     from demo.phantom import generate_phantom
-    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 
     root = a.work / f"data{a.size}"
     phantom = root / "data"

@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from robustmedseg.data.dataset import LMDBSlices
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.fidelity import Evaluator, scalar_summary
 from robustmedseg.factory.network import FactoryModel

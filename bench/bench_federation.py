@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

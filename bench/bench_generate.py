@@ -36,8 +36,9 @@ from model import N_ZBINS
 from MultiMedSeg import generation as gen
 from MultiMedSeg.ensemble import feature_scale_of
 from MultiMedSeg.models.psp import PSP, PSPConfig
-from MultiMedSeg.training import checkpoints as ck
-from robustmedseg.errors import CliParser, run_cli
+from MultiMedSeg import checkpoints as ck
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 from robustmedseg.io import load_torch_file
 
 PRESETS: Dict[str, Dict] = {

@@ -430,7 +430,7 @@ def _write_phase2_data(root: Path, sizes: Sizes) -> Dict[str, Path]:
 
 def _coach(mode: str, root: Path, paths: Dict[str, Path], sizes: Sizes, dev: torch.device, amp: str, name: str):
     from MultiMedSeg.training.coach import Coach
-    from MultiMedSeg.training.options import parse_training_options
+    from MultiMedSeg.options import parse_training_options
 
     argv = ["--exp_dir", str(root / name), "--overwrite", "--device", dev.type, "--amp", amp, "--src_label", "0",
             "--label_nc", "3", "--start_from_latent_avg", "--latent_avg_samples", str(sizes.p2_latent_avg_samples),
@@ -511,7 +511,7 @@ RUNNERS = {"env": section_env, "ext": section_ext, "selfcheck": section_selfchec
 
 
 def build_parser() -> "CliParser":
-    from robustmedseg.errors import CliParser
+    from robustmedseg.cli import CliParser
 
     p = CliParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Usage::")[1],
                   formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import model as M
 import op.fused_act
 from op import conv2d_gradfix
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 
 
 # ----------------------------------------------------------------------------------------------

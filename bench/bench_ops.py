@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from op import fused_leaky_relu, upfirdn2d
 from op.upfirdn import parse_params
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 
 Shape = Tuple[int, int, int, int]
 Op = Callable[[torch.Tensor], torch.Tensor]

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from bench.bench_federation import make_lmdbs, model_flags
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.federation import secagg as codec

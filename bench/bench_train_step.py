@@ -19,7 +19,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import run_cli
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.factory.optim import AlternatingAdam

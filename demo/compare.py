@@ -20,7 +20,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import load_torch_file
 
 TIMING_KEYS = ("stage_seconds", "stage_cpu_seconds")

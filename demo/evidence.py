@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from demo.report import METHODS, SHORT, extreme_zbins
 from demo.stages import PRESETS
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
 #: mean gap closed (real source) over the seeds; every seed must also reach the per-run target (0.6)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from MultiMedSeg.data.images_dataset import flag_folder_slices, is_informative, middle_per_volume, read_slice
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import atomic_dir
 
 

@@ -46,7 +46,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import atomic_dir, atomic_path
 
 TEMPLATE_NAME = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -342,7 +343,7 @@ def parse_sites(text: str) -> List[int]:
 def build_parser() -> CliParser:
     site_help = "; ".join(f"{s.index}: {s.name} ({s.description})" for s in SITES)
     parser = CliParser(
-        prog="python -m demo.phantom",
+        prog="python -m demo.phantom", command="demo.phantom",
         description="Generate the multi-site brain phantom (NIfTI images + GM/WM labels) from the MNI "
                     "template shipped by nilearn. Layout: OUT/site<k>/{images,labels}/sub-<NNN>.nii.gz, "
                     "plus OUT/README.txt and OUT/sites.json.")

@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import atomic_dir
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}

@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from robustmedseg.errors import CliParser, InputError, run_cli
-from MultiMedSeg.training.metrics import binary_scores, gap_closed, read_metrics_csv, volume_statistics
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
+from MultiMedSeg.evaluation.metrics import binary_scores, gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from demo.stages import PRESETS, SITES, DemoConfig, Stage, build_stages, paper_commands, shell_line
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
 MARKERS = ".stages"
@@ -55,7 +56,7 @@ class StageFailed(Exception):
 
 def build_parser() -> CliParser:
     p = CliParser(
-        prog="python -m demo.run",
+        prog="python -m demo.run", command="demo.run",
         description="Run the whole pipeline (phantom -> federated data factory -> segmentation pretraining -> "
                     "synthetic volumes -> adaptation -> inference -> REPORT.md) on the embedded phantom data "
                     "with tiny CPU settings (about 13 min on 2 cores; --quick about 3 min).",

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import N_ZBINS
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import load_torch_file, save_torch_atomic, write_text_atomic
 
 FORMAT = "robustmedseg-fidelity/1"

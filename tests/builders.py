@@ -43,10 +43,10 @@ import torch
 
 from model import Generator, GeneratorArgs
 from MultiMedSeg import generation as gen
-from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 from MultiMedSeg.data.restore import load_metadata, restore_volume
 from MultiMedSeg.models.psp import PSP, PSPConfig
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
 from robustmedseg.errors import run_cli
 from robustmedseg.factory_file import write_factory_file

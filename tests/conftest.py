@@ -71,7 +71,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def preprocessed_sites(phantom_dir, tmp_path_factory) -> Dict[int, Path]:
-    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 
     root = tmp_path_factory.mktemp("preprocessed")
     outs: Dict[int, Path] = {}

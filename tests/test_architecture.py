@@ -3,6 +3,8 @@
 * ``robustmedseg/`` (phase 1, data, federation, shared helpers) is the lower layer: it never
   imports ``MultiMedSeg`` (phase 2), the root ``training_plan`` or a root script;
 * no import cycle between the project's modules (lazy imports inside functions count too);
+* inside ``MultiMedSeg/``, no module imports a higher layer (:data:`MMS_LAYERS`), and no library module
+  has a command's name;
 * the small shared helpers have one definition each;
 * the README's layout table names the tree as it is.
 """
@@ -90,6 +92,49 @@ def test_phase2_reads_the_factory_file_without_the_federation():
            for name, path in _module_files().items() if name.startswith(("MultiMedSeg", "robustmedseg.factory."))
            for target, line in _imports(name, path) if target.startswith("robustmedseg.federation")]
     assert not bad, "\n".join(bad)
+
+
+# phase 2, bottom to top: a module never imports one of a higher layer (modules of one layer may
+# import each other, without a cycle).  Data/models/checkpoints, the commands' typed options and the
+# evaluation-settings file < the ensemble < evaluation, generation and new-scan segmentation < training
+# < the commands.
+MMS_LAYERS = (
+    ("MultiMedSeg.data", "MultiMedSeg.models", "MultiMedSeg.losses", "MultiMedSeg.optim", "MultiMedSeg.checkpoints",
+     "MultiMedSeg.options", "MultiMedSeg.evaluation.settings"),
+    ("MultiMedSeg.ensemble",),
+    ("MultiMedSeg.evaluation", "MultiMedSeg.generation", "MultiMedSeg.segment_scans"),
+    ("MultiMedSeg.training",),
+    ("MultiMedSeg.preprocess", "MultiMedSeg.pretrain", "MultiMedSeg.train", "MultiMedSeg.inference",
+     "MultiMedSeg.predict", "MultiMedSeg.plan", "MultiMedSeg.select_evaluation"),
+)
+
+
+def _mms_layer(module: str) -> int:
+    """The layer of the longest prefix of ``module`` in :data:`MMS_LAYERS`."""
+    hits = [(len(p), level) for level, prefixes in enumerate(MMS_LAYERS) for p in prefixes
+            if module == p or module.startswith(p + ".")]
+    assert hits, f"{module}: not in MMS_LAYERS (add it to its layer)"
+    return max(hits)[1]
+
+
+def test_multimedseg_imports_no_higher_layer():
+    bad: List[str] = []
+    files = _module_files()
+    for name, path in files.items():
+        if not name.startswith("MultiMedSeg."):
+            continue
+        for target, line in _imports(name, path):
+            if target in files and target.startswith("MultiMedSeg.") and _mms_layer(target) > _mms_layer(name):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {target} (a higher layer)")
+    assert not bad, "\n".join(bad)
+
+
+def test_multimedseg_has_no_near_twin_module_names():
+    """A library module does not share its name with a command (inference.py / training/inference.py)."""
+    commands = {p.split(".")[-1] for p in MMS_LAYERS[-1]}
+    twins = sorted(name for name in _module_files() if name.startswith("MultiMedSeg.") and name.count(".") > 1
+                   and name.split(".")[-1] in commands)
+    assert not twins, twins
 
 
 def test_no_import_cycle():

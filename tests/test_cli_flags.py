@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from robustmedseg.errors import CliParser
+from robustmedseg.cli import CliParser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,10 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "save_global_model.py": _module_parser("save_global_model"),
     "generate_volumes.py": _module_parser("generate_volumes"),
     "MultiMedSeg/preprocess.py": _module_parser("MultiMedSeg.preprocess"),
-    "MultiMedSeg/pretrain.py": _module_parser("MultiMedSeg.training.options", "training_parser", "pretrain"),
-    "MultiMedSeg/train.py": _module_parser("MultiMedSeg.training.options", "training_parser", "train"),
-    "MultiMedSeg/inference.py": _module_parser("MultiMedSeg.training.options", "inference_parser"),
-    "MultiMedSeg/predict.py": _module_parser("MultiMedSeg.training.options", "predict_parser"),
+    "MultiMedSeg/pretrain.py": _module_parser("MultiMedSeg.options", "training_parser", "pretrain"),
+    "MultiMedSeg/train.py": _module_parser("MultiMedSeg.options", "training_parser", "train"),
+    "MultiMedSeg/inference.py": _module_parser("MultiMedSeg.options", "inference_parser"),
+    "MultiMedSeg/predict.py": _module_parser("MultiMedSeg.options", "predict_parser"),
     "MultiMedSeg/plan.py": _module_parser("MultiMedSeg.plan"),
     "MultiMedSeg/select_evaluation.py": _module_parser("MultiMedSeg.select_evaluation"),
     "demo/run.py": _module_parser("demo.run"),
@@ -79,7 +79,7 @@ def test_every_flag_accepts_both_spellings(script):
     """Each multi-word flag of the script (and of its sub-commands), written the other way, is the same flag."""
     parser = PARSERS[script]()
     for p in _all_parsers(parser):
-        assert isinstance(p, CliParser), f"{script} does not use robustmedseg.errors.CliParser"
+        assert isinstance(p, CliParser), f"{script} does not use robustmedseg.cli.CliParser"
         for option, action in p.flag_spellings().values():  # also refuses flags that differ only by _ / -
             other = _other_spelling(option)
             if other == option:
@@ -155,7 +155,7 @@ def test_both_spellings_parse_alike(script):
 def test_paper_command_lines_still_parse():
     import generate_volumes
     import train
-    from MultiMedSeg.training.options import parse_inference_options, parse_training_options, training_parser
+    from MultiMedSeg.options import parse_inference_options, parse_training_options, training_parser
 
     a = train.build_parser().parse_args("--size 512 --n_domains 3 --augment --num_updates_per_round 2000 "
                                         "--rounds 350".split())
@@ -255,3 +255,132 @@ def test_console_script_resolves_and_answers_help(name, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------ usage lines
+def _help(*command: str, cwd: Path = REPO, name: str = "") -> str:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, *command, "--help"], cwd=cwd, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _installed_console_script(name: str, module: str) -> bool:
+    from importlib.metadata import entry_points
+
+    return any(e.name == name and e.value.startswith(module + ":") for e in entry_points(group="console_scripts"))
+
+
+def test_program_name_follows_the_invocation(tmp_path):
+    """`python -m X` shows `python -m X`, `python X.py` the path typed, a console script its own name."""
+    assert _help("-m", "MultiMedSeg.predict").startswith("usage: python -m MultiMedSeg.predict ")
+    assert _help("MultiMedSeg/predict.py").startswith("usage: MultiMedSeg/predict.py ")
+    assert _help("-m", "MultiMedSeg.preprocess").startswith("usage: python -m MultiMedSeg.preprocess ")
+    assert _help("MultiMedSeg/preprocess.py").startswith("usage: MultiMedSeg/preprocess.py ")
+    for name, module in (("rms-predict", "MultiMedSeg.predict"), ("rms-preprocess", "MultiMedSeg.preprocess")):
+        if not _installed_console_script(name, module):
+            pytest.skip("the project is not installed (pip install -e .): no console-script metadata")
+        wrapper = tmp_path / name  # what pip writes for a console script: import the entry point and call it
+        wrapper.write_text(f"import sys\nfrom {module} import cli\nsys.exit(cli())\n")
+        assert _help(str(wrapper)).startswith(f"usage: {name} "), name
+    # inside another process (a test, a library call) the parser keeps its documented name
+    from MultiMedSeg.options import predict_parser
+
+    assert predict_parser().prog == "MultiMedSeg/predict.py"
+
+
+def _usage(parser: argparse.ArgumentParser) -> str:
+    return " ".join(parser.format_usage().split())
+
+
+def test_required_flags_are_shown_as_required():
+    from MultiMedSeg import preprocess
+    from MultiMedSeg.options import inference_parser, predict_parser, training_parser
+
+    usage = _usage(predict_parser())
+    for shown in ("-i PATH [PATH ...]", "-o OUT", "--checkpoint_dir CHECKPOINT_DIR"):
+        assert f" {shown}" in usage and f"[{shown}" not in usage, (shown, usage)
+    assert "[--device" in usage  # an optional flag keeps its brackets
+    assert " --exp_dir EXP_DIR" in _usage(inference_parser()) and "[--exp_dir" not in _usage(inference_parser())
+    for flag in ("--exp_dir EXP_DIR", "--src_label SRC_LABEL", "--tgt_label TGT_LABEL",
+                 "--checkpoint_dir CHECKPOINT_DIR"):
+        assert f" {flag}" in _usage(training_parser("train")) and f"[{flag}" not in _usage(training_parser("train"))
+    assert " --images IMAGES" in _usage(preprocess.build_parser())
+    # shown as required, still checked by the command (the value may come from --config): the one-line error
+    p = predict_parser()
+    assert all(not a.required for a in p._actions)
+    from MultiMedSeg.options import parse_predict_options
+    from robustmedseg.errors import InputError
+
+    with pytest.raises(InputError, match="^-i is required$"):
+        parse_predict_options(["-o", "x", "--checkpoint_dir", "y"])
+
+
+def test_train_usage_uses_one_spelling_style():
+    """rms-train's usage writes every multi-word flag with '_' (the other spelling stays accepted)."""
+    import train
+
+    usage = _usage(train.build_parser())
+    dashed = sorted({flag for flag in usage.replace("[", " ").replace("]", " ").replace("|", " ").split()
+                     if flag.startswith("--") and "-" in flag[2:]})
+    assert not dashed, dashed
+    args = train.build_parser().parse_args(["--max-nodes-per-round", "3", "--no-secagg", "--no-allow-tf32",
+                                            "--researcher-dir", "r"])
+    assert args.max_nodes == 3 and args.secagg is False and args.allow_tf32 is False
+    assert str(args.researcher_dir) == "r"
+    assert train.build_parser().parse_args(["--secagg", "--allow_tf32"]).allow_tf32 is True
+
+
+def test_missing_backbone_weights_name_the_flag(tmp_path):
+    """The README's P2a command without the ArcFace file: the error names --backbone_weights."""
+    from MultiMedSeg.models.iresnet import IResNet, load_arcface_weights
+    from robustmedseg.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        load_arcface_weights(IResNet([1, 1, 1, 1], base_channels=8), tmp_path / "backbone.pth")
+    message = str(info.value)
+    assert "backbone.pth" in message and "--backbone_weights" in message and "not found" in message
+
+
+def test_preprocess_and_generate_flags_are_their_config_fields():
+    """preprocess.py's and generate_volumes.py's flags are generated from PreprocessConfig and GenerationConfig
+    (same fields, same defaults; a field without a default is a required flag); --help imports no torch."""
+    import dataclasses
+
+    import generate_volumes
+    from MultiMedSeg import preprocess
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig
+    from MultiMedSeg.options import GenerationConfig
+
+    p = preprocess.build_parser()
+    dests = {a.dest for a in p._actions} - {"help", "convert_legacy", "quiet"}
+    assert dests == {f.name for f in dataclasses.fields(PreprocessConfig)}
+    cfg = preprocess.config_from_args(p.parse_args(["--images", "i", "--out", "o", "--target-spacing", "1", "2", "3",
+                                                    "--no-crop", "--num_classes", "4", "--no-standardize"]))
+    assert cfg == PreprocessConfig(images=Path("i"), out=Path("o"), target_spacing=(1.0, 2.0, 3.0), crop=False,
+                                   num_classes=4, standardize=False)
+    assert preprocess.config_from_args(p.parse_args(["--images", "i", "--out", "o"])) == \
+        PreprocessConfig(images=Path("i"), out=Path("o"))
+    g = generate_volumes.build_parser()
+    actions = {a.dest: a for a in g._actions if a.dest not in ("help", "quiet")}
+    fields = {f.name: f for f in dataclasses.fields(GenerationConfig)}
+    assert set(actions) == set(fields)
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            assert actions[name].default == f.default, name
+        else:
+            assert actions[name].required, name
+    args = g.parse_args(["--ckpt_dir", "c", "--label", "0", "--n_volumes", "2", "--slices_in_one_z", "3",
+                         "--n_segmentation_labels", "3", "--out_dir", "o", "--no-nifti", "--z_depth", "5"])
+    assert g.build(args) == GenerationConfig(ckpt_dir=Path("c"), label=0, n_volumes=2, slices_in_one_z=3,
+                                             n_segmentation_labels=3, out_dir=Path("o"), nifti=False, z_depth=5)
+    import os
+
+    code = "import sys, generate_volumes, MultiMedSeg.preprocess as p; p.build_parser(); " \
+           "generate_volumes.build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.stdout.strip() == "False", res.stderr

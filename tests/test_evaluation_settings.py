@@ -27,9 +27,9 @@ from MultiMedSeg.data.images_dataset import VolumeDataset
 from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import SegmentationEnsemble, resolve_checkpoints
-from MultiMedSeg.training.evaluation import (EVALUATION_NAME, PAPER_WEIGHTS, WEIGHT_GRID, best_candidate, read_settings,
+from MultiMedSeg.evaluation.settings import (EVALUATION_NAME, PAPER_WEIGHTS, WEIGHT_GRID, best_candidate, read_settings,
                                              write_settings)
-from MultiMedSeg.training.metrics import volume_scores
+from MultiMedSeg.evaluation.metrics import volume_scores
 from builders import MMS_TINY as TINY, exit_message, tiny_generator_file as write_generator
 
 

@@ -19,8 +19,8 @@ from builders import tiny_generation_config as tiny_config, write_checkpoints
 from model import Generator
 from MultiMedSeg import generation as gen
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
-from MultiMedSeg.models.psp import PSP
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
 
 torch.set_num_threads(1)
@@ -233,9 +233,9 @@ def test_keep_largest_component_flag_applies(run_dir, tmp_path):
 # ----------------------------------------------------------------------------- errors and CLI
 def test_label_count_and_model_mismatches_are_one_line_errors(run_dir, tmp_path):
     cases = [
-        (dict(n_segmentation_labels=4), "checkpoint segments 3 labels but --n_segmentation_labels is 4"),
+        (dict(n_segmentation_labels=4), "checkpoint segments 3 labels but --label_nc is 4"),
         (dict(n_domains=2), "n_domains = 3 but --n_domains is 2"),
-        (dict(z_depth=29), "5 z-bins but --z_depth is 29"),
+        (dict(z_depth=29), "5 z-bins but --n_zbins is 29"),
         (dict(label=1), "--label 1 is not a domain of the checkpoints"),
         (dict(label=1, head="target"), "--head target needs an adaptation checkpoint"),
         (dict(label=5, head="source"), "--label 5 is not a domain of the generator"),
@@ -266,7 +266,7 @@ def test_cli_help_and_errors(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:
         run_cli(generate_volumes.main, argv)
     err = capsys.readouterr().err.strip()
-    assert ex.value.code == 2 and err.startswith("error: ") and "\n" not in err and "--n_segmentation_labels" in err
+    assert ex.value.code == 2 and err.startswith("error: ") and "\n" not in err and "--label_nc is 4" in err
 
 
 def test_cli_end_to_end_and_overwrite(run_dir, tmp_path, capsys):

@@ -22,12 +22,12 @@ from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.inference import label_volumes
-from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
-from MultiMedSeg.training.options import parse_inference_options, parse_training_options
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.ensemble import label_volumes
+from MultiMedSeg.evaluation.metrics import binary_scores, branch_metrics, selection_score, volume_scores
+from MultiMedSeg.options import parse_inference_options, parse_training_options
 from builders import MMS_TINY, exit_message, make_slices, tiny_generator_file
-from robustmedseg.errors import InputError
+from robustmedseg.errors import InputError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MMS_TINY
@@ -243,7 +243,7 @@ def test_ensemble_weights_are_honoured():
 
 
 def test_translation_volume_and_invert_intensity_undo():
-    from MultiMedSeg.training.inference import translation_volume
+    from MultiMedSeg.ensemble import translation_volume
 
     pred = {"trans": torch.full((1, 1, 2, 2), 0.5), "weight": torch.ones(1, 1, 2, 2)}
     pred["weight"][0, 0, 1, 1] = 0
@@ -257,8 +257,7 @@ def test_invert_intensity_translation_is_negated_back_on_background():
     background; inference negates it again there, which gives back the generator's intensities."""
     from types import SimpleNamespace
 
-    from MultiMedSeg.ensemble import Member
-    from MultiMedSeg.training.inference import predict_volume
+    from MultiMedSeg.ensemble import Ensemble, Member
 
     seg = torch.zeros(1, 3, 4, 4)
     seg[:, 0, :2] = 1.0   # background on the top half
@@ -276,9 +275,9 @@ def test_invert_intensity_translation_is_negated_back_on_background():
 
     batch = {"data": torch.zeros(2, 1, 4, 4), "domain": torch.tensor([[0.0, 1.0]] * 2),
              "weight": torch.ones(2, 1, 4, 4)}
-    out = predict_volume([Member(Stub(True), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    out = Ensemble([Member(Stub(True), 1.0, None)], torch.device("cpu")).predict_volume([batch], inter=True)
     assert torch.allclose(out["trans"], torch.full((2, 1, 4, 4), 0.5))
-    plain = predict_volume([Member(Stub(False), 1.0, None)], [batch], torch.device("cpu"), inter=True)
+    plain = Ensemble([Member(Stub(False), 1.0, None)], torch.device("cpu")).predict_volume([batch], inter=True)
     assert torch.allclose(plain["trans"], torch.full((2, 1, 4, 4), 0.5))
 
 
@@ -349,7 +348,8 @@ def test_options_config_file_and_dash_aliases(tmp_path):
                                "stylegan_weights": "g.pt", "batch_size": 2, "ce_weights": [1, 2, 3]}))
     opts = parse_training_options(["--config", str(cfg), "--exp-dir", "x", "--batch_size", "6"], "pretrain")
     assert opts.source_root == tmp_path / "data" / "src" and opts.batch_size == 6 and opts.src_label == 1
-    assert opts.ce_weights == [1.0, 2.0, 3.0] and opts.only_intra and opts.save_interval == opts.max_steps
+    assert opts.ce_weights == [1.0, 2.0, 3.0] and opts.only_intra and opts.save_interval is None
+    assert opts.checkpoint_interval == opts.max_steps  # derived, not written into the options
     cfg.write_text(json.dumps({"learn_in_w": True}))
     with pytest.raises(InputError, match="cfg.json.*learn_in_w"):
         parse_training_options(["--config", str(cfg)], "pretrain")
@@ -368,16 +368,67 @@ def test_options_config_file_and_dash_aliases(tmp_path):
     assert parse_training_options(train + ["--reinit-encoder"], "train").reinit_encoder
 
 
+def test_options_are_typed_frozen_and_read_back_with_their_type(tmp_path):
+    """One configuration style: a frozen dataclass per command, its flags generated from its fields, stored
+    in the run (opt.json) and read back with the same type; older opt.json files still load."""
+    import dataclasses
+
+    from MultiMedSeg import options as O
+
+    base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
+    pre = parse_training_options(base + ["--no_amp", "--ce_weights", "1,2,3"], "pretrain")
+    assert type(pre) is O.PretrainOptions and pre.mode == "pretrain" and pre.only_intra
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.save_interval = 3  # no attribute changes after parsing
+    stored = json.loads(json.dumps(pre.to_dict()))  # as opt.json holds it
+    assert stored["mode"] == "pretrain" and stored["only_intra"] is True and stored["amp"] == "fp16"
+    back = O.stored_training_options(stored)
+    assert back == pre and type(back) is O.PretrainOptions
+    (tmp_path / "opt.json").write_text(json.dumps(stored))
+    assert O.load_run_options(tmp_path) == pre and O.load_run_options(tmp_path / "none") is None
+    # an opt.json of the earlier Namespace options: derived values written in, keys of older versions
+    old = dict(stored, save_interval=15000, amp="off", mode="train", only_intra=False, tgt_label=2,
+               target_labeled="t", checkpoint_dir="c", some_removed_option=1)
+    adapt = O.stored_training_options(old)
+    assert type(adapt) is O.AdaptOptions and adapt.target_labeled == Path("t") and adapt.checkpoint_interval == 15000
+    assert adapt.amp_mode == "off" and not adapt.only_intra
+    assert type(O.stored_training_options({"only_intra": True})) is O.PretrainOptions  # before "mode" was stored
+    with pytest.raises(InputError, match="unknown mode"):
+        O.stored_training_options({"mode": "other"})
+    # the flags are the fields: each flag's type and default is its field's
+    for parser, cls, not_flags in ((O.training_parser("pretrain"), O.PretrainOptions,
+                                    {"target_data", "target_labeled", "target_unlabeled", "checkpoint_dir",
+                                     "one_target_slice", "reinit_encoder", "tgt_label", "ensemble_selection"}),
+                                   (O.training_parser("train"), O.AdaptOptions, {"stylegan_weights"}),
+                                   (O.inference_parser(), O.InferenceOptions, set()),
+                                   (O.predict_parser(), O.PredictOptions, set()),
+                                   (O.select_evaluation_parser(), O.SelectEvaluationOptions, set()),
+                                   (O.plan_parser(), O.PlanOptions, set())):
+        dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "paper_only_intra")}
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(dests) == names - not_flags, (cls.__name__, set(dests) ^ (names - not_flags))
+        defaults = cls()
+        assert all(a.default == getattr(defaults, name) for name, a in dests.items()), cls.__name__
+    assert O.PretrainOptions().batch_size == 8 and O.AdaptOptions().batch_size == 4
+    assert O.training_parser("pretrain").parse_args([]).max_steps == 15000
+    # a checkpoint's feature scale reads its stored options with the same type (older payloads too)
+    from MultiMedSeg.ensemble import feature_scale_of
+
+    assert feature_scale_of({"opts": dict(old, feature_scale_rate=0.1), "global_step": 3}) == pytest.approx(0.3)
+    assert feature_scale_of({"opts": {"only_intra": True}, "global_step": 5000}) == pytest.approx(0.5)  # default rate
+    assert feature_scale_of({"global_step": 20000}) == 1.0
+
+
 def test_gpu_options_amp_tf32_cudnn_benchmark(monkeypatch):
     """--amp fp16|bf16|off (fp16 default, as the reference; --no_amp = off), --allow_tf32, --cudnn_benchmark."""
     from MultiMedSeg.training.coach import amp_dtype
 
     base = ["--exp_dir", "x", "--source_root", "s", "--val_root", "v", "--src_label", "0", "--stylegan_weights", "g"]
     opts = parse_training_options(base, "pretrain")
-    assert opts.amp == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
-    assert parse_training_options(base + ["--no-amp"], "pretrain").amp == "off"
+    assert opts.amp_mode == "fp16" and not opts.allow_tf32 and not opts.cudnn_benchmark
+    assert parse_training_options(base + ["--no-amp"], "pretrain").amp_mode == "off"
     opts = parse_training_options(base + ["--amp", "bf16", "--allow-tf32", "--cudnn_benchmark"], "pretrain")
-    assert opts.amp == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
+    assert opts.amp_mode == "bf16" and opts.allow_tf32 and opts.cudnn_benchmark
     assert parse_inference_options(["--exp_dir", "o", "--checkpoint_dir", "c", "--target_data", "d",
                                     "--allow_tf32"]).allow_tf32
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

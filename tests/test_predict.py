@@ -29,8 +29,8 @@ from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data import load_slice
 from MultiMedSeg.data.formats import ItkGeometry, nifti_to_itk
-from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, load_plan, plan_from_metadata, prepare_scan
-from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, plan_from_metadata, prepare_scan
+from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 from MultiMedSeg.data.restore import load_metadata
 from builders import MMS_TINY as TINY, exit_message, tiny_generator_file as write_generator
 

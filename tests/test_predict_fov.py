@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from MultiMedSeg.data import field_of_view as fov
-from MultiMedSeg.data.plan import PLAN_NAME, load_plan, plan_from_metadata
+from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, load_plan, plan_from_metadata
 from MultiMedSeg.data.restore import load_metadata
 from test_predict import _copy_run, _labels, _nifti, _predict, _test_ids, runs  # noqa: F401  (fixture)
 

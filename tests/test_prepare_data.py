@@ -403,7 +403,7 @@ def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_cli
 
 def test_chain_phantom_volume_depth_covers_all_zbins(phantom_dir, tmp_path):
     """Phantom volumes keep >= 29 slices without cropping or z-split: every z-bin 0..28 is used."""
-    from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 
     prep = tmp_path / "prep"
     preprocess(PreprocessConfig(images=phantom_dir / "site0" / "images", labels=phantom_dir / "site0" / "labels",

@@ -16,7 +16,7 @@ from medpy.metric.binary import dc
 from MultiMedSeg import preprocess as cli
 from MultiMedSeg.data import (PreprocessConfig, group_slices_by_volume, load_metadata, load_slice, preprocess,
                               restore_volume, save_slice, slice_index, volume_id, write_nifti_like)
-from MultiMedSeg.data.preprocessing import axis_crop, pick_labeled_train, split_volumes, z_range
+from MultiMedSeg.data.volumes_to_slices import axis_crop, pick_labeled_train, split_volumes, z_range
 from robustmedseg.data.slices import convert_legacy_folder
 from robustmedseg.errors import InputError
 
@@ -407,7 +407,7 @@ def test_crop_threshold_is_taken_on_the_integer_histogram():
 def test_crop_profile_is_the_raw_maximum():
     """CT-like data (negative background): the profile is the raw max over the other axes, as the
     original, not the max of |x| (which here keeps the whole axis instead of cropping to the object)."""
-    from MultiMedSeg.data.preprocessing import heuristic_crop
+    from MultiMedSeg.data.volumes_to_slices import heuristic_crop
 
     rng = np.random.default_rng(0)
     obj = 100 + 30 * np.sin(np.arange(220) / 7.0) + rng.normal(0, 5, 220)
@@ -419,7 +419,7 @@ def test_crop_profile_is_the_raw_maximum():
 
 
 def test_intensity_window_is_the_upper_bin_edge():
-    from MultiMedSeg.data.preprocessing import histogram_window
+    from MultiMedSeg.data.volumes_to_slices import histogram_window
 
     vol = np.concatenate([np.zeros(10), np.full(980, 5.0), np.full(10, 10.0)])  # 1 % at 0, 1 % at 10
     edges = np.linspace(0, 10, 257)

@@ -129,7 +129,7 @@ def test_generate_volumes_out_dir_equal_to_ckpt_dir_is_refused(tmp_path, capsys)
     err = cli_error(capsys, generate_volumes.main, ["--ckpt_dir", str(run), "--out_dir", str(run), "--overwrite",
                                                     "--label", "0", "--n_volumes", "1", "--slices_in_one_z", "1",
                                                     "--n_segmentation_labels", "3"])
-    assert "--out_dir is the input --ckpt_dir" in err
+    assert "--out_dir is the input --checkpoint_dir" in err
     assert (run / "checkpoints" / "best.json").read_text() == "[]"
 
 
@@ -286,7 +286,7 @@ def test_stale_temporaries_of_dead_processes_only(tmp_path):
 
 
 def test_preprocess_ignores_hidden_folders(phantom_dir, tmp_path):
-    from MultiMedSeg.data.preprocessing import find_images
+    from MultiMedSeg.data.volumes_to_slices import find_images
 
     images = tmp_path / "images"
     shutil.copytree(phantom_dir / "site0" / "images", images)
@@ -569,7 +569,7 @@ def test_train_refuses_a_folder_without_a_researcher_component_at_once(tmp_path,
     start = time.monotonic()
     err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "typo"), "--wait-nodes", "120"])
     assert err.startswith(f"error: {tmp_path / 'typo'}: not a Fed-BioMed researcher component (no such folder)")
-    assert "--create-researcher-dir" in err and not (tmp_path / "typo").exists()
+    assert "--create_researcher_dir" in err and not (tmp_path / "typo").exists()
     (tmp_path / "plain").mkdir()
     err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "plain")])
     assert "(no etc/config.ini in it)" in err and not any((tmp_path / "plain").iterdir())
@@ -678,7 +678,7 @@ def test_run_id_cannot_name_a_path():
 
 
 def test_best_index_entries_stay_in_the_checkpoint_folder(tmp_path):
-    from MultiMedSeg.training import checkpoints as ck
+    from MultiMedSeg import checkpoints as ck
 
     for name in ("../outside.pt", "sub/x.pt", "/abs/x.pt", "..pt", ".hidden.pt", "x.pth"):
         (tmp_path / ck.INDEX_NAME).write_text(json.dumps([{"file": name, "score": 0.5, "step": 1}]))

@@ -130,7 +130,7 @@ def test_noise_modes_use_the_documented_noise(run_dir, tmp_path):
     (dict(n_volumes=0), "--n_volumes must be >= 1, got 0"),
     (dict(slices_in_one_z=0), "--slices_in_one_z must be >= 1, got 0"),
     (dict(batch_size=0), "--batch_size must be >= 1, got 0"),
-    (dict(n_segmentation_labels=1), "--n_segmentation_labels must be >= 2, got 1"),
+    (dict(n_segmentation_labels=1), "--label_nc must be >= 2, got 1"),
     (dict(noise="pink"), "--noise must be one of slice, volume, fixed, got 'pink'"),
     (dict(head="left"), "--head must be one of auto, source, target, got 'left'"),
     (dict(device="tpu"), "--device must be auto, cpu or cuda, got 'tpu'"),
@@ -252,11 +252,11 @@ def test_phase1_generator_override_is_reported(run_dir, tmp_path):
     assert f"synthesis: phase-1 file {g_file} (32 px, {N_ZBINS} z-bins)" in lines[0]
     with pytest.raises(InputError) as info:
         gen.build_factory(make_cfg(run_dir, tmp_path / "p", generator=g_file, z_depth=N_ZBINS + 1), log=quiet)
-    assert str(info.value) == f"{g_file}: generator has {N_ZBINS} z-bins but --z_depth is {N_ZBINS + 1}"
+    assert str(info.value) == f"{g_file}: generator has {N_ZBINS} z-bins but --n_zbins is {N_ZBINS + 1}"
     first = sorted((run_dir / "checkpoints").glob("best_*.pt"), key=lambda p: -int(p.stem[9:]))[0]
     with pytest.raises(InputError) as info:
         gen.build_factory(make_cfg(run_dir, tmp_path / "p", n_segmentation_labels=4), log=quiet)
-    assert str(info.value) == f"{first}: checkpoint segments 3 labels but --n_segmentation_labels is 4"
+    assert str(info.value) == f"{first}: checkpoint segments 3 labels but --label_nc is 4"
     with pytest.raises(InputError) as info:
         gen.build_factory(make_cfg(run_dir, tmp_path / "p", z_depth=N_ZBINS + 1), log=quiet)
     assert str(info.value).startswith(f"{first}: generator has")

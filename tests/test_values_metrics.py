@@ -1,4 +1,4 @@
-"""Segmentation metric values (MultiMedSeg.training.metrics, inference spacing) against definitions.
+"""Segmentation metric values (MultiMedSeg.evaluation.metrics, inference spacing) against definitions.
 
 The Hausdorff distances are recomputed here from their definition (surface voxels, Euclidean
 distance transform with the voxel spacing, maximum and 95th percentile of the symmetric surface
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from MultiMedSeg.training.inference import spacing_from_affine
-from MultiMedSeg.training.metrics import binary_scores, branch_metrics, mean_metrics, selection_score, volume_scores
+from MultiMedSeg.evaluation.test_volumes import spacing_from_affine
+from MultiMedSeg.evaluation.metrics import binary_scores, branch_metrics, mean_metrics, selection_score, volume_scores
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:

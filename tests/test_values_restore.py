@@ -135,7 +135,7 @@ def test_write_nifti_like_without_q_or_s_form_uses_the_affine_uncoded(tmp_path):
 
 
 def test_load_metadata_and_volume_meta_errors(tmp_path):
-    from MultiMedSeg.data.preprocessing import METADATA_FORMAT, METADATA_VERSION
+    from MultiMedSeg.data.volumes_to_slices import METADATA_FORMAT, METADATA_VERSION
     from MultiMedSeg.data.restore import VOLUME_KEYS, volume_meta
     from robustmedseg.errors import InputError
 

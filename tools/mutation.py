@@ -56,7 +56,7 @@ MODULES: Dict[str, Tuple[List[str], List[str]]] = {
         "--deselect", "tests/test_prepare_data.py::test_chain_phantom_volume_depth_covers_all_zbins"]),
     "restore": (["MultiMedSeg/data/restore.py"], [
         "tests/test_values_restore.py", "tests/test_properties.py::test_preprocess_restore_round_trip_is_exact"]),
-    "metrics": (["MultiMedSeg/training/metrics.py"], [
+    "metrics": (["MultiMedSeg/evaluation/metrics.py"], [
         "tests/test_values_metrics.py", "tests/test_mms_training.py::test_binary_scores_edge_cases_and_spacing",
         "tests/test_mms_training.py::test_selection_score_takes_best_branch",
         "tests/test_mms_training.py::test_consider_only_vessels_within_brain_scores_label_2_only",

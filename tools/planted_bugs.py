@@ -13,7 +13,7 @@ BUGS = [
  ("restore ignores the z offset", "MultiMedSeg/data/restore.py",
   "full[first:stop] = vol", "full[:stop - first] = vol",
   ["tests/test_values_restore.py", "tests/test_properties.py", "tests/test_preprocess.py"]),
- ("HD95 = plain Hausdorff", "MultiMedSeg/training/metrics.py",
+ ("HD95 = plain Hausdorff", "MultiMedSeg/evaluation/metrics.py",
   'funcs = {"hd": hd, "hd95": hd95}', 'funcs = {"hd": hd, "hd95": hd}',
   ["tests/test_values_metrics.py", "tests/test_mms_training.py"]),
  ("every volume synthesised with domain 0", "MultiMedSeg/generation.py",

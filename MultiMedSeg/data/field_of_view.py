@@ -137,7 +137,7 @@ def slab_slices(foreground_z: Optional[Sequence[int]], slab: Sequence[float], de
 
 
 def slab_mask(volume_meta: Dict[str, Any], slab: Sequence[float]) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """The training slab of a prepared scan (:func:`MultiMedSeg.data.plan.prepare_scan`'s entry) on the
+    """The training slab of a prepared scan (:func:`MultiMedSeg.data.preprocessing_plan.prepare_scan`'s entry) on the
     scan's own grid (False outside the crop, where predictions are background anyway), and its
     working slice range."""
     from .restore import restore_volume

@@ -73,7 +73,7 @@ from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_path
 
 from . import orientation as orient
-from .preprocessing import METADATA_FORMAT, METADATA_NAME, METADATA_VERSION
+from .volumes_to_slices import METADATA_FORMAT, METADATA_NAME, METADATA_VERSION
 from .resample import resize_image, resize_labels, resize_linear
 
 PathLike = Union[str, os.PathLike]

@@ -126,11 +126,11 @@ def load_arcface_weights(net: IResNet, path: Optional[os.PathLike]) -> bool:
     """
     if path is None:
         return False
-    state = load_torch_file(path, "ArcFace backbone weights")
+    state = load_torch_file(path, "ArcFace backbone weights (given by --backbone_weights)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise InputError("ArcFace backbone file is not a state dict", path)
+        raise InputError("ArcFace backbone file (given by --backbone_weights) is not a state dict", path)
     state = strip_module_prefix(state)
     own = dict(net.named_parameters())
     with torch.no_grad():
@@ -141,6 +141,6 @@ def load_arcface_weights(net: IResNet, path: Optional[os.PathLike]) -> bool:
                                  f"IResNet-50, base 64)", path)
             if src.shape != own[key].shape:
                 raise InputError(f"ArcFace weight '{key}' has shape {tuple(src.shape)}, the encoder expects "
-                                 f"{tuple(own[key].shape)} (use --encoder-depth 50 and base channels 64)", path)
+                                 f"{tuple(own[key].shape)} (use --encoder_depth 50 and --encoder_base_channels 64)", path)
             own[key].copy_(src)
     return True

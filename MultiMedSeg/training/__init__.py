@@ -1,5 +1,5 @@
-"""Phase-2 training and inference library: options, run set-up (``setup``), the Coach training loop,
-checkpoints with a JSON best-k index, MedPy metrics and ensemble inference back to NIfTI.
+"""Phase-2 training library: run set-up (``setup``), the Coach training loop (``coach``) and the shared
+entry point of pretrain.py and train.py (``command``).  Evaluation is :mod:`MultiMedSeg.evaluation`.
 
 Modules are imported by full path (``MultiMedSeg.training.coach`` ...) to keep imports light.
 """

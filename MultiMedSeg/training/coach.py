@@ -8,12 +8,12 @@ Fixes of docs/differences.md in this file: one device, no DataParallel (docs/dif
 is ``1 - SSIM`` (docs/differences.md#d9-28, in :mod:`MultiMedSeg.losses`); validation never skips small
 batches and groups slices by volume id, not by loader order (docs/differences.md#d9-30); the classifier
 optimiser only steps when a head received gradients (docs/differences.md#d9-31); the best-k index is JSON
-(docs/differences.md#d9-26, :mod:`MultiMedSeg.training.checkpoints`).
+(docs/differences.md#d9-26, :mod:`MultiMedSeg.checkpoints`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -29,12 +29,12 @@ from MultiMedSeg.data.sampler import BalancedSampler
 from MultiMedSeg.data.transforms import eval_transform, train_transform
 from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
 from MultiMedSeg.optim import Ranger
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.inference import predict_slices, volume_labels
-from MultiMedSeg.training.metrics import branch_metrics, mean_metrics, selection_score
-from MultiMedSeg.training.options import options_to_dict
-from MultiMedSeg.data.plan import save_plan
-from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, training_plan
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.ensemble import Ensemble, Member, blend, volume_labels
+from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
+from MultiMedSeg.options import OPTIONS_NAME, TrainingOptions
+from MultiMedSeg.data.preprocessing_plan import save_plan
+from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, preprocessing_plan
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
@@ -55,7 +55,7 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 class LossBundle:
     """The loss weights and (if used) the LPIPS network, built once from the options."""
 
-    def __init__(self, opts: argparse.Namespace, device: torch.device):
+    def __init__(self, opts: TrainingOptions, device: torch.device):
         self.cfg = L.LossConfig(l2_lambda=opts.l2_lambda, ssim_lambda=opts.ssim_lambda, lpips_lambda=opts.lpips_lambda,
                                 ce_lambda=opts.ce_lambda, dice_lambda=opts.dice_lambda, ce_weights=opts.ce_weights,
                                 dice_weights=opts.dice_weights, optimize_mode=opts.optimize_mode)
@@ -75,7 +75,7 @@ class LossBundle:
         return self.cfg.favoured()
 
 
-def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: argparse.Namespace) -> torch.optim.Optimizer:
+def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: TrainingOptions) -> torch.optim.Optimizer:
     """Ranger (default, docs/method.md#coach) or Adam over the encoder (and decoder) parameters."""
     if opts.optim_name == "adam":
         return torch.optim.Adam(params, lr=opts.learning_rate)
@@ -86,10 +86,10 @@ def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: argparse.Name
 class Coach:
     """Builds model, data, losses and optimisers from the options and runs training."""
 
-    def __init__(self, opts: argparse.Namespace):
+    def __init__(self, opts: TrainingOptions):
         self.opts = opts
         self.device = resolve_device(opts.device)
-        self.amp_dtype = amp_dtype(opts.amp, self.device)
+        self.amp_dtype = amp_dtype(opts.amp_mode, self.device)
         self.use_amp = self.amp_dtype is not None
         seed_everything(opts.seed)
         configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
@@ -101,8 +101,9 @@ class Coach:
         self.best = ck.BestIndex(self.ckpt_dir, opts.n_best)
         self._writer = None
         self.net = self._build_model()
+        opts = self.opts  # with the model's geometry
         self._build_data()
-        self.plan = training_plan(opts)  # checked now, written with the run (MultiMedSeg.data.plan)
+        self.plan = preprocessing_plan(opts)  # checked now, written with the run (MultiMedSeg.data.preprocessing_plan)
         self.losses = LossBundle(opts, self.device)
         self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
         self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
@@ -111,7 +112,7 @@ class Coach:
             self._resume()
         self.run.open()
         try:
-            ck.write_json(self.exp_dir / "opt.json", options_to_dict(opts))
+            ck.write_json(self.exp_dir / OPTIONS_NAME, self.opts.to_dict())
             if self.plan is not None:
                 save_plan(self.plan, self.ckpt_dir)
         except BaseException:
@@ -138,10 +139,10 @@ class Coach:
         net.set_decoder_trainable(bool(opts.train_decoder))
         net.to(self.device)
         net.compute_latent_avg(n=opts.latent_avg_samples, seed=opts.seed)
-        # the rest of the run is reported with the model's real geometry
-        opts.output_size = net.config.output_size
-        opts.encoder_input_size = net.config.encoder_input_size
-        opts.n_domains = net.config.n_domains
+        # the rest of the run is reported with the model's real geometry (a new options object, never a change)
+        self.opts = dataclasses.replace(opts, output_size=net.config.output_size,
+                                        encoder_input_size=net.config.encoder_input_size,
+                                        n_domains=net.config.n_domains)
         return net
 
     def _check_resume_config(self, config: PSPConfig) -> None:
@@ -157,7 +158,7 @@ class Coach:
         size = self.net.config.encoder_input_size
         self.train_set = ImagesDataset(
             source_root=opts.source_root, target_labeled=opts.target_labeled, target_unlabeled=opts.target_unlabeled,
-            transform=train_transform(size, opts.use_da), one_target_slice=getattr(opts, "one_target_slice", False),
+            transform=train_transform(size, opts.use_da), one_target_slice=opts.one_target_slice,
             invert_intensity=opts.invert_intensity, label_nc=opts.label_nc,
             min_length=max(opts.batch_size, opts.test_batch_size))
         if self.train_set.natural_length < 1:
@@ -279,7 +280,7 @@ class Coach:
         self.run.commit()
         return {"step": self.global_step, "val": last_val, "best": self.best.to_list()}
 
-    def _loop(self, opts: argparse.Namespace, bar, batches, last_val: Dict[str, float]) -> None:
+    def _loop(self, opts: TrainingOptions, bar, batches, last_val: Dict[str, float]) -> None:
         try:
             while self.global_step < opts.max_steps:
                 logs = self.train_step(next(batches))
@@ -295,7 +296,7 @@ class Coach:
                 if validate:
                     last_val.clear()
                     last_val.update(self.validate())
-                if self.global_step % opts.save_interval == 0 or final:
+                if self.global_step % opts.checkpoint_interval == 0 or final:
                     self.save_training_state(f"iteration_{self.global_step}.pt")  # also refreshes last.pt
                 elif validate:
                     self.save_training_state()
@@ -313,6 +314,7 @@ class Coach:
         self.net.eval()
         opts = self.opts
         fs = self.feature_scale()
+        ensemble = Ensemble([Member(self.net, fs, None)], self.device)  # the one ensemble code, one member
         batches = self.val_set.volume_batches(opts.test_batch_size)
         loader = DataLoader(self.val_set, batch_sampler=[idx for _, idx in batches], num_workers=opts.test_workers)
         per_volume: List[Dict[str, float]] = []
@@ -325,8 +327,7 @@ class Coach:
                 parts = {}
             current = vid
             b = self._to_device(batch)
-            pred = predict_slices(self.net, b["data"], b["domain"], fs, b["mask"].shape[-2:],
-                                  inter=not opts.only_intra)
+            pred = ensemble.predict_batch(b["data"], b["domain"], b["mask"].shape[-2:], inter=not opts.only_intra)
             for key in ("intra", "inter"):
                 if key in pred:
                     parts.setdefault(key, []).append(pred[key].cpu())
@@ -356,9 +357,8 @@ class Coach:
         if "inter" in parts:
             inter = torch.cat(list(parts["inter"]))
             intra = torch.cat(list(parts["intra"]))
-            w_inter, w_intra = VAL_ENSEMBLE_WEIGHTS
             preds["inter_"] = volume_labels(inter, weight)
-            preds[""] = volume_labels(w_inter * inter + w_intra * intra, weight)
+            preds[""] = volume_labels(blend(inter, intra, VAL_ENSEMBLE_WEIGHTS), weight)
         return [branch_metrics({k: v.numpy() for k, v in preds.items()}, gt.numpy(), self.opts.label_nc,
                                self.opts.consider_only_vessels_within_brain)]
 
@@ -379,16 +379,16 @@ class Coach:
 
     def record_evaluation_settings(self) -> Optional[Path]:
         """``checkpoints/evaluation.json``: the ensemble the run is judged with, what ``inference.py`` and
-        ``predict.py`` use by default (:mod:`MultiMedSeg.training.evaluation`; adaptation: the weights
+        ``predict.py`` use by default (:mod:`MultiMedSeg.evaluation.settings`; adaptation: the weights
         ``--ensemble_selection`` picks on the validation volumes; pretraining: the intra branch)."""
-        from MultiMedSeg.training.evaluation import describe, write_settings
-        from MultiMedSeg.training.selection import choose_settings
+        from MultiMedSeg.evaluation.settings import describe, write_settings
+        from MultiMedSeg.evaluation.selection import choose_settings
 
         if not self.best.entries:  # nothing qualified (every validation score was 0)
             print(f"note: no best checkpoint, so no {self.ckpt_dir / 'evaluation.json'}", file=sys.stderr)
             return None
         opts = self.opts
-        record = choose_settings(self.ckpt_dir, getattr(opts, "ensemble_selection", "paper"), self.val_set,
+        record = choose_settings(self.ckpt_dir, opts.ensemble_selection, self.val_set,
                                  self.device, opts.test_batch_size, opts.consider_only_vessels_within_brain,
                                  opts.test_workers, inter=not opts.only_intra)
         path = write_settings(self.ckpt_dir, record)
@@ -415,7 +415,7 @@ class Coach:
 
     # ---------------------------------------------------------------- checkpoints
     def _model_payload(self) -> Dict[str, Any]:
-        return self.net.checkpoint_payload(self.global_step, options_to_dict(self.opts))
+        return self.net.checkpoint_payload(self.global_step, self.opts.to_dict())
 
     def save_training_state(self, name: str = ck.LAST_NAME) -> Path:
         """Model + optimisers + scaler + step + best index (loadable with ``weights_only=True``)."""

@@ -7,7 +7,7 @@
 * the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
   :func:`adaptation_model` (its config with two domains);
 * :func:`check_domains`: domain ids must index the generator's conditioning;
-* the run's preprocessing plan (:mod:`MultiMedSeg.data.plan`): :func:`training_plan` finds the
+* the run's preprocessing plan (:mod:`MultiMedSeg.data.preprocessing_plan`): :func:`preprocessing_plan` finds the
   ``metadata.json`` of the site the run segments and :func:`run_plan` builds the plan from it;
   :func:`write_run_plan` writes the plan of a finished run (``python -m MultiMedSeg.plan``).
 
@@ -15,23 +15,23 @@ Every problem is a one-line :class:`~robustmedseg.errors.InputError` naming the 
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, plan_from_metadata, save_plan
-from MultiMedSeg.data.preprocessing import METADATA_NAME
+from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, plan_from_metadata, save_plan
+from MultiMedSeg.data.volumes_to_slices import METADATA_NAME
 from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.models.psp import PSP, PSPConfig
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg.options import OPTIONS_NAME, TrainingOptions, stored_training_options
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError
 from robustmedseg.factory_file import read_factory_file
 from robustmedseg.io import check_parents, clean_stale_temporaries, load_torch_file, replace_dir, temp_sibling
 
 
-def check_exp_dir(opts: argparse.Namespace) -> Path:
+def check_exp_dir(opts: TrainingOptions) -> Path:
     """Refuse an existing ``--exp_dir`` unless ``--resume``/``--overwrite`` (no side effects)."""
     exp = Path(opts.exp_dir)
     check_parents(exp)
@@ -42,7 +42,7 @@ def check_exp_dir(opts: argparse.Namespace) -> Path:
         if not opts.overwrite:
             raise InputError("experiment folder already exists (pass --resume to continue it or --overwrite "
                              "to replace it)", exp)
-        if any(exp.iterdir()) and not ((exp / "opt.json").is_file() or (exp / "checkpoints").is_dir()):
+        if any(exp.iterdir()) and not ((exp / OPTIONS_NAME).is_file() or (exp / "checkpoints").is_dir()):
             raise InputError("refusing to --overwrite a non-empty folder that is not a training output", exp)
     return exp
 
@@ -60,7 +60,7 @@ class RunFolder:
     * ``--resume`` writes into ``--exp_dir`` and leaves it as it is on a failure.
     """
 
-    def __init__(self, opts: argparse.Namespace):
+    def __init__(self, opts: TrainingOptions):
         self.final = Path(opts.exp_dir)
         if opts.resume:
             self.mode, self.path = "resume", self.final
@@ -105,15 +105,15 @@ class RunFolder:
         return self.mode != "replace"
 
 
-def check_domains(opts: argparse.Namespace, n_domains: int, source: Path) -> None:
+def check_domains(opts: TrainingOptions, n_domains: int, source: Path) -> None:
     """Domain ids must index the generator's conditioning (one-line error naming ``source``)."""
     for flag in ("src_label", "tgt_label"):
-        value = getattr(opts, flag, None)
+        value = getattr(opts, flag)
         if value is not None and not 0 <= value < n_domains:
             raise InputError(f"--{flag} {value} is not a domain of this generator (n_domains = {n_domains})", source)
 
 
-def pretrain_config(opts: argparse.Namespace) -> PSPConfig:
+def pretrain_config(opts: TrainingOptions) -> PSPConfig:
     """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
     path = Path(opts.stylegan_weights)
     _, args = read_factory_file(path)
@@ -152,7 +152,7 @@ def best_checkpoint(folder: Path) -> Path:
                      folder)
 
 
-def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
+def adaptation_model(opts: TrainingOptions) -> Tuple[PSP, Path]:
     """PSP for ``train.py``: the pretraining checkpoint with two domains [src, tgt]."""
     path = best_checkpoint(opts.checkpoint_dir)
     payload = load_torch_file(path, "pretraining checkpoint", mapping=True)
@@ -183,7 +183,7 @@ def adaptation_model(opts: argparse.Namespace) -> Tuple[PSP, Path]:
     except (TypeError, ValueError) as err:
         raise InputError(f"invalid model configuration: {err}", path) from None
     net.load_checkpoint(path, payload)
-    if getattr(opts, "reinit_encoder", False):  # the original's behaviour (docs/differences.md#d9-38)
+    if opts.reinit_encoder:  # the original's behaviour (docs/differences.md#d9-38)
         net.reinitialise_encoder(opts.backbone_weights)
     return net, path
 
@@ -215,19 +215,19 @@ def find_site_metadata(*folders: Optional[Path]) -> Optional[Path]:
     return None
 
 
-def site_metadata(opts: Mapping[str, Any]) -> Optional[Path]:
-    """``metadata.json`` of the site a run segments, from its options (a parsed namespace's ``vars`` or
-    the ``opts`` saved in its checkpoints): the source data of a pretraining run (``only_intra``), the
-    target data of an adaptation run."""
-    keys = (("source_data", "val_root", "source_root") if opts.get("only_intra")
+def site_metadata(opts: TrainingOptions) -> Optional[Path]:
+    """``metadata.json`` of the site a run segments, from its options (parsed, or stored in its checkpoints
+    and read back with :func:`~MultiMedSeg.options.stored_training_options`): the source data of a
+    pretraining run, the target data of an adaptation run."""
+    keys = (("source_data", "val_root", "source_root") if opts.only_intra
             else ("target_data", "val_root", "target_labeled"))
-    return find_site_metadata(*(Path(opts[k]) for k in keys if opts.get(k)))
+    return find_site_metadata(*(getattr(opts, k) for k in keys if getattr(opts, k) is not None))
 
 
-def training_plan(opts: argparse.Namespace) -> Optional[PreprocessingPlan]:
+def preprocessing_plan(opts: TrainingOptions) -> Optional[PreprocessingPlan]:
     """The plan of this training run (pretraining: the source site, adaptation: the target site), or
     None with a note on stderr when no ``metadata.json`` is found next to its data."""
-    metadata = site_metadata(vars(opts))
+    metadata = site_metadata(opts)
     if metadata is None:
         print(f"note: no {METADATA_NAME} found next to the {'source' if opts.only_intra else 'target'} data: this "
               "run will have no preprocessing plan for predict; write one later with python -m MultiMedSeg.plan "
@@ -250,10 +250,10 @@ def write_run_plan(checkpoint_dir: Path, metadata: Optional[Path] = None, force:
         raise InputError("best-checkpoint index is empty (the run never validated)", index.path)
     best = index.paths(1)[0]
     payload = load_torch_file(best, "phase-2 checkpoint", mapping=True)
-    config, opts = payload.get("config"), payload.get("opts") or {}
+    config, stored = payload.get("config"), payload.get("opts") or {}
     if not isinstance(config, Mapping):
         raise InputError("not a MultiMedSeg phase-2 checkpoint (no 'config')", best)
-    trained_on = site_metadata(opts)
+    trained_on = site_metadata(stored_training_options(stored, best))
     if metadata is None:
         if trained_on is None:
             raise InputError("the run's options name no preprocessed site that still exists; give its "

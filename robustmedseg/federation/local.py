@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from robustmedseg.errors import CliParser, InputError, run_cli
+from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
 DEFAULT_TAGS = ("#im2im",)
@@ -480,7 +481,7 @@ def _dataset_arg(text: str) -> tuple:
 
 
 def build_parser() -> CliParser:
-    p = CliParser(prog="python -m robustmedseg.federation.local",
+    p = CliParser(prog="python -m robustmedseg.federation.local", command="robustmedseg.federation.local",
                                 description="Local Fed-BioMed federation (N nodes + researcher) on this machine.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create components, register datasets, start the nodes and wait for them")

@@ -8,7 +8,7 @@ _DONE = {"pretrain": "pretraining", "train": "adaptation"}
 
 def run_training(argv: Optional[Sequence[str]], mode: str) -> int:
     """Parse the options of ``mode`` ('pretrain' or 'train'), train, print the best checkpoint."""
-    from MultiMedSeg.training.options import parse_training_options
+    from MultiMedSeg.options import parse_training_options
 
     opts = parse_training_options(argv, mode)  # --help exits here, before torch is imported
     from MultiMedSeg.training.coach import Coach

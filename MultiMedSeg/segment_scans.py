@@ -1,17 +1,17 @@
 """Segment new scans with a trained run (the library of ``MultiMedSeg/predict.py``, ``rms-predict``).
 
-Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a preprocessed site,
+Unlike :mod:`MultiMedSeg.evaluation.test_volumes`, which segments the test split of a preprocessed site,
 :func:`run_prediction` takes raw scans -- NIfTI, NRRD, MetaImage or DICOM series, in any orientation
 (:mod:`MultiMedSeg.data.formats`) -- and needs nothing but the run folder:
 
-1. the run's preprocessing plan (``checkpoints/plan.json``, :mod:`MultiMedSeg.data.plan`) and its
+1. the run's preprocessing plan (``checkpoints/plan.json``, :mod:`MultiMedSeg.data.preprocessing_plan`) and its
    ``--ensemble_size`` best checkpoints (:mod:`MultiMedSeg.ensemble`, each file read once) must agree
    on the number of classes and on the domain the run segments;
 2. every scan is checked before any work (format, 3-D, DICOM series, output names);
-3. per scan: read, preprocess exactly as the training data (:func:`MultiMedSeg.data.plan.prepare_scan`:
+3. per scan: read, preprocess exactly as the training data (:func:`MultiMedSeg.data.preprocessing_plan.prepare_scan`:
    reorientation, crop, resampling, standardisation, the site's intensity window, padding), segment
-   with the same code as ``inference.py`` (:func:`~MultiMedSeg.training.inference.predict_volume`,
-   :func:`~MultiMedSeg.training.inference.label_volumes`), map back onto the scan's own grid
+   with the same code as ``inference.py`` (:meth:`MultiMedSeg.ensemble.Ensemble.predict_volume`,
+   :func:`~MultiMedSeg.ensemble.label_volumes`), map back onto the scan's own grid
    (:func:`MultiMedSeg.data.restore.restore_volume`: same shape, spacing, origin and direction), set
    to background every voxel outside the field of view the model knows
    (:mod:`MultiMedSeg.data.field_of_view`: outside the head, and outside the slab of the head the
@@ -21,7 +21,7 @@ Unlike :mod:`MultiMedSeg.training.inference`, which segments the test split of a
 An adapted run writes its ``_pred`` labels (inter and intra ensemble, ``--ensemble_weights``), a
 pretraining run its ``_intra`` labels, as ``inference.py`` does; ``--ensemble_size`` and
 ``--ensemble_weights`` default to the run's ``checkpoints/evaluation.json``
-(:func:`MultiMedSeg.training.evaluation.resolve_settings`), and ``predict.json`` records the values
+(:func:`MultiMedSeg.evaluation.settings.resolve_settings`), and ``predict.json`` records the values
 used and where they came from.  Outputs: ``OUT/<id>.nii.gz`` (or
 the input's format), ``OUT/<id>_probabilities.nii.gz`` (x, y, z, class) with ``--save_probabilities``
 (restored with linear interpolation, so their argmax may differ from the labels at a few boundary
@@ -35,7 +35,6 @@ applied with the number of labelled voxels it set to background.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -47,13 +46,12 @@ from MultiMedSeg.data import field_of_view as fov
 from MultiMedSeg.data import orientation as orient
 from MultiMedSeg.data.formats import ScanSource, find_scans, output_extension, probe_scan, read_scan, write_result
 from MultiMedSeg.data.images_dataset import SliceArrayDataset
-from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
+from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
 from MultiMedSeg.data.restore import restore_volume
 from MultiMedSeg.data.transforms import eval_transform
-from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.evaluation import resolve_settings
-from MultiMedSeg.training.inference import ensemble_probabilities, label_volumes, predict_volume
+from MultiMedSeg.ensemble import Ensemble, ensemble_probabilities, label_volumes, load_ensemble, resolve_checkpoints
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.settings import resolve_settings
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, check_apart, check_new_output
@@ -74,7 +72,7 @@ def check_output_folder(output: Path, inputs: Sequence[Path], overwrite: bool, c
     check_new_output(output, overwrite)
 
 
-def check_run(plan: PreprocessingPlan, members: Sequence[Member], plan_path: Path) -> bool:
+def check_run(plan: PreprocessingPlan, members: Ensemble, plan_path: Path) -> bool:
     """The plan and the checkpoints agree on the classes and the domain; returns True for an adapted
     (two-domain) run."""
     config = members[0].net.config
@@ -91,7 +89,7 @@ def check_run(plan: PreprocessingPlan, members: Sequence[Member], plan_path: Pat
     return inter
 
 
-def segment_scan(slices: np.ndarray, members: Sequence[Member], inter: bool, weights: Sequence[float],
+def segment_scan(slices: np.ndarray, members: Ensemble, inter: bool, weights: Sequence[float],
                  batch_size: int) -> Dict[str, Any]:
     """Ensemble prediction of one scan's (Z, S, S) slices: ``labels`` (Z, S, S) of the run's output
     branch and ``probabilities`` (Z, L, S, S) of the same branch."""
@@ -99,8 +97,7 @@ def segment_scan(slices: np.ndarray, members: Sequence[Member], inter: bool, wei
     config = net.config
     dataset = SliceArrayDataset(slices, 1 if inter else 0, eval_transform(config.encoder_input_size),
                                 label_nc=config.label_nc, invert_intensity=config.invert_intensity)
-    pred = predict_volume(members, DataLoader(dataset, batch_size=batch_size, shuffle=False),
-                          net.latent_avg.device, inter)
+    pred = members.predict_volume(DataLoader(dataset, batch_size=batch_size, shuffle=False), inter)
     branch = "pred" if inter else "intra"
     return {"branch": branch, "labels": label_volumes(pred, weights)[branch],
             "probabilities": ensemble_probabilities(pred, weights)[branch].numpy()}
@@ -113,10 +110,10 @@ def restore_probabilities(probabilities: np.ndarray, volume_meta: dict) -> np.nd
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
-def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
+def run_prediction(opts: Any, log: Callable[[str], None] = print,
                    warn: Callable[[str], None] = _stderr) -> Dict[str, Any]:
-    """Segment every scan of ``opts.input`` into ``opts.output``; returns the summary written to
-    ``predict.json``."""
+    """Segment every scan of ``opts.input`` into ``opts.output`` (``opts``: the typed options of ``predict.py``,
+    :class:`MultiMedSeg.options.PredictOptions`); returns the summary written to ``predict.json``."""
     from tqdm import tqdm
 
     scans: List[ScanSource] = find_scans(opts.input, opts.series)
@@ -136,7 +133,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     inter = check_run(plan, members, plan_folder / PLAN_NAME)
     if settings.notice(inter):
         warn(settings.notice(inter))
-    use_fov = not getattr(opts, "no_fov_mask", False)
+    use_fov = not opts.no_fov_mask
     if use_fov and plan.field_of_view is None:
         warn(f"note: {plan_folder / PLAN_NAME}: the plan does not record the slices the run was trained on (written "
              "before field-of-view support): labels are set to background outside the head only; re-preprocess the "
@@ -147,7 +144,7 @@ def run_prediction(opts: argparse.Namespace, log: Callable[[str], None] = print,
     records: List[Dict[str, Any]] = []
     with atomic_dir(opts.output, overwrite=opts.overwrite) as out_dir:
         bar = tqdm(scans, desc="predict", unit="scan", dynamic_ncols=True,
-                   disable=getattr(opts, "quiet", False) or not sys.stderr.isatty())
+                   disable=opts.quiet or not sys.stderr.isatty())
         for src in bar:
             scan = read_scan(src)
             vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)

@@ -30,8 +30,8 @@ folder and the images.  A run trained before plans existed gets one with
 ``training_only`` lists the label-dependent steps of the training data (slice selection by labels
 or brain masks, the brain class): a new scan has no labels, so every one of its slices is
 segmented.  :func:`prepare_scan` preprocesses one scan exactly as :func:`MultiMedSeg.data.preprocess`
-did the training volumes (same functions: :func:`~MultiMedSeg.data.preprocessing.inspect_volume`,
-:func:`~MultiMedSeg.data.preprocessing.process_volume`, the window of the plan) and returns its
+did the training volumes (same functions: :func:`~MultiMedSeg.data.volumes_to_slices.inspect_volume`,
+:func:`~MultiMedSeg.data.volumes_to_slices.process_volume`, the window of the plan) and returns its
 metadata entry, so that :func:`MultiMedSeg.data.restore.restore_volume` maps predictions back.
 
 ``field_of_view`` records what the training slices covered
@@ -58,7 +58,7 @@ from robustmedseg.io import write_text_atomic
 
 from . import orientation as orient
 from .field_of_view import training_slab
-from .preprocessing import (PreprocessConfig, VolumeSource, fit_slices, inspect_volume, process_volume,
+from .volumes_to_slices import (PreprocessConfig, VolumeSource, fit_slices, inspect_volume, process_volume,
                             scale_to_unit, volume_entry, volume_windows)
 
 PLAN_NAME = "plan.json"

@@ -1,23 +1,21 @@
 """Choosing a run's evaluation settings on its validation volumes (the writer of ``checkpoints/evaluation.json``).
 
-:mod:`MultiMedSeg.training.evaluation` owns the file (its format, reading it, what ``inference.py`` and
+:mod:`MultiMedSeg.evaluation.settings` owns the file (its format, reading it, what ``inference.py`` and
 ``predict.py`` take from it); this module scores the candidates, which needs the inference code
-(:mod:`MultiMedSeg.training.inference`), so that the file's reader stays below the inference code and the
+(:mod:`MultiMedSeg.evaluation.test_volumes`), so that the file's reader stays below the inference code and the
 two modules import each other in one direction only. Used at the end of training
 (:meth:`MultiMedSeg.training.coach.Coach.record_evaluation_settings`) and by
 ``python -m MultiMedSeg.select_evaluation`` (:func:`select_for_run`).
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.evaluation import (EVALUATION_NAME, FORMAT, INTRA_ONLY, PAPER_WEIGHTS, RULES, WEIGHT_GRID,
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.settings import (EVALUATION_NAME, FORMAT, INTRA_ONLY, PAPER_WEIGHTS, RULES, WEIGHT_GRID,
                                              best_candidate, describe, write_settings)
 from robustmedseg.errors import InputError
 
@@ -32,9 +30,10 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
     import torch
     from torch.utils.data import DataLoader
 
-    from MultiMedSeg.training.inference import label_volumes, predict_volume, volume_labels
-    from MultiMedSeg.training.metrics import volume_scores
+    from MultiMedSeg.ensemble import Ensemble, label_volumes, volume_labels
+    from MultiMedSeg.evaluation.metrics import volume_scores
 
+    ensemble = members if isinstance(members, Ensemble) else Ensemble(members, device)
     classes = [str(c) for c in range(1, label_nc)]
     per_volume: List[List[Dict[str, float]]] = [[] for _ in grid]
     scored: List[str] = []
@@ -48,7 +47,7 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
                 masks.append(batch["mask"])
                 yield batch
 
-        pred = predict_volume(members, batches(), device, inter=True)
+        pred = ensemble.predict_volume(batches(), inter=True)
         mask = torch.cat(masks)
         if not bool(mask.any()):  # a volume without ground truth, skipped as in validation
             continue
@@ -114,11 +113,12 @@ def choose_settings(folder: Path, rule: str, dataset: Any = None, device: Any = 
 
 
 # ---------------------------------------------------------------------------------- existing runs
-def select_for_run(opts: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
+def select_for_run(opts: Any, saved: Optional[Any] = None, log: Callable[[str], None] = print) -> Path:
     """``python -m MultiMedSeg.select_evaluation``: (re)write the ``evaluation.json`` of an existing run.
 
     Validation volumes: ``--val_root``, else ``--target_data``/val, else the ``val_root`` of the run's
-    ``opt.json``."""
+    stored options (``saved``: its ``opt.json`` read back by the command,
+    :func:`MultiMedSeg.options.load_run_options`; None when the run has none)."""
     from MultiMedSeg.data.images_dataset import VolumeDataset
     from MultiMedSeg.data.transforms import eval_transform
     from MultiMedSeg.ensemble import load_ensemble, resolve_checkpoints
@@ -133,12 +133,11 @@ def select_for_run(opts: argparse.Namespace, log: Callable[[str], None] = print)
     members = load_ensemble(resolve_checkpoints(folder), device)
     config = members[0].net.config
     inter = len(config.src_tgt_domains) == 2
-    saved = _saved_options(folder)
     dataset = None
     if inter and opts.ensemble_selection == "validation":
         val_root = opts.val_root or (opts.target_data / "val" if opts.target_data else None)
-        if val_root is None and saved.get("val_root"):
-            val_root = Path(saved["val_root"])
+        if val_root is None and saved is not None and saved.val_root is not None:
+            val_root = Path(saved.val_root)
         if val_root is None:
             raise InputError("the run's opt.json names no validation folder: give --target_data or --val_root",
                              folder.parent / "opt.json")
@@ -146,19 +145,9 @@ def select_for_run(opts: argparse.Namespace, log: Callable[[str], None] = print)
                                 label_nc=config.label_nc, invert_intensity=config.invert_intensity,
                                 flag="--val_root")
     record = choose_settings(folder, opts.ensemble_selection, dataset, device, opts.test_batch_size,
-                             bool(saved.get("consider_only_vessels_within_brain")), inter=inter, members=members)
+                             bool(saved is not None and saved.consider_only_vessels_within_brain), inter=inter,
+                             members=members)
     out = write_settings(folder, record)
     log(f"wrote {out}: {describe(record)}")
     return out
 
-
-def _saved_options(folder: Path) -> Dict[str, Any]:
-    """The run's ``opt.json`` (next to ``checkpoints/``), or {} when it has none."""
-    path = folder.parent / "opt.json"
-    if not path.is_file():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as err:
-        raise InputError(f"options file is not valid JSON ({err})", path) from None
-    return saved if isinstance(saved, dict) else {}

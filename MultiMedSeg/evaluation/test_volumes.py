@@ -1,11 +1,11 @@
-"""Inference library (docs/method.md#inference, with the docs/differences.md#d9-39 fixes): ensemble prediction,
-NIfTI output, metrics.
+"""Segment the test volumes of a preprocessed site (the library of ``MultiMedSeg/inference.py``,
+docs/method.md#inference, with the docs/differences.md#d9-39 fixes): NIfTI output and metrics.
 
 :func:`run_inference` segments every test volume with the ``--ensemble_size`` best
-checkpoints of a training run (``best.json``, best first; each file is loaded once by
-:mod:`MultiMedSeg.ensemble`; a run that kept fewer uses all it kept).  ``--ensemble_size`` and
+checkpoints of a training run (``best.json``, best first; a run that kept fewer uses all it kept)
+with the one ensemble code, :class:`MultiMedSeg.ensemble.Ensemble` (each file loaded once).  ``--ensemble_size`` and
 ``--ensemble_weights`` default to the run's evaluation settings (``checkpoints/evaluation.json``,
-:mod:`MultiMedSeg.training.evaluation`; the paper's 5 and 0.6/0.4 for a run without them);
+:mod:`MultiMedSeg.evaluation.settings`; the paper's 5 and 0.6/0.4 for a run without them);
 ``inference.json`` records the values used and where they came from.
 
 * ``intra`` = mean over the checkpoints of the probabilities in the slice's own (target)
@@ -43,7 +43,6 @@ without a ground-truth file still get their predictions; a ``warning:`` line nam
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -52,54 +51,20 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from MultiMedSeg.data.images_dataset import VolumeDataset
 from MultiMedSeg.data.restore import check_slices_match, load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
-from MultiMedSeg.ensemble import Member, load_ensemble, resolve_checkpoints
-from MultiMedSeg.models.psp import PSP, flip_label
-from MultiMedSeg.training import checkpoints as ck
-from MultiMedSeg.training.evaluation import resolve_settings
-from MultiMedSeg.training.metrics import METRICS_CSV_FIELDS, volume_scores
+from MultiMedSeg.ensemble import label_volumes, load_ensemble, resolve_checkpoints, translation_volume
+from MultiMedSeg import checkpoints as ck
+from MultiMedSeg.evaluation.settings import resolve_settings
+from MultiMedSeg.evaluation.metrics import METRICS_CSV_FIELDS, volume_scores
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_dir, check_new_output
 
 BRANCHES = ("intra", "inter", "pred")
-
-
-# ---------------------------------------------------------------------------------- prediction
-def _resize(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    size = tuple(int(s) for s in size)
-    if tuple(t.shape[-2:]) == size:
-        return t
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def predict_slices(net: PSP, x: torch.Tensor, label: torch.Tensor, feature_scale: float,
-                   out_size: Sequence[int], inter: bool = True) -> Dict[str, torch.Tensor]:
-    """Run one batch at the generator's resolution and resize to ``out_size`` (the slice grid).
-
-    Returns ``intra`` (B, L, H, W) probabilities in the slices' own domain and, with ``inter``,
-    ``inter`` (B, L, H, W) probabilities and ``trans`` (B, 1, H, W) image after translation to
-    the other domain.  Call it with the model in ``eval()`` for deterministic outputs.
-    """
-    out = net(x, label, resize=False, feature_scale=feature_scale).float()
-    result = {"intra": _resize(out[:, 1:], out_size)}
-    if inter:
-        t = net(x, flip_label(label), resize=False, feature_scale=feature_scale).float()
-        result["inter"] = _resize(t[:, 1:], out_size)
-        result["trans"] = _resize(t[:, :1], out_size).clamp(-1.0, 1.0)
-    return result
-
-
-def volume_labels(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(Z, L, H, W) scores + (Z, 1, H, W) weight -> (Z, H, W) int64 labels; 0 outside the weight."""
-    return (probs * weight).argmax(1)
 
 
 # ---------------------------------------------------------------------------------- ground truth
@@ -141,80 +106,13 @@ def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- run
-class VolumePrediction:
-    """Accumulates the ensemble's per-slice outputs of one volume."""
-
-    def __init__(self) -> None:
-        self.intra: List[torch.Tensor] = []
-        self.inter: List[torch.Tensor] = []
-        self.trans: List[torch.Tensor] = []
-        self.weight: List[torch.Tensor] = []
-
-
-def predict_volume(models: Sequence[Member], loader: DataLoader, device: torch.device,
-                   inter: bool) -> Dict[str, torch.Tensor]:
-    """Ensemble means over the models for every slice batch of one volume (CPU tensors)."""
-    acc = VolumePrediction()
-    for batch in loader:
-        x = batch["data"].to(device)
-        label = batch["domain"].to(device)
-        size = batch["weight"].shape[-2:]
-        sums: Dict[str, torch.Tensor] = {}
-        for k, member in enumerate(models):
-            out = predict_slices(member.net, x, label, member.feature_scale, size, inter=inter)
-            for key in ("intra", "inter"):
-                if key in out:
-                    sums[key] = sums.get(key, 0) + out[key]
-            if k == 0 and "trans" in out:
-                trans = out["trans"]
-                if member.net.config.invert_intensity:  # undo the interpreter's inversion where it predicts background
-                    trans = torch.where(out["inter"].argmax(1, keepdim=True) == 0, -trans, trans)
-                acc.trans.append(trans.cpu())
-        acc.intra.append((sums["intra"] / len(models)).cpu())
-        if inter:
-            acc.inter.append((sums["inter"] / len(models)).cpu())
-        acc.weight.append(batch["weight"])
-    result = {"intra": torch.cat(acc.intra), "weight": torch.cat(acc.weight)}
-    if inter:
-        result["inter"] = torch.cat(acc.inter)
-        result["trans"] = torch.cat(acc.trans)
-    return result
-
-
-def ensemble_probabilities(pred: Mapping[str, torch.Tensor], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
-    """intra / inter / pred class probabilities (Z, L, H, W) from the ensemble means: ``pred`` is
-    ``(w_inter * inter + w_intra * intra) / (w_inter + w_intra)`` (only for an adapted run)."""
-    out = {"intra": pred["intra"]}
-    if "inter" in pred:
-        w_inter, w_intra = weights
-        out["inter"] = pred["inter"]
-        out["pred"] = (w_inter * pred["inter"] + w_intra * pred["intra"]) / (w_inter + w_intra)
-    return out
-
-
-def label_volumes(pred: Mapping[str, torch.Tensor], weights: Sequence[float],
-                  mask_outside_weight: bool = False) -> Dict[str, np.ndarray]:
-    """intra / inter / pred label volumes (Z, H, W) from the ensemble means; background outside the
-    weight maps only with ``mask_outside_weight`` (the original applied no weight at inference)."""
-    w = pred["weight"] if mask_outside_weight else torch.ones_like(pred["weight"])
-    return {k: volume_labels(v, w).numpy() for k, v in ensemble_probabilities(pred, weights).items()}
-
-
-def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bool = False) -> np.ndarray:
-    """(Z, H, W) float32 translated image of the best checkpoint; -1 outside the weight maps only
-    with ``mask_outside_weight``."""
-    trans = pred["trans"][:, 0].numpy()
-    if mask_outside_weight:
-        trans = np.where(pred["weight"][:, 0].numpy() > 0, trans, -1.0)
-    return trans.astype(np.float32)
-
-
 def _fmt(v: float) -> str:
     return f"{v:.6f}" if math.isfinite(v) else str(v)
 
 
-def run_inference(opts: argparse.Namespace, log=print, notice=None) -> Dict[str, Any]:
-    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict.
+def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
+    """Segment the test volumes, write NIfTI files (and metrics.csv); returns a summary dict.  ``opts``: the
+    typed options of ``inference.py`` (:class:`MultiMedSeg.options.InferenceOptions`).
 
     ``notice`` (default: stderr) gets the one-line note when the run has no evaluation settings."""
     device = resolve_device(opts.device)
@@ -223,11 +121,11 @@ def run_inference(opts: argparse.Namespace, log=print, notice=None) -> Dict[str,
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
     # up to the ensemble size: a run that kept fewer best checkpoints uses all it kept
     models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device)
-    config = models[0].net.config
+    config = models.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
                          models[0].path)
-    inter = len(config.src_tgt_domains) == 2
+    inter = models.adapted
     note = settings.notice(inter)
     if note:
         (notice or (lambda m: print(m, file=sys.stderr)))(note)
@@ -247,7 +145,7 @@ def run_inference(opts: argparse.Namespace, log=print, notice=None) -> Dict[str,
             vmeta = volume_meta(meta, vid, opts.metadata)
             batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
-            pred = predict_volume(models, loader, device, inter)
+            pred = models.predict_volume(loader, inter)
             labels = label_volumes(pred, weights, opts.mask_outside_weight)
             restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
             for k, v in restored.items():

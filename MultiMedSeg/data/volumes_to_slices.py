@@ -54,7 +54,7 @@ Everything is written into a temporary folder that becomes ``out`` only when com
 to map predictions back onto the original NIfTI grid, and per volume a ``fingerprint`` of
 its slices that inference checks (:func:`robustmedseg.data.slices.data_digest`).  The per-volume
 steps (:func:`inspect_volume`, :func:`process_volume`, :func:`volume_entry`) also preprocess a
-single new scan from a run's plan (:mod:`MultiMedSeg.data.plan`).
+single new scan from a run's plan (:mod:`MultiMedSeg.data.preprocessing_plan`).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ class PreprocessConfig:
         if self.labeled_train is not None and (self.labeled_train < 0 or self.labels is None):
             raise InputError("--labeled-train needs --labels and a count >= 0")
         if self.num_classes is not None and not 2 <= self.num_classes <= MAX_CLASSES:
-            raise InputError(f"--num-classes counts the background and must be in [2, {MAX_CLASSES}], "
+            raise InputError(f"--label-nc counts the background and must be in [2, {MAX_CLASSES}], "
                              f"got {self.num_classes}")
         if self.target_spacing is not None and (len(self.target_spacing) != 3 or not all(
                 math.isfinite(v) and v > 0 for v in self.target_spacing)):
@@ -157,7 +157,7 @@ class PreprocessConfig:
         if self.annotation_required and self.labels is None:
             raise InputError("--annotation-required needs --labels")
         if self.num_classes is not None and self.brain_masks is not None and self.brain_class and self.num_classes < 3:
-            raise InputError(f"with --brain-masks (brain = class 1) --num-classes must be >= 3, got {self.num_classes}")
+            raise InputError(f"with --brain-masks (brain = class 1) --label-nc must be >= 3, got {self.num_classes}")
 
 
 # --------------------------------------------------------------------------- discovery

@@ -6,21 +6,20 @@ adapted run, the (inter, intra) weights of ``_pred``.  Those settings live with 
 
 * at the end of every training run (:meth:`MultiMedSeg.training.coach.Coach.train`), and
 * for an existing run by ``python -m MultiMedSeg.select_evaluation --checkpoint_dir RUN``
-  (:func:`MultiMedSeg.training.selection.select_for_run`; the scoring lives in
-  :mod:`MultiMedSeg.training.selection`, which needs the inference code).
+  (:func:`MultiMedSeg.evaluation.selection.select_for_run`; the scoring lives in
+  :mod:`MultiMedSeg.evaluation.selection`, which needs the ensemble).
 
 The rule (``--ensemble_selection``): ``validation`` (default) evaluates the ensemble of ALL the best
 checkpoints the run kept on the run's validation volumes for every weight pair of
 :data:`WEIGHT_GRID` and keeps the one with the best mean Dice; ``paper`` records the paper's 0.6/0.4
 without searching.  A pretraining run (intra branch only) records its branch and its ensemble size.
 
-The validation score is the coach's validation Dice (:mod:`MultiMedSeg.training.metrics`): per
+The validation score is the coach's validation Dice (:mod:`MultiMedSeg.evaluation.metrics`): per
 volume on the slice grid, the ground truth and the predictions multiplied by the slices' weight
-maps (:func:`~MultiMedSeg.training.inference.volume_labels`), Dice per class (both empty: 1), mean
+maps (:func:`~MultiMedSeg.ensemble.volume_labels`), Dice per class (both empty: 1), mean
 over volumes, then mean over the foreground classes ``1..L-1``; volumes without ground truth are
-skipped, as validation does.  The ensemble is computed by the inference code
-(:func:`~MultiMedSeg.training.inference.predict_volume`,
-:func:`~MultiMedSeg.training.inference.label_volumes`).  Ties go to the paper's weights (the first
+skipped, as validation does.  The ensemble is computed by the one ensemble code
+(:meth:`MultiMedSeg.ensemble.Ensemble.predict_volume`, :func:`~MultiMedSeg.ensemble.label_volumes`).  Ties go to the paper's weights (the first
 entry of the grid).
 
 ``inference.py`` and ``predict.py`` read the file through :func:`resolve_settings`: an explicit
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from MultiMedSeg.training import checkpoints as ck
+from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError
 
 EVALUATION_NAME = "evaluation.json"

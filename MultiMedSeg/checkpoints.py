@@ -8,7 +8,7 @@ Layout under ``<exp_dir>/checkpoints``:
   reference parsed with ``eval``);
 * ``best_step<step>.pt`` -- model-only checkpoints named in ``best.json``; a checkpoint
   leaving the top k is deleted;
-* ``plan.json`` -- the preprocessing plan of the run (:mod:`MultiMedSeg.data.plan`): how a new
+* ``plan.json`` -- the preprocessing plan of the run (:mod:`MultiMedSeg.data.preprocessing_plan`): how a new
   scan is turned into slices like the training data (``predict``);
 * ``iteration_<step>.pt`` (every ``--save_interval`` and at ``--max_steps``) and
   ``last.pt`` (at every validation/save and at the end) -- model + optimiser states,
