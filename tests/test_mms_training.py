@@ -715,3 +715,46 @@ def test_mask_downsampling_keeps_each_channel_at_half():
     quad = (np.arange(4).reshape(2, 2)[..., None] == np.arange(4))
     assert not resize_onehot(quad, (1, 1)).any()
     assert np.array_equal(resize_onehot(np.zeros((8, 8, 3), bool), (4, 4)), np.zeros((4, 4, 3), bool))
+
+
+def _linear_indicator_float64(indicator: np.ndarray, shape) -> np.ndarray:
+    """The rule's interpolation written out: skimage/scipy grid-mode coordinates ((o + 0.5) * n_in /
+    n_out - 0.5, clamped at the edges) and the bilinear tensor-product sum of the four corners, in float64."""
+    def axis(n_in, n_out):
+        x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        i0 = np.floor(x).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), x - i0
+
+    v = indicator.astype(np.float64)
+    (y0, y1, ty), (x0, x1, tx) = axis(v.shape[0], shape[0]), axis(v.shape[1], shape[1])
+    out = np.zeros(shape, np.float64)
+    for a in range(shape[0]):
+        for b in range(shape[1]):
+            out[a, b] = ((1 - ty[a]) * (1 - tx[b]) * v[y0[a], x0[b]] + (1 - ty[a]) * tx[b] * v[y0[a], x1[b]]
+                         + ty[a] * (1 - tx[b]) * v[y1[a], x0[b]] + ty[a] * tx[b] * v[y1[a], x1[b]])
+    return out
+
+
+def test_mask_downsampling_decides_half_ties_in_float64():
+    """A 3x5 -> 2x3 indicator whose exact value at one pixel is a 0.5 tie: float64 puts it just below
+    0.5 (dropped, as batchgenerators 0.24's float interpolation), float32 rounds it up to 0.5 (kept)."""
+    from skimage.transform import resize as sk_resize
+
+    from MultiMedSeg.data.resample import resize_indicator, resize_labels, resize_onehot
+
+    ind = np.array([[0, 0, 0, 1, 0], [1, 1, 0, 1, 1], [0, 1, 0, 1, 0]], bool)
+    expected = _linear_indicator_float64(ind, (2, 3)) >= 0.5
+    in_float32 = sk_resize(ind.astype(np.float32), (2, 3), order=1, mode="edge", clip=True, preserve_range=True,
+                           anti_aliasing=False) >= 0.5
+    assert not np.array_equal(in_float32, expected)  # the case is a tie the precision decides
+    assert np.array_equal(resize_indicator(ind, (2, 3)), expected)
+    labels = ind.astype(np.int64) * 2
+    assert np.array_equal(resize_labels(labels, (2, 3)), np.where(expected, 2, 0))
+    onehot = np.stack([~ind, ind], axis=-1)
+    assert np.array_equal(resize_onehot(onehot, (2, 3))[..., 1], expected)
+    # the written-out rule agrees with the implementation on random masks and ratios, ties included
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_in, n_out = tuple(rng.integers(2, 9, 2)), tuple(rng.integers(2, 7, 2))
+        mask = rng.random(n_in) < 0.5
+        assert np.array_equal(resize_indicator(mask, n_out), _linear_indicator_float64(mask, n_out) >= 0.5)
