@@ -162,6 +162,29 @@ def test_balanced_sampler_puts_labeled_target_in_every_batch(tmp_path, batch_siz
     assert sorted(unbalanced.epoch_indices()) == list(range(len(ds)))
 
 
+def test_balanced_sampler_draws_each_labeled_target_slice_equally_often(tmp_path):
+    """The replacing labeled target slice is uniform over the labeled target *slices*, as the original
+    (``lucky_paths``). 7 source and 5 target slices (2 labeled): the interleaved list wraps the target
+    list, so its first slice sits at two target indices and the second at one; a draw uniform over
+    dataset indices would pick the first 2/3 of the time."""
+    make_slices(tmp_path / "src", "s", 7)
+    make_slices(tmp_path / "lab", "t", 2)
+    make_slices(tmp_path / "unl", "u", 3, labeled=False)
+    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", label_nc=3)
+    target_slots = [i for i in range(ds.natural_length) if ds.locate(i)[0] == 1]
+    first, second = ds.target[0], ds.target[1]
+    assert [ds.path(i) for i in target_slots].count(first) == 2  # the case the test is about
+    assert [ds.path(i) for i in target_slots].count(second) == 1
+    sampler = BalancedSampler(ds, 2)
+    unlabeled = next(i for i in target_slots if not ds.has_gt(i))
+    n = 6000  # groups (source, unlabeled target): each gets one draw
+    order = sampler._balance([0, unlabeled] * n, torch.Generator().manual_seed(0))
+    drawn = [ds.path(i) for i in order[1::2]]
+    assert set(drawn) == {first, second}
+    share = drawn.count(first) / n
+    assert abs(share - 0.5) < 5 * math.sqrt(0.25 / n), share  # 2/3 lies 25 sigma away
+
+
 def test_balanced_sampler_needs_two_slots(tmp_path):
     make_slices(tmp_path / "src", "s", 2)
     make_slices(tmp_path / "lab", "t", 2)
