@@ -223,6 +223,18 @@ def test_rotate_scale_keeps_one_hot_and_border():
     assert not out["mask"][0, 0, 1:].any()  # border: background
 
 
+def test_rotate_scale_does_not_clamp_the_cubic_overshoot():
+    """``--use_da`` warps the image with a cubic kernel, which overshoots at a sharp edge; the result is
+    not clamped to [-1, 1], as the original's batchgenerators order-3 spline (no clipping)."""
+    s = _sample(32)
+    s["data"][:] = -1.0
+    s["data"][:, 16:] = 1.0  # a sharp vertical edge
+    t = RandomRotateScale()
+    t.draw = lambda rng: (0.3, 1.0)
+    out = t(s, np.random.default_rng(0))["data"]
+    assert out.max() > 1.0 + 1e-3 and out.min() < -1.0 - 1e-3
+
+
 def test_rotate_scale_draws_batchgenerators_scale_law():
     """Coordinate scale: U(0.7, 1) or U(1, 1.4) with probability 1/2 each (not U(0.7, 1.4))."""
     t = RandomRotateScale()
