@@ -213,3 +213,33 @@ def test_favoured_mode_weights_the_images_by_omega():
         + LAMBDAS["lpips"] * 3.0 * mse(out[:, :1] * omega, x * omega) \
         + LAMBDAS["ce"] * cross_entropy(seg, ys, weights) + LAMBDAS["dice"] * soft_dice(seg, ys, weights)
     assert num(loss) == pytest.approx(num(want), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ validation losses
+def test_validation_losses_use_pooled_masks_and_the_translated_segmentation():
+    """As the original's validation: mask and weight map average-pooled to the encoder size (soft), the
+    intra losses on the pooled output, the inter losses on the cycle image and the translated segmentation."""
+    import types
+
+    gen = torch.Generator().manual_seed(3)
+    big = _batch(gen)
+    # the slice grid is twice the encoder size: masks and weights at 2S, the image at S (eval transform)
+    labels = torch.randint(0, L, (B, 2 * S, 2 * S), generator=gen)
+    mask = torch.nn.functional.one_hot(labels, L).permute(0, 3, 1, 2).float()
+    weight = (torch.rand(B, 1, 2 * S, 2 * S, generator=gen) > 0.2).float()
+    b = {"data": big["data"], "mask": mask, "weight": weight, "domain": big["domain"]}
+    intra, trans, cycle = _output(gen), _output(gen), _output(gen)
+    coach = _coach([intra, trans, cycle])
+    coach.net.config = types.SimpleNamespace(encoder_input_size=S)
+    coach.opts = argparse.Namespace(only_intra=False)
+    logs = coach._val_losses(b, 1.0)
+    y = mask.view(B, L, S, 2, S, 2).mean((3, 5))  # 2x2 average pooling, written out
+    w = weight.view(B, 1, S, 2, S, 2).mean((3, 5))
+    rows = torch.ones(B, dtype=torch.bool)
+    x = b["data"]
+    assert logs["loss"] == pytest.approx(num(expected_loss(x, y, intra, rows, w, LAMBDAS)), rel=1e-6)
+    mixed = torch.cat([cycle[:, :1], trans[:, 1:]], 1)
+    assert logs["inter_loss"] == pytest.approx(num(expected_loss(x, y, mixed, rows, w, LAMBDAS)), rel=1e-6)
+    assert logs["inter_loss_ce"] == pytest.approx(num(cross_entropy(trans[:, 1:] * w, y * w)), rel=1e-6)
+    third = coach.net.calls[2]
+    assert torch.equal(third["x"], trans[:, :1].detach()) and torch.equal(third["label"], b["domain"])
