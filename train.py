@@ -66,6 +66,8 @@ MODEL_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "ada_target": ((), "ADA target of E[sign(D(real))]"),
     "ada_length": ((), "ADA speed: samples for p to move by 1"),
     "ada_every": ((), "ADA p update every N regular D updates"),
+    "ada_rot90": ((), "quarter turns ADA draws: 'uniform' (k in {0,1,2,3}, as the ADA paper) or 'original' "
+                      "(k in {0,3}, the original code; docs/differences.md#ada-rotation-set)"),
     "n_sample": ((), "sample grids: N z vectors x every domain"),
     "seed": ((), "seed of the node streams, node sampling and grids"),
 }
@@ -162,8 +164,10 @@ def _config_from_args(args: argparse.Namespace) -> FactoryConfig:
     values = {name: getattr(args, name) for name in FLAG_FIELDS}
     try:
         return FactoryConfig.from_model_args(values)
-    except ValueError as err:
-        raise InputError(str(err)) from err
+    except ValueError as err:  # FactoryConfig names its field; the user typed the flag of that field
+        message = str(err)
+        field = message.split(" ", 1)[0]
+        raise InputError(f"--{message}" if field in FLAG_FIELDS else message) from err
 
 
 def _print_round(report: Any, limit: int) -> None:

@@ -280,7 +280,7 @@ def _on_grid(img, reference) -> np.ndarray:
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """The project's one Dice (``MultiMedSeg.training.metrics.binary_scores``: 1 on two empty masks)."""
+    """The project's one Dice (``MultiMedSeg.evaluation.metrics.binary_scores``: 1 on two empty masks)."""
     return binary_scores(a, b, distances=())["dice"]
 
 

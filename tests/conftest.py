@@ -7,7 +7,7 @@
     labels uint8 in {0 background, 1 GM, 2 WM}.
 
 ``preprocessed_sites`` -> Dict[int, Path]
-    Each phantom site preprocessed by ``MultiMedSeg.data.preprocessing.preprocess`` at ``PREP_SIZE`` (32) px
+    Each phantom site preprocessed by ``MultiMedSeg.data.volumes_to_slices.preprocess`` at ``PREP_SIZE`` (32) px
     with ``num_classes=3``, ``val_frac=test_frac=0.25`` (1 val + 1 test + 2 train volumes),
     ``discard_outside_labels`` and seed 0.  Site 0 (the labeled source) has a flat
     ``train/``; sites 1 and 2 (targets) use ``labeled_train=1``, i.e. ``train/labeled/`` (1

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List
 import pytest
 
 from robustmedseg.cli import CliParser
+from robustmedseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,9 +189,20 @@ def test_train_flags_are_the_factory_config_fields():
     assert cfg == FactoryConfig()  # no flag repeats (or changes) a default
     fields = {f.name for f in dataclasses.fields(FactoryConfig)}
     assert set(train.FLAG_FIELDS) <= fields
-    # not flags of their own: secagg_clip and secagg_weighting follow --secagg, --secagg-clip and --aggregation
-    assert fields - set(train.FLAG_FIELDS) == {"clip_prob", "run_id", "secagg_clip", "secagg_weighting",
-                                                          "site_keys"}
+    # not flags of their own: secagg_clip and secagg_weighting follow --secagg, --secagg-clip and --aggregation.
+    assert fields - set(train.FLAG_FIELDS) == {"clip_prob", "run_id", "secagg_clip", "secagg_weighting", "site_keys"}
+
+
+def test_factory_config_errors_name_the_flag(capsys):
+    """A value FactoryConfig refuses is one line naming the flag (--ada_rot90), and the original's ADA draw is
+    reachable from the command line (issue 21)."""
+    import train
+
+    assert train._config_from_args(train.build_parser().parse_args(["--ada_rot90", "original"])).ada_rot90 == "original"
+    for argv, flag in ((["--ada_rot90", "sideways"], "--ada_rot90"), (["--size", "33"], "--size")):
+        with pytest.raises(InputError) as ex:
+            train._config_from_args(train.build_parser().parse_args(argv))
+        assert str(ex.value).startswith(f"{flag} must be"), str(ex.value)
 
 
 def test_usage_error_is_one_line(capsys):

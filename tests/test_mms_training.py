@@ -131,6 +131,29 @@ def test_balanced_sampler_puts_labeled_target_in_every_batch(tmp_path, batch_siz
     assert sorted(unbalanced.epoch_indices()) == list(range(len(ds)))
 
 
+def test_balanced_sampler_draws_each_labeled_target_slice_equally_often(tmp_path):
+    """The replacing labeled target slice is uniform over the labeled target *slices*, as the original
+    (``lucky_paths``). 7 source and 5 target slices (2 labeled): the interleaved list wraps the target
+    list, so its first slice sits at two target indices and the second at one; a draw uniform over
+    dataset indices would pick the first 2/3 of the time."""
+    make_slices(tmp_path / "src", "s", 7)
+    make_slices(tmp_path / "lab", "t", 2)
+    make_slices(tmp_path / "unl", "u", 3, labeled=False)
+    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", label_nc=3)
+    target_slots = [i for i in range(ds.natural_length) if ds.locate(i)[0] == 1]
+    first, second = ds.target[0], ds.target[1]
+    assert [ds.path(i) for i in target_slots].count(first) == 2  # the case the test is about
+    assert [ds.path(i) for i in target_slots].count(second) == 1
+    sampler = BalancedSampler(ds, 2)
+    unlabeled = next(i for i in target_slots if not ds.has_gt(i))
+    n = 6000  # groups (source, unlabeled target): each gets one draw
+    order = sampler._balance([0, unlabeled] * n, torch.Generator().manual_seed(0))
+    drawn = [ds.path(i) for i in order[1::2]]
+    assert set(drawn) == {first, second}
+    share = drawn.count(first) / n
+    assert abs(share - 0.5) < 5 * math.sqrt(0.25 / n), share  # 2/3 lies 25 sigma away
+
+
 def test_balanced_sampler_needs_two_slots(tmp_path):
     make_slices(tmp_path / "src", "s", 2)
     make_slices(tmp_path / "lab", "t", 2)
@@ -167,6 +190,18 @@ def test_rotate_scale_keeps_one_hot_and_border():
     assert np.isclose(out["data"][0, 0, 0], -1.0)  # zoomed-out rotated corner is padding (-1)
     assert np.isclose(out["data"][16, 16, 0], 1.0, atol=1e-3)
     assert not out["mask"][0, 0, 1:].any()  # border: background
+
+
+def test_rotate_scale_does_not_clamp_the_cubic_overshoot():
+    """``--use_da`` warps the image with a cubic kernel, which overshoots at a sharp edge; the result is
+    not clamped to [-1, 1], as the original's batchgenerators order-3 spline (no clipping)."""
+    s = _sample(32)
+    s["data"][:] = -1.0
+    s["data"][:, 16:] = 1.0  # a sharp vertical edge
+    t = RandomRotateScale()
+    t.draw = lambda rng: (0.3, 1.0)
+    out = t(s, np.random.default_rng(0))["data"]
+    assert out.max() > 1.0 + 1e-3 and out.min() < -1.0 - 1e-3
 
 
 def test_rotate_scale_draws_batchgenerators_scale_law():
@@ -735,3 +770,46 @@ def test_mask_downsampling_keeps_each_channel_at_half():
     quad = (np.arange(4).reshape(2, 2)[..., None] == np.arange(4))
     assert not resize_onehot(quad, (1, 1)).any()
     assert np.array_equal(resize_onehot(np.zeros((8, 8, 3), bool), (4, 4)), np.zeros((4, 4, 3), bool))
+
+
+def _linear_indicator_float64(indicator: np.ndarray, shape) -> np.ndarray:
+    """The rule's interpolation written out: skimage/scipy grid-mode coordinates ((o + 0.5) * n_in /
+    n_out - 0.5, clamped at the edges) and the bilinear tensor-product sum of the four corners, in float64."""
+    def axis(n_in, n_out):
+        x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        i0 = np.floor(x).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), x - i0
+
+    v = indicator.astype(np.float64)
+    (y0, y1, ty), (x0, x1, tx) = axis(v.shape[0], shape[0]), axis(v.shape[1], shape[1])
+    out = np.zeros(shape, np.float64)
+    for a in range(shape[0]):
+        for b in range(shape[1]):
+            out[a, b] = ((1 - ty[a]) * (1 - tx[b]) * v[y0[a], x0[b]] + (1 - ty[a]) * tx[b] * v[y0[a], x1[b]]
+                         + ty[a] * (1 - tx[b]) * v[y1[a], x0[b]] + ty[a] * tx[b] * v[y1[a], x1[b]])
+    return out
+
+
+def test_mask_downsampling_decides_half_ties_in_float64():
+    """A 3x5 -> 2x3 indicator whose exact value at one pixel is a 0.5 tie: float64 puts it just below
+    0.5 (dropped, as batchgenerators 0.24's float interpolation), float32 rounds it up to 0.5 (kept)."""
+    from skimage.transform import resize as sk_resize
+
+    from MultiMedSeg.data.resample import resize_indicator, resize_labels, resize_onehot
+
+    ind = np.array([[0, 0, 0, 1, 0], [1, 1, 0, 1, 1], [0, 1, 0, 1, 0]], bool)
+    expected = _linear_indicator_float64(ind, (2, 3)) >= 0.5
+    in_float32 = sk_resize(ind.astype(np.float32), (2, 3), order=1, mode="edge", clip=True, preserve_range=True,
+                           anti_aliasing=False) >= 0.5
+    assert not np.array_equal(in_float32, expected)  # the case is a tie the precision decides
+    assert np.array_equal(resize_indicator(ind, (2, 3)), expected)
+    labels = ind.astype(np.int64) * 2
+    assert np.array_equal(resize_labels(labels, (2, 3)), np.where(expected, 2, 0))
+    onehot = np.stack([~ind, ind], axis=-1)
+    assert np.array_equal(resize_onehot(onehot, (2, 3))[..., 1], expected)
+    # the written-out rule agrees with the implementation on random masks and ratios, ties included
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_in, n_out = tuple(rng.integers(2, 9, 2)), tuple(rng.integers(2, 7, 2))
+        mask = rng.random(n_in) < 0.5
+        assert np.array_equal(resize_indicator(mask, n_out), _linear_indicator_float64(mask, n_out) >= 0.5)

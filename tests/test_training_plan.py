@@ -404,14 +404,44 @@ def test_every_transform_has_probability_p_per_sample():
         assert abs(rate - expected[key]) < _binomial_tolerance(expected[key], n), (key, rate)
 
 
-def test_rotation_by_quarter_turns_draws_all_four():
-    """k uniform in {0, 1, 2, 3} as in the ADA paper (the original drew from {0, 3} only: declared)."""
+@pytest.mark.parametrize("rot90, turns", [("uniform", (0, 1, 2, 3)), ("original", (0, 3))])
+def test_rotation_by_quarter_turns_draws_its_set_uniformly(rot90, turns):
+    """Default: k uniform in {0, 1, 2, 3} as in the ADA paper; ``ada_rot90 = "original"``: uniform in
+    {0, 3}, the original code's draw (docs/differences.md#ada-rotation-set)."""
     torch.manual_seed(2)
     n = 20000
-    k = ada_mod.sample_geometric(n, (64, 64), 1.0, torch.device("cpu"))["rot90"]
-    assert set(k.unique().tolist()) == {0.0, 1.0, 2.0, 3.0}
-    for value in range(4):
-        assert abs(float((k == value).float().mean()) - 0.25) < _binomial_tolerance(0.25, n)
+    k = ada_mod.sample_geometric(n, (64, 64), 1.0, torch.device("cpu"), rot90)["rot90"]
+    assert set(k.unique().tolist()) == {float(t) for t in turns}
+    for value in turns:
+        share = 1 / len(turns)
+        assert abs(float((k == value).float().mean()) - share) < _binomial_tolerance(share, n)
+    with pytest.raises(ValueError):
+        ada_mod.sample_geometric(2, (8, 8), 1.0, torch.device("cpu"), "0,3")
+
+
+def test_trainer_passes_the_quarter_turn_setting_to_the_augmentation(monkeypatch):
+    """The FactoryConfig field (shipped in model_args) reaches every augmentation of D's inputs."""
+    import robustmedseg.factory.trainer as trainer_mod
+
+    assert FactoryConfig().ada_rot90 == "uniform"  # default: the ADA paper's four turns
+    seen = []
+    real = trainer_mod.augment
+
+    def spy(images, p, rot90="uniform"):
+        seen.append(rot90)
+        return real(images, p, rot90)
+
+    monkeypatch.setattr(trainer_mod, "augment", spy)
+    for setting in ("original", "uniform"):
+        seen.clear()
+        trainer = _tiny_trainer(augment=True, augment_p=1.0, ada_rot90=setting)
+        real_images, target = _batch()
+        _drive(trainer, real_images, target)  # a D update: reals and fakes augmented
+        assert seen and set(seen) == {setting}
+    for setting in ada_mod.ROT90_SETS:  # the config accepts exactly the augmentation's settings
+        FactoryConfig.from_model_args({**TINY, "ada_rot90": setting})
+    with pytest.raises(ValueError):
+        FactoryConfig.from_model_args({**TINY, "ada_rot90": "0,3"})
 
 
 def test_augmentation_is_twice_differentiable():
@@ -543,7 +573,7 @@ def test_unknown_model_args_are_rejected():
 
 def test_train_cli_help_and_resume_refuses_architecture_flags():
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--max-nodes-per-round" in out.stdout and "--resume" in out.stdout
+    assert out.returncode == 0 and "--max_nodes_per_round" in out.stdout and "--resume" in out.stdout
     import train
 
     with pytest.raises(Exception, match="--size"):

@@ -111,6 +111,46 @@ def test_a_class_absent_from_both_is_perfect_and_absent_from_one_is_worst():
     assert only_gt["dice"] == 0.0 and math.isinf(only_gt["hd"]) and math.isinf(only_gt["hd95"])
 
 
+def test_a_class_absent_from_both_scores_as_the_original_on_request():
+    """``both_empty="original"``: Dice 0 (MedPy 0.4.0) and distances inf (its wrapper), as the original
+    code; every other score, and a class absent from one volume only, are the same in both conventions."""
+    pred, gt = _two_class_volumes()
+    perfect = volume_scores(pred, gt, 4)
+    original = volume_scores(pred, gt, 4, both_empty="original")
+    assert original["3"]["dice"] == 0.0 and math.isinf(original["3"]["hd"]) and math.isinf(original["3"]["hd95"])
+    assert {k: v for k, v in original.items() if k != "3"} == {k: v for k, v in perfect.items() if k != "3"}
+    flat = branch_metrics({"": pred}, gt, 4, both_empty="original")
+    assert flat["dice_3"] == 0.0 and math.isinf(flat["hausdorff_3"])
+    with pytest.raises(ValueError):
+        binary_scores(pred == 3, gt == 3, both_empty="zero")
+
+
+def test_the_empty_class_convention_can_change_the_best_checkpoint():
+    """Two validation volumes, the class present in the first only. Checkpoint A segments it less well
+    (Dice 0.5) but leaves the second volume empty; checkpoint B segments it exactly (Dice 1) and adds
+    false positives to the second. Ours rewards A's correct "absent" (A wins); the original's convention
+    scores the second volume 0 for both, so B wins."""
+    gt1, gt2 = cube(lo=8, hi=20).astype(np.int64), np.zeros((30, 30, 30), np.int64)
+    half = np.zeros_like(gt1)
+    half[8:20, 8:20, 8:14] = 1  # half of the cube: Dice 2 * 0.5 / 1.5 = 2/3
+    false_positive = np.zeros_like(gt1)
+    false_positive[2:5, 2:5, 2:5] = 1
+    runs = {"A": (half, np.zeros_like(gt2)), "B": (gt1.copy(), false_positive)}
+    chosen = {}
+    for convention in ("perfect", "original"):
+        scores = {}
+        for name, (p1, p2) in runs.items():
+            per_volume = [branch_metrics({"": p1}, gt1, 2, both_empty=convention),
+                          branch_metrics({"": p2}, gt2, 2, both_empty=convention)]
+            scores[name] = selection_score(mean_metrics(per_volume), ["1"], only_intra=False)
+        chosen[convention] = max(scores, key=scores.get)
+        if convention == "perfect":
+            assert scores == pytest.approx({"A": (2 / 3 + 1) / 2, "B": (1 + 0) / 2})
+        else:
+            assert scores == pytest.approx({"A": (2 / 3 + 0) / 2, "B": (1 + 0) / 2})
+    assert chosen == {"perfect": "A", "original": "B"}
+
+
 def test_branch_metrics_flat_keys_and_voxel_unit_hausdorff():
     pred, gt = _two_class_volumes()
     other = np.where(pred == 2, 0, pred)

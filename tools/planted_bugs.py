@@ -1,4 +1,4 @@
-"""Plant, one at a time, the six plausible bugs of issue 16 that the suite used to miss; run the tests named
+"""Plant, one at a time, the six plausible bugs of issue 16 (and one of issue 21) that the suite used to miss; run the tests named
 for each (fast ones, ``-m "not slow"``), report which fail, restore the file. Run from the repository root
 with a clean working tree: ``python tools/planted_bugs.py [INDEX ...]``. docs/testing.md records the result.
 """
@@ -28,6 +28,11 @@ BUGS = [
   '            self.optimizer.load_state_dict(payload["optimizer"])\n            self.optimizer_seg.load_state_dict(payload["optimizer_seg"])\n',
   "            pass  # planted: optimiser state dropped\n",
   ["tests/test_values_resume.py", "tests/test_mms_training.py"]),
+ # issue 21: the inter branch's reconstruction terms compare the translated image, not the cycle image, with x
+ ("inter reconstruction compares the translated image", "MultiMedSeg/training/coach.py",
+  "loss, logs = self.losses.calc_loss(x, y, cycle, rows, w)",
+  "loss, logs = self.losses.calc_loss(x, y, torch.cat([trans[:, :1], cycle[:, 1:]], 1), rows, w)",
+  ["tests/test_values_adaptation.py", "tests/test_mms_training.py"]),
 ]
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)

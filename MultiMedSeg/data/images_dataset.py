@@ -180,8 +180,17 @@ class ImagesDataset(Dataset):
         return True if domain == 0 else self.target_has_gt[pos]
 
     def labeled_target_indices(self) -> List[int]:
-        """Dataset indices (below the natural length) that give a labeled target slice."""
-        return [i for i in range(self.natural_length) if self.locate(i)[0] == 1 and self.has_gt(i)]
+        """One dataset index per labeled target slice (the first that gives it), in target-list order.
+
+        The sampler draws its replacement uniformly from these, i.e. uniformly over the labeled target
+        slices, as the original (its ``lucky_paths``); listing every index below the natural length
+        would favour the slices the wrapped target list repeats."""
+        first: Dict[int, int] = {}
+        for i in range(self.natural_length):
+            domain, pos = self.locate(i)
+            if domain == 1 and self.has_gt(i):
+                first.setdefault(pos, i)
+        return [first[pos] for pos in sorted(first)]
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         domain, _ = self.locate(index)

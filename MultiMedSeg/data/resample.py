@@ -4,8 +4,8 @@ Masks (integer label maps, one-hot masks, weight maps) are resized with the rule
 code's batchgenerators 0.24 ``resize_segmentation(order=1)``, implemented here so that results do not
 depend on the installed batchgenerators version (0.25 changed it to an argmax winner):
 
-* each class indicator is resized on its own with linear interpolation (skimage ``resize`` order 1,
-  ``mode='edge'``, no anti-aliasing) and the class is kept where the interpolated indicator is
+* each class indicator is resized on its own with linear interpolation in float64 (skimage ``resize``
+  order 1, ``mode='edge'``, no anti-aliasing) and the class is kept where the interpolated indicator is
   ``>= 0.5`` (:func:`resize_indicator`);
 * integer label map (:func:`resize_labels`): the classes are written in increasing order, so where
   two classes both reach 0.5 the larger label wins; pixels no class reaches stay 0;
@@ -47,10 +47,15 @@ def resize_linear(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 
 def resize_indicator(indicator: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """bool array of ``shape``: linear interpolation of a 0/1 indicator, kept where >= 0.5."""
+    """bool array of ``shape``: linear interpolation of a 0/1 indicator, kept where >= 0.5.
+
+    Interpolated in float64, as batchgenerators 0.24 (``astype(float)``): where the exact value is a
+    0.5 tie (non-integer ratios), float64 rounding decides, and a float32 output would round values
+    just below 0.5 up to 0.5 and keep pixels the original drops.
+    """
     from skimage.transform import resize
 
-    values = resize(np.asarray(indicator, dtype=np.float32), tuple(shape), order=1, mode="edge", clip=True,
+    values = resize(np.asarray(indicator, dtype=np.float64), tuple(shape), order=1, mode="edge", clip=True,
                     preserve_range=True, anti_aliasing=False)
     return values >= 0.5
 

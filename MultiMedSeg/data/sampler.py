@@ -6,7 +6,8 @@ epoch is a random permutation of the ``n//2`` (source, target) index pairs, flat
 Balanced mode (the default; ``--disable_balanced_sampling`` turns it off) works on the
 *batches the DataLoader will form*: the flattened list is cut into consecutive groups of
 ``batch_size`` (the reference hard-codes 4, docs/differences.md#d9-32).  A group without a labeled target
-slice gets one of its target indices replaced by a random labeled-target index (the
+slice gets one of its target indices replaced by a labeled target slice drawn uniformly over the
+labeled target slices, as the original (one index per slice, ``labeled_target_indices``; the
 replaced index goes to a bucket); a group with more than one labeled target gives its
 extra ones back for bucketed indices while the bucket lasts.  So every full batch holds
 at least one labeled target slice.  Labeled-ness is asked from the dataset for the exact

@@ -156,7 +156,9 @@ class RandomRotateScale:
         wt = torch.from_numpy(weight[..., 0].astype(np.float32))[None, None]
         wt = F.grid_sample(wt, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
         out = dict(sample)
-        out["data"] = img[0, 0].clamp(-1.0, 1.0).numpy()[..., None]
+        # not clamped: the cubic kernel overshoots at sharp edges, as the original's order-3 spline does
+        # (docs/differences.md#unclamped-images)
+        out["data"] = img[0, 0].numpy()[..., None]
         out["mask"] = one_hot(lab, n + 1)[..., :n]
         out["weight"] = (wt.numpy() > 0.5)[..., None]
         return out

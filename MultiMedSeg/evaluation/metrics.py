@@ -7,8 +7,11 @@ For every label ``k`` in ``1..L-1`` (and ``foreground`` = any non-zero label):
   in voxel units or in mm when ``spacing`` is given.
 
 Edge cases (documented decision): when prediction and ground truth are both empty for a
-label, Dice is 1 and the distances 0 (a correct "absent"); when exactly one is empty, Dice
-is 0 and the distances are ``inf`` (MedPy raises there).
+label, Dice is 1 and the distances 0 (a correct "absent"; ``both_empty="perfect"``, the default);
+``both_empty="original"`` scores them as the original code did, Dice 0 (MedPy 0.4.0's
+``ZeroDivisionError`` branch) and distances ``inf`` (its wrapper around MedPy raising), see
+docs/differences.md#empty-class. When exactly one is empty, Dice is 0 and the distances are
+``inf`` (MedPy raises there), in both conventions.
 """
 from __future__ import annotations
 
@@ -18,20 +21,26 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 
 DISTANCES = ("hd", "hd95")
+#: Scores of a label absent from both prediction and ground truth: (Dice, every distance).
+BOTH_EMPTY = {"perfect": (1.0, 0.0), "original": (0.0, math.inf)}
 
 
 def binary_scores(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None,
-                  distances: Iterable[str] = DISTANCES) -> Dict[str, float]:
-    """Dice and the requested Hausdorff distances of two boolean volumes."""
+                  distances: Iterable[str] = DISTANCES, both_empty: str = "perfect") -> Dict[str, float]:
+    """Dice and the requested Hausdorff distances of two boolean volumes; ``both_empty`` (a key of
+    :data:`BOTH_EMPTY`) scores two empty volumes."""
     from medpy.metric.binary import dc, hd, hd95
 
+    if both_empty not in BOTH_EMPTY:
+        raise ValueError(f"both_empty must be one of {', '.join(BOTH_EMPTY)}, got {both_empty!r}")
     funcs = {"hd": hd, "hd95": hd95}
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     has_p, has_g = bool(pred.any()), bool(gt.any())
     out: Dict[str, float] = {}
     if not has_p and not has_g:
-        out["dice"] = 1.0
-        out.update({d: 0.0 for d in distances})
+        dice, distance = BOTH_EMPTY[both_empty]
+        out["dice"] = dice
+        out.update({d: distance for d in distances})
         return out
     out["dice"] = float(dc(pred, gt))
     for d in distances:
@@ -44,9 +53,9 @@ VESSEL_LABEL = 2  # the class --consider_only_vessels_within_brain is about ([ba
 
 def volume_scores(pred: np.ndarray, gt: np.ndarray, label_nc: int, spacing: Optional[Sequence[float]] = None,
                   distances: Iterable[str] = DISTANCES, background: bool = False,
-                  vessels_within_gt: bool = False) -> Dict[str, Dict[str, float]]:
+                  vessels_within_gt: bool = False, both_empty: str = "perfect") -> Dict[str, Dict[str, float]]:
     """{class name: {dice, hd, hd95}} for labels ``1..label_nc-1`` (``0..`` with ``background``) and
-    ``foreground`` (any non-zero label).
+    ``foreground`` (any non-zero label); ``both_empty`` as :func:`binary_scores`.
 
     ``vessels_within_gt`` (``--consider_only_vessels_within_brain``, FIX docs/differences.md#d9-29: the reference
     asserted
@@ -55,27 +64,30 @@ def volume_scores(pred: np.ndarray, gt: np.ndarray, label_nc: int, spacing: Opti
     """
     distances = tuple(distances)
     first = 0 if background else 1
-    out = {str(k): binary_scores(pred == k, gt == k, spacing, distances) for k in range(first, label_nc)}
+    out = {str(k): binary_scores(pred == k, gt == k, spacing, distances, both_empty)
+           for k in range(first, label_nc)}
     if vessels_within_gt and label_nc > VESSEL_LABEL:
         roi = gt != 0
         out[str(VESSEL_LABEL)] = binary_scores((pred == VESSEL_LABEL) & roi, (gt == VESSEL_LABEL) & roi,
-                                               spacing, distances)
-    out["foreground"] = binary_scores(pred > 0, gt > 0, spacing, distances)
+                                               spacing, distances, both_empty)
+    out["foreground"] = binary_scores(pred > 0, gt > 0, spacing, distances, both_empty)
     return out
 
 
 def branch_metrics(preds: Mapping[str, np.ndarray], gt: np.ndarray, label_nc: int,
-                   only_inside_gt: bool = False) -> Dict[str, float]:
+                   only_inside_gt: bool = False, both_empty: str = "perfect") -> Dict[str, float]:
     """Flat validation metrics: ``<prefix>dice_<k>`` and ``<prefix>hausdorff_<k>`` per branch, for
     every label ``k`` (background 0 included, as the original) and ``foreground``.
 
     ``preds`` maps a key prefix (``"intra_"``, ``"inter_"``, ``""`` for the ensemble) to a label
-    volume.  Hausdorff is the maximum distance in voxel units, as in the reference.
+    volume.  Hausdorff is the maximum distance in voxel units, as in the reference.  ``both_empty``
+    scores a label absent from both volumes (:func:`binary_scores`); it feeds the best-checkpoint
+    choice through :func:`selection_score`.
     """
     out: Dict[str, float] = {}
     for prefix, pred in preds.items():
         scores = volume_scores(pred, gt, label_nc, distances=("hd",), background=True,
-                               vessels_within_gt=only_inside_gt)
+                               vessels_within_gt=only_inside_gt, both_empty=both_empty)
         for name, s in scores.items():
             out[f"{prefix}dice_{name}"] = s["dice"]
             out[f"{prefix}hausdorff_{name}"] = s["hd"]

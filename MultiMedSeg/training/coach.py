@@ -363,17 +363,20 @@ class Coach:
                                self.opts.consider_only_vessels_within_brain)]
 
     def _val_losses(self, b: Mapping[str, torch.Tensor], fs: float) -> Dict[str, float]:
-        """Validation losses at the encoder size (intra; plus inter/cycle when adapting)."""
+        """Validation losses at the encoder size (intra; plus inter when adapting), as the original: the
+        mask and the weight map are average-pooled to the encoder size like the network output (soft
+        targets); the inter losses compare the cycle image with the input and the *translated*
+        segmentation with the mask. Logged only: they select nothing."""
         size = self.net.config.encoder_input_size
-        y = F.interpolate(b["mask"], size=(size, size), mode="nearest")
-        w = F.interpolate(b["weight"], size=(size, size), mode="nearest")
+        y = F.adaptive_avg_pool2d(b["mask"].float(), size)
+        w = F.adaptive_avg_pool2d(b["weight"].float(), size)
         has_gt = y.flatten(1).any(1)
         out = self.net(b["data"], b["domain"], feature_scale=fs).float()
         _, logs = self.losses.calc_loss(b["data"], y, out, has_gt, w)
         if not self.opts.only_intra:
             trans = self.net(b["data"], flip_label(b["domain"]), feature_scale=fs).float()
             cycle = self.net(trans[:, :1], b["domain"], feature_scale=fs).float()
-            _, inter_logs = self.losses.calc_loss(b["data"], y, cycle, has_gt, w)
+            _, inter_logs = self.losses.calc_loss(b["data"], y, torch.cat([cycle[:, :1], trans[:, 1:]], 1), has_gt, w)
             logs.update({f"inter_{k}": v for k, v in inter_logs.items()})
         return logs
 

@@ -9,7 +9,8 @@ Two parts:
   moves both axes or neither (one gate per sample, :func:`sample_geometric`):
 
   - geometric pass, composed as one inverse 3x3 matrix per sample: x-flip, rotation by a
-    multiple of 90 degrees (k uniform in {0, 1, 2, 3}, :data:`ROT90_CHOICES`), integer
+    multiple of 90 degrees (k uniform in {0, 1, 2, 3}, :data:`ROT90_CHOICES`; ``rot90="original"``
+    draws from the original code's {0, 3}, :data:`ROT90_SETS`), integer
     translation (uniform, +-0.125 of the size), isotropic scale (lognormal, std 0.2 ln 2),
     pre-rotation (uniform +-pi), anisotropic scale (s, 1/s), post-rotation, fractional
     translation (normal, std 0.125 of the size). The transforms turn about the image centre.
@@ -92,21 +93,31 @@ def _gate(value: torch.Tensor, prob: float, neutral: float) -> torch.Tensor:
 
 # Multiples of 90 degrees the rotation step draws from. The ADA paper (and NVlabs' code) use all four;
 # the original code drew from (0, 3) only (rosinality's category list), i.e. 0 or 270 degrees: a defect
-# we keep fixed (docs/differences.md, "ADA rotation set").
+# we fix by default (docs/differences.md#ada-rotation-set); ``rot90="original"`` restores it.
 ROT90_CHOICES = (0, 1, 2, 3)
+ROT90_SETS = {"uniform": ROT90_CHOICES, "original": (0, 3)}
+
+
+def rot90_choices(rot90: str) -> Tuple[int, ...]:
+    """The quarter turns drawn under the setting ``rot90`` (a key of :data:`ROT90_SETS`; ValueError)."""
+    try:
+        return ROT90_SETS[rot90]
+    except KeyError:
+        raise ValueError(f"rot90 must be one of {', '.join(ROT90_SETS)}, got {rot90!r}") from None
 
 # The geometric transforms in the order they are composed (forward transform = last @ ... @ first).
 GEOMETRIC_STEPS = ("xflip", "rot90", "int_translate", "iso_scale", "pre_rotate", "aniso_scale", "post_rotate",
                    "frac_translate")
 
 
-def sample_geometric(batch: int, size: Tuple[int, int], p: float, device: torch.device) -> Dict[str, torch.Tensor]:
+def sample_geometric(batch: int, size: Tuple[int, int], p: float, device: torch.device,
+                     rot90: str = "uniform") -> Dict[str, torch.Tensor]:
     """Per-sample parameters of the eight geometric transforms, the neutral value where the sample's
     gate is off. Every transform has ONE gate per sample (probability ``p``; ``p_rot`` for the two
     arbitrary rotations), translations included: both axes move together, as in the ADA paper.
 
-    Returns a dict keyed by :data:`GEOMETRIC_STEPS`: ``xflip`` (B,) in {0, 1}; ``rot90`` (B,) k in
-    :data:`ROT90_CHOICES`; ``int_translate`` (B, 2) whole pixels (x, y); ``iso_scale`` (B,);
+    Returns a dict keyed by :data:`GEOMETRIC_STEPS`: ``xflip`` (B,) in {0, 1}; ``rot90`` (B,) k drawn
+    uniformly from ``ROT90_SETS[rot90]`` (default all four turns; ``"original"``: {0, 3}); ``int_translate`` (B, 2) whole pixels (x, y); ``iso_scale`` (B,);
     ``pre_rotate`` (B,) radians; ``aniso_scale`` (B,); ``post_rotate`` (B,); ``frac_translate`` (B, 2)
     pixels (x, y).
     """
@@ -115,8 +126,8 @@ def sample_geometric(batch: int, size: Tuple[int, int], p: float, device: torch.
     shape = (batch,)
     out: Dict[str, torch.Tensor] = {}
     out["xflip"] = _gate(torch.randint(0, 2, shape, device=device).float(), p, 0.0)
-    choices = torch.tensor(ROT90_CHOICES, device=device, dtype=torch.float32)
-    out["rot90"] = _gate(choices[torch.randint(0, len(ROT90_CHOICES), shape, device=device)], p, 0.0)
+    choices = torch.tensor(rot90_choices(rot90), device=device, dtype=torch.float32)
+    out["rot90"] = _gate(choices[torch.randint(0, len(choices), shape, device=device)], p, 0.0)
     t = (torch.rand(batch, 2, device=device) * 2 - 1) * 0.125
     dims = torch.tensor([width, height], device=device, dtype=torch.float32)
     out["int_translate"] = _gate(torch.round(t * dims), p, 0.0)
@@ -147,18 +158,20 @@ def matrix_from_params(params: Dict[str, torch.Tensor]) -> torch.Tensor:
     return g_inv
 
 
-def geometric_matrix(batch: int, size: Tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
+def geometric_matrix(batch: int, size: Tuple[int, int], p: float, device: torch.device,
+                     rot90: str = "uniform") -> torch.Tensor:
     """Per-sample inverse transform (output pixel -> input pixel), centred coordinates, pixel units.
 
     Args:
         batch: number of samples.
         size: (height, width) of the images.
         p: augmentation probability.
+        rot90: the quarter turns drawn (:data:`ROT90_SETS`).
 
     Returns:
         (batch, 3, 3) float32 matrices; identities where no transform was drawn.
     """
-    return matrix_from_params(sample_geometric(batch, size, p, device))
+    return matrix_from_params(sample_geometric(batch, size, p, device, rot90))
 
 
 def colour_matrix(batch: int, p: float, device: torch.device) -> torch.Tensor:
@@ -264,12 +277,13 @@ def apply_colour(images: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return images * gain.to(images.dtype)[:, None, None, None] + offset.to(images.dtype)[:, None, None, None]
 
 
-def augment(images: torch.Tensor, p: float) -> torch.Tensor:
-    """Non-leaking augmentation of a (B, 1, H, W) batch with probability ``p`` (see module docstring)."""
+def augment(images: torch.Tensor, p: float, rot90: str = "uniform") -> torch.Tensor:
+    """Non-leaking augmentation of a (B, 1, H, W) batch with probability ``p`` (see module docstring);
+    ``rot90`` picks the quarter turns drawn (:data:`ROT90_SETS`)."""
     if p <= 0:
         return images
     batch, _, height, width = images.shape
-    g_inv = geometric_matrix(batch, (height, width), p, images.device)
+    g_inv = geometric_matrix(batch, (height, width), p, images.device, rot90)
     identity = torch.eye(3, device=images.device)
     if not torch.allclose(g_inv, identity.expand_as(g_inv), atol=0.0, rtol=0.0):
         images = apply_geometric(images, g_inv)

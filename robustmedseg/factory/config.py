@@ -43,6 +43,9 @@ class FactoryConfig(GeneratorArgs):
     ada_target: float = 0.6
     ada_length: int = 500_000
     ada_every: int = 256
+    # quarter turns ADA draws: "uniform" (k in {0, 1, 2, 3}, the ADA paper) or "original" ({0, 3}, the
+    # original code's draw; docs/differences.md#ada-rotation-set)
+    ada_rot90: str = "uniform"
     # CLIP
     clip_weight: float = 0.0
     clip_model: str = "ViT-L-14"
@@ -102,6 +105,8 @@ class FactoryConfig(GeneratorArgs):
         for name in ("mixing", "augment_p", "clip_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.ada_rot90 not in ("uniform", "original"):
+            raise ValueError(f"ada_rot90 must be 'uniform' or 'original', got {self.ada_rot90!r}")
         if self.clip_weight < 0:
             raise ValueError(f"clip_weight must be >= 0, got {self.clip_weight}")
         if not float(self.secagg_clip) >= 0:

@@ -164,7 +164,7 @@ class FactoryTrainer:
         self.model.discriminator.requires_grad_(phase == "d")
 
     def _aug(self, images: torch.Tensor) -> torch.Tensor:
-        return augment(images, self.ada_p) if self.ada is not None else images
+        return augment(images, self.ada_p, self.cfg.ada_rot90) if self.ada is not None else images
 
     def _d_update(self, real: torch.Tensor, c: torch.Tensor, e: Optional[torch.Tensor]) -> torch.Tensor:
         self._set_phase("d")
