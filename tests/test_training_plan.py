@@ -1,13 +1,15 @@
 """Phase-1 training plan, driven in-process like a Fed-BioMed node (no gRPC), with tiny networks.
 
-Covers: D/G alternation, lazy-regularisation schedule, EMA rule, node-local state across rounds,
-ADA (identity at p = 0, grey colour fix, adaptation direction, double backward), CLIP loss
-(clamp, gradients, batch larger than the CLIP rows), strategy and export helpers.
+Covers the phase-1 factory (robustmedseg/factory/, training_plan.py): D/G alternation, lazy-regularisation
+schedule, EMA rule, node-local state across rounds (locations, seeds, older files), the trainer's ADA settings
+(``ada_every``, the quarter-turn set), CLIP loss (clamp, gradients, batch larger than the CLIP rows), the GAN
+losses against their formulas, the one-line errors, strategy and export helpers. The augmentation itself is in
+tests/test_ada.py, resume equivalence in tests/test_resume.py.
 """
 from __future__ import annotations
 
 import json
-import math
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from robustmedseg.factory import ada as ada_mod
+from robustmedseg.factory import losses, samples, state
 from robustmedseg.factory.config import EMA_DECAY, FactoryConfig
 from robustmedseg.factory.losses import spherical_distance_sq
 from robustmedseg.factory.network import FactoryModel
@@ -314,110 +317,6 @@ def test_missing_clip_weights_is_a_clear_error():
 
 # --------------------------------------------------------------------------- ADA
 
-def test_augment_with_p_zero_is_the_exact_identity():
-    x = torch.randn(4, 1, 16, 16)
-    assert ada_mod.augment(x, 0.0) is x
-
-
-def test_grey_colour_transform_uses_the_row_sum():
-    x = torch.randn(2, 1, 8, 8)
-    eye = torch.eye(4).expand(2, 4, 4)
-    assert torch.equal(ada_mod.apply_colour(x, eye), x)  # the reference scaled by 1/3 here
-    m = eye.clone()
-    m[:, 0:3, 0:3] *= 1.5
-    m[:, 0:3, 3] = 0.25
-    assert torch.allclose(ada_mod.apply_colour(x, m), 1.5 * x + 0.25)
-    torch.manual_seed(0)
-    c = ada_mod.colour_matrix(64, 1.0, torch.device("cpu"))  # hue/saturation keep the grey axis
-    eye4 = torch.eye(4).expand_as(c)
-    assert bool(((c - eye4).flatten(1).abs().amax(1) > 1e-3).all())  # p = 1: no sample is left alone
-    grey = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    out = c @ grey
-    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
-    # the grey axis is an eigenvector: M (1,1,1) = rowsum * (1,1,1), the gain apply_colour uses
-    gain = c[:, 0:3, 0:3].sum(2).mean(1)
-    assert torch.allclose(out[:, 0], gain, atol=1e-5) and bool((gain.abs() - 1).abs().gt(1e-3).all())
-    x = torch.randn(64, 1, 4, 4)
-    rgb = torch.cat([x.expand(64, 3, 4, 4), torch.ones(64, 1, 4, 4)], 1)  # grey image as (x, x, x, 1)
-    full = torch.einsum("bij,bjhw->bihw", c, rgb)
-    assert torch.allclose(full[:, 0:1], ada_mod.apply_colour(x, c), atol=1e-4)  # = the full RGB transform
-
-
-def test_geometric_pass_is_aligned():
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    img = (torch.sin(2 * xx) * torch.cos(3 * yy))[None, None]
-    ident = torch.eye(3)[None]
-    out = ada_mod.apply_geometric(img, ident)
-    assert (out - img)[..., 4:-4, 4:-4].abs().max() < 0.02
-    shift = ada_mod._translate2d(torch.tensor([-2.0]), torch.tensor([0.0]))  # content moves +2 px in x
-    moved = ada_mod.apply_geometric(img, shift)
-    assert (moved[..., 4:-4, 6:-4] - img[..., 4:-4, 4:-6]).abs().max() < 0.02
-
-
-@pytest.mark.parametrize("name", ["xflip", "rot90", "rot180"])
-def test_geometric_pass_turns_about_the_image_centre(name):
-    """Flips and quarter turns must equal torch's exact index flips (a centre off by 1/4 px, as before
-    the fix, shifts a flip by 1/2 px: an error of 0.29 on this image instead of 0.05)."""
-    torch.manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    img = (torch.sin(2 * math.pi * xx / 9 + 0.3) * torch.cos(2 * math.pi * yy / 11 + 0.7))[None, None]
-    fwd = {"xflip": ada_mod._scale2d(torch.tensor([-1.0]), torch.tensor([1.0])),
-           "rot90": ada_mod._rotate2d(torch.tensor([math.pi / 2])),
-           "rot180": ada_mod._rotate2d(torch.tensor([math.pi]))}[name]
-    exact = {"xflip": torch.flip(img, [3]), "rot90": torch.rot90(img, -1, [2, 3]),
-             "rot180": torch.flip(img, [2, 3])}[name]
-    out = ada_mod.apply_geometric(img, torch.linalg.inv(fwd))
-    err = (out - exact)[..., 6:-6, 6:-6].abs().max()
-    assert err < 0.1, float(err)
-
-
-def _binomial_tolerance(p: float, n: int, sigmas: float = 5.0) -> float:
-    return sigmas * math.sqrt(p * (1 - p) / n)
-
-
-def test_translations_are_gated_per_sample_not_per_axis():
-    """ADA paper / original: one gate per sample moves both axes (at p = 0.5: both axes 0.5, one axis 0)."""
-    torch.manual_seed(0)
-    n, p = 20000, 0.5
-    params = ada_mod.sample_geometric(n, (1024, 1024), p, torch.device("cpu"))
-    for key in ("int_translate", "frac_translate"):
-        moved = params[key] != 0
-        both = float((moved[:, 0] & moved[:, 1]).float().mean())
-        one = float((moved[:, 0] ^ moved[:, 1]).float().mean())
-        assert abs(both - p) < _binomial_tolerance(p, n), (key, both)
-        # an integer translation rounds to 0 px on one axis with probability 1/(0.25 * 1024) only
-        assert one < 0.02, (key, one)
-
-
-def test_every_transform_has_probability_p_per_sample():
-    torch.manual_seed(1)
-    n, p = 20000, 0.3
-    p_rot = 1 - math.sqrt(1 - p)
-    params = ada_mod.sample_geometric(n, (1024, 1024), p, torch.device("cpu"))
-    neutral = {"xflip": 0.0, "rot90": 0.0, "iso_scale": 1.0, "aniso_scale": 1.0, "pre_rotate": 0.0,
-               "post_rotate": 0.0}
-    # a drawn flip / quarter turn can be the identity (value 0): P(moved) = p * 1/2 and p * 3/4
-    expected = {"xflip": p / 2, "rot90": p * 3 / 4, "iso_scale": p, "aniso_scale": p, "pre_rotate": p_rot,
-                "post_rotate": p_rot}
-    for key, value in neutral.items():
-        rate = float((params[key] != value).float().mean())
-        assert abs(rate - expected[key]) < _binomial_tolerance(expected[key], n), (key, rate)
-
-
-@pytest.mark.parametrize("rot90, turns", [("uniform", (0, 1, 2, 3)), ("original", (0, 3))])
-def test_rotation_by_quarter_turns_draws_its_set_uniformly(rot90, turns):
-    """Default: k uniform in {0, 1, 2, 3} as in the ADA paper; ``ada_rot90 = "original"``: uniform in
-    {0, 3}, the original code's draw (docs/differences.md#ada-rotation-set)."""
-    torch.manual_seed(2)
-    n = 20000
-    k = ada_mod.sample_geometric(n, (64, 64), 1.0, torch.device("cpu"), rot90)["rot90"]
-    assert set(k.unique().tolist()) == {float(t) for t in turns}
-    for value in turns:
-        share = 1 / len(turns)
-        assert abs(float((k == value).float().mean()) - share) < _binomial_tolerance(share, n)
-    with pytest.raises(ValueError):
-        ada_mod.sample_geometric(2, (8, 8), 1.0, torch.device("cpu"), "0,3")
-
 
 def test_trainer_passes_the_quarter_turn_setting_to_the_augmentation(monkeypatch):
     """The FactoryConfig field (shipped in model_args) reaches every augmentation of D's inputs."""
@@ -444,38 +343,124 @@ def test_trainer_passes_the_quarter_turn_setting_to_the_augmentation(monkeypatch
         FactoryConfig.from_model_args({**TINY, "ada_rot90": "0,3"})
 
 
-def test_augmentation_is_twice_differentiable():
-    torch.manual_seed(0)
-    x = torch.randn(2, 1, 8, 8, dtype=torch.double, requires_grad=True)
-    g_inv = ada_mod.geometric_matrix(2, (8, 8), 1.0, torch.device("cpu")).double()
-    assert bool(((g_inv - torch.eye(3, dtype=g_inv.dtype)).flatten(1).abs().amax(1) > 1e-3).all())  # not identity
-    assert torch.autograd.gradgradcheck(lambda t: ada_mod.apply_geometric(t, g_inv), (x,))
-
-
-def test_ada_probability_adapts_in_the_right_direction():
-    ada = ada_mod.AdaptiveAugment(target=0.6, length=100, update_every=2)
-    for _ in range(4):
-        ada.tune(torch.ones(10))  # D confident on reals: overfitting -> more augmentation
-    assert ada.p == pytest.approx(2 * 20 / 100)
-    for _ in range(20):
-        ada.tune(-torch.ones(10))
-    assert ada.p == 0.0  # clamped
-    ada.p = 0.995
-    for _ in range(2):
-        ada.tune(torch.ones(10))
-    assert ada.p == 1.0
-    ada.target = 0.0  # r_t == target (balanced signs) moves p down, as the original
-    ada.tune(torch.tensor([1.0, -1.0]))
-    ada.tune(torch.tensor([1.0, -1.0]))
-    assert ada.p == pytest.approx(1.0 - 4 / 100)
-    with pytest.raises(ValueError):
-        ada_mod.AdaptiveAugment(0.6, 100, 0)
-
-
 def test_ada_every_is_honoured(lmdb_plain, state_dir):
     plan, _, _ = _round(lmdb_plain, 8, augment=True, ada_every=3, ada_length=10)
     ada = plan._session.trainer.ada
     assert ada.calls == 4 % 3  # 4 regular D updates: one update of p after 3 calls, 1 call pending
+
+
+# --------------------------------------------------------------------------- GAN losses, node state, errors
+# Values of the GAN losses against their formulas, node-state locations and seeds, and the one-line
+# errors (found missing by mutation testing).
+
+def test_gan_losses_follow_their_formulas():
+    torch.manual_seed(2)
+    real, fake = torch.randn(7, 1), torch.randn(7, 1)
+    want = torch.log1p(torch.exp(-real)).mean() + torch.log1p(torch.exp(fake)).mean()
+    torch.testing.assert_close(losses.d_logistic_loss(real, fake), want)
+    torch.testing.assert_close(losses.g_nonsaturating_loss(fake), torch.log1p(torch.exp(-fake)).mean())
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    pred = (x ** 2).sum((1, 2, 3)) * 0.5  # gradient = x
+    torch.testing.assert_close(losses.r1_penalty(pred, x), x.detach().pow(2).sum((1, 2, 3)).mean())
+
+
+def test_node_state_locations_and_seeds(tmp_path, monkeypatch):
+    monkeypatch.delenv("ROBUSTMEDSEG_NODE_STATE_DIR", raising=False)
+    monkeypatch.setenv("FBM_NODE_COMPONENT_ROOT", str(tmp_path / "node"))
+    assert state.node_state_root() == tmp_path / "node" / "var" / "robustmedseg"
+    monkeypatch.setenv("ROBUSTMEDSEG_NODE_STATE_DIR", str(tmp_path / "explicit"))
+    assert state.node_state_root() == tmp_path / "explicit"
+    monkeypatch.delenv("ROBUSTMEDSEG_NODE_STATE_DIR")
+    monkeypatch.delenv("FBM_NODE_COMPONENT_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert state.node_state_root() == tmp_path / "robustmedseg-node-state"
+    assert state.run_dir("", None, Path("r")) == Path("r") / "default" / "local"
+    assert state.run_dir("a/b c", "NODE:1", Path("r")) == Path("r") / "a_b_c" / "NODE_1"
+    seeds = {state.node_seed(3, n) for n in ("NODE_a", "NODE_b", "NODE_ab", None)}
+    assert len(seeds) == 4 and state.node_seed(3, None) == state.node_seed(3, "local")
+    assert state.node_seed(3, "NODE_a") == state.node_seed(3, "NODE_a") != state.node_seed(4, "NODE_a")
+    assert all(0 <= s < 2 ** 31 for s in seeds)
+
+
+def test_old_node_state_without_counts_loads(tmp_path):
+    from builders import factory_trainer as _trainer
+
+    cfg = FactoryConfig.from_model_args({"size": 16, "style_dim": 32, "n_mlp": 2, "channel_cap": 16, "clip_dim": 16})
+    trainer = _trainer(cfg)
+    trainer.load_state_dict({"step": 5, "mean_path_length": 0.5, "ada": None, "optimizer": None})
+    assert trainer.step == 5 and dict(trainer.counts) == {}
+
+
+def test_factory_config_and_trainer_errors():
+    for name in ("mixing", "augment_p", "clip_prob"):
+        with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 1\], got 1.5$"):
+            FactoryConfig.from_model_args({name: 1.5})
+    with pytest.raises(ValueError, match=r"^clip_weight must be >= 0, got -1$"):
+        FactoryConfig.from_model_args({"clip_weight": -1})
+    from builders import factory_trainer as _trainer
+
+    cfg = FactoryConfig.from_model_args({"size": 16, "style_dim": 32, "n_mlp": 2, "channel_cap": 16, "clip_dim": 16,
+                                         "clip_weight": 1.0})
+    with pytest.raises(ValueError, match=r"^clip_weight > 0 needs a CLIP model for the loss$"):
+        from robustmedseg.factory.trainer import FactoryTrainer
+
+        t = _trainer(FactoryConfig.from_model_args({"size": 16, "style_dim": 32, "n_mlp": 2, "channel_cap": 16,
+                                                    "clip_dim": 16}))
+        FactoryTrainer(t.model, t.opt, cfg, clip_mean=torch.zeros(1, 16))
+
+
+def test_sample_grid_clamps_to_the_image_range():
+    images = torch.tensor([-3.0, -1.0, 0.0, 1.0, 4.0]).reshape(5, 1, 1, 1)
+    grid = samples.to_grid(images, nrow=5, pad=0)
+    assert grid.tolist() == [[0, 0, 128, 255, 255]]
+
+
+def test_no_clip_warning_without_clip_weight(caplog, tmp_path, monkeypatch):
+    """The 'CLIP loss disabled' warning is for clip_weight > 0 on a node without clip_mean only."""
+    from robustmedseg.factory import session
+
+    monkeypatch.setenv("ROBUSTMEDSEG_NODE_STATE_DIR", str(tmp_path))
+
+    class Plan:
+        def __init__(self, weight):
+            self.args = {"size": 16, "style_dim": 32, "n_mlp": 2, "channel_cap": 16, "clip_dim": 16,
+                         "clip_weight": weight, "run_id": "w"}
+            from robustmedseg.factory.network import FactoryModel
+            from robustmedseg.factory.optim import AlternatingAdam
+
+            cfg = FactoryConfig.from_model_args(self.args)
+            self.net = FactoryModel(cfg)
+            self.opt = type("O", (), {"optimizer": AlternatingAdam(self.net.discriminator.parameters(),
+                                                                    self.net.generator.parameters(), lr=0.002)})()
+
+        def model_args(self):
+            return self.args
+
+        def node_id(self):
+            return "NODE_w"
+
+        def round(self):
+            return 0
+
+        def loader_args(self):
+            return {"batch_size": 2}
+
+        def training_args(self):
+            return {"num_updates": 1}
+
+        def model(self):
+            return self.net
+
+        def optimizer(self):
+            return self.opt
+
+    data = type("D", (), {"clip_mean": lambda self: None})()
+    with caplog.at_level(logging.WARNING, logger="robustmedseg.factory.session"):
+        session.begin_round(Plan(0.0), data)
+    assert not [r for r in caplog.records if "CLIP loss disabled" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="robustmedseg.factory.session"):
+        session.begin_round(Plan(1.0), data)
+    assert [r for r in caplog.records if "CLIP loss disabled" in r.getMessage()]
 
 
 # --------------------------------------------------------------------------- strategy, export, CLI
