@@ -14,6 +14,8 @@ Test modules import these instead of importing each other.
 ``REPO`` / :func:`subprocess_env` / ``FACTORY_TINY_FLAGS``
     The repository, the environment of a ``train.py`` subprocess (this checkout first on PYTHONPATH,
     no ``FBM_`` variable) and the ``train.py`` flags of a tiny federated factory.
+:func:`input_error_message` / :func:`one_hot_slice`
+    The text of the one-line ``InputError`` a call raises; the arrays of a small valid slice.
 ``FACTORY_TINY`` / :func:`factory_trainer` / :func:`write_slices` / :func:`node_round`
     Phase 1 in-process: the tiny factory's ``model_args`` (16 px), a ``FactoryTrainer`` of a config,
     a folder of random slices and one node round of the training plan (``federation.inprocess``).
@@ -48,7 +50,7 @@ from MultiMedSeg.data.restore import load_metadata, restore_volume
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg import checkpoints as ck
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
-from robustmedseg.errors import run_cli
+from robustmedseg.errors import InputError, run_cli
 from robustmedseg.factory_file import write_factory_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +108,22 @@ def node_round(dataset: Path, num_updates: int, round_: int = 0, params=None, ba
                 "optimizer_args": {"lr": 0.002}, "log_interval": 0}
     return run_node_round(FactoryTrainingPlan, args, training, dataset, node_id="NODE_t", round_=round_,
                           params=params)
+
+
+# ------------------------------------------------------------------------------------------ one-line errors, slices
+def input_error_message(fn, *args, **kwargs) -> str:
+    """The message of the ``InputError`` that ``fn(*args, **kwargs)`` raises (fails when it raises none)."""
+    with pytest.raises(InputError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def one_hot_slice(h=4, w=4, c=3):
+    """A valid slice's ``data`` (float32 zeros, (h, w, 1)) and one-hot ``mask`` (class 0, (h, w, c))."""
+    data = np.zeros((h, w, 1), np.float32)
+    mask = np.zeros((h, w, c), bool)
+    mask[..., 0] = True
+    return data, mask
 
 
 # ------------------------------------------------------------------------------------------ phase 2 runs

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from builders import input_error_message as message, one_hot_slice as good
+from robustmedseg.data import lmdb_store
 from robustmedseg.data.dataset import FedSliceDataset, LMDBSlices, fed_slice_dataset
 from robustmedseg.data.lmdb_store import PrepareOptions, prepare_lmdb
+from robustmedseg.data.slices import save_slice
 from robustmedseg.errors import InputError
 
 LABEL = 2
@@ -174,3 +177,39 @@ def test_several_readers_of_one_folder_and_a_replaced_folder(prepared, tmp_path)
     with pytest.raises(InputError, match="no image key '32-00000-2-00'"):
         LMDBSlices(folder)
     assert torch.equal(old[0][0], first)                        # the old reader still works
+
+
+# --------------------------------------------------------------------------- format, errors, side files
+def test_lmdb_reader_index_and_resolution_errors(tmp_path):
+    from robustmedseg.data.dataset import LMDBSlices
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data, _ = good(16, 16)
+    for i in range(3):
+        save_slice(src / f"v_slice{i:03d}.npz", data)
+    out = tmp_path / "lmdb"
+    lmdb_store.prepare_lmdb(lmdb_store.PrepareOptions(source=src, out=out, label=1, sizes=(16,), clip_model=None,
+                                                      progress=False))
+    meta = lmdb_store.load_meta(out)
+    assert meta["format"] == "robustmedseg-slices-lmdb" and meta["length"] == 3 and meta["sizes"] == [16]
+    assert meta["image_shape"] == "(size, size, 1)" and meta["dtype"] == "<f4"
+    reader = LMDBSlices(out, 16)
+    assert len(reader) == 3
+    with pytest.raises(IndexError, match=r"^slice index 3 out of range 0\.\.2$"):
+        reader.image(3)
+    assert message(LMDBSlices, out, 32) == f"{out}: resolution 32 not in the LMDB (sizes [16])"
+    assert message(LMDBSlices, tmp_path / "none", 16) == f"{tmp_path / 'none'}: LMDB folder not found"
+    assert lmdb_store.load_int_array(out / "labels.npy", 3).tolist() == [1, 1, 1]  # the domain of every slice
+
+
+def test_side_files_are_never_unpickled(tmp_path):
+    """A pickled (object) array is refused with the reader's error, never loaded."""
+    path = tmp_path / "labels.npy"
+    np.save(path, np.array([1, "x", None], dtype=object), allow_pickle=True)
+    text = message(lmdb_store.load_int_array, path, 3)
+    assert text.startswith(f"{path}: cannot read (ValueError: ") and "pickle" in text
+    clip = tmp_path / lmdb_store.CLIP_MEAN_FILE
+    np.save(clip, np.array([[0.5, None]], dtype=object), allow_pickle=True)
+    text = message(lmdb_store.load_clip_mean, tmp_path)
+    assert text.startswith(f"{clip}: cannot read (ValueError: ") and "pickle" in text

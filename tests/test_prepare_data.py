@@ -1,4 +1,5 @@
-"""prepare_data.py: slice folder -> LMDB folder (robustmedseg.data.lmdb_store / zbins / clip_embed)."""
+"""prepare_data.py: slice folder -> LMDB folder (robustmedseg.data.lmdb_store / zbins / clip_embed): z-bins, the
+LMDB written, CLIP encoder and mean, the CLI, bad input, option and side-file checks with their one-line errors."""
 from __future__ import annotations
 
 import json
@@ -17,11 +18,14 @@ import torch.nn.functional as F
 import prepare_data
 from robustmedseg.data import zbins as zb
 from robustmedseg.data.clip_embed import OPENAI_MEAN, OPENAI_STD, load_clip_encoder
-from builders import register_tiny_clip
+from builders import TINY_CLIP, register_tiny_clip
+from builders import input_error_message as message, one_hot_slice as good
+from robustmedseg.data import lmdb_store
+from robustmedseg.data.slices import save_slice
 from robustmedseg.errors import InputError
 
 REPO = Path(prepare_data.__file__).resolve().parent
-TINY_CLIP = "rms-test-tiny-clip"
+TINY_CLIP_48 = "rms-test-tiny-clip"  # the 48 px architecture of ``tiny_clip_48px``
 
 
 # --------------------------------------------------------------------------- helpers
@@ -78,7 +82,7 @@ def entries(folder: Path) -> List[str]:
 @pytest.fixture(scope="module")
 def tiny_clip_48px(tmp_path_factory) -> str:
     """The tiny random open_clip architecture with a 48 px input (the slices are resized to it)."""
-    return register_tiny_clip(tmp_path_factory.mktemp("clipcfg"), TINY_CLIP, 48)
+    return register_tiny_clip(tmp_path_factory.mktemp("clipcfg"), TINY_CLIP_48, 48)
 
 
 # --------------------------------------------------------------------------- z-bins
@@ -430,3 +434,134 @@ def test_map_size_estimate_and_growth(tmp_path, monkeypatch):
          "--clip-model", "none"])
     values = [v for k, v in read_lmdb(tmp_path / "lmdb").items() if k != b"length"]
     assert sorted(values) == sorted(d.tobytes() for d in written.values())
+
+
+# --------------------------------------------------------------------------- reading slices, options, side files
+def test_phase1_reading_refuses_values_outside_the_range(tmp_path):
+    data, _ = good()
+    data[0, 0, 0] = 1.5
+    path = tmp_path / "v_slice000.npz"  # written by hand: save_slice itself refuses such values
+    np.savez(path, data=data)
+    assert message(lmdb_store.read_slice_data, path) == f"{path}: 'data' values must lie in [-1, 1], found [0, 1.5]"
+    data[0, 0, 0] = np.nan
+    np.savez(tmp_path / "v_slice001.npz", data=data)
+    assert "1 non-finite value(s)" in message(lmdb_store.read_slice_data, tmp_path / "v_slice001.npz")
+    data[0, 0, 0] = 1.0
+    np.testing.assert_array_equal(lmdb_store.read_slice_data(save_slice(tmp_path / "v_slice002.npz", data)), data)
+
+
+@pytest.mark.parametrize("change,text", [
+    (dict(n_domains=0), "--n-domains must be >= 1, got 0"),
+    (dict(label=3), "--label 3 out of range: domain labels are 0..2 (--n-domains 3)"),
+    (dict(label=-1), "--label -1 out of range: domain labels are 0..2 (--n-domains 3)"),
+    (dict(n_zbins=0), "--n-zbins must be >= 1, got 0"),
+    (dict(sizes=(16, 16)), "--size must list distinct sizes, got [16, 16]"),
+    (dict(sizes=(0,)), "--size 0: size must be a power of two in [16, 1024], got 0 (train.py would refuse it)"),
+    (dict(sizes=(24,)), "--size 24: size must be a power of two in [16, 1024], got 24 (train.py would refuse it)"),
+    (dict(sizes=()), "--size must list distinct sizes, got []"),
+    (dict(workers=-1), f"--workers must be in [0, {4 * (os.cpu_count() or 1)}] (4 x the CPU count), got -1"),
+    (dict(clip_batch=0), "--clip-batch must be >= 1, got 0"),
+])
+def test_prepare_options_are_checked(tmp_path, change, text):
+    opts = lmdb_store.PrepareOptions(source=tmp_path / "src", out=tmp_path / "out", **{"label": 2, **change})
+    assert message(lmdb_store.check_options, opts) == text
+
+
+def test_prepare_output_location_is_checked(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for out, relation in ((src, "is"), (tmp_path, "contains")):
+        opts = lmdb_store.PrepareOptions(source=src, out=out, label=0)
+        assert message(lmdb_store.check_options, opts) == \
+            f"{out}: --out {relation} the input PATH {src}: an output must be apart from every input " \
+            "(it could be replaced or deleted)"
+    (tmp_path / "file").write_text("x")
+    opts = lmdb_store.PrepareOptions(source=src, out=tmp_path / "file", label=0)
+    assert message(lmdb_store.check_options, opts) == f"{tmp_path / 'file'}: output already exists (pass --overwrite to replace it)"
+    opts.overwrite = True
+    assert message(lmdb_store.check_options, opts) == f"{tmp_path / 'file'}: output exists and is not a folder"
+    lmdb_store.check_options(lmdb_store.PrepareOptions(source=src, out=tmp_path / "new", label=0))
+
+
+def test_side_files_are_checked(tmp_path):
+    path = tmp_path / "labels.npy"
+    assert message(lmdb_store.load_int_array, path, 3) == f"{path}: missing LMDB side file"
+    np.save(path, np.arange(3, dtype=np.int32))
+    got = lmdb_store.load_int_array(path, 3)
+    assert got.dtype == np.int64 and got.tolist() == [0, 1, 2]
+    assert message(lmdb_store.load_int_array, path, 4) == \
+        f"{path}: expected an integer array of shape (4,), got int32 (3,)"
+    np.save(path, np.zeros(3, np.float32))
+    assert "got float32 (3,)" in message(lmdb_store.load_int_array, path, 3)
+    assert lmdb_store.load_clip_mean(tmp_path) is None
+    clip = tmp_path / lmdb_store.CLIP_MEAN_FILE
+    np.save(clip, np.ones((1, 5)))
+    assert lmdb_store.load_clip_mean(tmp_path).dtype == np.float32
+    for bad in (np.ones((2, 5)), np.ones(5), np.ones((1, 5), np.int64)):
+        np.save(clip, bad)
+        assert message(lmdb_store.load_clip_mean, tmp_path) == \
+            f"{clip}: expected a float (1, D) array, got {bad.dtype} {bad.shape}"
+    meta = tmp_path / lmdb_store.META_FILE
+    assert message(lmdb_store.load_meta, tmp_path) == f"{tmp_path}: missing {lmdb_store.META_FILE} (not a prepare_data.py output?)"
+    meta.write_text('{"sizes": []}')
+    assert message(lmdb_store.load_meta, tmp_path) == f"{meta}: no 'sizes' list in metadata"
+    meta.write_text("{")
+    assert message(lmdb_store.load_meta, tmp_path).startswith(f"{meta}: cannot read (")
+
+
+# --------------------------------------------------------------------------- CLIP encoder
+def test_clip_encoder_settings_and_mean(tiny_clip):
+    import torch
+
+    from robustmedseg.data import clip_embed
+
+    enc = clip_embed.load_clip_encoder(TINY_CLIP, tiny_clip["pretrained"], device="cpu")
+    assert enc.info == {"model": TINY_CLIP, "pretrained": tiny_clip["pretrained"], "quick_gelu": True,
+                        "embed_dim": 16, "image_size": [32, 32], "mean": list(clip_embed.OPENAI_MEAN),
+                        "std": list(clip_embed.OPENAI_STD)}
+    assert enc.embed_dim == 16 and enc.image_size == (32, 32)
+    assert not clip_embed.load_clip_encoder(TINY_CLIP, tiny_clip["pretrained"], "cpu", quick_gelu=False).info[
+        "quick_gelu"]
+    rng = np.random.default_rng(0)
+    images = [np.tanh(rng.normal(size=(24, 24, 1))).astype(np.float32) for _ in range(5)]
+    rows = enc.encode(torch.from_numpy(np.stack([im[..., 0] for im in images]))[:, None])
+    assert rows.shape == (5, 16) and torch.allclose(rows.norm(dim=1), torch.ones(5), atol=1e-5)
+    x = torch.from_numpy(np.stack([im[..., 0] for im in images]))[:, None].repeat(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate((x + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False)
+    mean = torch.tensor(clip_embed.OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(clip_embed.OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(enc.model.encode_image((x - mean) / std).float(), dim=-1)
+    torch.testing.assert_close(rows, want)
+    got = clip_embed.clip_mean_of(enc, images, batch_size=2)
+    assert got.shape == (1, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, rows.double().mean(0, keepdim=True).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"^expected \(B, 1, H, W\) images, got \(2, 3, 4, 4\)$"):
+        enc.encode(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="no embedding was added"):
+        clip_embed.MeanAccumulator().mean()
+
+
+def test_clip_encoder_errors_and_weight_kinds(tmp_path, tiny_clip):
+    from robustmedseg.data import clip_embed
+
+    assert message(clip_embed.load_clip_encoder, "no-such-model", None) == \
+        "unknown CLIP model 'no-such-model' (see open_clip.list_models()), or use --clip-model none"
+    missing = str(tmp_path / "w.pt")
+    assert message(clip_embed.load_clip_encoder, TINY_CLIP, missing) == \
+        f"{missing}: CLIP weights file not found (--clip-pretrained)"
+    assert message(clip_embed.load_clip_encoder, TINY_CLIP, "some_tag", "cpu") == \
+        f"cannot load CLIP weights 'some_tag' for {TINY_CLIP} (offline?): pass a local file with " \
+        "--clip-pretrained PATH, or --clip-model none"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not torch")
+    assert message(clip_embed.load_clip_encoder, TINY_CLIP, str(bad), "cpu").startswith(
+        f"{bad}: cannot load CLIP weights for {TINY_CLIP}: ")
+    assert clip_embed._is_tag("openai") and clip_embed._is_tag("laion2b_s34b_b79k")
+    for path in ("w.pt", "w.pth", "w.bin", "w.safetensors", f"dir{__import__('os').sep}w", str(bad)):
+        assert not clip_embed._is_tag(path), path
+    assert clip_embed._default_quick_gelu("ViT-B-32", str(bad)) is True  # local files: OpenAI weights
+    assert clip_embed._default_quick_gelu("ViT-B-32", "openai") is True
+    assert clip_embed._default_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") is False
+    enc = clip_embed.load_clip_encoder(TINY_CLIP, None, "cpu")  # random weights: plain GELU
+    assert enc.info["quick_gelu"] is False and enc.info["pretrained"] is None

@@ -1,11 +1,11 @@
 """Phase-2 preprocessing (MultiMedSeg/preprocess.py, MultiMedSeg/data/): format, split, metadata,
-round trip back to the NIfTI grid, the docs/differences.md fixes, and bad input."""
+round trip back to the NIfTI grid, the docs/differences.md fixes, and bad input. The slice file format itself
+is checked in tests/test_slices.py, the restore step's exact round trips in tests/test_restore.py."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -15,9 +15,8 @@ from medpy.metric.binary import dc
 
 from MultiMedSeg import preprocess as cli
 from MultiMedSeg.data import (PreprocessConfig, group_slices_by_volume, load_metadata, load_slice, preprocess,
-                              restore_volume, save_slice, slice_index, volume_id, write_nifti_like)
+                              restore_volume, slice_index, volume_id, write_nifti_like)
 from MultiMedSeg.data.volumes_to_slices import axis_crop, pick_labeled_train, split_volumes, z_range
-from robustmedseg.data.slices import convert_legacy_folder
 from robustmedseg.errors import InputError
 
 QUIET = {"log": lambda *a, **k: None}
@@ -248,57 +247,6 @@ def test_bad_volumes(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o3")]
 
 
-def test_bad_slice_files(tmp_path):
-    good = save_slice(tmp_path / "v_slice000.npz", np.zeros((8, 8, 1), np.float32),
-                      np.eye(2, dtype=bool)[np.zeros((8, 8), int)])
-    assert load_slice(good)["mask"].shape == (8, 8, 2)
-
-    truncated = tmp_path / "v_slice001.npz"
-    truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(InputError, match="v_slice001.npz"):
-        load_slice(truncated)
-    garbage = tmp_path / "v_slice002.npz"
-    garbage.write_bytes(b"not a zip file at all")
-    with pytest.raises(InputError, match="cannot read"):
-        load_slice(garbage)
-
-    def raw(name, **arrays):
-        with open(tmp_path / name, "wb") as f:
-            np.savez(f, **arrays)
-        return tmp_path / name
-
-    not_one_hot = np.zeros((8, 8, 2), bool)
-    with pytest.raises(InputError, match="one-hot"):
-        load_slice(raw("v_slice003.npz", data=np.zeros((8, 8, 1), np.float32), mask=not_one_hot))
-    with pytest.raises(InputError, match="float32"):
-        load_slice(raw("v_slice004.npz", data=np.zeros((8, 8, 1), np.float64)))
-    with pytest.raises(InputError, match="'mask' must be bool"):
-        load_slice(raw("v_slice005.npz", data=np.zeros((8, 8, 1), np.float32), mask=np.zeros((8, 8, 2), np.uint8)))
-    with pytest.raises(InputError, match="no 'data'"):
-        load_slice(raw("v_slice006.npz", mask=not_one_hot))
-    pickled = tmp_path / "v_slice007.npz"
-    with zipfile.ZipFile(pickled, "w") as zf:  # an object array needs pickle: refused
-        with zf.open("data.npy", "w") as f:
-            np.lib.format.write_array(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match="cannot read"):
-        load_slice(pickled)
-
-
-def test_slice_names():
-    assert volume_id("a/b/sub_slice3_slice012.npz") == "sub_slice3" and slice_index("x_slice012.npz") == 12
-    assert slice_index("x_slice1234.npz") == 1234
-    with pytest.raises(InputError):
-        volume_id("x_slice.npz")
-
-
-def test_group_non_contiguous(tmp_path):
-    for vid, idx in [("b", 7), ("a", 10), ("a", 2), ("b", 0)]:
-        save_slice(tmp_path / f"{vid}_slice{idx:03d}.npz", np.zeros((4, 4), np.float32))
-    groups = group_slices_by_volume(tmp_path)
-    assert list(groups) == ["a", "b"]
-    assert [slice_index(p) for p in groups["a"]] == [2, 10]
-
-
 def test_existing_output_and_cli(tmp_path):
     root = _box_dataset(tmp_path / "raw", n=3)
     out = tmp_path / "prep"
@@ -342,20 +290,6 @@ def test_label_rule_path_rule_and_ignore_z(tmp_path):
     assert vol["shape_after_resampling"][:2] == [16, 16]  # each axis capped by --size (20, 24 > 16)
     with pytest.raises(InputError, match="label-rule"):
         preprocess(PreprocessConfig(images=root / "images", out=tmp_path / "o2", label_rule="{path}"), **QUIET)
-
-
-def test_legacy_conversion(tmp_path):
-    src = tmp_path / "legacy"
-    src.mkdir()
-    mask = np.zeros((8, 8, 2), bool)
-    mask[..., 0] = True
-    np.save(src / "vol_slice004.npy", {"data": np.zeros((8, 8, 1), np.float32), "mask": mask, "weight": None},
-            allow_pickle=True)
-    assert convert_legacy_folder(src, tmp_path / "new") == 1
-    converted = load_slice(tmp_path / "new" / "vol_slice004.npz")
-    assert converted["weight"] is None and converted["mask"].shape == (8, 8, 2)
-    with pytest.raises(InputError, match="already exists"):
-        convert_legacy_folder(src, tmp_path / "new")
 
 
 # --------------------------------------------------------------------------- matched to the original
