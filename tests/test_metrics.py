@@ -221,3 +221,48 @@ def test_selection_score_is_the_best_branch_mean_dice():
     assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.9)  # intra wins
     assert selection_score({"inter_dice_1": 0.3}, ["1"], only_intra=True) == 0.0  # no intra metrics
     assert selection_score({}, ["1"], only_intra=False) == 0.0
+
+
+# ------------------------------------------------------------------------------------ small cases
+def test_binary_scores_edge_cases_and_spacing():
+    a = np.zeros((5, 6, 7), bool)
+    a[1:3, 1:3, 1:3] = True
+    b = np.zeros_like(a)
+    b[1:3, 1:3, 2:4] = True
+    s = binary_scores(a, b)
+    assert s["dice"] == pytest.approx(0.5) and s["hd"] == pytest.approx(1.0)
+    assert binary_scores(a, b, spacing=(1, 1, 2.5))["hd"] == pytest.approx(2.5)
+    assert binary_scores(a, a)["dice"] == 1.0
+    empty = np.zeros_like(a)
+    assert binary_scores(empty, empty) == {"dice": 1.0, "hd": 0.0, "hd95": 0.0}
+    one = binary_scores(a, empty)
+    assert one["dice"] == 0.0 and math.isinf(one["hd"]) and math.isinf(one["hd95"])
+    scores = volume_scores(a.astype(int) + b.astype(int), b.astype(int) * 2, 3)
+    assert set(scores) == {"1", "2", "foreground"}
+
+
+def test_selection_score_takes_best_branch():
+    m = {"dice_1": 0.2, "dice_2": 0.4, "inter_dice_1": 0.5, "inter_dice_2": 0.7, "intra_dice_1": 0.1,
+         "intra_dice_2": 0.1}
+    assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.6)
+    assert selection_score(m, ["1", "2"], only_intra=True) == pytest.approx(0.1)
+    assert selection_score(m, ["2"], only_intra=False) == pytest.approx(0.7)
+
+
+def test_consider_only_vessels_within_brain_scores_label_2_only():
+    """As the original: label 2 is scored inside the GT non-background region; the other labels and
+    the foreground Dice are those of the unrestricted prediction."""
+    gt = np.zeros((4, 8, 8), np.int64)
+    gt[:, 2:6, 2:6] = 1
+    gt[:, 3:5, 3:5] = 2
+    pred = gt.copy()
+    pred[:, 0, 0] = 2          # a vessel outside the brain: ignored for label 2 only
+    pred[:, 7, 7] = 1          # a false brain voxel: counts for label 1 whatever the flag
+    plain = volume_scores(pred, gt, 3, distances=("hd",))
+    within = volume_scores(pred, gt, 3, distances=("hd",), vessels_within_gt=True)
+    assert plain["2"]["dice"] < 1.0 and within["2"]["dice"] == 1.0
+    assert within["1"] == plain["1"] and within["foreground"] == plain["foreground"]
+    assert within["foreground"]["dice"] < 1.0
+    flat = branch_metrics({"intra_": pred}, gt, 3, only_inside_gt=True)
+    assert flat["intra_dice_2"] == 1.0 and flat["intra_dice_foreground"] == plain["foreground"]["dice"]
+    assert "intra_dice_0" in flat  # background scored too, as the original

@@ -1,32 +1,33 @@
-"""Phase-2 training and inference: datasets, sampler, transforms, metrics, checkpoint index,
-options, and the pretrain -> adapt -> inference pipeline on the embedded phantom (32 px, tiny
-encoder and generator, a few steps).
+"""Phase-2 training and inference: the ensemble, the favoured channels, the loss values of one training step
+against their formulas, the checkpoint index, options, and the pretrain -> adapt -> inference pipeline on the
+embedded phantom (32 px, tiny encoder and generator, a few steps: resume, metrics.csv, one-line errors).
+The training data (dataset, sampler, transforms) is in tests/test_mms_data.py, the metrics in tests/test_metrics.py.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from pytorch_msssim import ssim as ms_ssim
 
 from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
-from MultiMedSeg.data.images_dataset import ImagesDataset
-from MultiMedSeg.data.sampler import BalancedSampler
-from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.ensemble import label_volumes
-from MultiMedSeg.evaluation.metrics import binary_scores, branch_metrics, selection_score, volume_scores
+from MultiMedSeg.training.coach import Coach, LossBundle
 from MultiMedSeg.options import parse_inference_options, parse_training_options
-from builders import MMS_TINY, exit_message, make_slices, tiny_generator_file
+from builders import MMS_TINY, exit_message, tiny_generator_file
 from robustmedseg.errors import InputError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,216 +53,7 @@ def write_alexnet(folder: Path) -> tuple:
     return heads, feats
 
 
-
-
-
-# ------------------------------------------------------------------------------------ datasets
-def test_dataset_interleaves_domains_and_filters_labeled_targets(tmp_path):
-    src = make_slices(tmp_path / "src", "s", 5)
-    lab = make_slices(tmp_path / "lab", "t", 4, background_only=(0,), weight_zero=(3,))
-    unl = make_slices(tmp_path / "unl", "u", 2, labeled=False)
-    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", transform=train_transform(16),
-                       label_nc=3)
-    assert len(ds) == 2 * 6 - 0  # n_src 5 < n_tgt 6
-    assert ds.labeled_target == {lab[1], lab[2]}  # background-only and zero-weight slices are not labeled
-    for i in range(len(ds)):
-        item = ds[i]
-        domain, pos = ds.locate(i)
-        assert domain == i % 2 and item["domain"].tolist() == ([1.0, 0.0] if domain == 0 else [0.0, 1.0])
-        assert ds.path(i) == (src[(i // 2) % 5] if domain == 0 else (lab + unl)[(i // 2) % 6])
-        assert bool(item["has_gt"]) == (domain == 0 or ds.path(i) in ds.labeled_target)
-        if not item["has_gt"]:
-            assert not item["mask"].any()  # unlabeled: mask entirely False, background included
-        assert item["data"].shape == (1, 16, 16) and item["weight"].shape == (1, 16, 16)
-    more = ImagesDataset(tmp_path / "src", tmp_path / "lab", transform=None, label_nc=3)
-    assert len(more) == 2 * 5 - 1  # n_src 5 > n_tgt 4: minus one
-    assert len(ImagesDataset(tmp_path / "src", label_nc=3, min_length=12)) == 12
-
-
-def test_one_target_slice_keeps_middle_labeled_slice(tmp_path):
-    make_slices(tmp_path / "lab", "a", 5, background_only=(0,))
-    b = make_slices(tmp_path / "lab", "b", 4)
-    a_paths = sorted((tmp_path / "lab").glob("a_*"))
-    ds = ImagesDataset(target_labeled=tmp_path / "lab", one_target_slice=True, label_nc=3)
-    # volume a: filtered = slices 1..4 -> element 4//2 = slice 3; volume b: slices 0..3 -> slice 2
-    assert ds.labeled_target == {a_paths[3], b[2]}
-
-
-def test_source_slice_without_mask_has_no_ground_truth(tmp_path):
-    make_slices(tmp_path / "src", "a", 1)
-    make_slices(tmp_path / "src", "b", 1, labeled=False)
-    ds = ImagesDataset(tmp_path / "src", label_nc=3, transform=train_transform(16))
-    assert [bool(ds[i]["has_gt"]) for i in range(2)] == [True, False]
-    assert not ds[1]["mask"].any()
-
-
-def test_invert_intensity(tmp_path):
-    make_slices(tmp_path / "src", "s", 1)
-    make_slices(tmp_path / "tgt", "t", 1)
-    plain = ImagesDataset(tmp_path / "src", tmp_path / "tgt", label_nc=3)
-    inv = ImagesDataset(tmp_path / "src", tmp_path / "tgt", label_nc=3, invert_intensity=True)
-    s0, s1 = plain[0], inv[0]
-    bg = s0["mask"][..., 0]
-    assert np.array_equal(s1["data"][bg], -s0["data"][bg]) and np.array_equal(s1["data"][~bg], s0["data"][~bg])
-    assert np.array_equal(inv[1]["data"], -plain[1]["data"])
-
-
-def test_label_nc_mismatch_names_the_slice(tmp_path):
-    make_slices(tmp_path / "src", "s", 2, classes=3)
-    with pytest.raises(InputError, match=r"s_slice000\.npz.*3 channels.*--label_nc is 4"):
-        ImagesDataset(tmp_path / "src", label_nc=4)
-
-
-@pytest.mark.parametrize("batch_size", [2, 3, 4, 6])
-def test_balanced_sampler_puts_labeled_target_in_every_batch(tmp_path, batch_size):
-    make_slices(tmp_path / "src", "s", 13)
-    make_slices(tmp_path / "lab", "t", 3, background_only=(0, 2))  # one labeled target slice
-    make_slices(tmp_path / "unl", "u", 2, labeled=False)
-    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", label_nc=3)
-    torch.manual_seed(batch_size)
-    sampler = BalancedSampler(ds, batch_size)
-    for _ in range(3):
-        order = list(iter(sampler))
-        assert len(order) == len(ds)
-        assert {i for i in order if i % 2 == 0} == set(range(0, len(ds), 2))  # every source slice, once
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            batch = order[start:start + batch_size]
-            assert any(ds.locate(i)[0] == 1 and ds.has_gt(i) for i in batch), batch
-    unbalanced = BalancedSampler(ds, batch_size, balanced=False)
-    assert sorted(unbalanced.epoch_indices()) == list(range(len(ds)))
-
-
-def test_balanced_sampler_draws_each_labeled_target_slice_equally_often(tmp_path):
-    """The replacing labeled target slice is uniform over the labeled target *slices*, as the original
-    (``lucky_paths``). 7 source and 5 target slices (2 labeled): the interleaved list wraps the target
-    list, so its first slice sits at two target indices and the second at one; a draw uniform over
-    dataset indices would pick the first 2/3 of the time."""
-    make_slices(tmp_path / "src", "s", 7)
-    make_slices(tmp_path / "lab", "t", 2)
-    make_slices(tmp_path / "unl", "u", 3, labeled=False)
-    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", tmp_path / "unl", label_nc=3)
-    target_slots = [i for i in range(ds.natural_length) if ds.locate(i)[0] == 1]
-    first, second = ds.target[0], ds.target[1]
-    assert [ds.path(i) for i in target_slots].count(first) == 2  # the case the test is about
-    assert [ds.path(i) for i in target_slots].count(second) == 1
-    sampler = BalancedSampler(ds, 2)
-    unlabeled = next(i for i in target_slots if not ds.has_gt(i))
-    n = 6000  # groups (source, unlabeled target): each gets one draw
-    order = sampler._balance([0, unlabeled] * n, torch.Generator().manual_seed(0))
-    drawn = [ds.path(i) for i in order[1::2]]
-    assert set(drawn) == {first, second}
-    share = drawn.count(first) / n
-    assert abs(share - 0.5) < 5 * math.sqrt(0.25 / n), share  # 2/3 lies 25 sigma away
-
-
-def test_balanced_sampler_needs_two_slots(tmp_path):
-    make_slices(tmp_path / "src", "s", 2)
-    make_slices(tmp_path / "lab", "t", 2)
-    ds = ImagesDataset(tmp_path / "src", tmp_path / "lab", label_nc=3)
-    with pytest.raises(InputError, match="--batch_size"):
-        BalancedSampler(ds, 1)
-
-
-# ------------------------------------------------------------------------------------ transforms
-def _sample(size: int = 24):
-    rng = np.random.default_rng(0)
-    lab = np.zeros((size, size), np.int64)
-    lab[3:9, 2:15] = 1
-    lab[12:20, 5:10] = 2
-    mask = lab[..., None] == np.arange(3)
-    data = rng.uniform(-1, 1, (size, size, 1)).astype(np.float32)
-    return {"data": data, "mask": mask, "weight": mask[..., 1:2].copy()}
-
-
-def test_mirror_flips_weight_like_mask():
-    s = _sample()
-    for seed in range(8):
-        out = RandomMirror(0.5)(s, np.random.default_rng(seed))
-        assert np.array_equal(out["weight"][..., 0], out["mask"][..., 1])  # FIX docs/differences.md#d9-33
-
-
-def test_rotate_scale_keeps_one_hot_and_border():
-    s = _sample(32)
-    s["data"][:] = 1.0
-    # coordinates x 1.4: the content shrinks (batchgenerators convention), the corners are padding
-    out = RandomRotateScale(angle_range=(0.5, 0.5), scale_range=(1.4, 1.4))(s, np.random.default_rng(0))
-    assert out["data"].shape == (32, 32, 1) and out["mask"].shape == (32, 32, 3)
-    assert np.all(out["mask"].sum(-1) == 1)
-    assert np.isclose(out["data"][0, 0, 0], -1.0)  # zoomed-out rotated corner is padding (-1)
-    assert np.isclose(out["data"][16, 16, 0], 1.0, atol=1e-3)
-    assert not out["mask"][0, 0, 1:].any()  # border: background
-
-
-def test_rotate_scale_does_not_clamp_the_cubic_overshoot():
-    """``--use_da`` warps the image with a cubic kernel, which overshoots at a sharp edge; the result is
-    not clamped to [-1, 1], as the original's batchgenerators order-3 spline (no clipping)."""
-    s = _sample(32)
-    s["data"][:] = -1.0
-    s["data"][:, 16:] = 1.0  # a sharp vertical edge
-    t = RandomRotateScale()
-    t.draw = lambda rng: (0.3, 1.0)
-    out = t(s, np.random.default_rng(0))["data"]
-    assert out.max() > 1.0 + 1e-3 and out.min() < -1.0 - 1e-3
-
-
-def test_rotate_scale_draws_batchgenerators_scale_law():
-    """Coordinate scale: U(0.7, 1) or U(1, 1.4) with probability 1/2 each (not U(0.7, 1.4))."""
-    t = RandomRotateScale()
-    rng = np.random.default_rng(0)
-    n = 20000
-    scales = np.array([t.draw(rng)[1] for _ in range(n)])
-    below = scales < 1
-    assert abs(below.mean() - 0.5) < 5 * np.sqrt(0.25 / n)  # U(0.7, 1.4) would give 3/7 = 0.43
-    assert scales.min() >= 0.7 and scales.max() <= 1.4
-    assert abs(scales[below].mean() - 0.85) < 0.01 and abs(scales[~below].mean() - 1.2) < 0.01
-
-
-def test_rotate_scale_coordinate_scale_shrinks_content():
-    s = _sample(32)
-    area = s["mask"][..., 1:].sum()
-    grow = RandomRotateScale(angle_range=(0.0, 0.0), scale_range=(0.8, 0.8))
-    grow.draw = lambda rng: (0.0, 0.8)
-    shrink = RandomRotateScale(angle_range=(0.0, 0.0))
-    shrink.draw = lambda rng: (0.0, 1.25)
-    rng = np.random.default_rng(0)
-    assert grow(s, rng)["mask"][..., 1:].sum() > area > shrink(s, rng)["mask"][..., 1:].sum()
-
-
-def test_train_and_eval_transforms_shapes():
-    s = _sample(24)
-    t = train_transform(16, use_da=True)(s, np.random.default_rng(1))
-    assert t["data"].shape == (1, 16, 16) and t["mask"].shape == (3, 16, 16) and t["weight"].shape == (1, 16, 16)
-    assert torch.all(t["mask"].sum(0) == 1)
-    e = eval_transform(16)(s, np.random.default_rng(1))
-    assert e["data"].shape == (1, 16, 16) and e["mask"].shape == (3, 24, 24)
-
-
-# ------------------------------------------------------------------------------------ metrics
-def test_binary_scores_edge_cases_and_spacing():
-    a = np.zeros((5, 6, 7), bool)
-    a[1:3, 1:3, 1:3] = True
-    b = np.zeros_like(a)
-    b[1:3, 1:3, 2:4] = True
-    s = binary_scores(a, b)
-    assert s["dice"] == pytest.approx(0.5) and s["hd"] == pytest.approx(1.0)
-    assert binary_scores(a, b, spacing=(1, 1, 2.5))["hd"] == pytest.approx(2.5)
-    assert binary_scores(a, a)["dice"] == 1.0
-    empty = np.zeros_like(a)
-    assert binary_scores(empty, empty) == {"dice": 1.0, "hd": 0.0, "hd95": 0.0}
-    one = binary_scores(a, empty)
-    assert one["dice"] == 0.0 and math.isinf(one["hd"]) and math.isinf(one["hd95"])
-    scores = volume_scores(a.astype(int) + b.astype(int), b.astype(int) * 2, 3)
-    assert set(scores) == {"1", "2", "foreground"}
-
-
-def test_selection_score_takes_best_branch():
-    m = {"dice_1": 0.2, "dice_2": 0.4, "inter_dice_1": 0.5, "inter_dice_2": 0.7, "intra_dice_1": 0.1,
-         "intra_dice_2": 0.1}
-    assert selection_score(m, ["1", "2"], only_intra=False) == pytest.approx(0.6)
-    assert selection_score(m, ["1", "2"], only_intra=True) == pytest.approx(0.1)
-    assert selection_score(m, ["2"], only_intra=False) == pytest.approx(0.7)
-
-
+# ------------------------------------------------------------------------------------ ensemble, favoured channels
 def test_ensemble_weights_are_honoured():
     intra = torch.zeros(1, 3, 2, 2)
     inter = torch.zeros(1, 3, 2, 2)
@@ -316,25 +108,6 @@ def test_invert_intensity_translation_is_negated_back_on_background():
     assert torch.allclose(plain["trans"], torch.full((2, 1, 4, 4), 0.5))
 
 
-def test_consider_only_vessels_within_brain_scores_label_2_only():
-    """As the original: label 2 is scored inside the GT non-background region; the other labels and
-    the foreground Dice are those of the unrestricted prediction."""
-    gt = np.zeros((4, 8, 8), np.int64)
-    gt[:, 2:6, 2:6] = 1
-    gt[:, 3:5, 3:5] = 2
-    pred = gt.copy()
-    pred[:, 0, 0] = 2          # a vessel outside the brain: ignored for label 2 only
-    pred[:, 7, 7] = 1          # a false brain voxel: counts for label 1 whatever the flag
-    plain = volume_scores(pred, gt, 3, distances=("hd",))
-    within = volume_scores(pred, gt, 3, distances=("hd",), vessels_within_gt=True)
-    assert plain["2"]["dice"] < 1.0 and within["2"]["dice"] == 1.0
-    assert within["1"] == plain["1"] and within["foreground"] == plain["foreground"]
-    assert within["foreground"]["dice"] < 1.0
-    flat = branch_metrics({"intra_": pred}, gt, 3, only_inside_gt=True)
-    assert flat["intra_dice_2"] == 1.0 and flat["intra_dice_foreground"] == plain["foreground"]["dice"]
-    assert "intra_dice_0" in flat  # background scored too, as the original
-
-
 def test_favoured_mode_selects_channels_as_the_original():
     from types import SimpleNamespace
 
@@ -355,6 +128,243 @@ def test_favoured_mode_selects_channels_as_the_original():
     foreground = SimpleNamespace(opts=SimpleNamespace(label_nc=3, optimize_mode="foreground"),
                                  losses=SimpleNamespace(favoured_channels=lambda: []))
     assert Coach.selected_channels(foreground) == ["1", "2"]
+
+
+# ------------------------------------------------------------------------------------ loss values of one step
+# Loss values of one phase-2 training step (MultiMedSeg.training.coach, MultiMedSeg.losses) against
+# their formulas (docs/method.md#coach), on a fixed batch whose network outputs are known.
+#
+# The network is replaced by a stand-in that returns fixed tensors (one for each call of the step) and
+# records how it was called, so every term of the intra and inter losses can be recomputed here from its
+# definition: the reconstruction terms (MSE, 1 - SSIM, LPIPS) of the image channel against the input, the
+# cross-entropy and soft Dice of the segmentation (weight map applied, only the rows with ground truth), and
+# the inter branch's extra CE + Dice of the *translated* segmentation. LPIPS is a stand-in too (a weighted
+# mean square that remembers its arguments); SSIM is pytorch_msssim's, the library the loss is defined with.
+
+B, L, S = 4, 3, 16
+EPS_CE, SMOOTH, EPS_DICE = 1e-6, 1e-5, 1e-8
+
+
+class StandInNet:
+    """Returns ``outputs[i]`` at its i-th call and records the call."""
+
+    def __init__(self, outputs: List[torch.Tensor]):
+        self.outputs = list(outputs)
+        self.calls: List[dict] = []
+
+    def __call__(self, x, label, feature_scale=1.0, ex_seg=False, is_semi=None, **kw):
+        self.calls.append(dict(x=x.detach().clone(), label=label.clone(), fs=feature_scale, ex_seg=ex_seg,
+                               is_semi=None if is_semi is None else is_semi.clone(), x_requires_grad=x.requires_grad))
+        return self.outputs[len(self.calls) - 1]
+
+
+class StandInLPIPS(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, a, b):
+        self.calls.append((a.detach().clone(), b.detach().clone()))
+        return 3.0 * ((a - b) ** 2).mean()
+
+
+def _opts(**over) -> argparse.Namespace:
+    base = dict(l2_lambda=1.3, ssim_lambda=0.7, lpips_lambda=0.0, ce_lambda=1.1, dice_lambda=0.9, ce_weights=None,
+                dice_weights=None, optimize_mode="foreground", alex_model=None, alex_pretr_model=None)
+    base.update(over)
+    return argparse.Namespace(**base)
+
+
+def _coach(outputs, lpips_lambda=0.8, **over):
+    coach = Coach.__new__(Coach)  # only the loss methods are exercised: no data, no model, no run folder
+    coach.net = StandInNet(outputs)
+    coach.losses = LossBundle(_opts(**over), torch.device("cpu"))  # LPIPS off at construction (no files)...
+    coach.losses.cfg.lpips_lambda = lpips_lambda
+    coach.losses.lpips = StandInLPIPS()  # ... and replaced by the stand-in
+    return coach
+
+
+def _output(gen: torch.Generator) -> torch.Tensor:
+    """A network output (B, 1+L, S, S): image in (-1, 1), class probabilities summing to 1."""
+    image = torch.tanh(torch.randn(B, 1, S, S, generator=gen))
+    probs = torch.softmax(2 * torch.randn(B, L, S, S, generator=gen), dim=1)
+    return torch.cat([image, probs], 1).requires_grad_(True)
+
+
+def _batch(gen: torch.Generator, domains=(0, 1, 0, 1), has_gt=(True, True, True, False), weight=True):
+    labels = torch.randint(0, L, (B, S, S), generator=gen)
+    y = torch.nn.functional.one_hot(labels, L).permute(0, 3, 1, 2).float()
+    w = (torch.rand(B, 1, S, S, generator=gen) > 0.2).float() if weight else None
+    return {"data": torch.tanh(torch.randn(B, 1, S, S, generator=gen)), "mask": y,
+            "domain": torch.nn.functional.one_hot(torch.tensor(domains), 2).float(),
+            "has_gt": torch.tensor(has_gt), "weight": w}
+
+
+# ------------------------------------------------------------------------------ the formulas
+def mse(a, b):
+    return ((a - b) ** 2).mean()
+
+
+def one_minus_ssim(a, b):
+    return 1 - ms_ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, size_average=True, win_size=11)
+
+
+def cross_entropy(p, y, weights=None):
+    w = torch.full((L,), 1 / L) if weights is None else torch.tensor(weights)
+    return -(w.view(1, -1, 1, 1) * y * torch.log(p + EPS_CE)).sum(1).mean()
+
+
+def soft_dice(p, y, weights=None):
+    w = torch.full((L,), 1 / L) if weights is None else torch.tensor(weights)
+    tp = (p * y).sum((0, 2, 3))
+    fp = (p * (1 - y)).sum((0, 2, 3))
+    fn = ((1 - p) * y).sum((0, 2, 3))
+    d = (2 * tp + SMOOTH) / (2 * tp + fp + fn + SMOOTH + EPS_DICE)
+    return (w * -d).mean()
+
+
+def expected_loss(x, y, out, rows, w, lambdas, omega=None):
+    """λ_l2·MSE + λ_ssim·(1 − SSIM) + λ_lpips·LPIPS of the image channel vs x (times ω when given),
+    + λ_ce·CE + λ_dice·Dice of the segmentation vs y on ``rows``, times the weight map."""
+    img = out[:, :1]
+    xi, img = (x * omega, img * omega) if omega is not None else (x, img)
+    total = lambdas["l2"] * mse(img, xi) + lambdas["ssim"] * one_minus_ssim(img, xi) \
+        + lambdas["lpips"] * 3.0 * mse(img, xi)
+    seg, ys = out[:, 1:][rows], y[rows]
+    if w is not None:
+        seg, ys = seg * w[rows], ys * w[rows]
+    return total + lambdas["ce"] * cross_entropy(seg, ys) + lambdas["dice"] * soft_dice(seg, ys)
+
+
+def num(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
+LAMBDAS = {"l2": 1.3, "ssim": 0.7, "lpips": 0.8, "ce": 1.1, "dice": 0.9}
+
+
+# ------------------------------------------------------------------------------ intra branch
+def test_intra_loss_terms_match_their_formulas():
+    gen = torch.Generator().manual_seed(0)
+    b, out = _batch(gen), _output(gen)
+    coach = _coach([out])
+    loss, logs, returned = coach.intra_loss(b, 0.25)
+    (call,) = coach.net.calls
+    assert torch.equal(call["x"], b["data"]) and torch.equal(call["label"], b["domain"])  # own domain
+    assert call["ex_seg"] and call["is_semi"] is None and call["fs"] == 0.25
+    assert returned is out
+    x, y, w, rows = b["data"], b["mask"], b["weight"], b["has_gt"]
+    img = out[:, :1]
+    assert logs["loss_l2"] == pytest.approx(num(mse(img, x)), rel=1e-6)
+    assert logs["loss_ssim"] == pytest.approx(num(one_minus_ssim(img, x)), rel=1e-6)
+    assert logs["loss_lpips"] == pytest.approx(num(3.0 * mse(img, x)), rel=1e-6)
+    seg, ys = out[:, 1:][rows] * w[rows], y[rows] * w[rows]
+    assert logs["loss_ce"] == pytest.approx(num(cross_entropy(seg, ys)), rel=1e-6)
+    assert logs["loss_dice"] == pytest.approx(num(soft_dice(seg, ys)), rel=1e-6)
+    assert num(loss) == pytest.approx(num(expected_loss(x, y, out, rows, w, LAMBDAS)), rel=1e-6)
+    for a, bb in coach.losses.lpips.calls:  # LPIPS(reconstruction, input)
+        assert torch.equal(a, img.detach()) and torch.equal(bb, x)
+
+
+# ------------------------------------------------------------------------------ inter branch
+@pytest.mark.parametrize("semi", [True, False], ids=["labeled-target", "no-labeled-target"])
+def test_inter_loss_terms_match_their_formulas(semi):
+    """Translation pass (other domain), cycle pass on the detached translated image (own domain), the
+    reconstruction and mask terms of the *cycle* output against the input and its mask, plus CE + Dice of
+    the *translated* segmentation on the same rows (no weight map)."""
+    gen = torch.Generator().manual_seed(1)
+    has_gt = (True, True, True, False) if semi else (True, False, True, False)  # target rows 1 and 3
+    b = _batch(gen, has_gt=has_gt)
+    trans, cycle = _output(gen), _output(gen)
+    coach = _coach([trans, cycle])
+    loss, logs, returned = coach.inter_loss(b, 0.5)
+    first, second = coach.net.calls
+    x, y, w, label = b["data"], b["mask"], b["weight"], b["domain"]
+    is_tgt = label[:, 1] > label[:, 0]
+    # the two passes
+    assert torch.equal(first["x"], x) and torch.equal(first["label"], label.flip(1)) and not first["ex_seg"]
+    assert torch.equal(second["x"], trans[:, :1].detach()) and not second["x_requires_grad"]
+    assert torch.equal(second["label"], label) and second["ex_seg"]
+    semi_rows = is_tgt & b["has_gt"]
+    if semi:
+        assert torch.equal(first["is_semi"], semi_rows) and torch.equal(second["is_semi"], semi_rows)
+        rows = b["has_gt"]  # every row with ground truth, source and labeled target
+    else:
+        assert first["is_semi"] is None and second["is_semi"] is None
+        rows = ~is_tgt  # source rows only
+    assert returned is cycle
+    # reconstruction: the cycle image against the input (not the translated image)
+    img = cycle[:, :1]
+    assert logs["loss_l2"] == pytest.approx(num(mse(img, x)), rel=1e-6)
+    assert logs["loss_ssim"] == pytest.approx(num(one_minus_ssim(img, x)), rel=1e-6)
+    assert logs["loss_lpips"] == pytest.approx(num(3.0 * mse(img, x)), rel=1e-6)
+    for a, bb in coach.losses.lpips.calls:
+        assert torch.equal(a, img.detach()) and torch.equal(bb, x)
+    # cycle segmentation: weight map, rows with ground truth
+    seg, ys = cycle[:, 1:][rows] * w[rows], y[rows] * w[rows]
+    assert logs["loss_ce"] == pytest.approx(num(cross_entropy(seg, ys)), rel=1e-6)
+    assert logs["loss_dice"] == pytest.approx(num(soft_dice(seg, ys)), rel=1e-6)
+    # translated segmentation: same rows, no weight map
+    t_ce, t_dice = cross_entropy(trans[:, 1:][rows], y[rows]), soft_dice(trans[:, 1:][rows], y[rows])
+    assert logs["trans_loss_ce"] == pytest.approx(num(t_ce), rel=1e-6)
+    assert logs["trans_loss_dice"] == pytest.approx(num(t_dice), rel=1e-6)
+    want = expected_loss(x, y, cycle, rows, w, LAMBDAS) + LAMBDAS["ce"] * t_ce + LAMBDAS["dice"] * t_dice
+    assert num(loss) == pytest.approx(num(want), rel=1e-6)
+    # gradients: the translated image gets none through the cycle pass (it is detached), the translated
+    # segmentation gets them from its own CE + Dice only, on the selected rows
+    loss.backward()
+    assert trans.grad[:, :1].abs().sum() == 0
+    assert trans.grad[:, 1:][rows].abs().sum() > 0 and trans.grad[:, 1:][~rows].abs().sum() == 0
+
+
+def test_favoured_mode_weights_the_images_by_omega():
+    """``--optimize_mode favoured``: ω = 1 on pixels of rows with ground truth where a favoured class
+    (largest CE/Dice weight) is present, 0.3 elsewhere; both the input and the reconstruction are multiplied."""
+    gen = torch.Generator().manual_seed(2)
+    b, out = _batch(gen), _output(gen)
+    weights = [0.1, 0.2, 0.7]
+    coach = _coach([out], optimize_mode="favoured", ce_weights=weights, dice_weights=weights)
+    loss, logs, _ = coach.intra_loss(b, 1.0)
+    x, y, w, rows = b["data"], b["mask"], b["weight"], b["has_gt"]
+    hit = (y[:, 2:3] > 0.5) & rows.view(-1, 1, 1, 1)
+    omega = torch.where(hit, torch.tensor(1.0), torch.tensor(0.3))
+    assert logs["loss_l2"] == pytest.approx(num(mse(out[:, :1] * omega, x * omega)), rel=1e-6)
+    seg, ys = out[:, 1:][rows] * w[rows], y[rows] * w[rows]
+    want = LAMBDAS["l2"] * mse(out[:, :1] * omega, x * omega) \
+        + LAMBDAS["ssim"] * one_minus_ssim(out[:, :1] * omega, x * omega) \
+        + LAMBDAS["lpips"] * 3.0 * mse(out[:, :1] * omega, x * omega) \
+        + LAMBDAS["ce"] * cross_entropy(seg, ys, weights) + LAMBDAS["dice"] * soft_dice(seg, ys, weights)
+    assert num(loss) == pytest.approx(num(want), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ validation losses
+def test_validation_losses_use_pooled_masks_and_the_translated_segmentation():
+    """As the original's validation: mask and weight map average-pooled to the encoder size (soft), the
+    intra losses on the pooled output, the inter losses on the cycle image and the translated segmentation."""
+    import types
+
+    gen = torch.Generator().manual_seed(3)
+    big = _batch(gen)
+    # the slice grid is twice the encoder size: masks and weights at 2S, the image at S (eval transform)
+    labels = torch.randint(0, L, (B, 2 * S, 2 * S), generator=gen)
+    mask = torch.nn.functional.one_hot(labels, L).permute(0, 3, 1, 2).float()
+    weight = (torch.rand(B, 1, 2 * S, 2 * S, generator=gen) > 0.2).float()
+    b = {"data": big["data"], "mask": mask, "weight": weight, "domain": big["domain"]}
+    intra, trans, cycle = _output(gen), _output(gen), _output(gen)
+    coach = _coach([intra, trans, cycle])
+    coach.net.config = types.SimpleNamespace(encoder_input_size=S)
+    coach.opts = argparse.Namespace(only_intra=False)
+    logs = coach._val_losses(b, 1.0)
+    y = mask.view(B, L, S, 2, S, 2).mean((3, 5))  # 2x2 average pooling, written out
+    w = weight.view(B, 1, S, 2, S, 2).mean((3, 5))
+    rows = torch.ones(B, dtype=torch.bool)
+    x = b["data"]
+    assert logs["loss"] == pytest.approx(num(expected_loss(x, y, intra, rows, w, LAMBDAS)), rel=1e-6)
+    mixed = torch.cat([cycle[:, :1], trans[:, 1:]], 1)
+    assert logs["inter_loss"] == pytest.approx(num(expected_loss(x, y, mixed, rows, w, LAMBDAS)), rel=1e-6)
+    assert logs["inter_loss_ce"] == pytest.approx(num(cross_entropy(trans[:, 1:] * w, y * w)), rel=1e-6)
+    third = coach.net.calls[2]
+    assert torch.equal(third["x"], trans[:, :1].detach()) and torch.equal(third["label"], b["domain"])
 
 
 # ------------------------------------------------------------------------------------ checkpoints / options
@@ -741,75 +751,3 @@ def test_errors_are_one_line_and_name_the_culprit(pipeline, preprocessed_sites, 
     err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(tmp_path / "i"), "--checkpoint_dir",
                                                     str(tmp_path / "empty"), "--target_data", str(site2)])
     assert "best.json" in err
-
-
-# ------------------------------------------------------------------------------------ mask resizing rule
-def test_mask_downsampling_keeps_each_channel_at_half():
-    """The original's rule (batchgenerators 0.24 resize_segmentation(order=1) on the one-hot array),
-    implemented once in MultiMedSeg.data.resample, whatever batchgenerators is installed."""
-    from skimage.transform import resize as sk_resize
-
-    from MultiMedSeg.data import transforms
-    from MultiMedSeg.data.resample import resize_labels, resize_onehot
-
-    lab = np.zeros((64, 64), np.int64)
-    lab[:, 10] = 2            # a vertical 1-px line (vessel-like)
-    lab[30:50, 30:50] = 1     # a block
-    mask = lab[..., None] == np.arange(3)
-    out = transforms.resize_mask(mask, 32)
-    expected = np.stack([sk_resize(mask[..., c].astype(float), (32, 32), order=1, mode="edge", clip=True,
-                                   anti_aliasing=False) >= 0.5 for c in range(3)], axis=-1)
-    assert np.array_equal(out, expected)
-    assert out[:, 5, 2].all()                 # the thin line survives in every row (0.5 >= 0.5) ...
-    assert out[:, 5, 0].all()                 # ... and so does its background: that pixel has 2 channels
-    assert np.array_equal(transforms.resize_weight(mask[..., 2:3], 32), out[..., 2:3])
-    # an integer map: classes written in increasing order (the larger label wins an overlap)
-    small = resize_labels(lab, (32, 32))
-    assert (small[:, 5] == 2).all() and small.dtype == lab.dtype
-    # four classes meeting (2x2 -> 1x1): each indicator is 0.25 there, the pixel gets no channel
-    quad = (np.arange(4).reshape(2, 2)[..., None] == np.arange(4))
-    assert not resize_onehot(quad, (1, 1)).any()
-    assert np.array_equal(resize_onehot(np.zeros((8, 8, 3), bool), (4, 4)), np.zeros((4, 4, 3), bool))
-
-
-def _linear_indicator_float64(indicator: np.ndarray, shape) -> np.ndarray:
-    """The rule's interpolation written out: skimage/scipy grid-mode coordinates ((o + 0.5) * n_in /
-    n_out - 0.5, clamped at the edges) and the bilinear tensor-product sum of the four corners, in float64."""
-    def axis(n_in, n_out):
-        x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-        i0 = np.floor(x).astype(int)
-        return i0, np.minimum(i0 + 1, n_in - 1), x - i0
-
-    v = indicator.astype(np.float64)
-    (y0, y1, ty), (x0, x1, tx) = axis(v.shape[0], shape[0]), axis(v.shape[1], shape[1])
-    out = np.zeros(shape, np.float64)
-    for a in range(shape[0]):
-        for b in range(shape[1]):
-            out[a, b] = ((1 - ty[a]) * (1 - tx[b]) * v[y0[a], x0[b]] + (1 - ty[a]) * tx[b] * v[y0[a], x1[b]]
-                         + ty[a] * (1 - tx[b]) * v[y1[a], x0[b]] + ty[a] * tx[b] * v[y1[a], x1[b]])
-    return out
-
-
-def test_mask_downsampling_decides_half_ties_in_float64():
-    """A 3x5 -> 2x3 indicator whose exact value at one pixel is a 0.5 tie: float64 puts it just below
-    0.5 (dropped, as batchgenerators 0.24's float interpolation), float32 rounds it up to 0.5 (kept)."""
-    from skimage.transform import resize as sk_resize
-
-    from MultiMedSeg.data.resample import resize_indicator, resize_labels, resize_onehot
-
-    ind = np.array([[0, 0, 0, 1, 0], [1, 1, 0, 1, 1], [0, 1, 0, 1, 0]], bool)
-    expected = _linear_indicator_float64(ind, (2, 3)) >= 0.5
-    in_float32 = sk_resize(ind.astype(np.float32), (2, 3), order=1, mode="edge", clip=True, preserve_range=True,
-                           anti_aliasing=False) >= 0.5
-    assert not np.array_equal(in_float32, expected)  # the case is a tie the precision decides
-    assert np.array_equal(resize_indicator(ind, (2, 3)), expected)
-    labels = ind.astype(np.int64) * 2
-    assert np.array_equal(resize_labels(labels, (2, 3)), np.where(expected, 2, 0))
-    onehot = np.stack([~ind, ind], axis=-1)
-    assert np.array_equal(resize_onehot(onehot, (2, 3))[..., 1], expected)
-    # the written-out rule agrees with the implementation on random masks and ratios, ties included
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        n_in, n_out = tuple(rng.integers(2, 9, 2)), tuple(rng.integers(2, 7, 2))
-        mask = rng.random(n_in) < 0.5
-        assert np.array_equal(resize_indicator(mask, n_out), _linear_indicator_float64(mask, n_out) >= 0.5)
