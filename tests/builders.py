@@ -26,6 +26,9 @@ Test modules import these instead of importing each other.
 Synthetic volumes (``generate_volumes``, :func:`write_checkpoints`, :func:`make_cfg`, :func:`phase1_file`, ...)
     A 2-member "best" checkpoint set of :func:`tiny_generation_config` (5 z-bins) written through the
     phase-2 API, the generation settings of a test, a noisy phase-1 file, a volume read back.
+:func:`run_test_ids` / :func:`run_predict` / :func:`read_labels` / :func:`copy_run` / :func:`write_nifti`
+    Around the ``runs`` fixture (conftest.py): a site's test volumes, ``predict.py`` on scans with one
+    of the runs (its ``predict.json``), a label file's array, a copy of a run, a NIfTI file of an array.
 ``Geometry`` / :func:`write_volumes` / :func:`round_trip` / :func:`check_exact`
     Preprocess -> restore round trips whose geometry loses nothing (exact expectations).
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -340,3 +344,31 @@ def check_exact(records: List[dict]) -> None:
         free = inside & (image > -1 + 1e-4) & (image < 1 - 1e-4)
         slope, intercept = np.polyfit(source[free], image[free], 1)
         assert slope > 0 and np.abs(slope * source[free] + intercept - image[free]).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ predict runs
+def run_test_ids(runs, site: int):
+    return load_metadata(runs["prep"][site])["splits"]["test"]
+
+
+def run_predict(runs, inputs, out: Path, *extra: str, run: str = "adapt") -> dict:
+    from MultiMedSeg import predict as predict_cli
+
+    predict_cli.main(["-i", *map(str, inputs), "-o", str(out), "--checkpoint_dir", str(runs[run]),
+                      "--device", "cpu", "--quiet", *extra])
+    return json.loads((out / "predict.json").read_text())
+
+
+def read_labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def copy_run(runs, name: str, dest: Path) -> Path:
+    shutil.copytree(runs[name], dest)
+    return dest
+
+
+def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([6.0, 6.0, 6.0, 1.0]) if affine is None else affine), str(path))
+    return path

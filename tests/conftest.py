@@ -22,6 +22,13 @@
     A tiny random open_clip architecture (``builders.TINY_CLIP``: embed 16, 32 px input) and a weights
     file of it initialised from ``torch.manual_seed(0)``: the CLIP of prepare_data and of the CLIP loss.
 
+``runs`` -> dict (module scope: built once per test module that uses it)
+    Tiny trained runs for ``predict.py`` (tests/test_predict.py, tests/test_predict_fov.py): phantom sites 0
+    and 2 preprocessed *without* label-dependent steps (so a plan's training slab is null) under
+    ``runs["prep"][site]``; a pretraining on site 0 (``runs["pretrain"]``) and an adaptation to site 2
+    (``runs["adapt"]``), 4 steps each; ``inference.py`` of both runs on their test volumes
+    (``runs["inference"]["adapt" | "pretrain"]``); the raw images ``runs["images"][site]``; ``runs["root"]``.
+
 Plain builders shared by several test files (tiny generator files, flag lists, restore round trips)
 are in ``tests/builders.py``.
 
@@ -98,3 +105,37 @@ def tiny_clip(tmp_path_factory) -> Dict[str, str]:
     weights = folder / "tiny_clip.pt"
     torch.save(open_clip.create_model(TINY_CLIP).state_dict(), weights)
     return {"model": TINY_CLIP, "pretrained": str(weights)}
+
+
+@pytest.fixture(scope="module")
+def runs(phantom_dir, tmp_path_factory):
+    """Sites 0 and 2 preprocessed without label-dependent steps; pretrain on 0, adapt to 2, and
+    inference.py on the test volumes of both runs."""
+    from builders import MMS_TINY as TINY, tiny_generator_file as write_generator
+    from MultiMedSeg import inference as inference_cli
+    from MultiMedSeg import pretrain as pretrain_cli
+    from MultiMedSeg import train as train_cli
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
+
+    root = tmp_path_factory.mktemp("predict_runs")
+    prep = {}
+    for site in (0, 2):
+        prep[site] = root / f"prep{site}"
+        preprocess(PreprocessConfig(
+            images=phantom_dir / f"site{site}" / "images", labels=phantom_dir / f"site{site}" / "labels",
+            out=prep[site], size=32, num_classes=3, val_frac=0.25, test_frac=0.25, seed=0,
+            labeled_train=None if site == 0 else 1), log=lambda *a: None)
+    gen = write_generator(root / "final_global_model.pt")
+    pre, ada = root / "pretrain", root / "adapt"
+    pretrain_cli.main(["--exp_dir", str(pre), "--source_data", str(prep[0]), "--stylegan_weights", str(gen),
+                       "--src_label", "0", "--lpips_lambda", "0", "--max_steps", "4", "--val_interval", "2", *TINY])
+    train_cli.main(["--exp_dir", str(ada), "--source_data", str(prep[0]), "--target_data", str(prep[2]),
+                    "--checkpoint_dir", str(pre), "--src_label", "0", "--tgt_label", "2", "--one_target_slice",
+                    "--max_steps", "4", "--val_interval", "2", "--lpips_lambda", "0", *TINY])
+    inference = {}
+    for name, run, site in (("adapt", ada, 2), ("pretrain", pre, 0)):
+        inference[name] = root / f"inference_{name}"
+        inference_cli.main(["--exp_dir", str(inference[name]), "--checkpoint_dir", str(run), "--target_data",
+                            str(prep[site]), "--device", "cpu"])
+    return {"root": root, "prep": prep, "pretrain": pre, "adapt": ada, "inference": inference,
+            "images": {s: phantom_dir / f"site{s}" / "images" for s in (0, 2)}}

@@ -2,7 +2,7 @@
 inference.py, orientation invariance, formats (NIfTI, NRRD, MetaImage, DICOM) with their geometry,
 and bad input.
 
-The module fixture trains tiny runs (4 steps each, ~10 s) on the conftest phantom preprocessed
+The ``runs`` fixture (conftest.py) trains tiny runs (4 steps each, ~10 s) on the conftest phantom preprocessed
 *without* label-dependent steps (no ``--discard-outside-labels``), so that a raw test volume
 preprocessed by the plan must give exactly the slices ``MultiMedSeg.preprocess`` wrote for it.
 """
@@ -22,67 +22,18 @@ import pytest
 import SimpleITK as sitk
 from medpy.metric.binary import dc
 
-from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import plan as plan_cli
 from MultiMedSeg import predict as predict_cli
-from MultiMedSeg import pretrain as pretrain_cli
-from MultiMedSeg import train as train_cli
 from MultiMedSeg.data import load_slice
 from MultiMedSeg.data.formats import ItkGeometry, nifti_to_itk
 from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, plan_from_metadata, prepare_scan
-from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
 from MultiMedSeg.data.restore import load_metadata
-from builders import MMS_TINY as TINY, exit_message, tiny_generator_file as write_generator
+from builders import exit_message
+from builders import copy_run as _copy_run, read_labels as _labels, run_predict as _predict, run_test_ids as _test_ids
+from builders import write_nifti as _nifti
 
 REPO = Path(__file__).resolve().parents[1]
 REORIENT = np.array([[2, -1], [0, 1], [1, -1]])  # stored axis i -> axis REORIENT[i, 0], reversed if -1
-
-
-@pytest.fixture(scope="module")
-def runs(phantom_dir, tmp_path_factory):
-    """Sites 0 and 2 preprocessed without label-dependent steps; pretrain on 0, adapt to 2, and
-    inference.py on the test volumes of both runs."""
-    root = tmp_path_factory.mktemp("predict_runs")
-    prep = {}
-    for site in (0, 2):
-        prep[site] = root / f"prep{site}"
-        preprocess(PreprocessConfig(
-            images=phantom_dir / f"site{site}" / "images", labels=phantom_dir / f"site{site}" / "labels",
-            out=prep[site], size=32, num_classes=3, val_frac=0.25, test_frac=0.25, seed=0,
-            labeled_train=None if site == 0 else 1), log=lambda *a: None)
-    gen = write_generator(root / "final_global_model.pt")
-    pre, ada = root / "pretrain", root / "adapt"
-    pretrain_cli.main(["--exp_dir", str(pre), "--source_data", str(prep[0]), "--stylegan_weights", str(gen),
-                       "--src_label", "0", "--lpips_lambda", "0", "--max_steps", "4", "--val_interval", "2", *TINY])
-    train_cli.main(["--exp_dir", str(ada), "--source_data", str(prep[0]), "--target_data", str(prep[2]),
-                    "--checkpoint_dir", str(pre), "--src_label", "0", "--tgt_label", "2", "--one_target_slice",
-                    "--max_steps", "4", "--val_interval", "2", "--lpips_lambda", "0", *TINY])
-    inference = {}
-    for name, run, site in (("adapt", ada, 2), ("pretrain", pre, 0)):
-        inference[name] = root / f"inference_{name}"
-        inference_cli.main(["--exp_dir", str(inference[name]), "--checkpoint_dir", str(run), "--target_data",
-                            str(prep[site]), "--device", "cpu"])
-    return {"root": root, "prep": prep, "pretrain": pre, "adapt": ada, "inference": inference,
-            "images": {s: phantom_dir / f"site{s}" / "images" for s in (0, 2)}}
-
-
-def _test_ids(runs, site: int):
-    return load_metadata(runs["prep"][site])["splits"]["test"]
-
-
-def _predict(runs, inputs, out: Path, *extra: str, run: str = "adapt") -> dict:
-    predict_cli.main(["-i", *map(str, inputs), "-o", str(out), "--checkpoint_dir", str(runs[run]),
-                      "--device", "cpu", "--quiet", *extra])
-    return json.loads((out / "predict.json").read_text())
-
-
-def _labels(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(str(path)).dataobj)
-
-
-def _copy_run(runs, name: str, dest: Path) -> Path:
-    shutil.copytree(runs[name], dest)
-    return dest
 
 
 def resample_from_to(src: nib.Nifti1Image, ref: nib.Nifti1Image, order: int = 0) -> nib.Nifti1Image:
@@ -339,12 +290,6 @@ def test_dicom_series_and_several_series(runs, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------- bad input
-
-
-def _nifti(path: Path, array: np.ndarray, affine=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.diag([6.0, 6.0, 6.0, 1.0]) if affine is None else affine), str(path))
-    return path
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, capsys):

@@ -2,8 +2,8 @@
 or outside the slab the training slices covered, ``--no_fov_mask`` for the raw output, older plans, and the
 warning for scans whose axes are oblique to the canonical axes.
 
-Reuses the tiny trained runs of tests/test_predict.py (its module fixture ``runs``: the conftest phantom
-preprocessed without label-dependent steps, so the plan's training slab is null).
+Uses the tiny trained runs of the ``runs`` fixture (tests/conftest.py, shared with tests/test_predict.py: the
+conftest phantom preprocessed without label-dependent steps, so the plan's training slab is null).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 from MultiMedSeg.data import field_of_view as fov
 from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, load_plan, plan_from_metadata
 from MultiMedSeg.data.restore import load_metadata
-from test_predict import _copy_run, _labels, _nifti, _predict, _test_ids, runs  # noqa: F401  (fixture)
+from builders import copy_run as _copy_run, read_labels as _labels, run_predict as _predict, run_test_ids as _test_ids
+from builders import write_nifti as _nifti
 
 AIR_GAP = 4  # empty slices between the top of the phantom and the structure placed in the air above it
 
