@@ -28,6 +28,7 @@
     ``runs["prep"][site]``; a pretraining on site 0 (``runs["pretrain"]``) and an adaptation to site 2
     (``runs["adapt"]``), 4 steps each; ``inference.py`` of both runs on their test volumes
     (``runs["inference"]["adapt" | "pretrain"]``); the raw images ``runs["images"][site]``; ``runs["root"]``.
+    (tests/test_evaluation_settings.py defines a module fixture of the same name for its own runs.)
 
 Plain builders shared by several test files (tiny generator files, flag lists, restore round trips)
 are in ``tests/builders.py``.

@@ -89,8 +89,8 @@ class PSPConfig:
         s = self.output_size
         try:
             self.generator_args()
-        except ValueError as err:  # the decoder's rule, named with this config's field name
-            raise ValueError(f"output_{err}" if str(err).startswith("size ") else str(err)) from None
+        except ValueError as err:
+            raise _decoder_error(err) from None
         if not 1 <= len(self.src_tgt_domains) <= 2:
             raise ValueError(f"src_tgt_domains must hold 1 (source) or 2 (source, target) ids, got {self.src_tgt_domains}")
         if len(set(self.src_tgt_domains)) != len(self.src_tgt_domains):
@@ -115,8 +115,12 @@ class PSPConfig:
 
     @classmethod
     def from_generator_args(cls, generator: Union[GeneratorArgs, Mapping[str, Any]], **rest: Any) -> "PSPConfig":
-        """A config whose decoder is ``generator`` (a ``GeneratorArgs`` or a factory file's ``args``)."""
-        gen = generator if isinstance(generator, GeneratorArgs) else GeneratorArgs.from_mapping(generator)
+        """A config whose decoder is ``generator`` (a ``GeneratorArgs`` or a factory file's ``args``); invalid
+        ``args`` are a ValueError worded as :meth:`validate` words them."""
+        try:
+            gen = generator if isinstance(generator, GeneratorArgs) else GeneratorArgs.from_mapping(generator)
+        except ValueError as err:
+            raise _decoder_error(err) from None
         return cls(output_size=gen.size, **{k: getattr(gen, k) for k in _DECODER_FIELDS}, **rest)
 
     @classmethod
@@ -130,6 +134,11 @@ class PSPConfig:
 
     def replace(self, **changes: Any) -> "PSPConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _decoder_error(err: ValueError) -> ValueError:
+    """The decoder's rule broken, named with PSPConfig's field name (``size`` is ``output_size`` here)."""
+    return ValueError(f"output_{err}" if str(err).startswith("size ") else str(err))
 
 
 def flip_label(label: torch.Tensor) -> torch.Tensor:

@@ -126,11 +126,8 @@ def pretrain_config(opts: TrainingOptions) -> PSPConfig:
         raise InputError(f"generator file is {size} px but --output_size is {opts.output_size}", path)
     check_domains(opts, n_domains, path)
     try:
-        return PSPConfig(
-            output_size=size, style_dim=args["style_dim"], n_mlp=args["n_mlp"], n_domains=n_domains,
-            n_zbins=args["n_zbins"], clip_dim=args["clip_dim"], channel_multiplier=args["channel_multiplier"],
-            channel_cap=args["channel_cap"], lr_mlp=args["lr_mlp"], src_tgt_domains=[opts.src_label],
-            label_nc=opts.label_nc, encoder_depth=opts.encoder_depth or 50,
+        return PSPConfig.from_generator_args(
+            args, src_tgt_domains=[opts.src_label], label_nc=opts.label_nc, encoder_depth=opts.encoder_depth or 50,
             encoder_base_channels=opts.encoder_base_channels or 64,
             encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
             dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
