@@ -40,29 +40,21 @@ OUT = REPO / "build" / "mutation"
 
 # name -> (files to mutate (globs, relative to the repository), fast tests that should kill the mutants)
 MODULES: Dict[str, Tuple[List[str], List[str]]] = {
-    "op": (["op/*"], ["tests/test_ops.py", "tests/test_values_ops.py",
-                      "tests/test_properties.py::test_upfirdn2d_matches_its_definition"]),
+    "op": (["op/*"], ["tests/test_ops.py", "tests/test_properties.py::test_upfirdn2d_matches_its_definition"]),
     "factory": (["robustmedseg/factory/*"], [
-        "tests/test_training_plan.py", "tests/test_values_ada.py", "tests/test_values_factory.py",
-        "tests/test_values_resume.py"]),
+        "tests/test_training_plan.py", "tests/test_ada.py", "tests/test_resume.py"]),
     "data": (["robustmedseg/data/*"], [
-        "tests/test_lmdb_dataset.py", "tests/test_prepare_data.py", "tests/test_values_data.py",
-        "tests/test_values_restore.py", "tests/test_preprocess.py::test_legacy_conversion",
-        "tests/test_preprocess.py::test_slice_names", "tests/test_preprocess.py::test_group_non_contiguous",
-        "tests/test_preprocess.py::test_bad_slice_files",
+        "tests/test_slices.py", "tests/test_lmdb_dataset.py", "tests/test_prepare_data.py", "tests/test_restore.py",
         "tests/test_properties.py::test_zbins_follow_the_rank_formula_whatever_the_order_and_gaps",
         # needs the session-wide phantom fixtures, rebuilt for every mutant: too slow here
         "--deselect", "tests/test_prepare_data.py::test_chain_preprocessed_sites_to_lmdb",
         "--deselect", "tests/test_prepare_data.py::test_chain_phantom_volume_depth_covers_all_zbins"]),
     "restore": (["MultiMedSeg/data/restore.py"], [
-        "tests/test_values_restore.py", "tests/test_properties.py::test_preprocess_restore_round_trip_is_exact"]),
+        "tests/test_restore.py", "tests/test_properties.py::test_preprocess_restore_round_trip_is_exact"]),
     "metrics": (["MultiMedSeg/evaluation/metrics.py"], [
-        "tests/test_values_metrics.py", "tests/test_mms_training.py::test_binary_scores_edge_cases_and_spacing",
-        "tests/test_mms_training.py::test_selection_score_takes_best_branch",
-        "tests/test_mms_training.py::test_consider_only_vessels_within_brain_scores_label_2_only",
-        "tests/test_mms_training.py::test_best_index_keeps_k_best_as_json"]),
+        "tests/test_metrics.py", "tests/test_mms_training.py::test_best_index_keeps_k_best_as_json"]),
     "generation": (["MultiMedSeg/generation.py"], [
-        "tests/test_generate_volumes.py", "tests/test_values_generation.py",
+        "tests/test_generate_volumes.py",
         "tests/test_properties.py::test_latent_path_has_the_documented_slice_count_and_exact_bins"]),
 }
 # packages copied into mutmut's mutants/ folder (importable, unmutated unless listed in only_mutate), and
