@@ -13,6 +13,7 @@ from robustmedseg.data.slices import (convert_legacy_folder, group_slices_by_vol
 from robustmedseg.errors import InputError
 
 
+# ------------------------------------------------------------------------------------------- format and errors
 def test_validate_slice_messages():
     data, mask = good()
     p = "s.npz"
@@ -53,6 +54,43 @@ def test_slice_files_round_trip_and_errors(tmp_path):
     assert message(list_slices, tmp_path / "nope") == f"{tmp_path / 'nope'}: slice folder does not exist"
 
 
+def test_bad_slice_files(tmp_path):
+    good = save_slice(tmp_path / "v_slice000.npz", np.zeros((8, 8, 1), np.float32),
+                      np.eye(2, dtype=bool)[np.zeros((8, 8), int)])
+    assert load_slice(good)["mask"].shape == (8, 8, 2)
+
+    truncated = tmp_path / "v_slice001.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(InputError, match="v_slice001.npz"):
+        load_slice(truncated)
+    garbage = tmp_path / "v_slice002.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(InputError, match="cannot read"):
+        load_slice(garbage)
+
+    def raw(name, **arrays):
+        with open(tmp_path / name, "wb") as f:
+            np.savez(f, **arrays)
+        return tmp_path / name
+
+    not_one_hot = np.zeros((8, 8, 2), bool)
+    with pytest.raises(InputError, match="one-hot"):
+        load_slice(raw("v_slice003.npz", data=np.zeros((8, 8, 1), np.float32), mask=not_one_hot))
+    with pytest.raises(InputError, match="float32"):
+        load_slice(raw("v_slice004.npz", data=np.zeros((8, 8, 1), np.float64)))
+    with pytest.raises(InputError, match="'mask' must be bool"):
+        load_slice(raw("v_slice005.npz", data=np.zeros((8, 8, 1), np.float32), mask=np.zeros((8, 8, 2), np.uint8)))
+    with pytest.raises(InputError, match="no 'data'"):
+        load_slice(raw("v_slice006.npz", mask=not_one_hot))
+    pickled = tmp_path / "v_slice007.npz"
+    with zipfile.ZipFile(pickled, "w") as zf:  # an object array needs pickle: refused
+        with zf.open("data.npy", "w") as f:
+            np.lib.format.write_array(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="cannot read"):
+        load_slice(pickled)
+
+
+# ------------------------------------------------------------------------------------------- names and grouping
 def test_grouping_by_volume_and_duplicate_indices(tmp_path):
     data, _ = good()
     for rel in ("a/v_slice002.npz", "a/v_slice010.npz", "a/w_slice001.npz", "b/v_slice1.npz", "b/v_slice010.npz"):
@@ -64,6 +102,21 @@ def test_grouping_by_volume_and_duplicate_indices(tmp_path):
         ["v_slice1.npz", "v_slice002.npz", "v_slice010.npz", "v_slice010.npz", "w_slice001.npz"]
     assert message(group_slices_by_volume, tmp_path, recursive=True) == \
         f"{tmp_path}: volume 'v' has several slice files with the same index"
+
+
+def test_slice_names():
+    assert volume_id("a/b/sub_slice3_slice012.npz") == "sub_slice3" and slice_index("x_slice012.npz") == 12
+    assert slice_index("x_slice1234.npz") == 1234
+    with pytest.raises(InputError):
+        volume_id("x_slice.npz")
+
+
+def test_group_non_contiguous(tmp_path):
+    for vid, idx in [("b", 7), ("a", 10), ("a", 2), ("b", 0)]:
+        save_slice(tmp_path / f"{vid}_slice{idx:03d}.npz", np.zeros((4, 4), np.float32))
+    groups = group_slices_by_volume(tmp_path)
+    assert list(groups) == ["a", "b"]
+    assert [slice_index(p) for p in groups["a"]] == [2, 10]
 
 
 # ------------------------------------------------------------------------------------------- legacy slices
@@ -110,57 +163,6 @@ def test_legacy_slices_convert_exactly(tmp_path):
         f"{bad / 'c_slice1.npy'}: cannot read legacy slice: ")
     assert message(convert_legacy_slice, bad / "notaslice.npy", tmp_path) == \
         f"{bad / 'notaslice.npy'}: not a legacy slice file name (expected <volume>_slice<NNN>.npy)"
-
-
-def test_bad_slice_files(tmp_path):
-    good = save_slice(tmp_path / "v_slice000.npz", np.zeros((8, 8, 1), np.float32),
-                      np.eye(2, dtype=bool)[np.zeros((8, 8), int)])
-    assert load_slice(good)["mask"].shape == (8, 8, 2)
-
-    truncated = tmp_path / "v_slice001.npz"
-    truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(InputError, match="v_slice001.npz"):
-        load_slice(truncated)
-    garbage = tmp_path / "v_slice002.npz"
-    garbage.write_bytes(b"not a zip file at all")
-    with pytest.raises(InputError, match="cannot read"):
-        load_slice(garbage)
-
-    def raw(name, **arrays):
-        with open(tmp_path / name, "wb") as f:
-            np.savez(f, **arrays)
-        return tmp_path / name
-
-    not_one_hot = np.zeros((8, 8, 2), bool)
-    with pytest.raises(InputError, match="one-hot"):
-        load_slice(raw("v_slice003.npz", data=np.zeros((8, 8, 1), np.float32), mask=not_one_hot))
-    with pytest.raises(InputError, match="float32"):
-        load_slice(raw("v_slice004.npz", data=np.zeros((8, 8, 1), np.float64)))
-    with pytest.raises(InputError, match="'mask' must be bool"):
-        load_slice(raw("v_slice005.npz", data=np.zeros((8, 8, 1), np.float32), mask=np.zeros((8, 8, 2), np.uint8)))
-    with pytest.raises(InputError, match="no 'data'"):
-        load_slice(raw("v_slice006.npz", mask=not_one_hot))
-    pickled = tmp_path / "v_slice007.npz"
-    with zipfile.ZipFile(pickled, "w") as zf:  # an object array needs pickle: refused
-        with zf.open("data.npy", "w") as f:
-            np.lib.format.write_array(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match="cannot read"):
-        load_slice(pickled)
-
-
-def test_slice_names():
-    assert volume_id("a/b/sub_slice3_slice012.npz") == "sub_slice3" and slice_index("x_slice012.npz") == 12
-    assert slice_index("x_slice1234.npz") == 1234
-    with pytest.raises(InputError):
-        volume_id("x_slice.npz")
-
-
-def test_group_non_contiguous(tmp_path):
-    for vid, idx in [("b", 7), ("a", 10), ("a", 2), ("b", 0)]:
-        save_slice(tmp_path / f"{vid}_slice{idx:03d}.npz", np.zeros((4, 4), np.float32))
-    groups = group_slices_by_volume(tmp_path)
-    assert list(groups) == ["a", "b"]
-    assert [slice_index(p) for p in groups["a"]] == [2, 10]
 
 
 def test_legacy_conversion(tmp_path):
