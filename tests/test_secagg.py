@@ -143,8 +143,8 @@ def test_node_security_settings_written(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--secagg", "--max-nodes-per-round", "1"], "--max-nodes-per-round >= 2"),
-    (["--secagg", "--secagg-clip", "0"], "--secagg-clip must be > 0"),
+    (["--secagg", "--max-nodes-per-round", "1"], "--max_nodes_per_round >= 2"),
+    (["--secagg", "--secagg-clip", "0"], "--secagg_clip must be > 0"),
 ])
 def test_train_rejects_unusable_secagg_flags(tmp_path, flags, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}

@@ -260,7 +260,7 @@ def apply_site_keys(exp: Any) -> Dict[str, str]:
 def secagg_model_args(active: bool, clip: Optional[float], weighting: str) -> Dict[str, Any]:
     """The ``model_args`` entries that tell the nodes how to encode their update (see :mod:`.secagg`)."""
     if active and clip is not None and not clip > 0:
-        raise InputError(f"--secagg-clip must be > 0, got {clip}")
+        raise InputError(f"--secagg_clip must be > 0, got {clip}")
     return {"secagg_clip": float(clip if clip is not None else codec.DEFAULT_CLIP) if active else 0.0,
             "secagg_weighting": weighting}
 
