@@ -92,6 +92,23 @@ class VirtualNetwork:
             _ip("-n", ns, "link", "set", "eth0", "up")
         return self
 
+    def add_host(self, linked: bool = True) -> str:
+        """One more namespace: a further host on the bridge (``linked``; the next node address) or an isolated
+        host that has only its loopback interface.  Removed by :meth:`down` like the others."""
+        k = len(self.nodes) + 1
+        ns = f"{self.prefix}-{'n' if linked else 'l'}{k}"
+        _ip("netns", "add", ns)
+        self._made.append(ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        if linked:
+            _ip("-n", self.researcher, "link", "add", f"v{k}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", self.researcher, "link", "set", f"v{k}", "master", "br0")
+            _ip("-n", self.researcher, "link", "set", f"v{k}", "up")
+            _ip("-n", ns, "addr", "add", f"{self.node_ip(k)}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            self.nodes.append(ns)
+        return ns
+
     def pids(self, ns: str) -> List[int]:
         """Processes running inside namespace ``ns``."""
         res = _ip("netns", "pids", ns, check=False)

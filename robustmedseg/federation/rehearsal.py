@@ -116,6 +116,8 @@ class Rehearsal:
     nodes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     round_limit: int = 0
     procs: List[subprocess.Popen] = field(default_factory=list)
+    hosts: Dict[str, str] = field(default_factory=dict)  # further hosts: name -> namespace
+    exports: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -130,7 +132,11 @@ class Rehearsal:
         return self.out / name / "fbm-node"
 
     def ns(self, name: str) -> str:
-        return self.net.researcher if name == "researcher" else self.net.nodes[HOSPITALS.index(name)]
+        if name == "researcher":
+            return self.net.researcher
+        if name in HOSPITALS:
+            return self.net.nodes[HOSPITALS.index(name)]
+        return self.hosts[name]
 
     def logfile(self, name: str) -> Path:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -235,17 +241,7 @@ class Rehearsal:
         self.wait_ready(HOSPITALS)
 
     def configure_node(self, name: str, force_secagg: bool) -> None:
-        path = self.node_dir(name) / "etc" / "config.ini"
-        cfg = configparser.ConfigParser()
-        cfg.read(path)
-        sec = cfg["security"]
-        sec["training_plan_approval"] = "True"
-        sec["allow_default_training_plans"] = "False"
-        sec["secure_aggregation"] = "True"
-        sec["force_secure_aggregation"] = str(bool(force_secagg))
-        text = io.StringIO()
-        cfg.write(text)
-        write_text_atomic(path, text.getvalue())
+        self.configure_node_at(self.node_dir(name), force_secagg)
 
     def node_id(self, name: str) -> str:
         cfg = configparser.ConfigParser()
@@ -295,11 +291,54 @@ class Rehearsal:
         self.train("train.py (secagg)", *TINY, "--seed", str(self.seed), "--secagg", "--rounds", str(self.rounds),
                    "--num_updates_per_round", str(self.updates), "--max-nodes-per-round", "3")
 
-    def export(self, name: str = "save_global_model.py") -> Path:
-        out = self.out / "researcher" / "final_global_model.pt"
+    def export(self, name: str = "save_global_model.py", file: str = "final_global_model.pt") -> Path:
+        out = self.out / "researcher" / file
         self.run("researcher", [sys.executable, str(PROJECT_ROOT / "save_global_model.py"), "--researcher-dir",
                                 str(self.researcher_dir), "--out", str(out)], name)
         return out
+
+    def compare_loopback(self, exported: Path) -> None:
+        """The same seed, data (same dataset names) and flags on a loopback federation (local tool, inside an
+        isolated host that has only 127.0.0.1): its export must equal the rehearsal's, tensor for tensor."""
+        import torch
+
+        self.hosts["loopback"] = self.net.add_host(linked=False)
+        root = self.out / "loopback"
+        root.mkdir(exist_ok=True)
+        datasets = [a for name in HOSPITALS for a in ("--dataset", f"{name}={self.out / name / 'lmdb'}")]
+        self.run("loopback", [sys.executable, "-m", "robustmedseg.federation.local", "up", "--root",
+                              str(root / "fed"), *datasets], "loopback: local up (127.0.0.1)")
+        try:
+            self.run("loopback", [sys.executable, str(PROJECT_ROOT / "train.py"), "--researcher-dir",
+                                  str(root / "fed" / "researcher"), "--workdir", str(root / "factory_run"),
+                                  "--min-nodes", "3", *TINY, "--seed", str(self.seed), "--secagg", "--rounds",
+                                  str(self.rounds), "--num_updates_per_round", str(self.updates),
+                                  "--max-nodes-per-round", "3"], "loopback: train.py (secagg)", timeout=900)
+            out = root / "final_global_model.pt"
+            self.run("loopback", [sys.executable, str(PROJECT_ROOT / "save_global_model.py"), "--researcher-dir",
+                                  str(root / "fed" / "researcher"), "--out", str(out)],
+                     "loopback: save_global_model.py")
+        finally:
+            self.run("loopback", [sys.executable, "-m", "robustmedseg.federation.local", "down", "--root",
+                                  str(root / "fed")], "loopback: local down")
+        t0 = time.time()
+        a, b = torch.load(exported, weights_only=True), torch.load(out, weights_only=True)
+        worst, differing = 0.0, []
+        for part in ("g", "d", "g_ema"):
+            for key, value in a[part].items():
+                other = b[part][key]
+                if value.shape != other.shape or not torch.equal(value, other):
+                    differing.append(f"{part}.{key}")
+                    if value.shape == other.shape and value.is_floating_point():
+                        worst = max(worst, float((value - other).abs().max()))
+        equal = not differing and a["args"] == b["args"]
+        self.exports["loopback"] = {"equal": equal, "differing_tensors": len(differing), "max_abs_diff": worst}
+        self.record("compare with the loopback export", ["torch.equal on every tensor of g, d, g_ema"],
+                    time.time() - t0, equal, "identical" if equal else
+                    f"{len(differing)} tensor(s) differ (first {differing[:3]}), max |diff| {worst:.3g}")
+        if not equal:
+            raise InputError(f"the rehearsal's export differs from the loopback federation's ({len(differing)} "
+                             f"tensors, max |diff| {worst:.3g})", out)
 
     def check_export(self, path: Path) -> Dict[str, Any]:
         """The exported factory loads strictly into model.Generator and samples finite images."""
@@ -337,7 +376,7 @@ class Rehearsal:
         t0 = time.time()
         while time.time() - t0 < timeout:
             text = self.logfile(f"node {name}").read_text(errors="replace")[offset:]
-            if re.search(r"training|Training", text):
+            if "Training plan has been approved by the node" in text:
                 return
             if proc.poll() is not None:
                 raise InputError(f"train.py ended (exit {proc.returncode}) before the round started",
@@ -368,6 +407,7 @@ class Rehearsal:
         self.faults.setdefault(fault, {})["resumed_to_round"] = info["round_current"]
         self.faults[fault]["resume_ok"] = ok
         self.faults[fault]["resume_seconds"] = round(time.time() - t0, 1)
+        self.faults[fault]["round_lines"] = [ln[:90] for ln in res.stdout.splitlines() if re.match(r"round \d+/", ln)]
         if not ok:
             raise InputError(f"resume after fault {fault} ended at round {info['round_current']}, not {target}: "
                              f"{res.stdout[-300:]}")
@@ -397,7 +437,7 @@ class Rehearsal:
             self._resume("slow")
         finally:
             self.net.unslow(k)
-        self.faults["slow"]["round_seconds"] = round(time.time() - t0, 1)
+        self.faults["slow"]["command_seconds"] = round(time.time() - t0, 1)
 
     def fault_restart(self) -> None:
         node = "hosp3"
@@ -466,8 +506,81 @@ class Rehearsal:
         self._resume("release")
 
     def fault_impostor(self) -> None:
-        """Reported, not required to fail: what Fed-BioMed 6.4.1 does with a node claiming another's id."""
-        self.faults["impostor"] = {"rehearsed": False, "why": "not rehearsed in this version"}
+        """A fourth host runs a node that claims to be hosp1: a node component of its own (own certificate and
+        key), whose ``[default] id`` is set to hosp1's id and whose dataset is registered under hosp1's name.
+        Recorded, not required to fail: what Fed-BioMed 6.4.1 does (a) with both online, (b) with hosp1 down."""
+        victim, name = "hosp1", "impostor"
+        self.hosts[name] = self.net.add_host(linked=True)
+        root = self.out / name / "fbm-node"
+        ip = self.net.researcher_ip
+        self.run(name, [*_fedbiomed(), "component", "create", "-c", "node", "-p", str(root), "-n", victim],
+                 "fault impostor: create node", env={"FBM_RESEARCHER_IP": ip, "FBM_RESEARCHER_PORT": str(PORT)})
+        path = root / "etc" / "config.ini"
+        cfg = configparser.ConfigParser()
+        cfg.read(path)
+        own_id = cfg["default"]["id"]
+        cfg["default"]["id"] = self.nodes[victim]["id"]
+        text = io.StringIO()
+        cfg.write(text)
+        write_text_atomic(path, text.getvalue())
+        self.configure_node_at(root, force_secagg=False)
+        self.run(name, [sys.executable, str(PROJECT_ROOT / "prepare_data.py"), str(self.out / "hosp2" / "slices"),
+                        "--out", str(self.out / name / "lmdb"), "--size", "32", "--label", "0", "--clip-model", "none",
+                        "--quiet"], "fault impostor: prepare_data (another site's images, labelled 0)")
+        spec = self.out / name / "dataset.json"
+        spec.write_text(json.dumps({"name": victim, "data_type": "custom", "tags": "#im2im",
+                                    "description": "not hosp1", "path": str(self.out / name / "lmdb")}))
+        self.run(name, [*_fedbiomed(), "node", "-p", str(root), "dataset", "add", "--file", str(spec)],
+                 "fault impostor: dataset add")
+        self.run(name, [sys.executable, "-m", "robustmedseg.federation.local", "approve-node", "--node", str(root)],
+                 "fault impostor: approve plan")
+        rec: Dict[str, Any] = {"claimed_id": self.nodes[victim]["id"], "own_id_at_creation": own_id}
+        self.faults["impostor"] = rec
+        log = open(self.logfile("node impostor"), "a")
+        self.nodes[name] = {"log_offset": log.tell()}
+        proc = self.net.popen(self.hosts[name], [*_fedbiomed(), "node", "-p", str(root), "start"], _env(), log=log,
+                              cwd=self.out / name)
+        log.close()
+        self.procs.append(proc)
+        self.wait_ready([name])
+        for case in ("both online", "hosp1 down"):
+            if case == "hosp1 down":
+                self.net.kill_all(self.ns(victim))
+            t0 = time.time()
+            target = self.run_info()["round_current"] + 1
+            res = subprocess.run(self.net.command(self.net.researcher, self.train_argv("--resume", "--rounds",
+                                                                                       str(target))),
+                                 env=_env(), capture_output=True, text=True, timeout=900, cwd=self.out)
+            self.logfile(f"fault impostor ({case})").write_text(res.stdout + "\n--- stderr\n" + res.stderr)
+            trained = self._node_trained(name)
+            line = (error_lines(res.stderr) or ["(no error line)"])[-1]
+            rec[case] = {"exit": res.returncode, "line": line if res.returncode else None,
+                         "round_current": self.run_info()["round_current"], "impostor_trained": trained}
+            self.record(f"fault impostor ({case}): train.py", ["train.py --resume ..."], time.time() - t0, True,
+                        f"exit {res.returncode}: {line if res.returncode else 'round completed'}; the impostor "
+                        f"{'trained' if trained else 'did not train'}")
+            self.nodes[name]["log_offset"] = len(self.logfile("node impostor").read_text(errors="replace"))
+        self.net.kill_all(self.hosts[name])
+        self.start_node(victim)
+        self.wait_ready([victim])
+        self._resume("impostor")
+
+    def _node_trained(self, name: str) -> bool:
+        text = self.logfile(f"node {name}").read_text(errors="replace")[self.nodes[name]["log_offset"]:]
+        return "Training plan has been approved by the node" in text
+
+    def configure_node_at(self, root: Path, force_secagg: bool) -> None:
+        path = root / "etc" / "config.ini"
+        cfg = configparser.ConfigParser()
+        cfg.read(path)
+        sec = cfg["security"]
+        sec["training_plan_approval"] = "True"
+        sec["allow_default_training_plans"] = "False"
+        sec["secure_aggregation"] = "True"
+        sec["force_secure_aggregation"] = str(bool(force_secagg))
+        text = io.StringIO()
+        cfg.write(text)
+        write_text_atomic(path, text.getvalue())
 
     def run_faults(self, faults: Sequence[str]) -> None:
         for fault in faults:
@@ -477,7 +590,7 @@ class Rehearsal:
     def report(self, wall: float, error: Optional[str]) -> Dict[str, Any]:
         summary = {"wall_seconds": round(wall, 1), "ok": error is None, "error": error,
                    "network": self.net.describe() if self.net else {}, "researcher_port": PORT,
-                   "nodes": self.nodes, "faults": self.faults,
+                   "nodes": self.nodes, "exports": self.exports, "faults": self.faults,
                    "steps": [s.__dict__ for s in self.steps]}
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "rehearsal.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -495,7 +608,7 @@ class Rehearsal:
 
 
 def rehearse(out: Path, faults: Sequence[str] = FAULTS, seed: int = 0, rounds: int = 2, log=print,
-             prefix: Optional[str] = None) -> Dict[str, Any]:
+             prefix: Optional[str] = None, compare: bool = True) -> Dict[str, Any]:
     """Run the whole rehearsal (see the module docstring); always removes the virtual network."""
     why = namespaces_available()
     if why:
@@ -513,10 +626,13 @@ def rehearse(out: Path, faults: Sequence[str] = FAULTS, seed: int = 0, rounds: i
                  ", ".join(f"{ns} {ip}" for ns, ip in r.net.describe().items()))
         r.setup()
         r.first_run()
-        r.check_export(r.export())
+        exported = r.export()
+        r.check_export(exported)
+        if compare:
+            r.compare_loopback(exported)
         r.run_faults(faults)
         if faults:
-            r.check_export(r.export("save_global_model.py (after the faults)"))
+            r.check_export(r.export("save_global_model.py (after the faults)", "final_after_faults.pt"))
     except BaseException as err:  # noqa: BLE001 - recorded, then re-raised after the clean-up
         error = " ".join(str(err).split()) or type(err).__name__
         raise
@@ -546,6 +662,8 @@ def build_parser() -> CliParser:
                    help=f"comma-separated faults to rehearse, 'all' (default) or 'none': {', '.join(FAULTS)}")
     p.add_argument("--seed", type=int, default=0, help="train.py --seed (default 0)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the first train.py (default 2)")
+    p.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="skip the loopback federation whose export must equal the rehearsal's (same seed)")
     return p
 
 
@@ -556,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
         raise InputError(f"--faults: unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
-    summary = rehearse(args.out, faults, seed=args.seed, rounds=args.rounds)
+    summary = rehearse(args.out, faults, seed=args.seed, rounds=args.rounds, compare=args.compare)
     print(f"rehearsal completed in {summary['wall_seconds']:.0f} s: {args.out / 'REHEARSAL.md'}")
     return 0
 
