@@ -287,9 +287,40 @@ class Rehearsal:
         return proc
 
     def first_run(self) -> None:
+        """The first train.py; while the nodes are connected, the TCP sockets of every host are listed (what a
+        firewall must let through)."""
         self.round_limit = self.rounds
-        self.train("train.py (secagg)", *TINY, "--seed", str(self.seed), "--secagg", "--rounds", str(self.rounds),
-                   "--num_updates_per_round", str(self.updates), "--max-nodes-per-round", "3")
+        argv = self.train_argv(*TINY, "--seed", str(self.seed), "--secagg", "--rounds", str(self.rounds),
+                               "--num_updates_per_round", str(self.updates), "--max-nodes-per-round", "3")
+        name = "train.py (secagg)"
+        t0 = time.time()
+        proc = self.train_background(name, *argv[len(self.train_argv()):])
+        while proc.poll() is None and "node(s) online" not in self.logfile(name).read_text():
+            time.sleep(0.2)
+        if proc.poll() is None:
+            self.sockets()
+        rc = proc.wait(timeout=900)
+        text = self.logfile(name).read_text()
+        line = (error_lines(text) or [ln for ln in text.splitlines() if ln.strip()][-1:] or [""])[-1]
+        self.record(name, argv, time.time() - t0, rc == 0, f"exit {rc}: {line}")
+        if rc:
+            raise InputError(f"step {name} ended with exit {rc}: {line}", self.logfile(name))
+
+    def sockets(self) -> None:
+        """Listening TCP sockets and established connections of every host (``ss``), while connected."""
+        table: Dict[str, Dict[str, List[str]]] = {}
+        for host in ("researcher", *HOSPITALS):
+            ns = self.ns(host)
+            listen = subprocess.run(self.net.command(ns, ["ss", "-Hltn"]), capture_output=True, text=True).stdout
+            est = subprocess.run(self.net.command(ns, ["ss", "-Htn", "state", "established"]), capture_output=True,
+                                 text=True).stdout
+            table[host] = {"listening": sorted({ln.split()[3] for ln in listen.splitlines() if len(ln.split()) > 3}),
+                           "established": sorted({" -> ".join(ln.split()[2:4]) for ln in est.splitlines()
+                                                  if len(ln.split()) > 3})}
+        self.exports["sockets"] = table
+        listening = {h: v["listening"] for h, v in table.items()}
+        self.record("sockets while connected", ["ss -ltn; ss -tn state established (each host)"], 0.0, True,
+                    f"listening: {json.dumps(listening)}")
 
     def export(self, name: str = "save_global_model.py", file: str = "final_global_model.pt") -> Path:
         out = self.out / "researcher" / file
