@@ -6,7 +6,8 @@ Checked: the tiny secure-aggregation run and its export (loads strictly, samples
 what a loopback federation gives with the same seed and dataset names; each fault that stops a round ends in
 exactly one ``error:`` line naming the node (exit 2) and ``train.py --resume`` then reaches the next round; a
 slow link only slows the round; a killed researcher is resumed; a node that approved another release of the
-plan is refused by name; what Fed-BioMed does with a node claiming another node's id is recorded; afterwards
+plan is refused by name; a node claiming another node's id is refused by the secure-aggregation key setup
+(one line) and never trains; only the researcher listens on a port reachable from the network; afterwards
 no namespace and no process of the rehearsal is left.
 """
 from __future__ import annotations
@@ -49,4 +50,11 @@ def test_rehearsal_across_network_hosts(tmp_path):
     assert faults["slow"]["resume_ok"], faults["slow"]  # a slow link only slows the round down
     assert faults["researcher"]["resume_ok"] and faults["researcher"]["resumed"], faults["researcher"]
     assert faults["impostor"]["resume_ok"], faults["impostor"]
-    assert {"both online", "hosp1 down"} <= set(faults["impostor"]), faults["impostor"]
+    for case in ("both online", "hosp1 down"):  # under secure aggregation the key setup fails: refused
+        rec = faults["impostor"][case]
+        assert rec["exit"] == 2 and rec["line"].startswith("error: round ") and not rec["impostor_trained"], rec
+        assert "secure aggregation failed" in rec["line"], rec
+    sockets = summary["exports"]["sockets"]  # the nodes listen on nothing reachable: only outgoing connections
+    assert any(addr.endswith(":50151") for addr in sockets["researcher"]["listening"]), sockets
+    for host in ("hosp1", "hosp2", "hosp3"):
+        assert not [a for a in sockets[host]["listening"] if not a.startswith(("127.", "[::1]"))], sockets

@@ -333,6 +333,8 @@ class Rehearsal:
         isolated host that has only 127.0.0.1): its export must equal the rehearsal's, tensor for tensor."""
         import torch
 
+        from robustmedseg.io import load_torch_file
+
         self.hosts["loopback"] = self.net.add_host(linked=False)
         root = self.out / "loopback"
         root.mkdir(exist_ok=True)
@@ -353,7 +355,7 @@ class Rehearsal:
             self.run("loopback", [sys.executable, "-m", "robustmedseg.federation.local", "down", "--root",
                                   str(root / "fed")], "loopback: local down")
         t0 = time.time()
-        a, b = torch.load(exported, weights_only=True), torch.load(out, weights_only=True)
+        a, b = (load_torch_file(p, "factory file", mapping=True) for p in (exported, out))
         worst, differing = 0.0, []
         for part in ("g", "d", "g_ema"):
             for key, value in a[part].items():
@@ -375,15 +377,14 @@ class Rehearsal:
         """The exported factory loads strictly into model.Generator and samples finite images."""
         import torch
 
-        from model import Generator, make_condition
+        from model import make_condition
+        from robustmedseg.io import load_torch_file
+
+        from .export import load_factory_file
 
         t0 = time.time()
-        ckpt = torch.load(path, weights_only=True)
-        a = ckpt["args"]
-        g = Generator(a["size"], style_dim=a["style_dim"], n_mlp=a["n_mlp"], n_domains=a["n_domains"],
-                      channel_multiplier=a["channel_multiplier"], n_zbins=a["n_zbins"], clip_dim=a["clip_dim"],
-                      channel_cap=a["channel_cap"])
-        g.load_state_dict(ckpt["g_ema"], strict=True)
+        g, a = load_factory_file(path)  # model.Generator(**args), g_ema loaded strictly
+        ckpt = load_torch_file(path, "factory file", mapping=True)
         torch.manual_seed(self.seed)
         with torch.no_grad():
             img, _ = g([torch.randn(3, a["style_dim"])], make_condition([0, 1, 2], 14, a["n_domains"], a["n_zbins"]))
