@@ -38,6 +38,7 @@ def test_rehearsal_across_network_hosts(tmp_path):
         assert prefix not in left, left  # every namespace removed, also on failure
     assert summary["ok"] and json.loads((out / "rehearsal.json").read_text())["ok"]
     assert (out / "REHEARSAL.md").is_file()
+    assert summary["exports"]["certificate"]["addresses"] == ["10.231.0.1"]  # the researcher's address
     assert summary["exports"]["loopback"]["equal"], summary["exports"]
     faults = summary["faults"]
     for fault, node in (("cut", "hosp1"), ("restart", "hosp3"), ("release", "hosp2")):

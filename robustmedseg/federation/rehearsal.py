@@ -209,6 +209,7 @@ class Rehearsal:
                                 "--out", str(self.out / name / "lmdb"), "--size", "32", "--label", str(k),
                                 "--clip-model", "none", "--quiet"], f"prepare_data {name}", None))
         self.parallel(jobs)
+        self.check_certificate()
         jobs = []
         for name in HOSPITALS:
             spec = self.out / name / "dataset.json"
@@ -239,6 +240,25 @@ class Rehearsal:
         for name in HOSPITALS:
             self.start_node(name)
         self.wait_ready(HOSPITALS)
+
+    def check_certificate(self) -> None:
+        """The researcher's server certificate carries its address (step 2 of the deployment)."""
+        from cryptography import x509
+
+        pem = self.researcher_dir / "etc" / "certs" / "server_certificate.pem"
+        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            addresses = [str(a) for a in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(
+                x509.DNSName)
+        except x509.ExtensionNotFound:
+            addresses = []
+        ok = self.net.researcher_ip in addresses
+        self.exports["certificate"] = {"subject": cert.subject.rfc4514_string(), "addresses": addresses}
+        self.record("researcher certificate", [f"x509 {pem.name}"], 0.0, ok,
+                    f"subject {cert.subject.rfc4514_string()}, addresses {addresses}")
+        if not ok:
+            raise InputError(f"the researcher's certificate does not carry its address {self.net.researcher_ip}", pem)
 
     def configure_node(self, name: str, force_secagg: bool) -> None:
         self.configure_node_at(self.node_dir(name), force_secagg)
