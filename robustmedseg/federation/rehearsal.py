@@ -114,7 +114,6 @@ class Rehearsal:
     steps: List[Step] = field(default_factory=list)
     faults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     nodes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    round_limit: int = 0
     procs: List[subprocess.Popen] = field(default_factory=list)
     hosts: Dict[str, str] = field(default_factory=dict)  # further hosts: name -> namespace
     exports: Dict[str, Any] = field(default_factory=dict)
@@ -223,8 +222,8 @@ class Rehearsal:
         for name in HOSPITALS:
             self.configure_node(name, force_secagg=(name == HOSPITALS[2]))
             self.nodes[name] = {"id": self.node_id(name), "ip": self.net.node_ip(HOSPITALS.index(name) + 1)}
-        self.record("edit etc/config.ini", ["[security] training_plan_approval = True, allow_default_training_plans "
-                                            "= False, secure_aggregation = True; hosp3: force_secure_aggregation = True"],
+        self.record("edit etc/config.ini", ["[security] training_plan_approval = True, allow_default_training_plans = "
+                                            "False, secure_aggregation = True; hosp3: force_secure_aggregation = True"],
                     0.0, True, "3 nodes configured")
         jobs = [(name, [sys.executable, "-m", "robustmedseg.federation.local", "approve-node", "--node",
                         str(self.node_dir(name))], f"approve plan {name}", None) for name in HOSPITALS]
@@ -309,7 +308,6 @@ class Rehearsal:
     def first_run(self) -> None:
         """The first train.py; while the nodes are connected, the TCP sockets of every host are listed (what a
         firewall must let through)."""
-        self.round_limit = self.rounds
         argv = self.train_argv(*TINY, "--seed", str(self.seed), "--secagg", "--rounds", str(self.rounds),
                                "--num_updates_per_round", str(self.updates), "--max-nodes-per-round", "3")
         name = "train.py (secagg)"
@@ -419,9 +417,6 @@ class Rehearsal:
         return json.loads((self.workdir / "run.json").read_text())
 
     # ------------------------------------------------------------------ faults
-    def _sampled_next(self) -> List[str]:
-        return list(HOSPITALS)  # --max-nodes-per-round 3: every node is sampled in every round
-
     def _wait_mid_round(self, proc: subprocess.Popen, name: str, timeout: float = 240.0) -> None:
         """Wait until ``name``'s node is training this round (its log shows the training request)."""
         offset = self.nodes[name]["mark"]
@@ -450,10 +445,11 @@ class Rehearsal:
         self.faults[fault] = {"line": lines[-1] if lines else None, "exit": rc, "one_line_naming_node": ok}
         return lines[-1] if lines else ""
 
-    def _resume(self, fault: str, extra_rounds: int = 1) -> None:
+    def _resume(self, fault: str, extra_rounds: int = 1, secagg: bool = False) -> None:
         t0 = time.time()
         target = self.run_info()["round_current"] + extra_rounds
-        res = self.train(f"fault {fault}: resume", "--resume", "--rounds", str(target))
+        res = self.train(f"fault {fault}: resume", "--resume", "--rounds", str(target),
+                         *(["--secagg"] if secagg else []))
         info = self.run_info()
         ok = info["round_current"] == target
         self.faults.setdefault(fault, {})["resumed_to_round"] = info["round_current"]
@@ -483,7 +479,7 @@ class Rehearsal:
     def fault_slow(self) -> None:
         node, k = "hosp2", 2
         how = self.net.slow(k)
-        self.faults["slow"] = {"how": how}
+        self.faults["slow"] = {"node": node, "how": how}
         t0 = time.time()
         try:
             self._resume("slow")
@@ -595,14 +591,19 @@ class Rehearsal:
         log.close()
         self.procs.append(proc)
         self.wait_ready([name])
-        for case in ("both online", "hosp1 down"):
+        forced = HOSPITALS[2]  # the node that accepts only secure aggregation
+        for case in ("both online", "hosp1 down", "plain, hosp1 down"):
+            extra: List[str] = []
             if case == "hosp1 down":
                 self.net.kill_all(self.ns(victim))
+            if case.startswith("plain"):  # without secure aggregation (hosp3 refuses plain rounds: it is stopped)
+                self.net.kill_all(self.ns(forced))
+                extra = ["--no-secagg", "--min-nodes", "2"]
             t0 = time.time()
             target = self.run_info()["round_current"] + 1
-            res = subprocess.run(self.net.command(self.net.researcher, self.train_argv("--resume", "--rounds",
-                                                                                       str(target))),
-                                 env=_env(), capture_output=True, text=True, timeout=900, cwd=self.out)
+            argv = self.train_argv("--resume", "--rounds", str(target), *extra)
+            res = subprocess.run(self.net.command(self.net.researcher, argv), env=_env(), capture_output=True,
+                                 text=True, timeout=900, cwd=self.out)
             self.logfile(f"fault impostor ({case})").write_text(res.stdout + "\n--- stderr\n" + res.stderr)
             trained = self._node_trained(name)
             line = (error_lines(res.stderr) or ["(no error line)"])[-1]
@@ -614,8 +615,9 @@ class Rehearsal:
             self.nodes[name]["log_offset"] = len(self.logfile("node impostor").read_text(errors="replace"))
         self.net.kill_all(self.hosts[name])
         self.start_node(victim)
-        self.wait_ready([victim])
-        self._resume("impostor")
+        self.start_node(forced)
+        self.wait_ready([victim, forced])
+        self._resume("impostor", secagg=True)
 
     def _node_trained(self, name: str) -> bool:
         text = self.logfile(f"node {name}").read_text(errors="replace")[self.nodes[name]["log_offset"]:]
@@ -646,7 +648,8 @@ class Rehearsal:
                    "steps": [s.__dict__ for s in self.steps]}
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "rehearsal.json", json.dumps(summary, indent=2, default=str) + "\n")
-        lines = ["# Deployment rehearsal", "", f"Wall time {wall:.0f} s; {'completed' if error is None else 'FAILED: ' + error}", "",
+        outcome = "completed" if error is None else "FAILED: " + error
+        lines = ["# Deployment rehearsal", "", f"Wall time {wall:.0f} s; {outcome}", "",
                  "| step | command | s | ok | outcome |", "|---|---|---:|---|---|"]
         for s in self.steps:
             cmd = s.command if len(s.command) < 160 else s.command[:157] + "..."
