@@ -7,7 +7,8 @@ what a loopback federation gives with the same seed and dataset names; each faul
 exactly one ``error:`` line naming the node (exit 2) and ``train.py --resume`` then reaches the next round; a
 slow link only slows the round; a killed researcher is resumed; a node that approved another release of the
 plan is refused by name; a node claiming another node's id is refused by the secure-aggregation key setup
-(one line) and never trains; only the researcher listens on a port reachable from the network; afterwards
+(one line) and, without secure aggregation, is sent the task and stopped only by Fed-BioMed's node-state
+check (one line naming the node it claims to be); only the researcher listens on a port reachable from the network; afterwards
 no namespace and no process of the rehearsal is left.
 """
 from __future__ import annotations
@@ -53,8 +54,11 @@ def test_rehearsal_across_network_hosts(tmp_path):
     assert faults["impostor"]["resume_ok"], faults["impostor"]
     for case in ("both online", "hosp1 down"):  # under secure aggregation the key setup fails: refused
         rec = faults["impostor"][case]
-        assert rec["exit"] == 2 and rec["line"].startswith("error: round ") and not rec["impostor_trained"], rec
+        assert rec["exit"] == 2 and rec["line"].startswith("error: round ") and not rec["impostor_received_task"], rec
         assert "secure aggregation failed" in rec["line"], rec
+    rec = faults["impostor"]["plain, hosp1 down"]  # plain: it gets the task, Fed-BioMed's node state stops it
+    assert rec["exit"] == 2 and rec["impostor_received_task"], rec
+    assert "node hosp1 (NODE_" in rec["line"] and "Can't read previous node state" in rec["line"], rec
     sockets = summary["exports"]["sockets"]  # the nodes listen on nothing reachable: only outgoing connections
     assert any(addr.endswith(":50151") for addr in sockets["researcher"]["listening"]), sockets
     for host in ("hosp1", "hosp2", "hosp3"):

@@ -556,7 +556,8 @@ class Rehearsal:
     def fault_impostor(self) -> None:
         """A fourth host runs a node that claims to be hosp1: a node component of its own (own certificate and
         key), whose ``[default] id`` is set to hosp1's id and whose dataset is registered under hosp1's name.
-        Recorded, not required to fail: what Fed-BioMed 6.4.1 does (a) with both online, (b) with hosp1 down."""
+        Recorded: what Fed-BioMed 6.4.1 does (a) with both online, (b) with hosp1 down, (c) the same without
+        secure aggregation (hosp3, which requires it, stopped too)."""
         victim, name = "hosp1", "impostor"
         self.hosts[name] = self.net.add_host(linked=True)
         root = self.out / name / "fbm-node"
@@ -605,13 +606,13 @@ class Rehearsal:
             res = subprocess.run(self.net.command(self.net.researcher, argv), env=_env(), capture_output=True,
                                  text=True, timeout=900, cwd=self.out)
             self.logfile(f"fault impostor ({case})").write_text(res.stdout + "\n--- stderr\n" + res.stderr)
-            trained = self._node_trained(name)
+            received = self._node_received_task(name)  # it was sent the plan and the global weights
             line = (error_lines(res.stderr) or ["(no error line)"])[-1]
             rec[case] = {"exit": res.returncode, "line": line if res.returncode else None,
-                         "round_current": self.run_info()["round_current"], "impostor_trained": trained}
+                         "round_current": self.run_info()["round_current"], "impostor_received_task": received}
             self.record(f"fault impostor ({case}): train.py", ["train.py --resume ..."], time.time() - t0, True,
                         f"exit {res.returncode}: {line if res.returncode else 'round completed'}; the impostor "
-                        f"{'trained' if trained else 'did not train'}")
+                        f"{'received the training task' if received else 'received no training task'}")
             self.nodes[name]["log_offset"] = len(self.logfile("node impostor").read_text(errors="replace"))
         self.net.kill_all(self.hosts[name])
         self.start_node(victim)
@@ -619,7 +620,7 @@ class Rehearsal:
         self.wait_ready([victim, forced])
         self._resume("impostor", secagg=True)
 
-    def _node_trained(self, name: str) -> bool:
+    def _node_received_task(self, name: str) -> bool:
         text = self.logfile(f"node {name}").read_text(errors="replace")[self.nodes[name]["log_offset"]:]
         return "Training plan has been approved by the node" in text
 
