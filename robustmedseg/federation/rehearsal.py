@@ -674,6 +674,7 @@ def rehearse(out: Path, faults: Sequence[str] = FAULTS, seed: int = 0, rounds: i
         raise InputError("output folder exists and is not empty (choose another --out)", out)
     t0 = time.time()
     r = Rehearsal(out=out, seed=seed, rounds=rounds, log=log)
+    previous = _raise_on_termination()  # SIGTERM / SIGHUP clean up like Ctrl-C, also when called from a test
     r.net = VirtualNetwork(len(HOSPITALS), prefix=prefix)
     error: Optional[str] = None
     try:
@@ -706,7 +707,28 @@ def rehearse(out: Path, faults: Sequence[str] = FAULTS, seed: int = 0, rounds: i
             except subprocess.TimeoutExpired:
                 pass
         summary = r.report(time.time() - t0, error)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return summary
+
+
+def _raise_on_termination() -> Dict[int, Any]:
+    """Make SIGTERM and SIGHUP raise :class:`~robustmedseg.errors.Interrupted` in this (main) thread, so that
+    the clean-up of :func:`rehearse` runs; returns the previous handlers (empty outside the main thread)."""
+    from robustmedseg.errors import Interrupted
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        for other in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)  # the clean-up must finish
+        raise Interrupted(signum)
+
+    previous: Dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            break
+    return previous
 
 
 def build_parser() -> CliParser:
