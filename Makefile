@@ -41,11 +41,11 @@ rehearsal: $(STAMP)
 
 # Mutation testing of the core modules (docs/testing.md): long (hours on 2 cores), niced, not part of `make test`.
 # mutmut is installed on demand without its `browse` UI (textual), whose pygments pin clashes with Fed-BioMed's.
-# MUTATION_ARGS: module names (tests/mutation.py --list), e.g. `make mutation MUTATION_ARGS="restore metrics"`.
+# MUTATION_ARGS: module names (tools/mutation.py --list), e.g. `make mutation MUTATION_ARGS="restore metrics"`.
 mutation: $(STAMP)
 	$(PY) -c "import mutmut" 2>/dev/null || { $(PY) -m pip install --no-deps mutmut==3.8.1 && \
 		$(PY) -m pip install "libcst>=1.9" "coverage>=7.3" "setproctitle>=1.3.7"; }
-	OMP_NUM_THREADS=1 nice -n 19 $(PY) tests/mutation.py $(MUTATION_ARGS)
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) tools/mutation.py $(MUTATION_ARGS)
 
 # Benchmarks are modules of the bench/ folder, run from the repository root.
 bench: $(STAMP)

@@ -20,7 +20,7 @@ Defects fixed relative to the original code (docs/differences.md)
 -----------------------------------------------------------------
 * d9-5: every noise vector is paired with its condition, so style mixing with two ``z`` really
   mixes.
-* d9-13: the number of z-bins (29), the CLIP width (768) and the middle bins used by
+* d9-13: the number of z-bins (29, :data:`N_ZBINS`), the CLIP width (768) and the middle bins used by
   :meth:`Generator.mean_latent` are constructor arguments / derived from them.
 * d9-35: there is no broken ``truncation()`` method; truncation is done through ``forward``'s
   ``truncation``/``truncation_latent`` arguments, and :meth:`Generator.mean_latent` is computed in chunks.
@@ -42,8 +42,10 @@ entries past its end count as ``None``, and a non-``None`` entry at an invalid i
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,9 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from op import FusedLeakyReLU, conv2d_gradfix, fused_leaky_relu, upfirdn2d
-from robustmedseg.factory.config import MAX_SIZE, MIN_SIZE, check_image_size  # noqa: F401 (re-exported)
 
 __all__ = [
+    "MIN_SIZE", "MAX_SIZE", "N_ZBINS", "check_image_size", "GeneratorArgs", "GENERATOR_KEYS",
     "PixelNorm", "EqualLinear", "EqualConv2d", "ModulatedConv2d", "Blur", "Upsample", "NoiseInjection",
     "ConstantInput", "StyledConv", "ToRGB", "ConvLayer", "ResBlock", "Generator", "Discriminator",
     "channel_table", "make_condition", "middle_zbins", "split_labels", "minibatch_stddev",
@@ -61,6 +63,75 @@ __all__ = [
 
 Labels = Union[Tensor, Tuple[Tensor, Optional[Tensor]], Sequence[Optional[Tensor]]]
 FeatureEntry = Optional[Union[Tensor, Tuple[Tensor, Union[Tensor, float]]]]
+
+# ----------------------------------------------------------------------------------------------
+# The generator's arguments and the image-size rule (owned here; phase 1, phase 2, the factory
+# file and the benches derive from them)
+# ----------------------------------------------------------------------------------------------
+MIN_SIZE, MAX_SIZE = 16, 1024  # image sizes the generator/discriminator pyramid supports
+N_ZBINS = 29  # z-bins of the paper's conditioning (docs/method.md#conditioning)
+
+
+def check_image_size(size: int) -> None:
+    """The one image-size rule (ValueError): a power of two in [MIN_SIZE, MAX_SIZE] = [16, 1024].
+
+    Used by :class:`Generator`/:class:`Discriminator`, :class:`GeneratorArgs` (``train.py --size``,
+    phase 2's ``PSPConfig``) and ``prepare_data.py --size``, so a size training would refuse is
+    refused at preparation.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIZE or size > MAX_SIZE \
+            or size & (size - 1):
+        raise ValueError(f"size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+
+
+@dataclass(frozen=True)
+class GeneratorArgs:
+    """The generator's architecture arguments (defaults = the paper's), by name: what
+    ``final_global_model.pt`` stores as ``args``, what phase 1 ships in ``model_args`` and what
+    phase 2 rebuilds its decoder from.  :class:`Generator` takes them all, :class:`Discriminator`
+    those it uses (``n_mlp`` and ``lr_mlp`` are the generator's mapping network)."""
+
+    size: int = 512
+    style_dim: int = 512
+    n_mlp: int = 8
+    n_domains: int = 3
+    channel_multiplier: int = 2
+    n_zbins: int = N_ZBINS
+    clip_dim: int = 768
+    channel_cap: Optional[int] = None
+    lr_mlp: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError on arguments no generator can be built from."""
+        check_image_size(self.size)
+        if not float(self.lr_mlp) > 0:
+            raise ValueError(f"lr_mlp must be > 0, got {self.lr_mlp}")
+        if self.channel_cap is not None and int(self.channel_cap) < 1:
+            raise ValueError(f"channel_cap must be >= 1, got {self.channel_cap}")
+        for name in ("style_dim", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_mapping(cls, args: Mapping[str, Any]) -> "GeneratorArgs":
+        """The entries of ``args`` named like a field (others are ignored; missing ones default)."""
+        return cls(**{k: args[k] for k in GENERATOR_KEYS if k in args})
+
+    def as_dict(self) -> Dict[str, Any]:
+        """``{name: value}`` in field order (the ``args`` of a factory file)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def n_cond(self) -> int:
+        """Width of a condition vector: n_domains + n_zbins."""
+        return self.n_domains + self.n_zbins
+
+
+GENERATOR_KEYS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GeneratorArgs))
+_DEFAULT = GeneratorArgs()
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -95,13 +166,15 @@ def channel_table(size: int, channel_multiplier: int = 2, channel_cap: Optional[
 
 def _constructor_args(cls: type, args: Mapping[str, Any]) -> Dict[str, Any]:
     """The entries of ``args`` that are parameters of ``cls.__init__`` (others are ignored)."""
+    if isinstance(args, GeneratorArgs):
+        args = {k: getattr(args, k) for k in GENERATOR_KEYS}
     params = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in args.items() if k in params and k != "self"}
 
 
 def _log2_size(size: int) -> int:
     """log2 of a power-of-two ``size`` in [MIN_SIZE, MAX_SIZE]; ValueError otherwise (the one rule,
-    :func:`robustmedseg.factory.config.check_image_size`)."""
+    :func:`check_image_size`)."""
     check_image_size(size)
     return int(math.log2(size))
 
@@ -439,9 +512,10 @@ class Generator(nn.Module):
     ``channels`` (resolution → channels).
     """
 
-    def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, n_domains: int = 3,
-                 channel_multiplier: int = 2, lr_mlp: float = 0.01, n_zbins: int = 29, clip_dim: int = 768,
-                 channel_cap: Optional[int] = None, blur_kernel: Sequence[float] = (1, 3, 3, 1)):
+    def __init__(self, size: int, style_dim: int = _DEFAULT.style_dim, n_mlp: int = _DEFAULT.n_mlp,
+                 n_domains: int = _DEFAULT.n_domains, channel_multiplier: int = _DEFAULT.channel_multiplier,
+                 lr_mlp: float = _DEFAULT.lr_mlp, n_zbins: int = _DEFAULT.n_zbins, clip_dim: int = _DEFAULT.clip_dim,
+                 channel_cap: Optional[int] = _DEFAULT.channel_cap, blur_kernel: Sequence[float] = (1, 3, 3, 1)):
         super().__init__()
         self.log_size = _log2_size(size)
         if n_domains < 1 or n_zbins < 1 or n_mlp < 1 or style_dim < 1 or clip_dim < 1:
@@ -478,10 +552,10 @@ class Generator(nn.Module):
             in_ch = out_ch
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "Generator":
-        """Build from constructor arguments given by name: the ``args`` of ``final_global_model.pt``
-        or ``FactoryConfig.model_kwargs()``.  Keys that are not parameters are ignored, missing ones
-        take their defaults (``size`` is required)."""
+    def from_args(cls, args: Union[GeneratorArgs, Mapping[str, Any]]) -> "Generator":
+        """Build from a :class:`GeneratorArgs` or constructor arguments given by name (the ``args`` of
+        ``final_global_model.pt``, ``FactoryConfig.model_kwargs()``).  Keys that are not parameters are
+        ignored, missing ones take their defaults (``size`` is required)."""
         return cls(**_constructor_args(cls, args))
 
     # -- conditioning / mapping ---------------------------------------------------------------
@@ -698,9 +772,11 @@ class Discriminator(nn.Module):
     zero (or ``e=None``) use the factor 1.  There is no unconditional term.
     """
 
-    def __init__(self, size: int, n_domains: int = 3, channel_multiplier: int = 2, n_zbins: int = 29,
-                 clip_dim: int = 768, channel_cap: Optional[int] = None,
-                 blur_kernel: Sequence[float] = (1, 3, 3, 1), stddev_group: int = 4, style_dim: int = 512):
+    def __init__(self, size: int, n_domains: int = _DEFAULT.n_domains,
+                 channel_multiplier: int = _DEFAULT.channel_multiplier, n_zbins: int = _DEFAULT.n_zbins,
+                 clip_dim: int = _DEFAULT.clip_dim, channel_cap: Optional[int] = _DEFAULT.channel_cap,
+                 blur_kernel: Sequence[float] = (1, 3, 3, 1), stddev_group: int = 4,
+                 style_dim: int = _DEFAULT.style_dim):
         super().__init__()
         log_size = _log2_size(size)
         if stddev_group < 1:
@@ -725,7 +801,7 @@ class Discriminator(nn.Module):
                                           EqualLinear(ch[4], style_dim))
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "Discriminator":
+    def from_args(cls, args: Union[GeneratorArgs, Mapping[str, Any]]) -> "Discriminator":
         """Build from constructor arguments given by name (as :meth:`Generator.from_args`)."""
         return cls(**_constructor_args(cls, args))
 

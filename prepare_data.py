@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from model import N_ZBINS
 from robustmedseg.data.lmdb_store import RESAMPLE_METHODS, PrepareOptions, prepare_lmdb
 from robustmedseg.errors import CliParser, run_cli
 
@@ -40,7 +41,7 @@ def build_parser() -> CliParser:
                         "upsizing; result clipped to [-1, 1]). Default: none, such a size is an error")
     p.add_argument("--label", type=int, required=True, help="domain label k of this client, 0 <= k < --n-domains")
     p.add_argument("--n-domains", type=int, default=3, help="number of domains in the federation (default 3)")
-    p.add_argument("--n-zbins", type=int, default=29, help="number of z-bins (default 29)")
+    p.add_argument("--n-zbins", type=int, default=N_ZBINS, help=f"number of z-bins (default {N_ZBINS})")
     p.add_argument("--clip-model", default="ViT-L-14",
                    help="open_clip model for clip_mean.npy (default ViT-L-14); 'none' skips CLIP")
     p.add_argument("--clip-pretrained", default="openai",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -137,7 +138,11 @@ def build_parser(suppress: bool = False) -> CliParser:
     add("--tags", default="#im2im", help="dataset tags searched on the nodes, comma separated (default #im2im)")
     add("--researcher-dir", dest="researcher_dir", type=Path, default=None,
         help="Fed-BioMed researcher component (default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher); "
-             "breakpoints live in its var/experiments")
+             "breakpoints live in its var/experiments. It must exist (fedbiomed component create -c researcher, "
+             "or python -m robustmedseg.federation.local up) unless --create-researcher-dir")
+    add("--create-researcher-dir", dest="create_researcher_dir", action="store_true", default=False,
+        help="let Fed-BioMed create a missing researcher component at --researcher-dir (with its default "
+             "server address; real deployments create it once with fedbiomed component create)")
     add("--workdir", type=Path, default=Path("factory_run"),
         help="researcher outputs: samples/round_*.png from the aggregated G_ema, run.json (default ./factory_run)")
     add("--keep-breakpoints", dest="keep_breakpoints", type=int, default=3,
@@ -145,7 +150,7 @@ def build_parser(suppress: bool = False) -> CliParser:
              "a breakpoint is ~1 GB); default 3")
     add("--tensorboard", type=Path, default=None, help="TensorBoard folder (default WORKDIR/tensorboard)")
     add("--fidelity-evaluator", dest="fidelity_evaluator", type=Path, default=None,
-        help="frozen fidelity evaluator file (python -m robustmedseg.factory.fidelity train): after every "
+        help="frozen fidelity evaluator file (python -m robustmedseg.fidelity train): after every "
              "--fidelity-every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
              "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
     add("--fidelity-every", dest="fidelity_every", type=int, default=1,
@@ -155,7 +160,7 @@ def build_parser(suppress: bool = False) -> CliParser:
     add("--min-nodes", dest="min_nodes", type=int, default=1,
         help="wait until at least this many nodes answer before starting (default 1)")
     add("--wait-nodes", dest="wait_nodes", type=float, default=120.0,
-        help="seconds to wait for the nodes (default 120)")
+        help="seconds to wait for the nodes, with a progress line every 10 s (default 120)")
     add("--resume", nargs="?", const="LATEST", default=None, metavar="BREAKPOINT",
         help="continue from the latest breakpoint (or the given breakpoint folder)")
     add("--use-gpu", dest="use_gpu", action="store_true", default=False,
@@ -211,13 +216,127 @@ def _resume_updates(explicit: Dict[str, Any], args: argparse.Namespace):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The researcher's run, section by section; failures reach the user through ``run_cli`` (one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     explicit = vars(build_parser(suppress=True).parse_args(argv))
-    import os
 
-    researcher_dir = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
+    # ---- flags: every check before anything is created or contacted
     cfg = _config_from_args(args)
+    _check_numbers(args)
+    tags = [t for t in args.tags.split(",") if t]
+    if not tags:
+        raise InputError("--tags needs at least one tag")
+    researcher_dir = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
+    if researcher_dir.exists() and not researcher_dir.is_dir():
+        raise InputError("is a file; --researcher-dir names the researcher component folder", researcher_dir)
+    for folder in (args.workdir, args.tensorboard):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise InputError("is a file; a folder is expected here", folder)
+    breakpoint = None
+    if args.resume:  # a missing or damaged breakpoint is one line
+        from robustmedseg.federation.export import check_breakpoint
+
+        breakpoint = check_breakpoint(researcher_dir, None if args.resume == "LATEST" else Path(args.resume))
+    _check_researcher_component(researcher_dir, args.create_researcher_dir)
+
+    from robustmedseg.federation import researcher as R
+
+    fidelity = None
+    if args.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
+        fidelity = R.fidelity_scorer(args.fidelity_evaluator, args.fidelity_n, args.seed)
+    run: Dict[str, Any] = {"exp": None}
+
+    def clean_up() -> Optional[str]:
+        exp = run["exp"]
+        return R.abandon_experiment(exp, fresh=not args.resume, keep=args.keep_breakpoints) if exp is not None \
+            else None
+
+    with R.reported_failures(clean_up):
+        # ---- federation: the researcher component, then the nodes
+        created = not R.is_researcher_component(researcher_dir)
+        R.use_researcher_component(researcher_dir, verbose=args.verbose)
+        if created:
+            print(f"created a new Fed-BioMed researcher component in {researcher_dir} (--create-researcher-dir)",
+                  flush=True)
+        online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
+        print(f"{len(online)} node(s) online: {', '.join(online)}", flush=True)
+
+        if args.resume:
+            # ---- resume: the breakpoint's data, networks and state, with the flags given changed
+            model_up, train_up, strat_up, rounds = _resume_updates(explicit, args)
+            exp = run["exp"] = R.resume_experiment(str(breakpoint), model_up, train_up, strat_up, rounds,
+                                                   secagg=explicit.get("secagg"),
+                                                   secagg_clip=explicit.get("secagg_clip"))
+            print(f"resumed experiment {exp.id} at round {exp.round_current()} (limit {exp.round_limit()})",
+                  flush=True)
+            if exp.round_current() >= exp.round_limit():
+                print(f"nothing to run: the breakpoint is at its round limit; pass --rounds N (> "
+                      f"{exp.round_current()}) to train more rounds", flush=True)
+        else:
+            # ---- data and networks: the nodes' datasets by tag, G/D/G_ema initialised from --seed
+            schedule = R.Schedule(args.rounds, args.num_updates_per_round, args.batch, args.lr, args.max_nodes,
+                                  args.aggregation, args.seed, args.use_gpu, args.secagg, args.secagg_clip)
+            from training_plan import FactoryTrainingPlan
+
+            exp = run["exp"] = R.create_experiment(cfg, schedule, tags, FactoryTrainingPlan)
+            print(f"experiment {exp.id}: {len(exp.all_federation_nodes())} node(s) with data, "
+                  f"{args.rounds} rounds x {args.num_updates_per_round} updates, run id {exp.model_args()['run_id']}",
+                  flush=True)
+        secure = R.secagg_info(exp)
+        if secure["active"]:
+            print(f"secure aggregation: {secure['scheme']}, update clip +-{secure['clip']:g} (precision "
+                  f"{secure['resolution']:.2g} per round), {secure['weighting']} weights", flush=True)
+
+        # ---- rounds: train, record (TensorBoard, run.json, sample grids), prune breakpoints
+        record = R.RunRecord(Path(args.workdir), args.tensorboard)
+        metrics = R.attach_metrics(exp, record.writer)
+        model_args = exp.model_args()
+        t0 = time.time()
+        record.start(exp)
+        if fidelity is not None:
+            fidelity.evaluator.check_generator(exp.training_plan().model().g_ema)
+
+        def on_round(report: Any) -> None:
+            record.add(report)
+            _print_round(report, exp.round_limit())
+
+        completed = False
+        try:
+            R.run_rounds(exp, metrics, record.writer, record.workdir / "samples", int(model_args.get("n_sample", 3)),
+                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints,
+                         fidelity=fidelity, fidelity_every=args.fidelity_every)
+            completed = True
+        finally:
+            record.close(exp, completed, {"researcher_dir": str(Path(researcher_dir).resolve())})
+
+        # ---- done
+        bkpts = R.breakpoint_dirs(exp)
+        print(f"done: round {exp.round_current()}/{exp.round_limit()} in {time.time() - t0:.1f} s; "
+              f"last breakpoint {bkpts[-1] if bkpts else 'none'}", flush=True)
+        print(json.dumps({"experiment": exp.id, "round": exp.round_current(),
+                          "breakpoint": bkpts[-1] if bkpts else None}), flush=True)
+    return 0
+
+
+def _check_researcher_component(folder: Path, create: bool) -> None:
+    """A folder that holds no researcher component is refused unless ``--create-researcher-dir``:
+    Fed-BioMed would silently make a new, empty component there (a mistyped path), with a server
+    certificate the nodes do not know."""
+    from robustmedseg.federation.researcher import is_researcher_component
+
+    if create or is_researcher_component(folder):
+        return
+    problem = "no such folder" if not folder.exists() else "no etc/config.ini in it"
+    raise InputError(f"not a Fed-BioMed researcher component ({problem}): check --researcher-dir, create the "
+                     f"component once with 'fedbiomed component create -c researcher -p DIR' (docs/phase1.md), or "
+                     f"pass --create-researcher-dir", folder)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The researcher-side numbers (the model ones are FactoryConfig's): finite and in range."""
+    import math
+
     if args.rounds < 1 or args.num_updates_per_round < 1 or args.batch < 1 or args.max_nodes < 1:
         raise InputError("--rounds, --num_updates_per_round, --batch and --max-nodes-per-round must be >= 1")
     if args.secagg_clip is not None and not args.secagg_clip > 0:
@@ -226,119 +345,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError("--secagg needs --max-nodes-per-round >= 2 (only a sum over 2+ nodes can be unmasked)")
     if args.fidelity_every < 1 or args.fidelity_n < 2:
         raise InputError("--fidelity-every must be >= 1 and --fidelity-n >= 2")
-    _check_numbers(args)
-    tags = [t for t in args.tags.split(",") if t]
-    if not tags:
-        raise InputError("--tags needs at least one tag")
-    if researcher_dir.exists() and not researcher_dir.is_dir():
-        raise InputError("is a file; --researcher-dir names the researcher component folder", researcher_dir)
-    for folder in (args.workdir, args.tensorboard):
-        if folder is not None and folder.exists() and not folder.is_dir():
-            raise InputError("is a file; a folder is expected here", folder)
-    breakpoint = None
-    if args.resume:  # before Fed-BioMed creates anything: a missing or damaged breakpoint is one line
-        from robustmedseg.federation.export import check_breakpoint
-
-        breakpoint = check_breakpoint(researcher_dir, None if args.resume == "LATEST" else Path(args.resume))
-
-    from robustmedseg.federation import researcher as R
-
-    fidelity = None
-    if args.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
-        fidelity = R.fidelity_scorer(args.fidelity_evaluator, args.fidelity_n, args.seed)
-    exp = None
-    try:
-        R.use_researcher_component(researcher_dir, verbose=args.verbose)
-        online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
-        print(f"{len(online)} node(s) online: {', '.join(online)}", flush=True)
-        if args.resume:
-            model_up, train_up, strat_up, rounds = _resume_updates(explicit, args)
-            exp = R.resume_experiment(str(breakpoint), model_up, train_up,
-                                      strat_up, rounds, secagg=explicit.get("secagg"),
-                                      secagg_clip=explicit.get("secagg_clip"))
-            print(f"resumed experiment {exp.id} at round {exp.round_current()} (limit {exp.round_limit()})",
-                  flush=True)
-            if exp.round_current() >= exp.round_limit():
-                print(f"nothing to run: the breakpoint is at its round limit; pass --rounds N (> "
-                      f"{exp.round_current()}) to train more rounds", flush=True)
-        else:
-            schedule = R.Schedule(args.rounds, args.num_updates_per_round, args.batch, args.lr, args.max_nodes,
-                                  args.aggregation, args.seed, args.use_gpu, args.secagg, args.secagg_clip)
-            from training_plan import FactoryTrainingPlan
-
-            exp = R.create_experiment(cfg, schedule, tags, FactoryTrainingPlan)
-            print(f"experiment {exp.id}: {len(exp.all_federation_nodes())} node(s) with data, "
-                  f"{args.rounds} rounds x {args.num_updates_per_round} updates, run id {exp.model_args()['run_id']}",
-                  flush=True)
-        secure = R.secagg_info(exp)
-        if secure["active"]:
-            print(f"secure aggregation: {secure['scheme']}, update clip +-{secure['clip']:g} (precision "
-                  f"{secure['resolution']:.2g} per round), {secure['weighting']} weights", flush=True)
-        workdir = Path(args.workdir)
-        made = [d for d in (workdir, args.tensorboard or workdir / "tensorboard") if not d.exists()]
-        writer = R.tensorboard_writer(args.tensorboard or workdir / "tensorboard")
-        events = R.writer_file(writer) if writer is not None else None
-        metrics = R.attach_metrics(exp, writer)
-        model_args = exp.model_args()
-        t0 = time.time()
-        rounds = R.previous_rounds(workdir / "run.json", exp.id, exp.round_current())
-
-        if fidelity is not None:
-            fidelity.evaluator.check_generator(exp.training_plan().model().g_ema)
-
-        def on_round(report: Any) -> None:
-            row = {"round": report.round, "seconds": report.seconds, "node_train_s": report.node_train_s,
-                   "node_cpu_s": report.node_cpu_s}
-            if report.fidelity:
-                row["fidelity"] = report.fidelity
-            rounds.append(row)
-            _print_round(report, exp.round_limit())
-
-        completed = False
-        try:
-            R.run_rounds(exp, metrics, writer, workdir / "samples", int(model_args.get("n_sample", 3)),
-                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints,
-                         fidelity=fidelity, fidelity_every=args.fidelity_every)
-            completed = True
-        finally:
-            if writer is not None:
-                writer.close()
-            if completed or R.breakpoint_dirs(exp):
-                R.write_run_info(workdir / "run.json", exp, {"researcher_dir": str(Path(researcher_dir).resolve()),
-                                                            "rounds": rounds})
-            else:  # a new experiment that never completed a round: leave nothing behind
-                if events is not None:
-                    events.unlink(missing_ok=True)
-                for folder in reversed(made):  # the folders this run created, if they stayed empty
-                    if folder.is_dir() and not any(folder.iterdir()):
-                        folder.rmdir()
-        bkpts = R.breakpoint_dirs(exp)
-        print(f"done: round {exp.round_current()}/{exp.round_limit()} in {time.time() - t0:.1f} s; "
-              f"last breakpoint {bkpts[-1] if bkpts else 'none'}", flush=True)
-        print(json.dumps({"experiment": exp.id, "round": exp.round_current(),
-                          "breakpoint": bkpts[-1] if bkpts else None}), flush=True)
-    except BaseException as err:
-        note = R.abandon_experiment(exp, fresh=not args.resume, keep=args.keep_breakpoints) if exp is not None \
-            else None
-        if isinstance(err, KeyboardInterrupt) and note:
-            print(note, file=sys.stderr, flush=True)
-        if isinstance(err, (InputError, OSError, KeyboardInterrupt)):
-            raise
-        if isinstance(err, R.FederationError):
-            message = str(err)
-        elif isinstance(err, Exception):  # Fed-BioMed errors (FedbiomedError, ...) -> one line, not a traceback
-            message = f"Fed-BioMed: {type(err).__name__}: {' '.join(str(err).split()) or type(err).__name__}"
-        else:
-            raise
-        print(f"error: {message}{f' ({note})' if note else ''}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    """The researcher-side numbers (the model ones are FactoryConfig's): finite and in range."""
-    import math
-
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a finite number > 0, got {args.lr}")
     if not (math.isfinite(args.wait_nodes) and args.wait_nodes >= 0):

@@ -65,7 +65,7 @@ from MultiMedSeg.ensemble import HEADS, SegmentationEnsemble, resolve_checkpoint
 from robustmedseg.data.slices import one_hot, save_slice, slice_name
 from robustmedseg.device import resolve_device
 from robustmedseg.errors import InputError
-from robustmedseg.federation.export import load_factory_file
+from robustmedseg.factory_file import load_factory_file
 from robustmedseg.io import atomic_dir, atomic_path, check_apart, check_new_output, write_text_atomic
 
 VOLUME_PREFIX = "fakeVolume"

@@ -35,6 +35,7 @@ import torch
 import model
 from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.errors import CliParser, run_cli
+from robustmedseg.factory_file import write_factory_file
 
 SOURCE = 0
 CLASSES = (("1", "GM"), ("2", "WM"))
@@ -109,10 +110,11 @@ def generator_file(a: argparse.Namespace, data: Path) -> Path:
         return data / "final_global_model.pt"
     path = a.work / f"generator{a.size}_random.pt"
     if not path.exists():
-        args = dict(size=a.size, style_dim=64, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=32)
+        args = model.GeneratorArgs(size=a.size, style_dim=64, n_mlp=2, n_domains=3, channel_multiplier=2,
+                                   channel_cap=32)
         torch.manual_seed(a.seed)
-        g = model.Generator(**args)
-        torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": args}, path)
+        g = model.Generator.from_args(args)
+        write_factory_file(path, g, args)
     return path
 
 

@@ -13,7 +13,7 @@ one G step) are trained
 
 Nodes of one round run one after the other in this process (same arithmetic as the real
 federation, where they run in parallel).  Every ``--eval-every`` updates of the global model the
-fidelity evaluator (:mod:`robustmedseg.factory.fidelity`) scores ``g_ema`` (and the raw generator):
+fidelity evaluator (:mod:`robustmedseg.fidelity`) scores ``g_ema`` (and the raw generator):
 domain accuracy, z-bin accuracy, KID.  Output: a JSON trace (``--out``) with CPU time.
 
     OMP_NUM_THREADS=1 python -m bench.bench_factory_schedule --lmdb lmdb/site0 lmdb/site1 lmdb/site2 \\
@@ -34,7 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from robustmedseg.data.dataset import LMDBSlices
 from robustmedseg.errors import CliParser, run_cli
 from robustmedseg.factory.config import FactoryConfig
-from robustmedseg.factory.fidelity import Evaluator, scalar_summary
+from robustmedseg.fidelity import Evaluator, scalar_summary
 from robustmedseg.factory.network import FactoryModel
 from robustmedseg.factory.optim import AlternatingAdam
 from robustmedseg.factory.trainer import FactoryTrainer

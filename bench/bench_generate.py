@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from model import N_ZBINS
 from MultiMedSeg import generation as gen
 from MultiMedSeg.ensemble import feature_scale_of
 from MultiMedSeg.models.psp import PSP, PSPConfig
@@ -165,7 +166,7 @@ def paper_reload_cost(folder: Path) -> Tuple[float, float]:
 def build_parser() -> CliParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--n_zbins", type=int, default=29)
+    p.add_argument("--n_zbins", type=int, default=N_ZBINS)
     p.add_argument("--s", type=int, default=10, help="slices_in_one_z (default 10)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ensemble", type=int, default=5, help="best checkpoints (default 5, the reference's k)")
@@ -210,11 +211,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if a.paper_load:
         with tempfile.TemporaryDirectory() as tmp:
             size, sec = paper_reload_cost(Path(tmp))
-        slices = gen.slice_count(29, 10)
+        slices = gen.slice_count(N_ZBINS, 10)
         batches = -(-(slices - 1) // a.batch)
         print(f"paper-size checkpoint: {size:.0f} MiB, reload {sec:.2f} s -> the reference spends "
               f"{a.ensemble} x {batches} x {sec:.2f} = {a.ensemble * batches * sec / 60:.1f} min per volume on "
-              f"reloads alone (29 bins, s 10, batch {a.batch}); the current path {a.ensemble * sec:.1f} s per run")
+              f"reloads alone ({N_ZBINS} bins, s 10, batch {a.batch}); the current path {a.ensemble * sec:.1f} s "
+              "per run")
 
 
 if __name__ == "__main__":

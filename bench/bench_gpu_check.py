@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import numpy as np
 import torch
 
+from model import GeneratorArgs
+
 SECTIONS = ("env", "ext", "selfcheck", "optests", "ops", "phase1", "phase2")
 
 
@@ -60,20 +62,12 @@ SECTIONS = ("env", "ext", "selfcheck", "optests", "ops", "phase1", "phase2")
 class Sizes:
     """Everything that differs between the real check and the tiny dry run."""
 
-    size: int = 256
+    p1: GeneratorArgs = GeneratorArgs(size=256)  # phase 1's networks (paper widths at 256 px)
     batch: int = 16
-    style_dim: int = 512
-    n_mlp: int = 8
-    channel_cap: Optional[int] = None
-    clip_dim: int = 768
     reps: int = 5
     op_batch: int = 16
     op_div: int = 1  # feature-map channels and sides divided by this
-    p2_size: int = 256
-    p2_style_dim: int = 512
-    p2_n_mlp: int = 8
-    p2_channel_cap: Optional[int] = None
-    p2_clip_dim: int = 768
+    p2: GeneratorArgs = GeneratorArgs(size=256)  # phase 2's decoder
     p2_encoder_depth: int = 50
     p2_encoder_base: int = 64
     p2_lpips: bool = True
@@ -82,9 +76,9 @@ class Sizes:
 
     @classmethod
     def tiny(cls) -> "Sizes":
-        return cls(size=32, batch=4, style_dim=32, n_mlp=2, channel_cap=16, clip_dim=16, reps=1, op_batch=2,
-                   op_div=8, p2_size=32, p2_style_dim=32, p2_n_mlp=2, p2_channel_cap=16, p2_clip_dim=16,
-                   p2_encoder_depth=10, p2_encoder_base=8, p2_lpips=False, p2_reps=1, p2_latent_avg_samples=64)
+        tiny = GeneratorArgs(size=32, style_dim=32, n_mlp=2, channel_cap=16, clip_dim=16)
+        return cls(p1=tiny, batch=4, reps=1, op_batch=2, op_div=8, p2=tiny, p2_encoder_depth=10, p2_encoder_base=8,
+                   p2_lpips=False, p2_reps=1, p2_latent_avg_samples=64)
 
 
 @dataclass
@@ -201,9 +195,9 @@ def section_env(rep: Report, sizes: Sizes, args: argparse.Namespace) -> None:
     else:
         rep.add("device", "cpu (dry run)", f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
     rep.add("sizes", "tiny dry run" if args.tiny else "full check",
-            f"phase 1: {sizes.size} px, batch {sizes.batch}, latent {sizes.style_dim}, n_mlp {sizes.n_mlp}, "
-            f"channels {'paper' if sizes.channel_cap is None else f'capped at {sizes.channel_cap}'}; phase 2: "
-            f"{sizes.p2_size} px, IResNet-{sizes.p2_encoder_depth}; median of {sizes.reps} repetitions")
+            f"phase 1: {sizes.p1.size} px, batch {sizes.batch}, latent {sizes.p1.style_dim}, n_mlp {sizes.p1.n_mlp}, "
+            f"channels {'paper' if sizes.p1.channel_cap is None else f'capped at {sizes.p1.channel_cap}'}; phase 2: "
+            f"{sizes.p2.size} px, IResNet-{sizes.p2_encoder_depth}; median of {sizes.reps} repetitions")
 
 
 def section_ext(rep: Report, sizes: Sizes, args: argparse.Namespace) -> None:
@@ -334,9 +328,7 @@ def _phase1_trainer(sizes: Sizes, dev: torch.device):
     from robustmedseg.factory.optim import AlternatingAdam
     from robustmedseg.factory.trainer import FactoryTrainer
 
-    cfg = FactoryConfig.from_model_args({"size": sizes.size, "style_dim": sizes.style_dim, "n_mlp": sizes.n_mlp,
-                                         "channel_cap": sizes.channel_cap, "clip_dim": sizes.clip_dim,
-                                         "augment": True, "augment_p": 0.2})
+    cfg = FactoryConfig.from_model_args({**sizes.p1.as_dict(), "augment": True, "augment_p": 0.2})
     torch.manual_seed(0)
     model = FactoryModel(cfg).to(dev)
     opt = AlternatingAdam(model.discriminator.parameters(), model.generator.parameters(), 0.002,
@@ -348,7 +340,7 @@ def section_phase1(rep: Report, sizes: Sizes, args: argparse.Namespace) -> None:
     dev = rep.device
     trainer, cfg = _phase1_trainer(sizes, dev)
     gen = torch.Generator().manual_seed(1)
-    real = torch.tanh(torch.randn(sizes.batch, 1, sizes.size, sizes.size, generator=gen)).to(dev)
+    real = torch.tanh(torch.randn(sizes.batch, 1, sizes.p1.size, sizes.p1.size, generator=gen)).to(dev)
     target = torch.tensor([[i % cfg.n_domains, i % cfg.n_zbins] for i in range(sizes.batch)], device=dev)
 
     def update(step: int) -> Callable[[], None]:
@@ -368,7 +360,8 @@ def section_phase1(rep: Report, sizes: Sizes, args: argparse.Namespace) -> None:
         out["img/s"] = sizes.batch / (d_cycle + g_cycle)
         return out
 
-    label = (f"{sizes.size} px, {'paper channels' if sizes.channel_cap is None else f'cap {sizes.channel_cap}'}, "
+    cap = sizes.p1.channel_cap
+    label = (f"{sizes.p1.size} px, {'paper channels' if cap is None else f'cap {cap}'}, "
              f"batch {sizes.batch}, ADA p=0.2, float32")
     base: Optional[Dict[str, float]] = None
     for mode, tf32, bench, name in (("kernels", False, False, "CUDA kernels" if dev.type == "cuda" else
@@ -397,8 +390,9 @@ def _write_phase2_data(root: Path, sizes: Sizes) -> Dict[str, Path]:
     and random LPIPS weights; returns the paths."""
     import model as M
     from robustmedseg.data.slices import save_slice
+    from robustmedseg.factory_file import write_factory_file
 
-    s = sizes.p2_size
+    s = sizes.p2.size
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:s, :s] / s
 
@@ -420,12 +414,9 @@ def _write_phase2_data(root: Path, sizes: Sizes) -> Dict[str, Path]:
         "tgt_unl": slices(root / "tgt_unl", ["t1"], 8, False),
         "tgt_val": slices(root / "tgt_val", ["t9"], 2, True),
     }
-    args = dict(size=s, style_dim=sizes.p2_style_dim, n_mlp=sizes.p2_n_mlp, n_domains=3, channel_multiplier=2,
-                channel_cap=sizes.p2_channel_cap, clip_dim=sizes.p2_clip_dim)
     torch.manual_seed(0)
-    g = M.Generator(**args)
-    paths["generator"] = root / "generator.pt"
-    torch.save({"g_ema": g.state_dict(), "args": args}, paths["generator"])
+    g = M.Generator.from_args(sizes.p2)
+    paths["generator"] = write_factory_file(root / "generator.pt", g, sizes.p2)
     if sizes.p2_lpips:
         from torchvision.models import alexnet
 
@@ -477,7 +468,7 @@ def section_phase2(rep: Report, sizes: Sizes, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         root = Path(tmp)
         paths = _write_phase2_data(root, sizes)
-        label = f"{sizes.p2_size} px, IResNet-{sizes.p2_encoder_depth}, LPIPS {'on' if sizes.p2_lpips else 'off'}"
+        label = f"{sizes.p2.size} px, IResNet-{sizes.p2_encoder_depth}, LPIPS {'on' if sizes.p2_lpips else 'off'}"
         mem: Dict[str, str] = {}
         with peak_memory(dev, mem):
             coach = _coach("pretrain", root, paths, sizes, dev, "fp16", "pretrain")

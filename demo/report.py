@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from robustmedseg.errors import CliParser, InputError, run_cli
-from MultiMedSeg.training.metrics import gap_closed, read_metrics_csv, volume_statistics
+from MultiMedSeg.training.metrics import binary_scores, gap_closed, read_metrics_csv, volume_statistics
 from robustmedseg.io import atomic_path, write_text_atomic
 
 SITE_NAMES = {0: "site 0: T1, scanner A (source)", 1: "site 1: T1, scanner B", 2: "site 2: PET-like"}
@@ -105,7 +105,7 @@ def _save_fig(fig, path: Path) -> Path:
 
 def load_generator(path: Path):
     """``g_ema`` of a ``final_global_model.pt`` as a ``model.Generator`` in eval mode."""
-    from robustmedseg.federation.export import load_factory_file
+    from robustmedseg.factory_file import load_factory_file
 
     if not path.is_file():
         raise InputError("global model not found (did the federated stage run?)", path)
@@ -279,8 +279,8 @@ def _on_grid(img, reference) -> np.ndarray:
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    """The project's one Dice (``MultiMedSeg.training.metrics.binary_scores``: 1 on two empty masks)."""
+    return binary_scores(a, b, distances=())["dice"]
 
 
 #: labelled voxels farther than this (voxels) from the ground-truth brain count as outside it
@@ -547,7 +547,7 @@ Samples of the global generator (`final_global_model.pt`, `g_ema`): rows = site 
 ![generator grid](generator_grid.png)
 
 **Fidelity** (`factory_fidelity.json`, `evaluator.json`): a small classifier trained on the real training
-slices of the three sites (the evaluator, `python -m robustmedseg.factory.fidelity`) is asked which site
+slices of the three sites (the evaluator, `python -m robustmedseg.fidelity`) is asked which site
 and which z-bin a slice comes from. On held-out real volumes it is right as often as the first row says;
 on slices generated under a site and z-bin condition, as often as the second row says. KID is measured in
 the evaluator's feature space against half B of the held-out real slices, for generated slices and for

@@ -8,14 +8,14 @@ Stages (each runs the project's real command-line tools as subprocesses; the out
                      with every training volume labelled (the target-supervised upper bound)
 3. ``prepare_data``  one LMDB per site (``prepare_data.py``, CLIP off unless ``--clip-model``); the few
                      labelled target slices (``python -m demo.fewshot``)
-4. ``evaluator``     fidelity evaluator: a classifier of real slices (``python -m robustmedseg.factory.fidelity``)
+4. ``evaluator``     fidelity evaluator: a classifier of real slices (``python -m robustmedseg.fidelity``)
 5. ``federated``     3 local Fed-BioMed nodes, ``train.py`` (fidelity per round), ``save_global_model.py``;
                      nodes always stopped
 6. ``pretrain``      segmenters: source only (site 0), target only, target supervised (``MultiMedSeg/pretrain.py``)
 7. ``generate``      synthetic labelled source volumes (``generate_volumes.py``)
 8. ``adapt``         adaptation to the target site with the real, then the synthetic source (``MultiMedSeg/train.py``)
 9. ``inference``     target test volumes with the five models (``MultiMedSeg/inference.py``)
-10. ``fidelity``     fidelity of the final generator (``python -m robustmedseg.factory.fidelity score``)
+10. ``fidelity``     fidelity of the final generator (``python -m robustmedseg.fidelity score``)
 11. ``predict``      the target test scans stored as NRRD in another axis order (``python -m demo.reorient``),
                      segmented like new scans (``MultiMedSeg/predict.py``)
 12. ``report``       ``OUT/REPORT.md`` and ``OUT/summary.json`` with figures, the five-row Dice/Hausdorff

@@ -154,7 +154,7 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         ["lmdb", f"prep/site{target}_fewshot"], parallel=2))
 
     stages.append(Stage("evaluator", "fidelity evaluator: classifier of real slices (domain, z-bin)", [
-        _py("-m", "robustmedseg.factory.fidelity", "train", "--out", out / "evaluator.pt", "--json",
+        _py("-m", "robustmedseg.fidelity", "train", "--out", out / "evaluator.pt", "--json",
             out / "evaluator.json", "--size", cfg.size, "--steps", cfg.evaluator_steps,
             *[a for site in SITES for a in ("--train", f"{site}={prep / f'site{site}' / 'train'}")],
             *[a for site in SITES for split in ("val", "test")
@@ -231,7 +231,7 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         ["inference"], parallel=2))
 
     stages.append(Stage("fidelity", "factory fidelity of final_global_model.pt (domain / z-bin accuracy, KID)", [
-        _py("-m", "robustmedseg.factory.fidelity", "score", "--evaluator", out / "evaluator.pt", "--generator",
+        _py("-m", "robustmedseg.fidelity", "score", "--evaluator", out / "evaluator.pt", "--generator",
             gen_file, "--json", out / "factory_fidelity.json")], ["factory_fidelity.json"]))
 
     new_scans = out / "predict"

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures (session scope, built once per test run, in pytest's tmp folder).
+"""Shared pytest fixtures, built in pytest's tmp folder (session scope unless said otherwise).
 
 ``phantom_dir`` -> Path
     A tiny demo phantom (``demo.phantom.generate_phantom``): seed 0, sites 0, 1, 2,
@@ -7,7 +7,7 @@
     labels uint8 in {0 background, 1 GM, 2 WM}.
 
 ``preprocessed_sites`` -> Dict[int, Path]
-    Each phantom site preprocessed by ``MultiMedSeg.data.preprocess`` at ``PREP_SIZE`` (32) px
+    Each phantom site preprocessed by ``MultiMedSeg.data.preprocessing.preprocess`` at ``PREP_SIZE`` (32) px
     with ``num_classes=3``, ``val_frac=test_frac=0.25`` (1 val + 1 test + 2 train volumes),
     ``discard_outside_labels`` and seed 0.  Site 0 (the labeled source) has a flat
     ``train/``; sites 1 and 2 (targets) use ``labeled_train=1``, i.e. ``train/labeled/`` (1
@@ -17,6 +17,13 @@
 
 ``phantom_params`` -> dict
     The constants above: ``seed``, ``n_subjects``, ``spacing``, ``sites``, ``size``, ``num_classes``.
+
+``tiny_clip`` -> {"model", "pretrained"} (module scope)
+    A tiny random open_clip architecture (``builders.TINY_CLIP``: embed 16, 32 px input) and a weights
+    file of it initialised from ``torch.manual_seed(0)``: the CLIP of prepare_data and of the CLIP loss.
+
+Plain builders shared by several test files (tiny generator files, flag lists, restore round trips)
+are in ``tests/builders.py``.
 
 Treat both folders as read-only (they are shared by all tests of the session); copy them
 (``shutil.copytree``) before modifying anything.
@@ -76,3 +83,18 @@ def preprocessed_sites(phantom_dir, tmp_path_factory) -> Dict[int, Path]:
             labeled_train=None if site == 0 else 1, discard_outside_labels=True), log=lambda *a: None)
         outs[site] = out
     return outs
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Dict[str, str]:
+    import open_clip
+    import torch
+
+    from builders import TINY_CLIP, register_tiny_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    register_tiny_clip(folder, TINY_CLIP, 32)
+    torch.manual_seed(0)
+    weights = folder / "tiny_clip.pt"
+    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), weights)
+    return {"model": TINY_CLIP, "pretrained": str(weights)}

@@ -67,6 +67,31 @@ def test_robustmedseg_imports_no_higher_layer():
     assert not bad, "\n".join(bad)
 
 
+def test_shared_modules_import_no_project_layer():
+    """``model.py`` (the one generator/discriminator module of both phases) and ``op/`` import nothing
+    from the project's packages; the factory file's module needs no federation, no training code."""
+    bad: List[str] = []
+    for name, path in _module_files().items():
+        if name == "model" or name == "op" or name.startswith("op."):
+            allowed: Tuple[str, ...] = ("op",)
+        elif name == "robustmedseg.factory_file":
+            allowed = ("model", "robustmedseg.errors", "robustmedseg.io")
+        else:
+            continue
+        for target, line in _imports(name, path):
+            top = target.split(".")[0]
+            if top in PACKAGES + ROOT_MODULES and not any(target == a or target.startswith(a + ".") for a in allowed):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_phase2_reads_the_factory_file_without_the_federation():
+    bad = [f"{path.relative_to(REPO)}:{line} imports {target}"
+           for name, path in _module_files().items() if name.startswith(("MultiMedSeg", "robustmedseg.factory."))
+           for target, line in _imports(name, path) if target.startswith("robustmedseg.federation")]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_import_cycle():
     graph = _graph()
     index: Dict[str, int] = {}
@@ -131,7 +156,11 @@ def test_shared_helpers_have_one_home():
     assert _definitions("seed_everything") == ["robustmedseg.device"]
     assert _definitions("one_hot") == ["robustmedseg.data.slices"]
     assert _definitions("list_slices") == ["robustmedseg.data.slices"]
-    assert _definitions("load_factory_file") == ["robustmedseg.federation.export"]
+    assert _definitions("load_factory_file") == ["robustmedseg.factory_file"]
+    assert _definitions("read_factory_file") == ["robustmedseg.factory_file"]
+    assert _definitions("write_factory_file") == ["robustmedseg.factory_file"]
+    assert _definitions("check_image_size") == ["model"]
+    assert _definitions("GeneratorArgs") == ["model"]
     assert _definitions("load_ensemble") == ["MultiMedSeg.ensemble"]
     readers = []
     for module, path in _module_files().items():

@@ -41,7 +41,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/compare.py": _module_parser("demo.compare"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
     "robustmedseg/federation/rehearsal.py": _module_parser("robustmedseg.federation.rehearsal"),
-    "robustmedseg/factory/fidelity.py": _module_parser("robustmedseg.factory.fidelity"),
+    "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
        for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
                     "secagg", "train_step")},
@@ -52,7 +52,7 @@ def _scripts_in_repo() -> List[str]:
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
     if not files:  # not a git checkout: walk the tree
         files = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py") if ".venv" not in p.parts]
-    return sorted(f for f in files if not f.startswith("tests/")
+    return sorted(f for f in files if not f.startswith(("tests/", "tools/"))  # developer tools: not the CLI
                   and 'if __name__ == "__main__"' in (REPO / f).read_text())
 
 
@@ -132,7 +132,7 @@ PARSES = {
                                          ["up", "--root=r", "--dataset=a=b"]),
     "robustmedseg/federation/rehearsal.py": (["--out", "o", "--faults", "cut,slow", "--no-compare"],
                                              ["--out=o", "--faults=cut,slow", "--no_compare"]),
-    "robustmedseg/factory/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
+    "robustmedseg/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
                                           "--n-zbins", "5"],
                                          ["train", "--train=0=a", "--heldout=0=b", "--out=e.pt", "--n_zbins", "5"]),
     "bench/bench_adaptation.py": (["--work", "w", "--pretrain-steps", "3"], ["--work", "w", "--pretrain_steps", "3"]),

@@ -30,7 +30,7 @@ from MultiMedSeg.ensemble import SegmentationEnsemble, resolve_checkpoints
 from MultiMedSeg.training.evaluation import (EVALUATION_NAME, PAPER_WEIGHTS, WEIGHT_GRID, best_candidate, read_settings,
                                              write_settings)
 from MultiMedSeg.training.metrics import volume_scores
-from test_mms_training import TINY, exit_message, write_generator
+from builders import MMS_TINY as TINY, exit_message, tiny_generator_file as write_generator
 
 
 @pytest.fixture(scope="module")

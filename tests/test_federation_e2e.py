@@ -16,29 +16,19 @@ is shared by the tests of this module, which run in order:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import torch
 
+from builders import FACTORY_TINY_FLAGS as TINY_FLAGS
+from builders import REPO, subprocess_env as _env
+
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_FLAGS = ["--size", "32", "--latent", "32", "--n_mlp", "2", "--channel-cap", "16", "--n_sample", "2",
-              "--augment", "--batch", "4", "--sample-every", "4", "--log-every", "4", "--wait-nodes", "120"]
-
-
-def _env() -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Fidelity evaluator of the data factory (robustmedseg.factory.fidelity): metric, training, file, CLI."""
+"""Fidelity evaluator of the data factory (robustmedseg.fidelity): metric, training, file, CLI."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import Generator
+from model import Generator, GeneratorArgs
 from robustmedseg.errors import InputError
-from robustmedseg.factory import fidelity as F
+from robustmedseg.factory_file import write_factory_file
+from robustmedseg import fidelity as F
 
 
 def _write_site(folder: Path, domain: int, n_volumes: int = 2, depth: int = 6, size: int = 16, seed: int = 0):
@@ -96,10 +97,8 @@ def test_cli_train_and_score(sites, tmp_path, capsys):
     assert F.main(args) == 0
     real = json.loads((tmp_path / "ev.json").read_text())
     assert {"domain_accuracy", "zbin_accuracy", "kid_real", "confusion"} <= set(real)
-    g = Generator(16, style_dim=8, n_mlp=1, n_domains=2, n_zbins=6, clip_dim=4, channel_cap=8)
-    args_g = {"size": 16, "style_dim": 8, "n_mlp": 1, "n_domains": 2, "channel_multiplier": 2, "n_zbins": 6,
-              "clip_dim": 4, "channel_cap": 8}
-    torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": args_g}, tmp_path / "g.pt")
+    args_g = GeneratorArgs(size=16, style_dim=8, n_mlp=1, n_domains=2, n_zbins=6, clip_dim=4, channel_cap=8)
+    write_factory_file(tmp_path / "g.pt", Generator.from_args(args_g), args_g)
     assert F.main(["score", "--evaluator", str(ev), "--generator", str(tmp_path / "g.pt"), "--n", "6",
                    "--json", str(tmp_path / "s.json")]) == 0
     assert "domain accuracy" in capsys.readouterr().out

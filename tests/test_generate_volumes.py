@@ -6,99 +6,30 @@ Tiny CPU models: 32 px generator (channel cap 16, style_dim 32, n_mlp 2, 5 z-bin
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import pytest
 import torch
 
+from builders import GEN_KW, LABEL_NC, N_ZBINS, generate_volumes, make_cfg, phase1_file, quiet, read_volume
+from builders import tiny_generation_config as tiny_config, write_checkpoints
 from model import Generator
 from MultiMedSeg import generation as gen
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
-from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.models.psp import PSP
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
 
 torch.set_num_threads(1)
-
-# the top-level script, imported from its file (works whatever the current folder)
-_spec = importlib.util.spec_from_file_location("generate_volumes",
-                                               Path(__file__).resolve().parents[1] / "generate_volumes.py")
-generate_volumes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generate_volumes)
-
-N_ZBINS = 5
-LABEL_NC = 3
-GEN_KW = dict(style_dim=32, n_mlp=2, n_domains=3, channel_cap=16, n_zbins=N_ZBINS)
-
-
-def tiny_config(**kw) -> PSPConfig:
-    base = dict(output_size=32, style_dim=32, n_mlp=2, n_domains=3, n_zbins=N_ZBINS, channel_cap=16,
-                src_tgt_domains=[0], label_nc=LABEL_NC, encoder_depth=10, encoder_base_channels=8,
-                encoder_input_size=16)
-    base.update(kw)
-    return PSPConfig(**base)
-
-
-def _noisy(g: Generator) -> None:
-    """Make the synthesis noise matter (NoiseInjection weights start at 0)."""
-    with torch.no_grad():
-        for name, p in g.named_parameters():
-            if name.endswith("noise.weight"):
-                p.fill_(0.3)
-
-
-def write_checkpoints(exp: Path, config: PSPConfig, steps=(20000, 5000), scores=(0.8, 0.7)) -> List[Path]:
-    """Two 'best' checkpoints sharing one decoder (as a run with a frozen decoder) + best.json."""
-    torch.manual_seed(0)
-    first = PSP(config)
-    _noisy(first.decoder)
-    first.compute_latent_avg(256, seed=0)
-    index = ck.BestIndex(exp / "checkpoints", k=len(steps))
-    for i, (step, score) in enumerate(zip(steps, scores)):
-        torch.manual_seed(100 + i)
-        net = PSP(config)
-        net.decoder.load_state_dict(first.decoder.state_dict())
-        net.compute_latent_avg(256, seed=0)
-        index.add(score, step, {"dice": score}, net.checkpoint_payload(step, {"feature_scale_rate": 1e-4}))
-    return index.paths()
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     exp = tmp_path_factory.mktemp("src_run")
     write_checkpoints(exp, tiny_config())
     return exp
-
-
-def make_cfg(run_dir: Path, out: Path, **kw) -> gen.GenerationConfig:
-    base = dict(ckpt_dir=run_dir, label=0, n_volumes=1, slices_in_one_z=2, n_segmentation_labels=LABEL_NC,
-                out_dir=out, batch_size=3, device="cpu", nifti=False, montage=False)
-    base.update(kw)
-    return gen.GenerationConfig(**base)
-
-
-def quiet(*_a) -> None:
-    pass
-
-
-def read_volume(folder: Path, name: str = "fakeVolume0") -> Dict[str, np.ndarray]:
-    paths = group_slices_by_volume(folder)[name]
-    slices = [load_slice(p, require_mask=True) for p in paths]
-    return {"data": np.stack([s["data"][..., 0] for s in slices]),
-            "labels": np.stack([s["mask"].argmax(-1) for s in slices])}
-
-
-def phase1_file(path: Path, n_zbins: int, seed: int) -> Path:
-    torch.manual_seed(seed)
-    g = Generator(32, **{**GEN_KW, "n_zbins": n_zbins})
-    _noisy(g)
-    args = dict(size=32, channel_multiplier=2, lr_mlp=0.01, clip_dim=768, **{**GEN_KW, "n_zbins": n_zbins})
-    torch.save({"g_ema": g.state_dict(), "args": args}, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- latent path

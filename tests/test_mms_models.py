@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from builders import tiny_psp_config
 from model import Generator
 from MultiMedSeg.losses import (LPIPS, LossConfig, build_lpips, calc_loss, ce_loss, dice_loss, favoured_channels,
                                 favoured_weight, ssim_loss)
@@ -25,11 +26,7 @@ torch.set_num_threads(1)
 LABELS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
 
 
-def tiny_config(**kw) -> PSPConfig:
-    base = dict(output_size=32, style_dim=32, n_mlp=2, n_domains=3, channel_cap=16, src_tgt_domains=[0, 1],
-                label_nc=3, encoder_depth=10, encoder_base_channels=8, encoder_input_size=32)
-    base.update(kw)
-    return PSPConfig(**base)
+tiny_config = tiny_psp_config
 
 
 def tiny_psp(seed: int = 0, **kw) -> PSP:
@@ -527,3 +524,27 @@ def test_training_steps_reduce_loss(x):
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(p.grad is None for p in net.decoder.parameters())
+
+
+def test_factory_file_writer_and_reader_round_trip_and_old_spellings(tmp_path):
+    """The one writer (robustmedseg.factory_file) writes what the one reader loads strictly; files of the
+    original code (``latent``/``output_size`` instead of ``style_dim``/``size``, a ``module.`` prefix) still load."""
+    from model import GeneratorArgs
+    from robustmedseg.factory_file import ARG_ALIASES, load_factory_file, write_factory_file
+
+    args = GeneratorArgs(size=32, style_dim=16, n_mlp=2, n_domains=2, n_zbins=5, clip_dim=8, channel_cap=16)
+    torch.manual_seed(3)
+    g = Generator.from_args(args)
+    path = write_factory_file(tmp_path / "new.pt", g, args, meta={"round": 2})
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"g", "d", "g_ema", "args", "meta"} and payload["args"] == args.as_dict()
+    loaded, read = load_factory_file(path)
+    assert GeneratorArgs.from_mapping(read) == args
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in g.state_dict().items())
+    assert ARG_ALIASES == {"size": ("output_size",), "style_dim": ("latent",)}
+    old = {k: v for k, v in args.as_dict().items() if k not in ("size", "style_dim")}
+    torch.save({"g_ema": {f"module.{k}": v for k, v in g.state_dict().items()},
+                "args": {**old, "output_size": 32, "latent": 16}}, tmp_path / "old.pt")
+    loaded, read = load_factory_file(tmp_path / "old.pt")
+    assert GeneratorArgs.from_mapping(read) == args and read["latent"] == 16
+    assert torch.equal(loaded.state_dict()["input.input"], g.state_dict()["input.input"])

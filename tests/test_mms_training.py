@@ -16,35 +16,27 @@ import numpy as np
 import pytest
 import torch
 
-import model
 from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
 from MultiMedSeg.data.images_dataset import ImagesDataset
 from MultiMedSeg.data.sampler import BalancedSampler
-from robustmedseg.data.slices import save_slice
 from MultiMedSeg.data.transforms import RandomMirror, RandomRotateScale, eval_transform, train_transform
 from MultiMedSeg.training import checkpoints as ck
 from MultiMedSeg.training.inference import label_volumes
 from MultiMedSeg.training.metrics import binary_scores, branch_metrics, selection_score, volume_scores
 from MultiMedSeg.training.options import parse_inference_options, parse_training_options
-from robustmedseg.errors import InputError, run_cli
+from builders import MMS_TINY, exit_message, make_slices, tiny_generator_file
+from robustmedseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-GEN_ARGS = dict(size=32, style_dim=32, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=16)
-TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_input_size", "32",
-        "--latent_avg_samples", "256", "--feature_scale_rate", "0.1", "--batch_size", "4", "--test_batch_size", "8",
-        "--board_interval", "2", "--image_interval", "4", "--start_from_latent_avg", "--device", "cpu"]
+TINY = MMS_TINY
 
 
 # ------------------------------------------------------------------------------------ helpers
 def write_generator(path: Path, **overrides) -> Path:
-    """A tiny phase-1 generator file, initialised locally."""
-    args = dict(GEN_ARGS, **overrides)
-    torch.manual_seed(0)
-    g = model.Generator(**args)
-    torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": args}, path)
-    return path
+    """A tiny phase-1 generator file, initialised locally (:func:`builders.tiny_generator_file`)."""
+    return tiny_generator_file(path, **overrides)
 
 
 def write_alexnet(folder: Path) -> tuple:
@@ -60,30 +52,7 @@ def write_alexnet(folder: Path) -> tuple:
     return heads, feats
 
 
-def make_slices(folder: Path, vid: str, n: int, size: int = 16, classes: int = 3, labeled: bool = True,
-                background_only: tuple = (), weight_zero: tuple = ()) -> list:
-    """Synthetic slices: a square of class 1 and one of class 2 (background-only / zero-weight on request)."""
-    paths = []
-    for z in range(n):
-        lab = np.zeros((size, size), np.int64)
-        if z not in background_only:
-            lab[2:6, 2:6] = 1
-            lab[8:12, 8:12] = classes - 1
-        data = np.where(lab > 0, 0.5, -1.0).astype(np.float32)[..., None] + 0.01 * z
-        mask = (lab[..., None] == np.arange(classes)) if labeled else None
-        weight = np.zeros((size, size, 1), bool) if z in weight_zero else None
-        paths.append(save_slice(folder / f"{vid}_slice{z:03d}.npz", data, mask, weight))
-    return paths
 
-
-def exit_message(capsys, main, argv) -> str:
-    """Run a CLI main through run_cli in-process; assert exit 2 and a one-line error; return it."""
-    with pytest.raises(SystemExit) as info:
-        run_cli(main, argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 # ------------------------------------------------------------------------------------ datasets

@@ -560,3 +560,55 @@ def test_skip_upsample_geometry_matches_zero_insertion_and_pad_2_1():
     taps = torch.tensor([1.0, 3, 3, 1]) / 4
     expected[5:9, 9:13] = torch.outer(taps, taps)
     assert torch.allclose(out[0, 0], expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the generator's arguments have one owner
+def test_generator_args_own_the_architecture_arguments():
+    """GeneratorArgs holds the nine arguments and their defaults; the networks' signatures, the phase-1
+    config and phase 2's PSPConfig take theirs from it."""
+    import dataclasses
+    import inspect
+
+    from MultiMedSeg.models.psp import PSPConfig
+    from robustmedseg.factory.config import MODEL_KEYS, FactoryConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(M.GeneratorArgs)}
+    assert tuple(fields) == M.GENERATOR_KEYS == MODEL_KEYS and fields["n_zbins"] == M.N_ZBINS == 29
+    for net, unused in ((M.Generator, set()), (M.Discriminator, {"n_mlp", "lr_mlp"})):
+        params = inspect.signature(net.__init__).parameters
+        for name, default in fields.items():
+            if name in unused:
+                assert name not in params
+            elif name != "size":
+                assert params[name].default == default, (net.__name__, name)
+    assert issubclass(FactoryConfig, M.GeneratorArgs) and FactoryConfig().generator_args() == M.GeneratorArgs()
+    assert PSPConfig().generator_args() == M.GeneratorArgs()
+    gen = M.GeneratorArgs(size=64, style_dim=16, n_zbins=5, channel_cap=8, lr_mlp=1.0)
+    psp = PSPConfig.from_generator_args(gen, encoder_input_size=32)
+    assert psp.output_size == 64 and psp.generator_args() == gen
+    assert PSPConfig.from_generator_args(gen.as_dict(), encoder_input_size=32) == psp
+
+
+@pytest.mark.parametrize("size", [8, 24, 2048, True])
+def test_the_one_image_size_rule_with_its_cap(size):
+    from MultiMedSeg.models.psp import PSPConfig
+    from robustmedseg.factory.config import FactoryConfig
+
+    with pytest.raises(ValueError, match=r"size must be a power of two in \[16, 1024\]"):
+        M.check_image_size(size)
+    for build in (M.GeneratorArgs, FactoryConfig, M.Generator):
+        with pytest.raises(ValueError, match=r"size must be a power of two in \[16, 1024\]"):
+            build(size=size)
+    with pytest.raises(ValueError, match=r"^output_size must be a power of two in \[16, 1024\]"):
+        PSPConfig(output_size=size, encoder_input_size=16)
+
+
+def test_generator_args_refuse_what_no_generator_is_built_from():
+    for bad, msg in ((dict(n_zbins=0), "n_zbins must be >= 1"), (dict(channel_cap=0), "channel_cap must be >= 1"),
+                     (dict(lr_mlp=0.0), "lr_mlp must be > 0"), (dict(style_dim=0), "style_dim must be >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            M.GeneratorArgs(**bad)
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        M.GeneratorArgs().size = 32  # type: ignore[misc]

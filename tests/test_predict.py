@@ -33,7 +33,7 @@ from MultiMedSeg.data.plan import PLAN_NAME, PreprocessingPlan, load_plan, plan_
 from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
 from MultiMedSeg.data.restore import load_metadata
 from robustmedseg.errors import run_cli
-from test_mms_training import TINY, exit_message, write_generator
+from builders import MMS_TINY as TINY, exit_message, tiny_generator_file as write_generator
 
 REPO = Path(__file__).resolve().parents[1]
 REORIENT = np.array([[2, -1], [0, 1], [1, -1]])  # stored axis i -> axis REORIENT[i, 0], reversed if -1

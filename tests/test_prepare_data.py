@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import prepare_data
 from robustmedseg.data import zbins as zb
 from robustmedseg.data.clip_embed import OPENAI_MEAN, OPENAI_STD, load_clip_encoder
+from builders import register_tiny_clip
 from robustmedseg.errors import InputError
 
 REPO = Path(prepare_data.__file__).resolve().parent
@@ -75,18 +76,9 @@ def entries(folder: Path) -> List[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    """Register a tiny random open_clip architecture (embed 16, 48 px input) via a JSON config."""
-    import open_clip
-
-    cfg_dir = tmp_path_factory.mktemp("clipcfg")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    path = cfg_dir / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    return TINY_CLIP
+def tiny_clip_48px(tmp_path_factory) -> str:
+    """The tiny random open_clip architecture with a 48 px input (the slices are resized to it)."""
+    return register_tiny_clip(tmp_path_factory.mktemp("clipcfg"), TINY_CLIP, 48)
 
 
 # --------------------------------------------------------------------------- z-bins
@@ -207,17 +199,17 @@ def _direct_clip_mean(model: torch.nn.Module, images: List[np.ndarray], size: in
     return emb.mean(0, keepdim=True).numpy()
 
 
-def test_clip_mean_matches_direct_computation_with_local_weights(tmp_path, tiny_clip):
+def test_clip_mean_matches_direct_computation_with_local_weights(tmp_path, tiny_clip_48px):
     import open_clip
 
     torch.manual_seed(0)
-    model = open_clip.create_model(tiny_clip, pretrained=None).eval()
+    model = open_clip.create_model(tiny_clip_48px, pretrained=None).eval()
     weights = tmp_path / "tiny_clip.pt"
     torch.save(model.state_dict(), weights)
     written = make_site(tmp_path / "site", {"v": range(5)})
     out = tmp_path / "lmdb"
     meta = run([str(tmp_path / "site"), "--out", str(out), "--size", "32", "--label", "0",
-                "--clip-model", tiny_clip, "--clip-pretrained", str(weights), "--no-clip-quick-gelu",
+                "--clip-model", tiny_clip_48px, "--clip-pretrained", str(weights), "--no-clip-quick-gelu",
                 "--clip-batch", "2", "--device", "cpu"])
     mean = np.load(out / "clip_mean.npy", allow_pickle=False)
     assert mean.dtype == np.float32 and mean.shape == (1, 16)          # width read from the model
@@ -226,21 +218,21 @@ def test_clip_mean_matches_direct_computation_with_local_weights(tmp_path, tiny_
     np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-5)
     assert 0.0 < np.linalg.norm(mean) < 1.0                                # mean of unit vectors, not re-normalised
     # a random model (weights not loaded) gives something else
-    other = _direct_clip_mean(open_clip.create_model(tiny_clip, pretrained=None).eval(),
+    other = _direct_clip_mean(open_clip.create_model(tiny_clip_48px, pretrained=None).eval(),
                               [written[k] for k in sorted(written)], 48)
     assert not np.allclose(mean, other, atol=1e-3)
 
 
-def test_clip_encoder_defaults_quick_gelu_for_weight_files(tmp_path, tiny_clip):
+def test_clip_encoder_defaults_quick_gelu_for_weight_files(tmp_path, tiny_clip_48px):
     import open_clip
 
     weights = tmp_path / "w.pt"
-    torch.save(open_clip.create_model(tiny_clip).state_dict(), weights)
-    assert load_clip_encoder(tiny_clip, str(weights), "cpu").info["quick_gelu"] is True
-    with pytest.raises(InputError, match="cannot load CLIP weights 'openai' for " + tiny_clip):
-        load_clip_encoder(tiny_clip, "openai", "cpu")
+    torch.save(open_clip.create_model(tiny_clip_48px).state_dict(), weights)
+    assert load_clip_encoder(tiny_clip_48px, str(weights), "cpu").info["quick_gelu"] is True
+    with pytest.raises(InputError, match="cannot load CLIP weights 'openai' for " + tiny_clip_48px):
+        load_clip_encoder(tiny_clip_48px, "openai", "cpu")
     with pytest.raises(InputError, match="missing.pt"):
-        load_clip_encoder(tiny_clip, str(tmp_path / "missing.pt"), "cpu")
+        load_clip_encoder(tiny_clip_48px, str(tmp_path / "missing.pt"), "cpu")
     with pytest.raises(InputError, match="unknown CLIP model 'no-such-model'"):
         load_clip_encoder("no-such-model", None, "cpu")
 
@@ -375,7 +367,7 @@ def test_full_zbin_coverage_with_29_plus_slices_per_volume_and_recursive(tmp_pat
 
 # --------------------------------------------------------------------------- chain with MultiMedSeg preprocessing
 
-def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_clip):
+def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_clip_48px):
     """phantom -> MultiMedSeg preprocessing -> prepare_data for the 3 sites (labels 0, 1, 2)."""
     from robustmedseg.data.slices import load_slice, slice_index, volume_id
     from robustmedseg.data.dataset import LMDBSlices
@@ -386,8 +378,8 @@ def test_chain_preprocessed_sites_to_lmdb(preprocessed_sites, tmp_path, tiny_cli
         if label == 0:
             import open_clip
             weights = tmp_path / "w.pt"
-            torch.save(open_clip.create_model(tiny_clip).state_dict(), weights)
-            clip = ["--clip-model", tiny_clip, "--clip-pretrained", str(weights)]
+            torch.save(open_clip.create_model(tiny_clip_48px).state_dict(), weights)
+            clip = ["--clip-model", tiny_clip_48px, "--clip-pretrained", str(weights)]
         meta = run([str(site_dir / "train"), "--out", str(out), "--size", "32", "--label", str(label),
                     "--recursive", *clip])
         # the one slice order of both phases: volume id, then slice number (then path)

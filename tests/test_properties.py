@@ -165,7 +165,7 @@ def test_latent_path_has_the_documented_slice_count_and_exact_bins(n_zbins, s, s
 # ----------------------------------------------------------------------------------------- restore
 @st.composite
 def geometries(draw):
-    from test_values_restore import Geometry
+    from builders import Geometry
 
     spacing = draw(st.sampled_from([(1.0, 1.0, 1.0), (0.7, 0.9, 2.5), (1.5, 1.2, 0.8)]))
     out = []
@@ -182,7 +182,7 @@ def geometries(draw):
 @examples(12)
 @given(geometries(), st.booleans(), st.sampled_from([None, 0, 1, 2]), st.integers(0, 4))
 def test_preprocess_restore_round_trip_is_exact(geos, crop, flip_axis, extra):
-    from test_values_restore import check_exact, round_trip, write_volumes
+    from builders import check_exact, round_trip, write_volumes
 
     size = max(max(g.shape) for g in geos) + extra  # no axis longer than the slices: no resampling
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -34,19 +33,18 @@ import pytest
 import torch
 
 import generate_volumes
-import model
 import prepare_data
 import save_global_model
 from MultiMedSeg import inference as inference_cli
 from MultiMedSeg import preprocess as preprocess_cli
 from MultiMedSeg import pretrain as pretrain_cli
 from MultiMedSeg import train as train_cli
+from builders import tiny_generator_file
 from robustmedseg.data.slices import list_slices, load_slice, save_slice
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg import io as rio
 
 REPO = Path(__file__).resolve().parents[1]
-GEN_ARGS = dict(size=32, style_dim=32, n_mlp=2, n_domains=3, channel_multiplier=2, channel_cap=16)
 TINY = ["--encoder_depth", "10", "--encoder_base_channels", "8", "--encoder_input_size", "32",
         "--latent_avg_samples", "64", "--batch_size", "4", "--test_batch_size", "8", "--board_interval", "100",
         "--image_interval", "100", "--lpips_lambda", "0", "--device", "cpu"]
@@ -75,10 +73,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def write_generator(path: Path) -> Path:
-    torch.manual_seed(0)
-    g = model.Generator(**GEN_ARGS)
-    torch.save({"g_ema": g.state_dict(), "g": g.state_dict(), "d": {}, "args": GEN_ARGS}, path)
-    return path
+    return tiny_generator_file(path)
 
 
 def slice_site(folder: Path, n: int = 2, size: int = 32) -> Path:
@@ -566,6 +561,85 @@ def test_train_resume_refuses_a_missing_or_damaged_breakpoint_in_one_line(tmp_pa
         path.write_bytes(data)
 
 
+def test_train_refuses_a_folder_without_a_researcher_component_at_once(tmp_path, capsys):
+    """#22: a mistyped --researcher-dir is one line naming it, before Fed-BioMed creates anything there
+    and before any wait for nodes; an existing folder without a component likewise."""
+    import train
+
+    start = time.monotonic()
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "typo"), "--wait-nodes", "120"])
+    assert err.startswith(f"error: {tmp_path / 'typo'}: not a Fed-BioMed researcher component (no such folder)")
+    assert "--create-researcher-dir" in err and not (tmp_path / "typo").exists()
+    (tmp_path / "plain").mkdir()
+    err = cli_error(capsys, train.main, ["--researcher-dir", str(tmp_path / "plain")])
+    assert "(no etc/config.ini in it)" in err and not any((tmp_path / "plain").iterdir())
+    assert time.monotonic() - start < 20  # no wait for nodes
+
+
+@pytest.mark.slow
+def test_train_creates_a_missing_researcher_component_only_when_asked_and_says_so(tmp_path):
+    """#22: --create-researcher-dir lets Fed-BioMed create the component (~25 s: its gRPC server waits for
+    nodes before giving up), and the run says so before it waits for the nodes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
+    env["PYTHONPATH"] = str(REPO)
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "--researcher-dir", str(tmp_path / "new"),
+                          "--create-researcher-dir", "--wait-nodes", "1", "--workdir", str(tmp_path / "w")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert f"created a new Fed-BioMed researcher component in {tmp_path / 'new'}" in run.stdout
+    assert (tmp_path / "new" / "etc" / "config.ini").is_file() and not (tmp_path / "w").exists()
+    assert run.stderr.strip().splitlines()[-1].startswith("error: waited 1 s for 1 nodes but 0 answered")
+
+
+def test_the_wait_for_nodes_shows_progress_then_names_what_is_missing():
+    from robustmedseg.federation.researcher import FederationError, await_nodes
+
+    now = [0.0]
+    lines: List[str] = []
+    answers = iter([[]] * 12 + [["NODE_a"]] * 100)  # one ping a second: NODE_a from t = 12 s
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(FederationError) as err:
+        await_nodes(lambda: next(answers), 2, timeout=25, report_every=10, where="researcher component R",
+                    hint="node logs: x.log", clock=lambda: now[0], sleep=sleep, report=lines.append)
+    assert lines == ["waiting for nodes: 0 of 2 answered (none yet), 15 s left",
+                     "waiting for nodes: 1 of 2 answered (NODE_a), 5 s left"]
+    assert str(err.value) == ("waited 25 s for 2 nodes but 1 answered (NODE_a): check that the nodes run and use "
+                              "this researcher's address (researcher component R); node logs: x.log")
+    now[0] = 0.0
+    assert await_nodes(lambda: ["NODE_b", "NODE_a"], 2, clock=lambda: now[0], sleep=sleep,
+                       report=lines.append) == ["NODE_a", "NODE_b"]
+
+
+def test_researcher_failures_follow_run_cli_policy(capsys):
+    """One policy: Fed-BioMed's own errors become one FederationError line (with the clean-up note),
+    bad input passes unchanged, an interruption prints the note and stays an interruption."""
+    from robustmedseg.federation.researcher import FederationError, reported_failures
+
+    class FedbiomedSomethingError(Exception):
+        pass
+
+    def boom(exc: BaseException) -> None:
+        with reported_failures(lambda: "the experiment folder of this run was removed"):
+            raise exc
+
+    with pytest.raises(FederationError) as err:
+        boom(FedbiomedSomethingError("FB600: no\n reply"))
+    assert str(err.value) == ("Fed-BioMed: FedbiomedSomethingError: FB600: no reply (the experiment folder of this "
+                              "run was removed)")
+    with pytest.raises(FederationError, match=r"^round 2 failed, node a: gone \(the experiment"):
+        boom(FederationError("round 2 failed, node a: gone"))
+    with pytest.raises(InputError, match="bad flag") as err:
+        boom(InputError("bad flag"))
+    assert not isinstance(err.value, FederationError)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        boom(KeyboardInterrupt())
+    assert capsys.readouterr().err == "the experiment folder of this run was removed\n"
+
+
 def test_save_global_model_on_a_truncated_breakpoint_and_good_one(tmp_path, capsys):
     folder = _fake_breakpoint(tmp_path / "res")
     out = tmp_path / "final.pt"
@@ -683,7 +757,8 @@ def test_local_federation_turns_plan_approval_on(tmp_path):
 # ================================================================ every script follows the policy
 def test_every_script_runs_through_run_cli():
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    scripts = [f for f in files if not f.startswith("tests/") and 'if __name__ == "__main__"' in (REPO / f).read_text()]
+    scripts = [f for f in files if not f.startswith(("tests/", "tools/"))  # tools/: developer tools, not the CLI
+               and 'if __name__ == "__main__"' in (REPO / f).read_text()]
     assert len(scripts) >= 12
     for script in scripts:
         text = (REPO / script).read_text()

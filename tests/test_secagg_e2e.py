@@ -28,8 +28,8 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-from test_federation_e2e import REPO, _env  # noqa: E402  (the same subprocess environment)
-from test_federation_e2e import TINY_FLAGS as _BASE_FLAGS  # noqa: E402
+from builders import FACTORY_TINY_FLAGS as _BASE_FLAGS  # noqa: E402
+from builders import REPO, subprocess_env as _env  # noqa: E402  (the same subprocess environment)
 
 TINY_FLAGS = _BASE_FLAGS + ["--min-nodes", "3", "--num_updates_per_round", "8"]
 FORCED = "site2"
@@ -133,7 +133,7 @@ def test_secure_aggregation_schedule_privacy_and_refusal(federation, tmp_path):
     export = subprocess.run([sys.executable, str(REPO / "save_global_model.py"), "--researcher-dir",
                              str(fed.researcher_root), "--out", str(out)], env=_env(), capture_output=True, text=True)
     assert export.returncode == 0, export.stderr[-2000:]
-    from robustmedseg.federation.export import load_factory_file
+    from robustmedseg.factory_file import load_factory_file
 
     assert torch.load(out, weights_only=True)["meta"]["round"] == 3
     exported = load_factory_file(out)[0].state_dict()

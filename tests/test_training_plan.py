@@ -21,43 +21,13 @@ from robustmedseg.factory import ada as ada_mod
 from robustmedseg.factory.config import EMA_DECAY, FactoryConfig
 from robustmedseg.factory.losses import spherical_distance_sq
 from robustmedseg.factory.network import FactoryModel
-from robustmedseg.factory.optim import AlternatingAdam
 from robustmedseg.factory.trainer import FactoryTrainer
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(size=16, style_dim=32, n_mlp=2, channel_cap=16, clip_dim=16, n_sample=2)
-TINY_CLIP = "rms-plan-test-tiny-clip"
+from builders import FACTORY_TINY as TINY
+from builders import REPO, factory_trainer, node_round as _round, write_slices as _write_slices
 
 
 # --------------------------------------------------------------------------- fixtures
-
-def _write_slices(folder: Path, n_vol: int = 2, n_slices: int = 6, size: int = 16, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for v in range(n_vol):
-        for n in range(n_slices):
-            data = np.tanh(rng.normal(size=(size, size, 1))).astype(np.float32)
-            mask = np.eye(2, dtype=bool)[np.zeros((size, size), int)]
-            np.savez(folder / f"vol{v}_slice{n:03d}.npz", data=data, mask=mask)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Dict[str, str]:
-    """A tiny random open_clip architecture + its weights file (shared by prepare and the loss)."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
-    torch.manual_seed(0)
-    weights = folder / "tiny_clip.pt"
-    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), weights)
-    return {"model": TINY_CLIP, "pretrained": str(weights)}
-
 
 @pytest.fixture(scope="module")
 def lmdb_plain(tmp_path_factory) -> Path:
@@ -88,28 +58,13 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     return tmp_path / "node_state"
 
 
-def _round(dataset: Path, num_updates: int, round_: int = 0, params=None, batch: int = 4, **model_args):
-    from robustmedseg.federation.inprocess import run_node_round
-    from training_plan import FactoryTrainingPlan
-
-    args = {**TINY, "run_id": "test", **model_args}
-    training = {"num_updates": num_updates, "loader_args": {"batch_size": batch},
-                "optimizer_args": {"lr": 0.002}, "log_interval": 0}
-    return run_node_round(FactoryTrainingPlan, args, training, dataset, node_id="NODE_t", round_=round_,
-                          params=params)
-
-
 def _changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], prefix: str) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix + ".") and
                before[k].is_floating_point())
 
 
 def _tiny_trainer(**overrides) -> FactoryTrainer:
-    cfg = FactoryConfig.from_model_args({**TINY, **overrides})
-    model = FactoryModel(cfg)
-    opt = AlternatingAdam(model.discriminator.parameters(), model.generator.parameters(), lr=0.002,
-                          d_reg_every=cfg.d_reg_every, g_reg_every=cfg.g_reg_every)
-    return FactoryTrainer(model, opt, cfg)
+    return factory_trainer(FactoryConfig.from_model_args({**TINY, **overrides}))
 
 
 def _drive(trainer: FactoryTrainer, real: torch.Tensor, target: torch.Tensor) -> None:
@@ -539,7 +494,8 @@ def test_uniform_aggregation_weights():
 
 
 def test_export_layout_and_strict_reload(tmp_path):
-    from robustmedseg.federation.export import build_export, load_factory_file
+    from robustmedseg.factory_file import load_factory_file
+    from robustmedseg.federation.export import build_export
     from robustmedseg.io import save_torch_atomic
 
     cfg = FactoryConfig.from_model_args({**TINY, "run_id": "x"})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,7 +186,7 @@ def test_side_files_are_never_unpickled(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLIP encoder
-from test_training_plan import TINY_CLIP, tiny_clip  # noqa: E402,F401  (a tiny local open_clip model)
+from builders import TINY_CLIP  # noqa: E402  (the tiny local open_clip model of the tiny_clip fixture)
 
 
 def test_clip_encoder_settings_and_mean(tiny_clip):

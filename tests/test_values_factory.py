@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from robustmedseg.factory import ada as ada_mod
 from robustmedseg.factory import losses, samples, state
@@ -98,7 +97,7 @@ def test_node_state_locations_and_seeds(tmp_path, monkeypatch):
 
 
 def test_old_node_state_without_counts_loads(tmp_path):
-    from test_values_resume import _trainer
+    from builders import factory_trainer as _trainer
 
     cfg = FactoryConfig.from_model_args({"size": 16, "style_dim": 32, "n_mlp": 2, "channel_cap": 16, "clip_dim": 16})
     trainer = _trainer(cfg)
@@ -112,7 +111,7 @@ def test_factory_config_and_trainer_errors():
             FactoryConfig.from_model_args({name: 1.5})
     with pytest.raises(ValueError, match=r"^clip_weight must be >= 0, got -1$"):
         FactoryConfig.from_model_args({"clip_weight": -1})
-    from test_values_resume import _trainer
+    from builders import factory_trainer as _trainer
 
     cfg = FactoryConfig.from_model_args({"size": 16, "style_dim": 32, "n_mlp": 2, "channel_cap": 16, "clip_dim": 16,
                                          "clip_weight": 1.0})

@@ -14,8 +14,8 @@ import torch
 
 from model import make_condition
 from MultiMedSeg import generation as gen
-from test_generate_volumes import N_ZBINS, generate_volumes, make_cfg, quiet, read_volume, write_checkpoints
-from test_generate_volumes import tiny_config
+from builders import N_ZBINS, generate_volumes, make_cfg, quiet, read_volume, write_checkpoints
+from builders import tiny_generation_config as tiny_config
 
 S = 2  # slices_in_one_z of these tests
 SEED = 5
@@ -243,7 +243,7 @@ def test_montage_png_is_written(tmp_path):
 
 def test_phase1_generator_override_is_reported(run_dir, tmp_path):
     from robustmedseg.errors import InputError
-    from test_generate_volumes import phase1_file
+    from builders import phase1_file
 
     g_file = phase1_file(tmp_path / "g.pt", N_ZBINS, seed=3)
     lines = []

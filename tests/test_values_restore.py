@@ -9,95 +9,13 @@ image comes back as an affine function of the original intensities inside the ke
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from MultiMedSeg.data.preprocessing import PreprocessConfig, preprocess
+from builders import Geometry, check_exact, round_trip, write_volumes
 from MultiMedSeg.data.restore import load_metadata, restore_volume, write_nifti_like
-from robustmedseg.data.slices import load_slice
-
-QUIET = {"log": lambda *a, **k: None}
-
-
-@dataclass
-class Geometry:
-    """One synthetic volume: grid, spacing, and the label box [lo, hi) per axis (class 2 in its core)."""
-
-    shape: Tuple[int, int, int]
-    spacing: Tuple[float, float, float]
-    box: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
-
-
-def write_volumes(root: Path, geometries: Sequence[Geometry], seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i, geo in enumerate(geometries):
-        label = np.zeros(geo.shape, np.uint8)
-        box = tuple(slice(a, b) for a, b in geo.box)
-        label[box] = 1
-        core = tuple(slice(a + (b - a) // 3, max(a + (b - a) // 3 + 1, b - (b - a) // 3)) for a, b in geo.box)
-        label[core] = 2
-        image = (rng.normal(0.0, 0.1, geo.shape) + label).astype(np.float32)
-        affine = np.diag([*geo.spacing, 1.0])
-        affine[:3, 3] = [-3.0 * i, 5.0, 1.5]
-        for folder, array in (("images", image), ("labels", label)):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(array, affine), str(root / folder / f"vol{i}.nii.gz"))
-    return root
-
-
-def stack(out: Path, vol: dict, key: str) -> np.ndarray:
-    slices = [load_slice(out / rel) for rel in vol["slices"]]
-    if key == "mask":
-        return np.stack([s["mask"].argmax(axis=-1) for s in slices])
-    return np.stack([s["data"][..., 0] for s in slices])
-
-
-def round_trip(root: Path, out: Path, size: int, crop: bool, flip_axis: Optional[int],
-               target_spacing: Optional[Tuple[float, float, float]] = None) -> List[dict]:
-    """Preprocess ``root`` and restore every volume; returns one record per volume."""
-    preprocess(PreprocessConfig(images=root / "images", labels=root / "labels", out=out, size=size, num_classes=3,
-                                val_frac=0.0, test_frac=0.0, crop=crop, flip_axis=flip_axis,
-                                target_spacing=target_spacing, discard_outside_labels=True), **QUIET)
-    meta = load_metadata(out)
-    records = []
-    for vid, vol in sorted(meta["volumes"].items()):
-        records.append({
-            "vol": vol,
-            "label": restore_volume(stack(out, vol, "mask"), vol, kind="label"),
-            "image": restore_volume(stack(out, vol, "data"), vol, kind="image"),
-            "original_label": np.asarray(nib.load(vol["label"]).dataobj),
-            "original_image": nib.load(vol["image"]).get_fdata(),
-        })
-    return records
-
-
-def kept_region(vol: dict) -> np.ndarray:
-    """Original-grid voxels that survive: inside the crop box and the kept z range (no resampling)."""
-    inside = np.zeros(vol["shape"], bool)
-    (x0, x1), (y0, y1), (z0, z1) = vol["crop"]
-    first, stop = vol["z_split"]
-    inside[x0:x1, y0:y1, z0 + first:z0 + stop] = True
-    return inside if vol["flip_axis"] is None else np.flip(inside, axis=vol["flip_axis"])
-
-
-def check_exact(records: List[dict]) -> None:
-    for r in records:
-        vol, label, original = r["vol"], r["label"], r["original_label"]
-        assert vol["shape_after_resampling"] == vol["shape_after_crop"]  # the geometry loses nothing
-        assert label.shape == original.shape and label.dtype == np.uint8
-        np.testing.assert_array_equal(label, original, err_msg=vol["id"])
-        inside = kept_region(vol)
-        image, source = r["image"], r["original_image"]
-        assert np.all(image[~inside] == -1.0)
-        # inside: the affine map of the preprocessing (standardise, scale to [-1, 1]) except where clipped
-        free = inside & (image > -1 + 1e-4) & (image < 1 - 1e-4)
-        slope, intercept = np.polyfit(source[free], image[free], 1)
-        assert slope > 0 and np.abs(slope * source[free] + intercept - image[free]).max() < 1e-4
 
 
 def test_round_trip_is_exact_when_the_kept_slices_do_not_start_at_zero(tmp_path):

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import torch
 
 from robustmedseg.factory.config import FactoryConfig
 from robustmedseg.factory.network import FactoryModel
-from robustmedseg.factory.optim import AlternatingAdam
 from robustmedseg.factory.state import load_state, rng_state, save_state, set_rng_state
 from robustmedseg.factory.trainer import FactoryTrainer
-from test_training_plan import TINY, _round, _write_slices
+from builders import FACTORY_TINY as TINY
+from builders import factory_trainer as _trainer, node_round as _round, write_slices as _write_slices
 
 # ada_target -1 (the lowest valid target): p grows at every D update with one positive D(real), so the augmentation (and its state) matters
 ADA = dict(augment=True, ada_every=1, ada_length=20, ada_target=-1.0, d_reg_every=2, g_reg_every=2)
@@ -48,15 +47,6 @@ def assert_same_tensors(a, b, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ phase 1
-def _trainer(cfg: FactoryConfig, params=None) -> FactoryTrainer:
-    model = FactoryModel(cfg)
-    if params is not None:
-        model.load_state_dict(params)
-    opt = AlternatingAdam(model.discriminator.parameters(), model.generator.parameters(), lr=0.002,
-                          d_reg_every=cfg.d_reg_every, g_reg_every=cfg.g_reg_every)
-    return FactoryTrainer(model, opt, cfg)
-
-
 def _drive(trainer: FactoryTrainer, batches) -> None:
     for real, target in batches:  # what Fed-BioMed does around training_step
         trainer.opt.zero_grad()
@@ -173,7 +163,8 @@ def test_phase1_aggregate_is_the_uniform_mean_of_the_node_replies(node_data, tmp
 # ------------------------------------------------------------------------------------------ phase 2
 @pytest.fixture(scope="module")
 def phase2_data(tmp_path_factory) -> Path:
-    from test_mms_training import make_slices, write_generator
+    from builders import tiny_generator_file as write_generator
+    from builders import make_slices
 
     root = tmp_path_factory.mktemp("resume_phase2")
     for vid in ("a", "b"):
@@ -185,7 +176,7 @@ def phase2_data(tmp_path_factory) -> Path:
 
 def _pretrain(root: Path, exp: Path, max_steps: int, resume: bool = False) -> None:
     from MultiMedSeg import pretrain as pretrain_cli
-    from test_mms_training import TINY as MMS_TINY
+    from builders import MMS_TINY
 
     pretrain_cli.main((["--resume"] if resume else []) + [
         "--exp_dir", str(exp), "--source_root", str(root / "train"), "--val_root", str(root / "val"),

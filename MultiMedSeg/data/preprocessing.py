@@ -58,7 +58,6 @@ single new scan from a run's plan (:mod:`MultiMedSeg.data.plan`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os

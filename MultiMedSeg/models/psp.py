@@ -34,9 +34,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from model import Generator
+from model import GENERATOR_KEYS, Generator, GeneratorArgs
 from robustmedseg.errors import InputError
-from robustmedseg.federation.export import read_factory_file
+from robustmedseg.factory_file import read_factory_file
 from robustmedseg.io import load_torch_file, save_torch_atomic, strip_module_prefix
 
 from .dsbn import check_bn_mode, domain_norms
@@ -48,19 +48,27 @@ CHECKPOINT_FORMAT = "multimedseg-psp/1"
 NoiseArg = Union[None, str, List[torch.Tensor]]
 
 
+_GEN = GeneratorArgs()  # the decoder's defaults are the generator's (model.GeneratorArgs)
+_DECODER_FIELDS = tuple(k for k in GENERATOR_KEYS if k != "size")  # stored under their own names
+
+
 @dataclass
 class PSPConfig:
-    """Architecture of a :class:`PSP`; JSON-friendly through :meth:`to_dict` / :meth:`from_dict`."""
+    """Architecture of a :class:`PSP`; JSON-friendly through :meth:`to_dict` / :meth:`from_dict`.
 
-    output_size: int = 512
-    style_dim: int = 512
-    n_mlp: int = 8
-    n_domains: int = 3
-    n_zbins: int = 29
-    clip_dim: int = 768
-    channel_multiplier: int = 2
-    channel_cap: Optional[int] = None
-    lr_mlp: float = 0.01
+    The first nine fields are the decoder's ``model.GeneratorArgs``, flat as phase-2 checkpoints store
+    them, with ``size`` under pSp's name ``output_size`` (:meth:`generator_args`,
+    :meth:`from_generator_args`)."""
+
+    output_size: int = _GEN.size
+    style_dim: int = _GEN.style_dim
+    n_mlp: int = _GEN.n_mlp
+    n_domains: int = _GEN.n_domains
+    n_zbins: int = _GEN.n_zbins
+    clip_dim: int = _GEN.clip_dim
+    channel_multiplier: int = _GEN.channel_multiplier
+    channel_cap: Optional[int] = _GEN.channel_cap
+    lr_mlp: float = _GEN.lr_mlp
     src_tgt_domains: List[int] = field(default_factory=lambda: [0])
     label_nc: int = 3
     encoder_depth: int = 50
@@ -79,8 +87,10 @@ class PSPConfig:
     def validate(self) -> None:
         """Raise ValueError on an inconsistent configuration."""
         s = self.output_size
-        if s < 16 or s & (s - 1):
-            raise ValueError(f"output_size must be a power of two >= 16, got {s}")
+        try:
+            self.generator_args()
+        except ValueError as err:  # the decoder's rule, named with this config's field name
+            raise ValueError(f"output_{err}" if str(err).startswith("size ") else str(err)) from None
         if not 1 <= len(self.src_tgt_domains) <= 2:
             raise ValueError(f"src_tgt_domains must hold 1 (source) or 2 (source, target) ids, got {self.src_tgt_domains}")
         if len(set(self.src_tgt_domains)) != len(self.src_tgt_domains):
@@ -99,11 +109,15 @@ class PSPConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def generator_args(self) -> Dict[str, Any]:
-        """Constructor arguments of the decoder (``model.Generator.from_args``), as in a factory file's ``args``."""
-        return {"size": self.output_size, "style_dim": self.style_dim, "n_mlp": self.n_mlp,
-                "n_domains": self.n_domains, "channel_multiplier": self.channel_multiplier, "lr_mlp": self.lr_mlp,
-                "n_zbins": self.n_zbins, "clip_dim": self.clip_dim, "channel_cap": self.channel_cap}
+    def generator_args(self) -> GeneratorArgs:
+        """The decoder's arguments (``model.Generator.from_args``), as in a factory file's ``args``."""
+        return GeneratorArgs(size=self.output_size, **{k: getattr(self, k) for k in _DECODER_FIELDS})
+
+    @classmethod
+    def from_generator_args(cls, generator: Union[GeneratorArgs, Mapping[str, Any]], **rest: Any) -> "PSPConfig":
+        """A config whose decoder is ``generator`` (a ``GeneratorArgs`` or a factory file's ``args``)."""
+        gen = generator if isinstance(generator, GeneratorArgs) else GeneratorArgs.from_mapping(generator)
+        return cls(output_size=gen.size, **{k: getattr(gen, k) for k in _DECODER_FIELDS}, **rest)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PSPConfig":
@@ -285,7 +299,7 @@ class PSP(nn.Module):
     # ------------------------------------------------------------------ loading
     def load_generator(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
         """Load ``g_ema`` of a phase-1 ``final_global_model.pt`` strictly; returns its generator ``args``
-        (:func:`robustmedseg.federation.export.read_factory_file`)."""
+        (:func:`robustmedseg.factory_file.read_factory_file`)."""
         state, args = read_factory_file(Path(path))
         own = self.decoder.state_dict()
         problem = _first_mismatch(own, state)

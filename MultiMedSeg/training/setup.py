@@ -3,7 +3,7 @@
 * the experiment-folder policy: :func:`check_exp_dir` (no side effects) and :class:`RunFolder`
   (where the run writes, and what is left when it ends);
 * the model of a pretraining run: :func:`pretrain_config` (generator geometry from the phase-1 file,
-  read by :func:`robustmedseg.federation.export.read_factory_file`, the rest from the flags);
+  read by :func:`robustmedseg.factory_file.read_factory_file`, the rest from the flags);
 * the model of an adaptation run: :func:`best_checkpoint` of the pretraining run and
   :func:`adaptation_model` (its config with two domains);
 * :func:`check_domains`: domain ids must index the generator's conditioning;
@@ -27,7 +27,7 @@ from MultiMedSeg.data.restore import load_metadata
 from MultiMedSeg.models.psp import PSP, PSPConfig
 from MultiMedSeg.training import checkpoints as ck
 from robustmedseg.errors import InputError
-from robustmedseg.federation.export import read_factory_file
+from robustmedseg.factory_file import read_factory_file
 from robustmedseg.io import check_parents, clean_stale_temporaries, load_torch_file, replace_dir, temp_sibling
 
 

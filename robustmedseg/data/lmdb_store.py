@@ -39,8 +39,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from model import N_ZBINS, check_image_size
 from robustmedseg.errors import InputError
-from robustmedseg.factory.config import check_image_size
 from robustmedseg.io import check_apart, check_new_output
 
 from .slices import list_slices, load_slice
@@ -129,7 +129,7 @@ class PrepareOptions:
     label: int
     sizes: Tuple[int, ...] = (512,)
     n_domains: int = 3
-    n_zbins: int = 29
+    n_zbins: int = N_ZBINS
     resample: Optional[str] = None
     clip_model: Optional[str] = "ViT-L-14"
     clip_pretrained: Optional[str] = "openai"

@@ -18,12 +18,14 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
+from model import N_ZBINS
+
 from .slices import slice_index, volume_id
 from robustmedseg.errors import InputError
 
 PathLike = Union[str, Path]
 
-DEFAULT_N_ZBINS = 29
+DEFAULT_N_ZBINS = N_ZBINS
 
 
 def parse_slice_name(path: PathLike) -> Tuple[str, int]:

@@ -2,7 +2,9 @@
 
 ``model_args`` is a flat JSON-able dict (Fed-BioMed serialises it). :func:`FactoryConfig.from_model_args`
 validates it and fills defaults; unknown keys are rejected so a typo on the researcher side does not
-silently fall back to a default on the nodes.
+silently fall back to a default on the nodes.  The networks' arguments are ``model.GeneratorArgs``
+(their one owner): :class:`FactoryConfig` extends it with the training settings, so its first nine
+fields are the generator's and the dict stays flat.
 """
 from __future__ import annotations
 
@@ -12,42 +14,22 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
+from model import GENERATOR_KEYS, GeneratorArgs
+
 # Keys needed to rebuild the networks (also written as ``args`` in final_global_model.pt).
-MODEL_KEYS = ("size", "style_dim", "n_mlp", "n_domains", "channel_multiplier", "n_zbins", "clip_dim",
-              "channel_cap", "lr_mlp")
+MODEL_KEYS = GENERATOR_KEYS
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # StyleGAN2's G_ema half-life: 10k images at batch 32
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # names the node-state folder: nothing path-like
-MIN_SIZE, MAX_SIZE = 16, 1024  # image sizes the generator/discriminator pyramid supports
 
 
-def check_image_size(size: int) -> None:
-    """The one image-size rule of the data factory (ValueError): a power of two in [16, 1024].
-
-    Used by ``model.Generator``/``Discriminator``, by :class:`FactoryConfig` (``train.py --size``)
-    and by ``prepare_data.py --size``, so a size training would refuse is refused at preparation.
-    """
-    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIZE or size > MAX_SIZE \
-            or size & (size - 1):
-        raise ValueError(f"size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-
-
-@dataclass
-class FactoryConfig:
+@dataclass(frozen=True)
+class FactoryConfig(GeneratorArgs):
     """Everything the node-side training needs (defaults = the paper's configuration,
-    docs/method.md#factory-cli/#schedule)."""
+    docs/method.md#factory-cli/#schedule): the networks (the fields of ``model.GeneratorArgs``), then
+    the training settings below.  Validated when built (ValueError)."""
 
-    # networks
-    size: int = 512
-    style_dim: int = 512
-    n_mlp: int = 8
-    n_domains: int = 3
-    channel_multiplier: int = 2
-    n_zbins: int = 29
-    clip_dim: int = 768
-    channel_cap: Optional[int] = None
-    lr_mlp: float = 0.01
     # lazy regularisation
     r1: float = 10.0
     path_regularize: float = 2.0
@@ -91,23 +73,17 @@ class FactoryConfig:
         unknown = sorted(set(args) - names)
         if unknown:
             raise ValueError(f"unknown factory model_args: {', '.join(unknown)}")
-        cfg = cls(**args)
-        cfg.validate()
-        return cfg
+        return cls(**args)
 
     def validate(self) -> None:
-        check_image_size(self.size)
         for f in dataclasses.fields(self):  # every number finite (NaN passes every comparison below)
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
+        super().validate()  # the networks' arguments (model.GeneratorArgs)
         for name in ("r1", "path_regularize"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not float(self.lr_mlp) > 0:
-            raise ValueError(f"lr_mlp must be > 0, got {self.lr_mlp}")
-        if self.channel_cap is not None and int(self.channel_cap) < 1:
-            raise ValueError(f"channel_cap must be >= 1, got {self.channel_cap}")
         if not 0 <= int(self.seed) < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
@@ -116,7 +92,7 @@ class FactoryConfig:
         if not isinstance(self.site_keys, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) and 0 < len(v) <= 256 for k, v in self.site_keys.items()):
             raise ValueError("site_keys must map node ids to non-empty names of at most 256 characters")
-        for name in ("style_dim", "n_mlp", "n_domains", "n_zbins", "clip_dim", "path_batch_shrink",
+        for name in ("path_batch_shrink",
                      "d_reg_every", "g_reg_every", "ada_every", "ada_length", "n_sample", "sample_every",
                      "log_every"):
             if int(getattr(self, name)) < 1:
@@ -132,6 +108,10 @@ class FactoryConfig:
             raise ValueError(f"secagg_clip must be >= 0, got {self.secagg_clip}")
         if self.secagg_weighting not in ("uniform", "samples"):
             raise ValueError(f"secagg_weighting must be 'uniform' or 'samples', got {self.secagg_weighting!r}")
+
+    def generator_args(self) -> GeneratorArgs:
+        """The networks' arguments alone (``model.GeneratorArgs``)."""
+        return GeneratorArgs(**self.model_kwargs())
 
     def model_kwargs(self) -> Dict[str, Any]:
         """Constructor arguments shared by Generator and Discriminator (see :func:`network.build_networks`)."""

@@ -21,6 +21,7 @@ from fedbiomed.common.constants import SecureAggregationSchemes
 from fedbiomed.researcher.federated_workflows import Experiment
 from fedbiomed.researcher.secagg import SecureAggregation
 
+from . import fedbiomed_compat as fbm
 from . import secagg as codec
 
 
@@ -68,19 +69,21 @@ class FactoryExperiment(Experiment):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if not isinstance(self._reqs, _NodeErrors):
-            self._reqs = _NodeErrors(self._reqs)
+        if not isinstance(fbm.experiment_requests(self), _NodeErrors):
+            fbm.replace_experiment_requests(self, _NodeErrors(fbm.experiment_requests(self)))
 
     def run_once(self, *args: Any, **kwargs: Any) -> int:
         from .strategy import NodeFailureError
 
-        self._reqs.errors.clear()
+        recorder = fbm.experiment_requests(self)
+        recorder.errors.clear()
         try:
             return super().run_once(*args, **kwargs)
         except NodeFailureError as err:
-            err.add_node_errors(self._reqs.errors)
+            err.add_node_errors(recorder.errors)
             raise
 
+    # Fed-BioMed's hook fbm.ENCRYPTED_AGGREGATION_HOOK (its signature is checked by tests/test_fedbiomed_compat.py)
     def _aggregate_encrypted_model_params_and_optim_auxvar(self, model_params: Dict[str, List[int]],
                                                            optim_auxvar: Any,
                                                            encryption_factors: Optional[Dict[str, Any]],

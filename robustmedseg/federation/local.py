@@ -128,6 +128,8 @@ def approve_plan(node_root: Path, spec: str = DEFAULT_PLAN) -> Dict[str, str]:
     from fedbiomed.common.constants import TrainingPlanApprovalStatus
     from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
 
+    from .fedbiomed_compat import training_plan_hash
+
     cfg = configparser.ConfigParser()
     if not cfg.read(Path(node_root) / "etc" / "config.ini"):
         raise InputError("not a Fed-BioMed component (no etc/config.ini)", node_root)
@@ -135,7 +137,7 @@ def approve_plan(node_root: Path, spec: str = DEFAULT_PLAN) -> Dict[str, str]:
         db=str(_db_path(Path(node_root))), node_id=cfg["default"]["id"], node_name=cfg["default"].get("name", ""),
         hashing=cfg["security"].get("hashing_algorithm", "SHA256"), tp_approval=True)
     source = plan_source(spec)
-    digest = manager._create_hash(source, from_string=True)[0]  # noqa: SLF001 - the node's own hash
+    digest = training_plan_hash(manager, source)
     approved, entry = manager.check_training_plan_status(source, TrainingPlanApprovalStatus.APPROVED)
     if approved:
         return {"id": entry["training_plan_id"], "hash": digest, "status": "already approved"}

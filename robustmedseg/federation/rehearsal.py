@@ -396,9 +396,8 @@ class Rehearsal:
         import torch
 
         from model import make_condition
+        from robustmedseg.factory_file import load_factory_file
         from robustmedseg.io import load_torch_file
-
-        from .export import load_factory_file
 
         t0 = time.time()
         g, a = load_factory_file(path)  # model.Generator(**args), g_ema loaded strictly

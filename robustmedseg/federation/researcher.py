@@ -14,27 +14,57 @@ encoding settings to the nodes in ``model_args``; :mod:`.experiment` decodes the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
 from robustmedseg.errors import InputError
 from robustmedseg.factory.config import FactoryConfig
 
+from . import fedbiomed_compat as fbm
 from . import secagg as codec
 
 log = logging.getLogger(__name__)
 
 
-class FederationError(RuntimeError):
-    """A federation-level failure (node died, nodes missing, Fed-BioMed error); one-line message."""
+class FederationError(InputError):
+    """A federation-level failure (node died, nodes missing, Fed-BioMed error): one line, reported by
+    ``run_cli`` like bad input (``error: ...``, exit status 2)."""
+
+
+@contextlib.contextmanager
+def reported_failures(clean_up: Callable[[], Optional[str]]) -> Iterator[None]:
+    """The failure policy of a researcher run, in ``run_cli``'s terms: on any exception ``clean_up()``
+    runs first (it returns a note for the user, or None); bad input, operating-system errors and
+    interruptions then go on unchanged (an interruption prints the note), a :class:`FederationError`
+    gets the note appended, and any other error (Fed-BioMed's own) becomes a one-line
+    :class:`FederationError` naming its type instead of a traceback."""
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - re-raised below, one way or another
+        note = clean_up()
+        if isinstance(err, KeyboardInterrupt) and note:
+            print(note, file=sys.stderr, flush=True)
+        if not isinstance(err, Exception) or (isinstance(err, (InputError, OSError))
+                                              and not isinstance(err, FederationError)):
+            raise
+        message = str(err) if isinstance(err, FederationError) else \
+            f"Fed-BioMed: {type(err).__name__}: {' '.join(str(err).split()) or type(err).__name__}"
+        raise FederationError(f"{message}{f' ({note})' if note else ''}") from err
+
+
+def is_researcher_component(root: Path) -> bool:
+    """Whether ``root`` holds a Fed-BioMed component (its ``etc/config.ini``)."""
+    return (Path(root) / "etc" / "config.ini").is_file()
 
 
 def _quiet_fedbiomed(record: logging.LogRecord) -> bool:
@@ -44,7 +74,8 @@ def _quiet_fedbiomed(record: logging.LogRecord) -> bool:
 
 
 def use_researcher_component(root: Path, verbose: bool = False) -> Any:
-    """Point Fed-BioMed at the researcher component ``root`` (created if missing) and import it."""
+    """Point Fed-BioMed at the researcher component ``root`` (Fed-BioMed creates it if missing: callers
+    check :func:`is_researcher_component` first) and import it."""
     import warnings
 
     root = Path(root).resolve()
@@ -55,7 +86,7 @@ def use_researcher_component(root: Path, verbose: bool = False) -> Any:
     from fedbiomed.common.logger import logger as fbm_logger
 
     if not verbose:  # importing the config resets the level to INFO and logs a banner: filter, not level
-        fbm_logger._logger.addFilter(_quiet_fedbiomed)  # noqa: SLF001 - FedLogger wraps a logging.Logger
+        fbm.filter_fedbiomed_logs(_quiet_fedbiomed)
     from fedbiomed.researcher.config import config
 
     fbm_logger.setLevel("INFO" if verbose else "WARNING")
@@ -68,29 +99,50 @@ def use_researcher_component(root: Path, verbose: bool = False) -> Any:
 
 
 def wait_for_nodes(min_nodes: int, expected: Optional[Sequence[str]] = None, timeout: float = 120.0,
-                   hint: str = "") -> List[str]:
+                   hint: str = "", report_every: float = 10.0) -> List[str]:
     """Ping until ``expected`` nodes (or at least ``min_nodes``) answer; return the online node ids.
 
+    Every ``report_every`` seconds of waiting a progress line goes to stderr (:func:`await_nodes`);
     ``hint`` is appended to the timeout message (e.g. where the node logs are)."""
     from fedbiomed.researcher.config import config
     from fedbiomed.researcher.requests import Requests
 
     reqs = Requests(config)
-    deadline = time.time() + timeout
-    online: List[str] = []
+    return await_nodes(reqs.ping_nodes, min_nodes, expected, timeout, report_every,
+                       where=f"researcher component {config.root}", hint=hint)
+
+
+def await_nodes(ping: Callable[[], Sequence[str]], min_nodes: int, expected: Optional[Sequence[str]] = None,
+                timeout: float = 120.0, report_every: float = 10.0, where: str = "", hint: str = "",
+                clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                report: Optional[Callable[[str], None]] = None) -> List[str]:
+    """The waiting loop of :func:`wait_for_nodes` (``ping()`` -> the node ids answering): returns them
+    once enough answered; a line ``waiting for nodes: K of N answered (...), S s left`` every
+    ``report_every`` seconds; :class:`FederationError` after ``timeout`` seconds."""
+    if report is None:
+        def report(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+    start = clock()
+    deadline, next_report = start + timeout, start + report_every
+    need_n = len(set(expected)) if expected else min_nodes
     while True:
-        online = sorted(reqs.ping_nodes())
+        online = sorted(ping())
         if expected and set(expected) <= set(online):
             return online
         if not expected and len(online) >= min_nodes:
             return online
-        if time.time() > deadline:
+        now = clock()
+        if now > deadline:
             need = f"nodes {sorted(set(expected) - set(online))}" if expected else f"{min_nodes} nodes"
             raise FederationError(
                 f"waited {timeout:.0f} s for {need} but {len(online)} answered ({', '.join(online) or 'none'}): "
-                f"check that the nodes run and use this researcher's address (researcher component {config.root})"
+                f"check that the nodes run and use this researcher's address" + (f" ({where})" if where else "")
                 + (f"; {hint}" if hint else ""))
-        time.sleep(1.0)
+        if report_every > 0 and now >= next_report:
+            report(f"waiting for nodes: {len(online)} of {need_n} answered ({', '.join(online) or 'none yet'}), "
+                   f"{max(0.0, deadline - now):.0f} s left")
+            next_report = now + report_every
+        sleep(1.0)
 
 
 def local_logs_hint(researcher_dir: Path) -> str:
@@ -199,7 +251,7 @@ def apply_site_keys(exp: Any) -> Dict[str, str]:
     """Give the site keys to the node-selection strategy (draw and averaging order) and to the nodes
     (``model_args["site_keys"]``: the seed of each node's random stream). Keeps the weights."""
     keys = site_keys(exp)
-    exp.strategy()._parameters["site_keys"] = dict(keys)
+    exp.strategy().set_site_keys(keys)
     if exp.model_args().get("site_keys") != keys:
         exp.set_model_args({**exp.model_args(), "site_keys": dict(keys)}, keep_weights=True)
     return keys
@@ -218,11 +270,11 @@ def check_secagg_nodes(exp: Any) -> None:
     if not exp.secagg.active:
         return
     available = len(exp.all_federation_nodes())
-    per_round = min(int(exp.strategy()._parameters.get("max_nodes", 2)), available)
+    per_round = min(exp.strategy().max_nodes, available)
     if per_round < 2:
         raise FederationError(f"secure aggregation needs at least 2 nodes per round, but only {per_round} can be "
                               f"sampled ({available} node(s) with data, --max-nodes-per-round "
-                              f"{exp.strategy()._parameters.get('max_nodes')}): start more nodes or drop --secagg")
+                              f"{exp.strategy().max_nodes}): start more nodes or drop --secagg")
 
 
 def configure_secagg(exp: Any, active: Optional[bool], clip: Optional[float]) -> Dict[str, Any]:
@@ -234,7 +286,7 @@ def configure_secagg(exp: Any, active: Optional[bool], clip: Optional[float]) ->
     on = bool(exp.secagg.active) if active is None else bool(active)
     previous = float(exp.model_args().get("secagg_clip") or 0.0)
     exp.set_secagg(lom_secure_aggregation() if on else False)
-    weighting = exp.strategy()._parameters.get("weighting", "uniform")
+    weighting = exp.strategy().weighting
     return secagg_model_args(on, clip if clip is not None else (previous or None), weighting)
 
 
@@ -253,7 +305,7 @@ def resume_experiment(breakpoint: Optional[str], model_updates: Mapping[str, Any
     exp = FactoryExperiment.load_breakpoint(breakpoint)
     exp.set_retain_full_history(False)  # memory and breakpoint size stay bounded over hundreds of rounds
     if strategy_updates:
-        exp.strategy()._parameters.update(strategy_updates)
+        exp.strategy().update_settings(**strategy_updates)
     model_updates = {**model_updates, **configure_secagg(exp, secagg, secagg_clip)}
     if any(exp.model_args().get(k) != v for k, v in model_updates.items()):
         exp.set_model_args({**exp.model_args(), **model_updates}, keep_weights=True)
@@ -462,10 +514,10 @@ def run_rounds(exp: Any, metrics: NodeMetrics, writer: Any, sample_dir: Optional
 def fidelity_scorer(path: Path, n_per_domain: int, seed: int) -> Callable[[Any], Dict[str, float]]:
     """Researcher-side fidelity of the aggregated ``g_ema`` with a frozen evaluator file (no image involved).
 
-    The evaluator (:mod:`robustmedseg.factory.fidelity`) holds a classifier and feature statistics of
+    The evaluator (:mod:`robustmedseg.fidelity`) holds a classifier and feature statistics of
     held-out real slices; the same noise seed every round, so the curve shows the model, not the draw.
     """
-    from robustmedseg.factory.fidelity import Evaluator, scalar_summary
+    from robustmedseg.fidelity import Evaluator, scalar_summary
 
     evaluator = Evaluator.load(Path(path))
 
@@ -503,20 +555,11 @@ def abandon_experiment(exp: Any, fresh: bool, keep: int) -> Optional[str]:
     return None
 
 
-def writer_file(writer: Any) -> Optional[Path]:
-    """The TensorBoard event file of an open ``writer`` (to delete it when the run completed no round)."""
-    try:
-        return Path(writer._get_file_writer().event_writer._file_name)  # noqa: SLF001 - no public name
-    except Exception:  # noqa: BLE001 - another writer implementation: nothing to delete
-        return None
-
-
 def attach_metrics(exp: Any, writer: Any) -> NodeMetrics:
     """Route the nodes' metric messages of this experiment to :class:`NodeMetrics` (replaces the
     stock monitor, whose per-message console banners would drown the progress lines)."""
     handler = NodeMetrics(writer, node_names(exp))
-    reqs = exp.requests() if callable(exp.requests) else exp.requests
-    reqs.add_monitor_callback(exp.id, handler)
+    fbm.experiment_requests(exp).add_monitor_callback(exp.id, handler)
     return handler
 
 
@@ -545,8 +588,8 @@ def write_run_info(path: Path, exp: Any, extra: Mapping[str, Any]) -> None:
     info = {"experiment_id": exp.id, "experimentation_path": exp.experimentation_path(),
             "round_current": exp.round_current(), "round_limit": exp.round_limit(),
             "model_args": exp.model_args(), "training_args": dict(exp.training_args()),
-            "strategy": exp.strategy()._parameters,
-            "sampled": {str(k): v for k, v in exp.strategy()._sampling_node_history.items()},
+            "strategy": exp.strategy().settings(),
+            "sampled": {str(k): v for k, v in exp.strategy().history().items()},
             "secagg": secagg_info(exp),
             "breakpoints": breakpoint_dirs(exp), **extra}
     write_text_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
@@ -570,6 +613,45 @@ def tensorboard_writer(directory: Optional[Path]) -> Any:
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     return SummaryWriter(log_dir=str(directory))
+
+
+class RunRecord:
+    """What one ``train.py`` run leaves in its work folder: TensorBoard events (``writer``) and
+    ``run.json`` (settings, sampling history, breakpoints and one row per round, appended to the rows
+    of earlier runs of the same experiment).  A run that completed no round leaves none of it behind:
+    :meth:`close` removes its event file and the folders it created, if they stayed empty."""
+
+    def __init__(self, workdir: Path, tensorboard: Optional[Path] = None):
+        self.workdir = Path(workdir)
+        board = Path(tensorboard) if tensorboard is not None else self.workdir / "tensorboard"
+        self._made = [d for d in (self.workdir, board) if not d.exists()]
+        before = set(board.glob("events.out.tfevents.*"))
+        self.writer = tensorboard_writer(board)
+        self._events = sorted(set(board.glob("events.out.tfevents.*")) - before)  # this writer's file
+        self.rounds: List[Dict[str, Any]] = []
+
+    def start(self, exp: Any) -> None:
+        """Continue the round rows of ``run.json`` for ``exp`` (a resumed run appends)."""
+        self.rounds = previous_rounds(self.workdir / "run.json", exp.id, exp.round_current())
+
+    def add(self, report: "RoundReport") -> None:
+        row = {"round": report.round, "seconds": report.seconds, "node_train_s": report.node_train_s,
+               "node_cpu_s": report.node_cpu_s}
+        if report.fidelity:
+            row["fidelity"] = report.fidelity
+        self.rounds.append(row)
+
+    def close(self, exp: Any, completed: bool, extra: Mapping[str, Any]) -> None:
+        """Close the writer; write ``run.json`` if a round exists to describe, else remove this run's traces."""
+        self.writer.close()
+        if completed or breakpoint_dirs(exp):
+            write_run_info(self.workdir / "run.json", exp, {**extra, "rounds": self.rounds})
+            return
+        for events in self._events:
+            events.unlink(missing_ok=True)
+        for folder in reversed(self._made):  # the folders this run created, if they stayed empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def final_state_dict(exp: Any) -> Dict[str, torch.Tensor]:

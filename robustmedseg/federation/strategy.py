@@ -6,9 +6,11 @@ and the order in which the replies are averaged follow each node's stable site i
 (``site_keys``: node id -> the name its dataset is registered under, set by the researcher), never the
 node ids drawn when the node components were created, so the same seed gives the same schedule in
 every deployment of the same sites. Its
-settings live in ``self._parameters`` and the class in an importable module, because
+settings live in the Fed-BioMed strategy's parameter dict and the class in an importable module, because
 ``Experiment.load_breakpoint`` rebuilds strategies with ``cls()`` and no arguments, then restores
-``_parameters`` and the sampling history.
+that dict and the sampling history (both reached through :mod:`.fedbiomed_compat`); the researcher
+reads and changes them through the public methods (:meth:`SampleAtMostK.settings`,
+:meth:`~SampleAtMostK.update_settings`, :meth:`~SampleAtMostK.set_site_keys`, :meth:`~SampleAtMostK.history`).
 
 Aggregation weights: ``uniform`` (1 / number of replying nodes, as the paper's Fed-BioMed fork,
 docs/method.md#factory-cli) or ``samples`` (Fed-BioMed's default, proportional to each node's dataset size).
@@ -25,6 +27,8 @@ from typing import Any, Dict, List, Optional
 
 from fedbiomed.common.exceptions import FedbiomedStrategyError
 from fedbiomed.researcher.strategies import DefaultStrategy
+
+from . import fedbiomed_compat as fbm
 
 WEIGHTINGS = ("uniform", "samples")
 NO_REPLY = "no training reply (node stopped or disconnected)"
@@ -61,33 +65,54 @@ class SampleAtMostK(DefaultStrategy):
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if int(max_nodes) < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
-        self._parameters = {"max_nodes": int(max_nodes), "seed": int(seed), "weighting": weighting,
-                            "site_keys": dict(site_keys or {})}
+        fbm.set_strategy_parameters(self, {"max_nodes": int(max_nodes), "seed": int(seed), "weighting": weighting,
+                                           "site_keys": dict(site_keys or {})})
+
+    # -- the settings (kept where breakpoints save and restore them)
+    def settings(self) -> Dict[str, Any]:
+        """A copy of the settings: ``max_nodes``, ``seed``, ``weighting``, ``site_keys``."""
+        return dict(fbm.strategy_parameters(self))
+
+    def update_settings(self, **changes: Any) -> None:
+        """Change settings of a resumed run (``max_nodes``, ``weighting``)."""
+        fbm.strategy_parameters(self).update(changes)
+
+    def set_site_keys(self, keys: Dict[str, str]) -> None:
+        """Node id -> site identity (the draw and the averaging order follow it)."""
+        fbm.strategy_parameters(self)["site_keys"] = dict(keys)
 
     @property
     def max_nodes(self) -> int:
-        return int(self._parameters["max_nodes"])
+        return int(fbm.strategy_parameters(self).get("max_nodes", 2))
+
+    @property
+    def weighting(self) -> str:
+        return str(fbm.strategy_parameters(self).get("weighting", "uniform"))
+
+    def history(self) -> Dict[int, List[str]]:
+        """A copy of the sampling history: (0-based) round -> node ids sampled."""
+        return {int(r): list(n) for r, n in fbm.sampling_history(self).items()}
 
     def site_order(self, nodes: Any) -> List[str]:
         """``nodes`` ordered by their site identity (node id for a node without one)."""
-        keys = self._parameters.get("site_keys") or {}
+        keys = fbm.strategy_parameters(self).get("site_keys") or {}
         return sorted(nodes, key=lambda n: (str(keys.get(n, n)), n))
 
     def sample_nodes(self, from_nodes: List[str], round_i: int) -> List[str]:
         k = min(self.max_nodes, len(from_nodes))
-        rng = random.Random(int(self._parameters["seed"]) * 1_000_003 + int(round_i))
+        rng = random.Random(int(fbm.strategy_parameters(self)["seed"]) * 1_000_003 + int(round_i))
         chosen = self.site_order(rng.sample(self.site_order(from_nodes), k))
         # a copy: Fed-BioMed's training job removes the nodes that fail from the list it is given
-        self._sampling_node_history[round_i] = list(chosen)
+        fbm.sampling_history(self)[round_i] = list(chosen)
         return chosen
 
     def sampled(self, round_i: int) -> Optional[List[str]]:
         """Node ids sampled in (0-based) round ``round_i``, from the history kept in breakpoints."""
-        return self._sampling_node_history.get(int(round_i))
+        return fbm.sampling_history(self).get(int(round_i))
 
     def refine(self, training_replies: Dict[str, Any], round_i: int):
         reasons: Dict[str, str] = {}
-        for node in self._sampling_node_history.get(round_i, []):
+        for node in fbm.sampling_history(self).get(round_i, []):
             reply = training_replies.get(node)
             if reply is None:
                 reasons[node] = NO_REPLY
@@ -96,7 +121,7 @@ class SampleAtMostK(DefaultStrategy):
         if reasons:
             raise NodeFailureError(round_i, reasons)
         model_params, weights, total_rows, encryption = super().refine(training_replies, round_i)
-        if self._parameters.get("weighting", "uniform") == "uniform" and weights:
+        if self.weighting == "uniform" and weights:
             weights = {node: 1.0 / len(weights) for node in weights}
         # replies arrive in the order the nodes finish: average them in site order (a float sum of
         # three or more terms depends on its order)
@@ -107,10 +132,10 @@ class SampleAtMostK(DefaultStrategy):
     def save_state_breakpoint(self) -> Dict[str, Any]:
         """Parameters plus the sampling history (the stock strategy does not keep the history)."""
         state = super().save_state_breakpoint()
-        state["parameters"] = dict(self._parameters)
-        state["sampling_history"] = {str(r): list(n) for r, n in self._sampling_node_history.items()}
+        state["parameters"] = self.settings()
+        state["sampling_history"] = {str(r): n for r, n in self.history().items()}
         return state
 
     def load_state_breakpoint(self, state: Dict[str, Any]) -> None:
         super().load_state_breakpoint(state)
-        self._sampling_node_history = {int(r): list(n) for r, n in state.get("sampling_history", {}).items()}
+        fbm.set_sampling_history(self, {int(r): list(n) for r, n in state.get("sampling_history", {}).items()})

@@ -1,6 +1,6 @@
 """Plant, one at a time, the six plausible bugs of issue 16 that the suite used to miss; run the tests named
 for each (fast ones, ``-m "not slow"``), report which fail, restore the file. Run from the repository root
-with a clean working tree: ``python tests/planted_bugs.py [INDEX ...]``. docs/testing.md records the result.
+with a clean working tree: ``python tools/planted_bugs.py [INDEX ...]``. docs/testing.md records the result.
 """
 import os
 import subprocess

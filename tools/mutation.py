@@ -14,10 +14,10 @@ the diff of one). ``docs/testing.md`` records the scores and reviews the survivo
 
 Usage::
 
-    python tests/mutation.py                 # every module, one after the other
-    python tests/mutation.py restore metrics # some modules
-    python tests/mutation.py --list          # the modules and their test selections
-    python tests/mutation.py --sample 150 op # a seeded random sample of 150 mutants (score with a 95 % interval)
+    python tools/mutation.py                 # every module, one after the other
+    python tools/mutation.py restore metrics # some modules
+    python tools/mutation.py --list          # the modules and their test selections
+    python tools/mutation.py --sample 150 op # a seeded random sample of 150 mutants (score with a 95 % interval)
 
 Needs ``mutmut`` 3.8 in the interpreter (``make mutation`` installs it, without the ``textual`` UI).
 Run it niced (``make mutation`` does): it keeps one core busy for a long time.

@@ -20,7 +20,9 @@ answers it with a small **evaluator** network trained on real slices of every si
      generated features and real half B, next to ``kid_real[d]`` = KID(A, B).  A generator that
      matches the site has ``kid[d]`` close to ``kid_real[d]``.
 
-The evaluator is a measuring instrument, not part of the method.  It needs real slices of every
+The evaluator is a measuring instrument, not part of the method, and no node runs it: it sits
+beside the node-side ``robustmedseg.factory`` package, below its users (the demo, the benchmarks and
+the researcher's per-round score, ``robustmedseg.federation.researcher``).  It needs real slices of every
 site to be trained, so in a real federation it is either trained federatedly or supplied by the
 sites; here (demo, benchmarks) it is trained on the pooled phantom.  The researcher-side use in
 ``train.py --fidelity-evaluator FILE`` needs no image at all: the file holds the network weights
@@ -32,14 +34,12 @@ File format (``torch.save``, loadable with ``weights_only=True``)::
      "reference": {"features": (N, F), "domains": (N,), "zbins": (N,), "halves": (N,)},
      "real": {... held-out accuracies, "kid_real": {domain: value}}, "sources": [...]}
 
-CLI: ``python -m robustmedseg.factory.fidelity train|score --help``.
+CLI: ``python -m robustmedseg.fidelity train|score --help``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import N_ZBINS
 from robustmedseg.errors import CliParser, InputError, run_cli
 from robustmedseg.io import load_torch_file, save_torch_atomic, write_text_atomic
 
@@ -61,7 +62,7 @@ FORMAT = "robustmedseg-fidelity/1"
 class EvaluatorConfig:
     size: int = 32
     n_domains: int = 3
-    n_zbins: int = 29
+    n_zbins: int = N_ZBINS
     width: int = 16
     feat_dim: int = 128
 
@@ -380,7 +381,7 @@ def _domain_folder(text: str) -> Tuple[int, Path]:
 
 
 def build_parser() -> CliParser:
-    p = CliParser(prog="python -m robustmedseg.factory.fidelity",
+    p = CliParser(prog="python -m robustmedseg.fidelity",
                   description="Per-domain fidelity of a data factory: train the evaluator on real "
                               "slices, then score generators (domain / z-bin accuracy, KID).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -391,7 +392,7 @@ def build_parser() -> CliParser:
                    help="held-out volumes of domain D (accuracy and the KID reference); repeat")
     t.add_argument("--out", type=Path, required=True, help="evaluator file to write (.pt)")
     t.add_argument("--size", type=int, default=32, help="image side the evaluator works at (= generator size)")
-    t.add_argument("--n-zbins", type=int, default=29, help="number of z-bins (default 29)")
+    t.add_argument("--n-zbins", type=int, default=N_ZBINS, help=f"number of z-bins (default {N_ZBINS})")
     t.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     t.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-annealed (default 3e-3)")
@@ -438,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.json is not None:
             write_text_atomic(args.json, json.dumps(real, indent=2) + "\n")
         return 0
-    from robustmedseg.federation.export import load_factory_file
+    from robustmedseg.factory_file import load_factory_file
 
     ev = Evaluator.load(args.evaluator)
     g, _ = load_factory_file(args.generator)
