@@ -59,6 +59,8 @@ def test_rehearsal_across_network_hosts(tmp_path):
     rec = faults["impostor"]["plain, hosp1 down"]  # plain: it gets the task, Fed-BioMed's node state stops it
     assert rec["exit"] == 2 and rec["impostor_received_task"], rec
     assert "node hosp1 (NODE_" in rec["line"] and "Can't read previous node state" in rec["line"], rec
+    rec = faults["impostor"]["wrong address"]  # a node pointed at an address the researcher does not serve
+    assert rec["exit"] == 2 and not rec["joined"] and rec["line"].startswith("error: waited 40 s for 2 nodes"), rec
     sockets = summary["exports"]["sockets"]  # the nodes listen on nothing reachable: only outgoing connections
     assert any(addr.endswith(":50151") for addr in sockets["researcher"]["listening"]), sockets
     for host in ("hosp1", "hosp2", "hosp3"):

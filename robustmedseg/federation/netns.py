@@ -109,6 +109,12 @@ class VirtualNetwork:
             self.nodes.append(ns)
         return ns
 
+    def add_researcher_address(self, last: int) -> str:
+        """A second address ``10.R.0.<last>`` of the researcher host (on its bridge); returns it."""
+        address = f"10.{self.subnet}.0.{int(last)}"
+        _ip("-n", self.researcher, "addr", "add", f"{address}/24", "dev", "br0")
+        return address
+
     def pids(self, ns: str) -> List[int]:
         """Processes running inside namespace ``ns``."""
         res = _ip("netns", "pids", ns, check=False)

@@ -16,7 +16,9 @@ Faults (each must end in one line naming the node, and ``train.py --resume`` mus
 * ``restart``  a node's host is killed mid-round (SIGKILL), the node started again;
 * ``researcher`` the researcher is killed between two rounds;
 * ``release``  a node runs another release of the plan (it approved another hash): refused by name;
-* ``impostor`` a fourth host runs a node claiming the id of node h1 (its own certificate).
+* ``impostor`` a fourth host runs a node claiming the id of node hosp1 (its own certificate and keys), with
+  and without secure aggregation; then, with its own id, pointed at an address of the researcher's host
+  that its certificate does not carry.
 
 Writes ``OUT/REHEARSAL.md`` (each step with its command line, wall time and outcome) and
 ``OUT/rehearsal.json``; logs under ``OUT/logs``.  Every namespace, process and address is removed at
@@ -614,10 +616,50 @@ class Rehearsal:
                         f"{'received the training task' if received else 'received no training task'}")
             self.nodes[name]["log_offset"] = len(self.logfile("node impostor").read_text(errors="replace"))
         self.net.kill_all(self.hosts[name])
+        self._wrong_address(name, root, own_id)
         self.start_node(victim)
         self.start_node(forced)
         self.wait_ready([victim, forced])
         self._resume("impostor", secagg=True)
+
+    def _wrong_address(self, name: str, root: Path, own_id: str) -> None:
+        """The fourth host's node, with its own id again, pointed at a second address of the researcher's host
+        that the researcher's certificate does not carry: does it join?  (hosp1 and hosp3 are down: train.py waits
+        for 2 nodes, hosp2 and this one.)"""
+        alias = self.net.add_researcher_address(2)
+        path = root / "etc" / "config.ini"
+        cfg = configparser.ConfigParser()
+        cfg.read(path)
+        cfg["default"]["id"] = own_id
+        cfg["researcher"]["ip"] = alias
+        text = io.StringIO()
+        cfg.write(text)
+        write_text_atomic(path, text.getvalue())
+        log = open(self.logfile("node impostor"), "a")
+        self.nodes[name]["log_offset"] = log.tell()
+        proc = self.net.popen(self.hosts[name], [*_fedbiomed(), "node", "-p", str(root), "start"], _env(), log=log,
+                              cwd=self.out / name)
+        log.close()
+        self.procs.append(proc)
+        self.wait_ready([name])
+        t0 = time.time()
+        target = self.run_info()["round_current"] + 1
+        argv = self.train_argv("--resume", "--rounds", str(target), "--no-secagg", "--min-nodes", "2",
+                               "--wait-nodes", "40")
+        res = subprocess.run(self.net.command(self.net.researcher, argv), env=_env(), capture_output=True,
+                             text=True, timeout=900, cwd=self.out)
+        self.logfile("fault impostor (wrong address)").write_text(res.stdout + "\n--- stderr\n" + res.stderr)
+        online = re.search(r"(\d+) node\(s\) online", res.stdout)
+        line = (error_lines(res.stderr) or ["(no error line)"])[-1]
+        node_log = self.logfile("node impostor").read_text(errors="replace")[self.nodes[name]["log_offset"]:]
+        tls = [ln.strip()[:200] for ln in node_log.splitlines() if re.search(r"(?i)ssl|certificate|handshake", ln)]
+        self.faults["impostor"]["wrong address"] = {
+            "researcher_address": alias, "certificate_addresses": self.exports.get("certificate", {}).get("addresses"),
+            "exit": res.returncode, "line": line, "joined": online is not None and int(online.group(1)) >= 2,
+            "node_log_tls_lines": tls[-3:]}
+        self.record("fault impostor (wrong address): train.py", ["train.py --resume ... --min-nodes 2"],
+                    time.time() - t0, True, f"exit {res.returncode}: {line}")
+        self.net.kill_all(self.hosts[name])
 
     def _node_received_task(self, name: str) -> bool:
         text = self.logfile(f"node {name}").read_text(errors="replace")[self.nodes[name]["log_offset"]:]
