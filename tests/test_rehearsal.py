@@ -1,6 +1,6 @@
 """The deployment rehearsal (``make rehearsal``, robustmedseg/federation/rehearsal.py) end to end: a researcher
 and three hospitals on separate network namespaces, built with the commands of docs/phase1.md, then every
-network fault; slow (8.5-9.5 min on 2 shared cores) and root only (it skips with the reason elsewhere).
+network fault; slow (8.5-11.5 min on 2 shared cores) and root only (it skips with the reason elsewhere).
 
 Checked: the tiny secure-aggregation run and its export (loads strictly, samples) equal, tensor for tensor,
 what a loopback federation gives with the same seed and dataset names; each fault that stops a round ends in
