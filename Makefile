@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo evidence test test-fast mutation bench clean-venv
+.PHONY: venv demo evidence test test-fast rehearsal mutation bench clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 # The edit-test loop: every test not marked slow (no Fed-BioMed federation, no whole demo).
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Deployment rehearsal (docs/phase1.md#deployment-rehearsal): researcher + 3 nodes on separate network namespaces,
+# the documented commands, then network faults; needs root. REHEARSAL_ARGS, e.g. "--faults cut,slow --out DIR".
+rehearsal: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m robustmedseg.federation.rehearsal $(REHEARSAL_ARGS)
 
 # Mutation testing of the core modules (docs/testing.md): long (hours on 2 cores), niced, not part of `make test`.
 # mutmut is installed on demand without its `browse` UI (textual), whose pygments pin clashes with Fed-BioMed's.

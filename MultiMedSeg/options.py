@@ -230,6 +230,7 @@ class PredictOptions:
     output_format: str = "nifti"
     series: Optional[str] = None
     overwrite: bool = False
+    keep_going: bool = False
     no_fov_mask: bool = False
     test_batch_size: int = 8
     seed: int = 0
@@ -559,9 +560,13 @@ def predict_parser() -> _Parser:
     p.add("save_probabilities",
           help="also write OUT/<id>_probabilities (x, y, z, class) float32 on the scan's grid")
     p.add("output_format", choices=OUTPUT_FORMATS,
-          help="nifti (default, .nii.gz), input (the scan's own format; not for DICOM), nrrd or mha")
+          help="nifti (default, .nii.gz), input (the scan's own format; a DICOM series: NIfTI), nrrd or mha")
     p.add("series", metavar="UID", help="DICOM SeriesInstanceUID to segment in a folder holding several")
     p.add("overwrite", help="replace an existing output folder once the new one is complete")
+    p.add("keep_going",
+          help="a batch: segment every good scan, list the scans that cannot be read or segmented under 'failed' in "
+               "OUT/predict.json (a warning line each) and exit with status 3 (default: the first bad scan stops "
+               "everything, nothing written, exit 2)")
     p.add("no_fov_mask",
           help="write the model's raw labels: no background outside the head and the training slab (the "
                "field-of-view rule, MultiMedSeg/data/field_of_view.py)")

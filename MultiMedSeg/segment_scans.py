@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from MultiMedSeg.data import field_of_view as fov
 from MultiMedSeg.data import orientation as orient
-from MultiMedSeg.data.formats import ScanSource, find_scans, output_extension, probe_scan, read_scan, write_result
+from MultiMedSeg.data.formats import ScanSource, check_scan, find_scans, output_extension, read_scan, write_result
 from MultiMedSeg.data.images_dataset import SliceArrayDataset
 from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, prepare_scan
 from MultiMedSeg.data.restore import restore_volume
@@ -117,10 +117,22 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
     from tqdm import tqdm
 
     scans: List[ScanSource] = find_scans(opts.input, opts.series)
+    keep_going = opts.keep_going
+    failed: List[Dict[str, str]] = []  # --keep_going: the scans refused, with their error line
     names = {}
-    for src in scans:  # everything that can be checked cheaply, before any work
-        probe_scan(src)
+    for src in scans:  # every scan read completely (header and voxel data) before any work
         names[src.id] = f"{src.id}{output_extension(src, opts.output_format)}"
+        try:
+            check_scan(src)
+        except InputError as err:
+            if not keep_going:
+                raise
+            failed.append({"id": src.id, "input": str(src.path), "error": str(err)})
+            warn(f"warning: {err} (skipped: --keep_going)")
+    scans = [src for src in scans if src.id not in {f["id"] for f in failed}]
+    if not scans:
+        raise InputError(f"none of the {len(failed)} scan(s) could be read (first: {failed[0]['error']})",
+                         opts.input[0])
     check_output_folder(opts.output, opts.input, opts.overwrite, opts.checkpoint_dir)
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
     paths = resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False)
@@ -146,41 +158,16 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
         bar = tqdm(scans, desc="predict", unit="scan", dynamic_ncols=True,
                    disable=opts.quiet or not sys.stderr.isatty())
         for src in bar:
-            scan = read_scan(src)
-            vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)
-            spacing = vmeta["orientation"]["spacing"]
-            angle = orient.obliquity(scan.image.affine)
-            warnings = [w for w in (plan.spacing_warning(spacing), orient.oblique_warning(scan.image.affine)) if w]
-            for warning in warnings:
-                warn(f"warning: {src.path}: {warning}")
-            result = segment_scan(slices, members, inter, settings.ensemble_weights, opts.test_batch_size)
-            labels = restore_volume(result["labels"], vmeta, kind="label")
-            inside, fov_record = None, {"rule": "off", "removed_voxels": 0}
-            if use_fov:  # no label outside what the model knows (MultiMedSeg.data.field_of_view)
-                head, slab, fov_record = fov.field_of_view(scan.image.get_fdata(dtype=np.float32), vmeta,
-                                                           plan.field_of_view)
-                labels, removed = fov.apply_field_of_view(labels, head, slab)
-                fov_record.update(removed)
-                inside = fov.inside_mask(head, slab)
-            write_result(labels, scan, vmeta, out_dir / names[src.id])
-            prob_name = None
-            if opts.save_probabilities:
-                stem, ext = src.id, names[src.id][len(src.id):]
-                prob_name = f"{stem}_probabilities{ext}"
-                probabilities = restore_probabilities(result["probabilities"], vmeta)
-                if inside is not None:  # background 1 outside the field of view, as outside the crop
-                    probabilities[~inside] = 0.0
-                    probabilities[~inside, 0] = 1.0
-                write_result(probabilities, scan, vmeta, out_dir / prob_name)
-            counts = np.bincount(labels.ravel().astype(np.int64), minlength=plan.num_classes).tolist()
-            records.append({"id": src.id, "input": str(src.path), "format": src.format, "series": src.series,
-                            "shape": list(vmeta["shape"]), "stored_axcodes": vmeta["orientation"]["stored_axcodes"],
-                            "spacing": spacing, "slices": int(slices.shape[0]), "output": names[src.id],
-                            "probabilities": prob_name, "voxels_per_class": counts,
-                            "obliquity_degrees": round(angle, 3) if np.isfinite(angle) else None,
-                            "field_of_view": fov_record, "warnings": warnings})
-            log(f"{src.id}: {src.format} {tuple(vmeta['shape'])} {vmeta['orientation']['stored_axcodes']} -> "
-                f"{names[src.id]} ({int(slices.shape[0])} slices)")
+            try:
+                records.append(_segment_one(src, opts, names[src.id], out_dir, plan, members, inter, settings,
+                                            use_fov, log, warn))
+            except InputError as err:  # a scan refused while segmenting (e.g. no finite voxel)
+                if not keep_going:
+                    raise
+                for written in (names[src.id], f"{src.id}_probabilities{names[src.id][len(src.id):]}"):
+                    (out_dir / written).unlink(missing_ok=True)
+                failed.append({"id": src.id, "input": str(src.path), "error": str(err)})
+                warn(f"warning: {err} (skipped: --keep_going)")
         summary = {"run": str(plan_folder), "checkpoints": [str(m.path) for m in members],
                    "branch": "pred" if inter else "intra",
                    **settings.record(inter, len(members)),  # ensemble size and weights, and where they came from
@@ -188,7 +175,47 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
                    "field_of_view": {"applied": use_fov, "training": plan.field_of_view,
                                      "head_dilation_voxels": fov.HEAD_DILATION,
                                      "oblique_tolerance_degrees": orient.OBLIQUE_TOLERANCE_DEG},
-                   "scans": records}
+                   "scans": records, "failed": failed}
         ck.write_json(out_dir / SUMMARY_NAME, summary)
     log(f"wrote {len(records)} segmentation(s) to {opts.output}")
     return summary
+
+
+def _segment_one(src: ScanSource, opts: argparse.Namespace, name: str, out_dir: Path, plan: PreprocessingPlan,
+                 members: Sequence[Member], inter: bool, settings, use_fov: bool, log, warn) -> Dict[str, Any]:
+    """Read, preprocess, segment, restore and write one scan; returns its ``predict.json`` record."""
+    scan = read_scan(src)
+    vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)
+    spacing = vmeta["orientation"]["spacing"]
+    angle = orient.obliquity(scan.image.affine)
+    warnings = [w for w in (plan.spacing_warning(spacing), orient.oblique_warning(scan.image.affine)) if w]
+    for warning in warnings:
+        warn(f"warning: {src.path}: {warning}")
+    result = segment_scan(slices, members, inter, settings.ensemble_weights, opts.test_batch_size)
+    labels = restore_volume(result["labels"], vmeta, kind="label")
+    inside, fov_record = None, {"rule": "off", "removed_voxels": 0}
+    if use_fov:  # no label outside what the model knows (MultiMedSeg.data.field_of_view)
+        head, slab, fov_record = fov.field_of_view(scan.image.get_fdata(dtype=np.float32), vmeta,
+                                                   plan.field_of_view)
+        labels, removed = fov.apply_field_of_view(labels, head, slab)
+        fov_record.update(removed)
+        inside = fov.inside_mask(head, slab)
+    write_result(labels, scan, vmeta, out_dir / name)
+    prob_name = None
+    if opts.save_probabilities:
+        stem, ext = src.id, name[len(src.id):]
+        prob_name = f"{stem}_probabilities{ext}"
+        probabilities = restore_probabilities(result["probabilities"], vmeta)
+        if inside is not None:  # background 1 outside the field of view, as outside the crop
+            probabilities[~inside] = 0.0
+            probabilities[~inside, 0] = 1.0
+        write_result(probabilities, scan, vmeta, out_dir / prob_name)
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=plan.num_classes).tolist()
+    log(f"{src.id}: {src.format} {tuple(vmeta['shape'])} {vmeta['orientation']['stored_axcodes']} -> {name} "
+        f"({int(slices.shape[0])} slices)")
+    return {"id": src.id, "input": str(src.path), "format": src.format, "series": src.series,
+            "shape": list(vmeta["shape"]), "stored_axcodes": vmeta["orientation"]["stored_axcodes"],
+            "spacing": spacing, "slices": int(slices.shape[0]), "output": name,
+            "probabilities": prob_name, "voxels_per_class": counts,
+            "obliquity_degrees": round(angle, 3) if np.isfinite(angle) else None,
+            "field_of_view": fov_record, "warnings": warnings}

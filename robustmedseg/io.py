@@ -285,10 +285,13 @@ def save_torch_atomic(obj, path: PathLike) -> None:
     import torch
 
     with atomic_path(path) as tmp:
+        # created here first, so that a folder we may not write in (read-only mount, immutable folder) is an
+        # OSError naming the file, not the RuntimeError torch's zip writer raises for a failed open
+        open(tmp, "xb").close()
         try:
             torch.save(obj, tmp)
         except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
-            if "write" not in str(err).lower():
+            if "write" not in str(err).lower() and "open file failed" not in str(err):
                 raise
             raise OSError(errno.EIO, f"cannot write the file ({' '.join(str(err).split())[-120:]})",
                           str(path)) from None

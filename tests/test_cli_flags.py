@@ -41,6 +41,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/evidence.py": _module_parser("demo.evidence"),
     "demo/compare.py": _module_parser("demo.compare"),
     "robustmedseg/federation/local.py": _module_parser("robustmedseg.federation.local"),
+    "robustmedseg/federation/rehearsal.py": _module_parser("robustmedseg.federation.rehearsal"),
     "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
        for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
@@ -130,6 +131,8 @@ PARSES = {
     "demo/compare.py": (["a", "b", "--max-lines", "3"], ["a", "b", "--max_lines=3"]),
     "robustmedseg/federation/local.py": (["up", "--root", "r", "--dataset", "a=b"],
                                          ["up", "--root=r", "--dataset=a=b"]),
+    "robustmedseg/federation/rehearsal.py": (["--out", "o", "--faults", "cut,slow", "--no-compare"],
+                                             ["--out=o", "--faults=cut,slow", "--no_compare"]),
     "robustmedseg/fidelity.py": (["train", "--train", "0=a", "--heldout", "0=b", "--out", "e.pt",
                                           "--n-zbins", "5"],
                                          ["train", "--train=0=a", "--heldout=0=b", "--out=e.pt", "--n_zbins", "5"]),

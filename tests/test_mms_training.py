@@ -671,6 +671,28 @@ def test_inference_refuses_the_metadata_of_another_site(pipeline, preprocessed_s
     assert not out.exists()
 
 
+def test_inference_refuses_metadata_whose_shape_differs_from_its_slices(pipeline, preprocessed_sites, tmp_path,
+                                                                          capsys):
+    """Issue 22: a test volume whose metadata names another shape than its slices restore to was a
+    ``ValueError: array shape ... differs from the original shape`` traceback after the first volumes were
+    segmented. Now one line naming the volume and both shapes, before any work, nothing written."""
+    site2 = preprocessed_sites[2]
+    meta = json.loads((site2 / "metadata.json").read_text())
+    vid = meta["splits"]["test"][-1]
+    true_shape = tuple(meta["volumes"][vid]["shape"])
+    meta["volumes"][vid]["shape"] = [5, 5, 5]
+    edited = tmp_path / "edited" / "metadata.json"
+    edited.parent.mkdir()
+    edited.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    err = exit_message(capsys, inference_cli.main, ["--exp_dir", str(out), "--checkpoint_dir", str(pipeline["adapt"]),
+                                                    "--target_data", str(site2), "--metadata", str(edited),
+                                                    "--device", "cpu"])
+    assert err.startswith(f"error: {edited}: volume {vid!r}: the metadata names shape (5, 5, 5) but its slices "
+                          f"restore to shape {true_shape}")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_inference_without_some_ground_truth_writes_predictions_and_the_other_metrics(
         pipeline, preprocessed_sites, tmp_path, capsys):
     site2 = preprocessed_sites[2]

@@ -29,6 +29,7 @@ from MultiMedSeg.data.formats import ItkGeometry, nifti_to_itk
 from MultiMedSeg.data.preprocessing_plan import PLAN_NAME, PreprocessingPlan, load_plan, plan_from_metadata, prepare_scan
 from MultiMedSeg.data.restore import load_metadata
 from builders import exit_message
+from robustmedseg.errors import run_cli
 from builders import copy_run as _copy_run, read_labels as _labels, run_predict as _predict, run_test_ids as _test_ids
 from builders import write_nifti as _nifti
 
@@ -283,10 +284,19 @@ def test_dicom_series_and_several_series(runs, tmp_path, capsys):
     assert "several DICOM series" in err and "9.1001" in err and "9.2002" in err and "--series" in err
     _predict(runs, [folder], tmp_path / "out3", "--series", "1.2.826.0.1.3680043.2.1125.9.2002")
     assert (tmp_path / "out3" / "patient1.nii.gz").is_file()
-    err = exit_message(capsys, predict_cli.main, ["-i", str(folder), "-o", str(tmp_path / "out4"),
-                                                  "--checkpoint_dir", str(runs["adapt"]), "--output_format", "input",
-                                                  "--series", "1.2.826.0.1.3680043.2.1125.9.1001"])
-    assert "cannot be written back as DICOM" in err and "nifti" in err
+    # README's second example: --output_format input with an NRRD scan and a DICOM series (issue 22: the
+    # DICOM series was refused); the NRRD keeps its format, the DICOM series falls back to NIfTI, as documented
+    nrrd = tmp_path / "scans" / "sub-nrrd.nrrd"
+    nrrd.parent.mkdir()
+    sitk.WriteImage(nifti_to_itk(volume.astype(np.int16), geometry), str(nrrd))
+    summary = _predict(runs, [nrrd, folder], tmp_path / "out4", "--output_format", "input", "--save_probabilities",
+                       "--ensemble_size", "5", "--series", "1.2.826.0.1.3680043.2.1125.9.1001")
+    assert [(s["id"], s["output"], s["probabilities"]) for s in summary["scans"]] == [
+        ("sub-nrrd", "sub-nrrd.nrrd", "sub-nrrd_probabilities.nrrd"),
+        ("patient1", "patient1.nii.gz", "patient1_probabilities.nii.gz")]
+    assert sorted(p.name for p in (tmp_path / "out4").iterdir()) == sorted(
+        ["predict.json", "sub-nrrd.nrrd", "sub-nrrd_probabilities.nrrd", "patient1.nii.gz",
+         "patient1_probabilities.nii.gz"])
 
 
 # --------------------------------------------------------------------------------- bad input
@@ -340,17 +350,53 @@ def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     msg = exit_message(capsys, predict_cli.main, ["-i", str(good), "-o", str(out), "--checkpoint_dir",
                                                   str(runs["adapt"]), "--device", "cpu"])
     assert "--overwrite" in msg and (out / "keep.txt").read_text() == "old"
-    # a scan whose data is truncated (its header is fine): found only while segmenting, after the first
-    # scan is done -- the old output folder stays as it was, nothing new is left behind
+    # a scan whose data is truncated (its header is fine): every scan is read completely before any work,
+    # so it is refused at once -- the old output folder stays as it was, nothing new is left behind
     truncated = tmp_path / "late" / "zz_truncated.nii"
     truncated.parent.mkdir()
     nib.save(nib.load(str(good)), str(truncated))
     truncated.write_bytes(truncated.read_bytes()[:-5000])
     msg = exit_message(capsys, predict_cli.main, ["-i", str(good), str(truncated), "-o", str(out), "--checkpoint_dir",
                                                   str(runs["adapt"]), "--device", "cpu", "--overwrite"])
-    assert str(truncated) in msg
+    assert msg.startswith(f"error: {truncated}: cannot read")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_one_corrupt_scan_among_five(runs, tmp_path, capsys):
+    """Issue 22: predict segmented three scans, stopped at the fifth (corrupt) and wrote nothing. Now the
+    corrupt one is refused before any work (no checkpoint even loaded), and --keep_going writes every good
+    scan, lists the bad one in predict.json and exits with status 3."""
+    good = runs["images"][2] / f"{_test_ids(runs, 2)[0]}.nii.gz"
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for i in range(4):
+        shutil.copyfile(good, batch / f"scan{i}.nii.gz")
+    corrupt = batch / "scan4.nii"
+    nib.save(nib.load(str(good)), str(corrupt))
+    corrupt.write_bytes(corrupt.read_bytes()[:-3000])  # header fine, voxel data truncated
+    out = tmp_path / "out"
+    norun = tmp_path / "norun"  # not a run: the scans are checked before the run is even opened
+    norun.mkdir()
+    msg = exit_message(capsys, predict_cli.main, ["-i", str(batch), "-o", str(out), "--checkpoint_dir", str(norun),
+                                                  "--device", "cpu"])
+    assert msg.startswith(f"error: {corrupt}: cannot read the voxel data") and not out.exists()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(predict_cli.main, ["-i", str(batch), "-o", str(out), "--checkpoint_dir", str(runs["adapt"]),
+                                   "--device", "cpu", "--quiet", "--keep_going"])
+    assert info.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [ln for ln in err if ln.startswith("error:")] == [err[-1]]
+    assert err[-1].startswith(f"error: {out}: 1 of 5 scan(s) not segmented") and str(corrupt) in err[-1]
+    assert any(ln.startswith(f"warning: {corrupt}: cannot read the voxel data") for ln in err)
+    summary = json.loads((out / "predict.json").read_text())
+    assert [s["id"] for s in summary["scans"]] == [f"scan{i}" for i in range(4)]
+    assert [(f["id"], f["input"]) for f in summary["failed"]] == [("scan4", str(corrupt))]
+    assert sorted(p.name for p in out.iterdir()) == ["predict.json"] + [f"scan{i}.nii.gz" for i in range(4)]
+    reference = _labels(out / "scan0.nii.gz")
+    assert all(np.array_equal(_labels(out / f"scan{i}.nii.gz"), reference) for i in range(1, 4))
 
 
 def test_spacing_far_from_the_plan_warns(runs, tmp_path, capsys):

@@ -653,6 +653,25 @@ def test_save_global_model_on_a_truncated_breakpoint_and_good_one(tmp_path, caps
     assert not (tmp_path / "again.pt").exists() and hidden(tmp_path) == []
 
 
+def test_save_global_model_into_a_folder_it_may_not_write(tmp_path, capsys):
+    """Issue 22: torch's serializer raised ``RuntimeError: ... open file failed ... Operation not permitted``
+    (a traceback, exit 1). An immutable folder (chattr +i, refused even to root) stands for any folder
+    the user may not write in."""
+    folder = _fake_breakpoint(tmp_path / "res")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not possible here (needs root and a file system with attributes)")
+    try:
+        out = locked / "final.pt"
+        err = cli_error(capsys, save_global_model.main, ["--breakpoint", str(folder), "--out", str(out)])
+        assert err == f"error: {out}: Operation not permitted"
+        assert list(locked.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
 def test_a_node_error_message_replaces_no_reply():
     from robustmedseg.federation.strategy import NO_REPLY, NodeFailureError
 

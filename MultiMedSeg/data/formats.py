@@ -16,7 +16,7 @@ LPS -> NIfTI's RAS), as ITK's own NIfTI writer does; the ITK geometry is kept as
 Writing (:func:`write_result`): NIfTI by default (for a NIfTI input with its own header fields:
 :func:`MultiMedSeg.data.restore.write_nifti_like`), or with ``fmt='input'`` the input's format: NRRD
 and MetaImage get the input's origin, spacing and direction copied exactly.  DICOM is read only
-(labels would need DICOM-SEG): a DICOM series is written as NIfTI, NRRD or MetaImage.
+(labels would need DICOM-SEG): a DICOM series is written as NIfTI, NRRD or MetaImage (``fmt='input'``: NIfTI).
 
 Bad input is one :class:`~robustmedseg.errors.InputError` naming the file: an unknown format, a 2-D
 or 4-D image, a multi-component (vector, RGB) image, a DICOM folder holding several series (they are
@@ -253,6 +253,19 @@ def probe_scan(src: ScanSource) -> Tuple[int, int, int]:
     return check_volume_shape(reader.GetSize(), src.path)
 
 
+def check_scan(src: ScanSource) -> Tuple[int, int, int]:
+    """Read a scan completely -- header *and* voxel data -- and return its 3-D shape: the check run on
+    every input before any work, so that a truncated or corrupt file is refused at once
+    (:class:`InputError` naming it).  The data are not kept (the scan is read again when segmented)."""
+    probe_scan(src)
+    scan = read_scan(src)
+    try:
+        data = np.asanyarray(scan.image.dataobj)  # NIfTI is read lazily: this reads every voxel
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt voxel data
+        raise InputError(f"cannot read the voxel data: {_first_line(err)}", src.path) from None
+    return tuple(int(n) for n in data.shape[:3])  # type: ignore[return-value]
+
+
 def _first_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:200] if text else type(err).__name__
@@ -309,16 +322,16 @@ def read_scan(src: ScanSource) -> Scan:
 
 
 def output_extension(src: ScanSource, fmt: str) -> str:
-    """File extension of a result for ``--output_format fmt``; DICOM inputs cannot be written back."""
+    """File extension of a result for ``--output_format fmt``; under ``input`` a DICOM series (which cannot
+    be written back: labels would need DICOM-SEG) is written as NIfTI."""
     if fmt == "nifti":
         return ".nii.gz"
     if fmt in ("nrrd", "mha"):
         return f".{fmt}"
     if fmt != "input":
         raise ValueError(f"unknown output format {fmt!r}")
-    if src.format == DICOM:
-        raise InputError("--output_format input: a DICOM series cannot be written back as DICOM (labels need "
-                         "DICOM-SEG); choose nifti, nrrd or mha", src.path)
+    if src.format == DICOM:  # labels would need DICOM-SEG: the documented fallback is NIfTI
+        return ".nii.gz"
     return src.extension
 
 

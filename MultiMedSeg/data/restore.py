@@ -208,6 +208,49 @@ def volume_meta(meta: dict, vid: str, source: Optional[PathLike] = None) -> dict
         raise InputError(f"volume {vid!r} is not in the metadata", source) from None
 
 
+def restored_shape(volume_meta: dict) -> tuple:
+    """The stored-order shape :func:`restore_volume` gives for this metadata entry (no work done): the
+    working grid of the orientation record brought back to the stored axis order."""
+    orientation = volume_meta.get("orientation") or {}
+    working = [int(v) for v in orientation.get("shape", volume_meta["shape"])]
+    if not orientation:
+        return tuple(working)
+    back = [0, 0, 0]
+    for axis, (target, _) in enumerate(np.asarray(orientation["transform"], dtype=int)):
+        back[axis] = working[target]
+    return tuple(back)
+
+
+def check_geometry(volume_meta: dict, vid: str, source: Optional[PathLike] = None) -> None:
+    """Refuse a metadata entry whose geometry records disagree (an edited or damaged ``metadata.json``):
+    the grid the slices restore to (orientation record, crop, kept slices) must be the recorded ``shape``.
+    One-line :class:`InputError` naming ``source``, the volume and both shapes, before any work."""
+    shape = tuple(int(v) for v in volume_meta["shape"])
+    try:
+        back = restored_shape(volume_meta)
+        working = tuple(int(v) for v in (volume_meta.get("orientation") or {}).get("shape", shape))
+        crop = [(int(a), int(b)) for a, b in volume_meta["crop"]]
+        after_crop = tuple(int(v) for v in volume_meta["shape_after_crop"])
+        first, stop = (int(v) for v in volume_meta["z_split"])
+        depth = int(volume_meta["shape_before_padding"][0])
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        raise InputError(f"volume {vid!r}: unreadable geometry record in the metadata ({err})", source) from None
+    if back != shape:
+        raise InputError(f"volume {vid!r}: the metadata names shape {shape} but its slices restore to shape {back} "
+                         "(orientation record): an edited or damaged metadata file?", source)
+    if len(crop) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(crop, working)):
+        raise InputError(f"volume {vid!r}: crop {crop} does not fit the volume's grid {working} (shape {shape}): "
+                         "an edited or damaged metadata file?", source)
+    cropped = tuple(b - a for a, b in crop)
+    if cropped != after_crop:
+        raise InputError(f"volume {vid!r}: crop {crop} gives shape {cropped} but the metadata says "
+                         f"shape_after_crop {after_crop}: an edited or damaged metadata file?", source)
+    if not 0 <= first < stop <= int(volume_meta["depth_before_split"]) or stop - first != depth:
+        raise InputError(f"volume {vid!r}: kept slices {[first, stop]} disagree with the {depth} slice(s) and depth "
+                         f"{volume_meta['depth_before_split']} the metadata records: an edited or damaged metadata "
+                         "file?", source)
+
+
 def check_slices_match(meta: dict, volumes: Mapping[str, Sequence[Path]], source: Optional[PathLike] = None) -> None:
     """Refuse metadata that does not describe these slices (``{volume id: slice paths in index order}``).
 
@@ -216,7 +259,8 @@ def check_slices_match(meta: dict, volumes: Mapping[str, Sequence[Path]], source
     fingerprints exist), the fingerprint of the recorded slice equals
     :func:`robustmedseg.data.slices.data_digest` of that file.  Another site's or another
     preprocessing run's metadata fails one of these: a one-line :class:`InputError` naming
-    ``source`` (the metadata file).  Metadata without fingerprints gets a ``warning:``.
+    ``source`` (the metadata file).  Metadata without fingerprints gets a ``warning:``.  The geometry of
+    each entry is checked too (:func:`check_geometry`).
     """
     unchecked = []
     for vid, paths in volumes.items():
@@ -247,6 +291,7 @@ def check_slices_match(meta: dict, volumes: Mapping[str, Sequence[Path]], source
             raise InputError(f"volume {vid!r}: {probe} is not the slice this metadata was written with "
                              "(fingerprint differs): metadata of another site or another preprocessing run?",
                              source)
+        check_geometry(vmeta, vid, source)
     if unchecked:
         warn(f"no slice fingerprints in this metadata (written by an older version): {len(unchecked)} volume(s) "
              "checked by names and sizes only", source)
