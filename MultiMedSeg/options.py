@@ -264,6 +264,9 @@ class PlanOptions:
 
 HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
 NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
+# whose feature scale the ensemble members run with (MultiMedSeg.ensemble.Ensemble.scales): the best checkpoint's
+# for all (the original's generation) or each checkpoint's own
+FEATURE_SCALE_SOURCES = ("best", "each")
 # fields whose canonical flag has another name (the field keeps the reference's name; the flag is the
 # project's one name of the concept, the reference's name is an alias)
 CANONICAL_FLAGS = {"ckpt_dir": "--checkpoint_dir", "z_depth": "--n_zbins", "n_segmentation_labels": "--label_nc"}
@@ -290,6 +293,7 @@ class GenerationConfig:
     head: str = "auto"
     keep_largest_component: bool = False
     noise: str = "slice"
+    feature_scale_from: str = "best"
     seed: int = 0
     nifti: bool = True
     montage: bool = True
@@ -312,6 +316,9 @@ class GenerationConfig:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
         if self.head not in HEADS:
             raise InputError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.feature_scale_from not in FEATURE_SCALE_SOURCES:
+            raise InputError(f"--feature_scale_from must be one of {', '.join(FEATURE_SCALE_SOURCES)}, "
+                             f"got {self.feature_scale_from!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

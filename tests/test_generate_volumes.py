@@ -127,11 +127,13 @@ def test_outputs_loaded_once_readable_and_ensemble_mean(run_dir, tmp_path, monke
     np.testing.assert_array_equal(np.asarray(lab.dataobj).transpose(2, 0, 1), vol["labels"])
     assert (out / "montage" / "fakeVolume1.png").stat().st_size > 100
 
-    # labels = argmax of the mean source-head probabilities of the two checkpoints (independent recomputation)
+    # labels = argmax of the mean source-head probabilities of the two checkpoints (independent recomputation),
+    # both with the best checkpoint's feature scale (--feature_scale_from best, the default, as the original)
     x = torch.from_numpy(vol["data"][:, None])
     probs = 0
-    for entry in ck.BestIndex.load(run_dir / "checkpoints").entries:
-        net, fs = PSP.from_checkpoint(run_dir / "checkpoints" / entry.file).eval(), min(1.0, 1e-4 * entry.step)
+    entries = ck.BestIndex.load(run_dir / "checkpoints").entries
+    for entry in entries:
+        net, fs = PSP.from_checkpoint(run_dir / "checkpoints" / entry.file).eval(), min(1.0, 1e-4 * entries[0].step)
         with torch.no_grad():
             probs = probs + net(net.face_pool(x), torch.tensor([[1.0, 0.0]]).expand(n, 2), resize=False,
                                 feature_scale=fs)[:, 1:]

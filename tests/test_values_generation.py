@@ -194,7 +194,7 @@ def test_generation_log_progress_and_summary(run_dir, tmp_path, capsys):
                                                         seed=SEED)).items()}, "ckpt_dir": str(run_dir),
                      "out_dir": str(out)},
         "n_zbins": N_ZBINS, "slices_per_volume": n, "slice_count_formula": "(n_zbins - 1) * slices_in_one_z + 1",
-        "head": "source", "checkpoints": ckpts, "feature_scales": [1.0, 0.5],
+        "head": "source", "checkpoints": ckpts, "feature_scales": [1.0, 1.0], "checkpoint_feature_scales": [1.0, 0.5],
         "synthesis_generator": f"decoder of {ckpts[0]}", "nifti_spacing_mm": [1.0, 1.0, 1.0]}
     assert json.loads((out / "generation.json").read_text()) == summary
     with pytest.raises(InputError) as info:
