@@ -126,6 +126,7 @@ class TrainingOptions(_RunOptions):
     disable_DSBN: bool = False
     invert_intensity: bool = False
     bn_mode: str = "running"
+    eval_noise: str = "fixed"
     latent_avg_samples: int = 100_000
     l2_lambda: float = 1.0
     ssim_lambda: float = 1.0
@@ -262,6 +263,9 @@ class PlanOptions:
     overwrite: bool = False
 
 
+# synthesis noise of a pSp in eval() when none is given (PSPConfig.eval_noise): the generator's fixed buffers or
+# fresh random noise (the original: its g_synthesis always randomises)
+EVAL_NOISE_MODES = ("fixed", "random")
 HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
 NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
 # whose feature scale the ensemble members run with (MultiMedSeg.ensemble.Ensemble.scales): the best checkpoint's
@@ -417,6 +421,11 @@ def _model(p: _Parser, mode: str) -> None:
     p.add("bn_mode", choices=("running", "batch"),
           help="BatchNorm in eval: 'running' statistics (deterministic, default) or per-batch statistics "
                "(the reference's behaviour, docs/differences.md#d9-36)")
+    p.add("eval_noise", choices=EVAL_NOISE_MODES,
+          help="synthesis noise of the network in eval (validation, inference, prediction, generation's "
+               "segmentation), stored in its checkpoints: 'fixed' the generator's noise buffers (deterministic, "
+               "default) or 'random' fresh noise at every forward pass (the original's; with --bn_mode batch it "
+               "restores the original entirely, docs/differences.md#d9-36)")
     p.add("latent_avg_samples",
           help="z samples per domain and middle z-bin for the mean latents (paper 1e5)")
 

@@ -12,10 +12,13 @@ from typing import List
 import pytest
 import torch
 
-from builders import generate_volumes, make_cfg, quiet, tiny_generation_config, write_checkpoints
+from builders import MMS_TINY, generate_volumes, make_cfg, quiet, tiny_generation_config, tiny_generator_file
+from builders import tiny_psp_config, write_checkpoints
 from MultiMedSeg import generation as gen
-from MultiMedSeg.ensemble import Ensemble, Member, SegmentationEnsemble, resolve_checkpoints
+from MultiMedSeg.ensemble import Ensemble, SegmentationEnsemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP
+from MultiMedSeg.options import parse_training_options, stored_training_options
+from MultiMedSeg.training.setup import pretrain_config
 
 torch.set_num_threads(1)
 
@@ -74,3 +77,48 @@ def test_ensemble_scales_best_uses_the_first_members(gen_run):
     assert best.scales == [1.0, 1.0]
     with pytest.raises(ValueError):
         Ensemble(each.members, feature_scale_from="mean")
+
+
+# ------------------------------------------------------------------ synthesis noise in eval (item 4)
+def _noisy_psp(eval_noise: str) -> PSP:
+    torch.manual_seed(0)
+    net = PSP(tiny_psp_config(src_tgt_domains=[0], eval_noise=eval_noise))
+    with torch.no_grad():  # NoiseInjection weights start at 0: make the noise matter
+        for name, p in net.decoder.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.3)
+    net.compute_latent_avg(64, seed=0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("eval_noise", ["fixed", "random"])
+def test_eval_noise_fixed_or_random(eval_noise):
+    net = _noisy_psp(eval_noise)
+    x, label = torch.rand(2, 1, 32, 32) * 2 - 1, torch.tensor([[1.0, 0.0]] * 2)
+    with torch.no_grad():
+        a, b = net(x, label, resize=False), net(x, label, resize=False)
+    assert torch.equal(a, b) == (eval_noise == "fixed")
+    net.train()
+    with torch.no_grad():  # in train() the noise is always fresh
+        assert not torch.equal(net(x, label, resize=False), net(x, label, resize=False))
+
+
+def test_eval_noise_is_stored_in_checkpoints_and_older_ones_read_as_fixed(tmp_path):
+    payload = _noisy_psp("random").checkpoint_payload(10)
+    assert payload["config"]["eval_noise"] == "random"
+    assert PSP.from_checkpoint(tmp_path / "x.pt", payload).config.eval_noise == "random"
+    older = {**payload, "config": {k: v for k, v in payload["config"].items() if k != "eval_noise"}}
+    assert PSP.from_checkpoint(tmp_path / "x.pt", older).config.eval_noise == "fixed"
+
+
+def test_eval_noise_flag_reaches_the_model_config(tmp_path):
+    gen_file = tiny_generator_file(tmp_path / "g.pt")
+    argv = ["--exp_dir", str(tmp_path / "e"), "--source_root", str(tmp_path / "s"), "--val_root", str(tmp_path / "v"),
+            "--stylegan_weights", str(gen_file), "--src_label", "0", *MMS_TINY]
+    default = parse_training_options(argv, "pretrain")
+    assert default.eval_noise == "fixed" and pretrain_config(default).eval_noise == "fixed"
+    opts = parse_training_options(argv + ["--eval_noise", "random", "--bn_mode", "batch"], "pretrain")
+    assert opts.eval_noise == "random" and pretrain_config(opts).eval_noise == "random"
+    assert stored_training_options(json.loads(json.dumps(opts.to_dict()))).eval_noise == "random"
+    assert stored_training_options({k: v for k, v in default.to_dict().items() if k != "eval_noise"}).eval_noise \
+        == "fixed"  # an opt.json written before the option

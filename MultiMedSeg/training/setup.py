@@ -134,7 +134,7 @@ def pretrain_config(opts: TrainingOptions) -> PSPConfig:
             encoder_base_channels=opts.encoder_base_channels or 64,
             encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
             dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
-            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode)
+            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode, eval_noise=opts.eval_noise)
     except ValueError as err:
         raise InputError(f"invalid model configuration: {err}", path) from None
 
@@ -169,6 +169,7 @@ def adaptation_model(opts: TrainingOptions) -> Tuple[PSP, Path]:
                          f"{opts.src_label}", path)
     overrides: Dict[str, Any] = dict(src_tgt_domains=[opts.src_label, opts.tgt_label], label_nc=opts.label_nc,
                                      invert_intensity=opts.invert_intensity, bn_mode=opts.bn_mode,
+                                     eval_noise=opts.eval_noise,
                                      start_from_latent_avg=opts.start_from_latent_avg or
                                      bool(config.get("start_from_latent_avg")),
                                      residual=not opts.disable_residuals, dsbn=not opts.disable_DSBN)
