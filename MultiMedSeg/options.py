@@ -138,6 +138,7 @@ class TrainingOptions(_RunOptions):
     alex_model: Optional[Path] = None
     alex_pretr_model: Optional[Path] = None
     consider_only_vessels_within_brain: bool = False
+    empty_class_score: str = "perfect"
     batch_size: int = 4
     workers: int = 0
     learning_rate: float = 1e-4
@@ -215,6 +216,7 @@ class InferenceOptions(_RunOptions):
     mask_outside_weight: bool = False
     label_nc: Optional[int] = None
     consider_only_vessels_within_brain: bool = False
+    empty_class_score: str = "perfect"
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class SelectEvaluationOptions:
     target_data: Optional[Path] = None
     val_root: Optional[Path] = None
     ensemble_selection: str = "validation"
+    empty_class_score: Optional[str] = None
     device: str = "auto"
     test_batch_size: int = 8
     overwrite: bool = False
@@ -266,6 +269,9 @@ class PlanOptions:
 # synthesis noise of a pSp in eval() when none is given (PSPConfig.eval_noise): the generator's fixed buffers or
 # fresh random noise (the original: its g_synthesis always randomises)
 EVAL_NOISE_MODES = ("fixed", "random")
+# how a class absent from both the prediction and the ground truth is scored: Dice 1 / distances 0, or the
+# original's Dice 0 / distances inf (the keys of MultiMedSeg.evaluation.metrics.BOTH_EMPTY)
+EMPTY_CLASS_SCORES = ("perfect", "original")
 HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
 NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
 # whose feature scale the ensemble members run with (MultiMedSeg.ensemble.Ensemble.scales): the best checkpoint's
@@ -376,6 +382,11 @@ class _Parser(DataclassParser):
     list_converters = {float: _floats}
 
 
+_EMPTY_CLASS_HELP = ("a class absent from both the prediction and the ground truth of a volume: 'perfect' (default) "
+                     "Dice 1 and distances 0, 'original' Dice 0 and distances inf, as the original "
+                     "(docs/differences.md#empty-class)")
+
+
 def _common(p: _Parser) -> None:
     p.add("config", metavar="FILE",
           help="JSON file of option values (keys = option names with underscores); flags override it")
@@ -443,6 +454,8 @@ def _losses(p: _Parser) -> None:
     p.add("consider_only_vessels_within_brain",
           help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
                "original; the other classes and 'foreground' are unchanged")
+    p.add("empty_class_score", choices=EMPTY_CLASS_SCORES,
+          help="validation metrics (best-k choice, evaluation.json): " + _EMPTY_CLASS_HELP)
 
 
 def training_parser(mode: str) -> _Parser:
@@ -545,6 +558,7 @@ def inference_parser() -> _Parser:
     p.add("consider_only_vessels_within_brain",
           help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
                "original; the other classes and 'foreground' are unchanged")
+    p.add("empty_class_score", choices=EMPTY_CLASS_SCORES, help="metrics.csv: " + _EMPTY_CLASS_HELP)
     return p
 
 
@@ -605,6 +619,8 @@ def select_evaluation_parser() -> _Parser:
     p.add("ensemble_selection", choices=RULES,
           help="validation (default): the (inter, intra) weights with the best validation mean Dice; "
                "paper: the paper's 0.6,0.4 without searching")
+    p.add("empty_class_score", choices=EMPTY_CLASS_SCORES,
+          help="validation Dice of the candidates (default: the run's opt.json, else perfect): " + _EMPTY_CLASS_HELP)
     p.add("device", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add("test_batch_size", help="slices per forward pass (default 8)")
     p.add("overwrite", help="replace an existing evaluation.json")

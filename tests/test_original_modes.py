@@ -6,7 +6,9 @@ original's.  Tiny CPU models (tests/builders.py).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List
 
 import pytest
@@ -18,6 +20,7 @@ from MultiMedSeg import generation as gen
 from MultiMedSeg.ensemble import Ensemble, SegmentationEnsemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP
 from MultiMedSeg.options import parse_training_options, stored_training_options
+from MultiMedSeg.training.coach import Coach
 from MultiMedSeg.training.setup import pretrain_config
 
 torch.set_num_threads(1)
@@ -122,3 +125,63 @@ def test_eval_noise_flag_reaches_the_model_config(tmp_path):
     assert stored_training_options(json.loads(json.dumps(opts.to_dict()))).eval_noise == "random"
     assert stored_training_options({k: v for k, v in default.to_dict().items() if k != "eval_noise"}).eval_noise \
         == "fixed"  # an opt.json written before the option
+
+
+# ------------------------------------------------------------------ a class absent from both volumes (item 7)
+def _pretrain_argv(tmp_path: Path, *extra: str) -> List[str]:
+    gen_file = tiny_generator_file(tmp_path / "g.pt")
+    return ["--exp_dir", str(tmp_path / "e"), "--source_root", str(tmp_path / "s"), "--val_root", str(tmp_path / "v"),
+            "--stylegan_weights", str(gen_file), "--src_label", "0", *MMS_TINY, *extra]
+
+
+def _one_hot(labels: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, n).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("score,dice2,hd2", [("perfect", 1.0, 0.0), ("original", 0.0, math.inf)])
+def test_coach_volume_metrics_score_a_class_absent_from_both(tmp_path, score, dice2, hd2):
+    argv = _pretrain_argv(tmp_path) + ([] if score == "perfect" else ["--empty_class_score", score])
+    opts = parse_training_options(argv, "pretrain")
+    assert opts.empty_class_score == score
+    gt = torch.zeros(3, 8, 8, dtype=torch.long)
+    gt[:, 2:5, 2:5] = 1  # class 2 absent from the ground truth ...
+    pred = gt.clone()
+    pred[0, 5, 5] = 1  # ... and from the prediction; class 1 nearly right
+    parts = {"mask": [_one_hot(gt, 3).bool()], "weight": [torch.ones(3, 1, 8, 8)], "intra": [_one_hot(pred, 3)]}
+    metrics = Coach._volume_metrics(SimpleNamespace(opts=opts), parts)[0]
+    assert metrics["intra_dice_2"] == dice2 and metrics["intra_hausdorff_2"] == hd2
+    assert 0.9 < metrics["intra_dice_1"] < 1.0  # present classes are scored alike under both rules
+    assert stored_training_options(opts.to_dict()).empty_class_score == score
+
+
+def test_empty_class_score_flags_and_names(tmp_path):
+    from MultiMedSeg.evaluation.metrics import BOTH_EMPTY
+    from MultiMedSeg.options import EMPTY_CLASS_SCORES, parse_inference_options, parse_select_evaluation_options
+
+    assert set(EMPTY_CLASS_SCORES) == set(BOTH_EMPTY)
+    inf = ["--exp_dir", str(tmp_path / "o"), "--checkpoint_dir", str(tmp_path / "c"), "--test_root", str(tmp_path / "t"),
+           "--metadata", str(tmp_path / "m.json")]
+    assert parse_inference_options(inf).empty_class_score == "perfect"
+    assert parse_inference_options(inf + ["--empty_class_score", "original"]).empty_class_score == "original"
+    sel = ["--checkpoint_dir", str(tmp_path / "c")]
+    assert parse_select_evaluation_options(sel).empty_class_score is None  # the run's opt.json decides
+    assert parse_select_evaluation_options(sel + ["--empty_class_score", "original"]).empty_class_score == "original"
+
+
+@pytest.mark.parametrize("score", ["perfect", "original"])
+def test_evaluation_settings_candidates_use_the_empty_class_score(monkeypatch, score):
+    """choose_settings passes the rule to every candidate's validation Dice and records it."""
+    from MultiMedSeg.evaluation import selection
+
+    seen = []
+
+    def fake_scores(*a, both_empty="perfect", **kw):
+        seen.append(both_empty)
+        return ["v0"], [{"inter": 0.6, "intra": 0.4, "mean_dice": 0.5, "dice": {"1": 0.5, "2": 0.5}}]
+
+    monkeypatch.setattr(selection, "validation_scores", fake_scores)
+    monkeypatch.setattr("MultiMedSeg.ensemble.resolve_checkpoints", lambda folder: [Path("best_step1.pt")])
+    members = [SimpleNamespace(net=SimpleNamespace(config=SimpleNamespace(label_nc=3, src_tgt_domains=[0, 1])))]
+    record = selection.choose_settings(Path("ckpts"), "validation", dataset=object(), inter=True, members=members,
+                                       both_empty=score)
+    assert seen == [score] and record["validation"]["empty_class_score"] == score

@@ -163,7 +163,8 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
                 for branch, vol in restored.items():
                     vol = vol.astype(np.int64)
                     scores = volume_scores(vol, gt, config.label_nc, spacing,
-                                           vessels_within_gt=opts.consider_only_vessels_within_brain)
+                                           vessels_within_gt=opts.consider_only_vessels_within_brain,
+                                           both_empty=opts.empty_class_score)
                     for cls, s in scores.items():
                         rows.append({"volume": vid, "prediction": branch, "class": cls,
                                      "dice": s["dice"], "hd95": s["hd95"], "hd": s["hd"]})
@@ -178,7 +179,7 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
             "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             **settings.record(inter, len(models)),  # ensemble_size, ensemble_weights and where they came from
             "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written,
-            "no_ground_truth": no_gt})
+            "no_ground_truth": no_gt, "empty_class_score": opts.empty_class_score})
     if no_gt:
         scored = len(dataset.volumes) - len(no_gt)
         warn(f"no ground truth for {len(no_gt)} of {len(dataset.volumes)} test volume(s) ("

@@ -360,7 +360,7 @@ class Coach:
             preds["inter_"] = volume_labels(inter, weight)
             preds[""] = volume_labels(blend(inter, intra, VAL_ENSEMBLE_WEIGHTS), weight)
         return [branch_metrics({k: v.numpy() for k, v in preds.items()}, gt.numpy(), self.opts.label_nc,
-                               self.opts.consider_only_vessels_within_brain)]
+                               self.opts.consider_only_vessels_within_brain, self.opts.empty_class_score)]
 
     def _val_losses(self, b: Mapping[str, torch.Tensor], fs: float) -> Dict[str, float]:
         """Validation losses at the encoder size (intra; plus inter when adapting), as the original: the
@@ -393,7 +393,8 @@ class Coach:
         opts = self.opts
         record = choose_settings(self.ckpt_dir, opts.ensemble_selection, self.val_set,
                                  self.device, opts.test_batch_size, opts.consider_only_vessels_within_brain,
-                                 opts.test_workers, inter=not opts.only_intra)
+                                 opts.test_workers, inter=not opts.only_intra,
+                                 both_empty=opts.empty_class_score)
         path = write_settings(self.ckpt_dir, record)
         print(f"{describe(record)} -> {self.run.final / 'checkpoints' / path.name}", file=sys.stderr)
         return path
