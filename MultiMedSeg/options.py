@@ -51,7 +51,8 @@ from robustmedseg.io import check_apart
 
 OPTIONS_NAME = "opt.json"  # a training run's options, in its experiment folder
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
-                  "--stylegan_weights final_global_model.pt --only_intra --src_label 0")
+                  "--stylegan_weights final_global_model.pt --only_intra --src_label 0 "
+                  "--backbone_weights pretrained_models/backbone.pth")
 PAPER_TRAIN = ("--start_from_latent_avg --label_nc 3 --max_steps 20000 --checkpoint_dir <pretrain exp>/checkpoints "
                "--one_target_slice --src_label 0 --tgt_label 1")
 
@@ -423,7 +424,8 @@ def _model(p: _Parser, mode: str) -> None:
     p.add("encoder_base_channels",
           help="channels of the encoder's first stage (pretrain default 64 as the paper; train: from the checkpoint)")
     p.add("backbone_weights", "--arcface_model",
-          help="ArcFace IResNet backbone.pth to initialise the encoder (paper); default: random init")
+          help="ArcFace IResNet backbone.pth to initialise the encoder (the paper's initialisation; IResNet-50, "
+               "base 64). Without it a pretraining starts the encoder from random weights and says so in a note")
     p.add("start_from_latent_avg", help="add the domain's average W to the codes (paper: on)")
     p.add("disable_residuals", help="no content features injected into the generator")
     p.add("disable_DSBN", help="one BatchNorm branch for both domains")

@@ -5,6 +5,7 @@ original's.  Tiny CPU models (tests/builders.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,9 +20,9 @@ from builders import tiny_psp_config, write_checkpoints
 from MultiMedSeg import generation as gen
 from MultiMedSeg.ensemble import Ensemble, SegmentationEnsemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP
-from MultiMedSeg.options import parse_training_options, stored_training_options
+from MultiMedSeg.options import AdaptOptions, parse_training_options, stored_training_options
 from MultiMedSeg.training.coach import Coach
-from MultiMedSeg.training.setup import pretrain_config
+from MultiMedSeg.training.setup import BACKBONE_NOTE, backbone_note, pretrain_config
 
 torch.set_num_threads(1)
 
@@ -185,3 +186,36 @@ def test_evaluation_settings_candidates_use_the_empty_class_score(monkeypatch, s
     record = selection.choose_settings(Path("ckpts"), "validation", dataset=object(), inter=True, members=members,
                                        both_empty=score)
     assert seen == [score] and record["validation"]["empty_class_score"] == score
+
+
+# ------------------------------------------------------------------ the encoder's initialisation (item 6)
+def test_pretraining_without_backbone_weights_says_so_once(preprocessed_sites, tmp_path, capsys):
+    from MultiMedSeg import pretrain as pretrain_cli
+
+    gen_file = tiny_generator_file(tmp_path / "g.pt")
+    argv = ["--source_data", str(preprocessed_sites[0]), "--stylegan_weights", str(gen_file), "--src_label", "0",
+            "--lpips_lambda", "0", "--max_steps", "1", "--val_interval", "1", *MMS_TINY]
+    pretrain_cli.main(["--exp_dir", str(tmp_path / "random"), *argv])
+    assert capsys.readouterr().err.count(BACKBONE_NOTE) == 1
+    assert BACKBONE_NOTE.startswith("note: no --backbone_weights")
+
+    weights = tmp_path / "backbone.pth"  # a tiny ArcFace-format file: an encoder backbone's own state dict
+    torch.manual_seed(7)
+    backbone = PSP(tiny_psp_config(src_tgt_domains=[0])).encoder.backbone.state_dict()
+    torch.save(backbone, weights)
+    pretrain_cli.main(["--exp_dir", str(tmp_path / "arcface"), *argv, "--backbone_weights", str(weights)])
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_backbone_note_only_for_a_new_pretraining(tmp_path):
+    opts = parse_training_options(_pretrain_argv(tmp_path), "pretrain")
+    assert backbone_note(opts) == BACKBONE_NOTE
+    assert backbone_note(dataclasses.replace(opts, resume=True)) is None  # the encoder comes from last.pt
+    assert backbone_note(dataclasses.replace(opts, backbone_weights=tmp_path / "b.pth")) is None
+    assert backbone_note(AdaptOptions(**{k: v for k, v in vars(opts).items()})) is None  # from the checkpoint
+
+
+def test_paper_pretrain_command_names_the_backbone():
+    from MultiMedSeg.options import PAPER_PRETRAIN, training_parser
+
+    assert "--backbone_weights" in PAPER_PRETRAIN and PAPER_PRETRAIN in training_parser("pretrain").epilog

@@ -34,7 +34,8 @@ from MultiMedSeg.ensemble import Ensemble, Member, blend, volume_labels
 from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.options import OPTIONS_NAME, TrainingOptions
 from MultiMedSeg.data.preprocessing_plan import save_plan
-from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, preprocessing_plan
+from MultiMedSeg.training.setup import (RunFolder, adaptation_model, backbone_note, check_exp_dir, pretrain_config,
+                                       preprocessing_plan)
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
@@ -118,6 +119,9 @@ class Coach:
         except BaseException:
             self.run.abandon()
             raise
+        note = backbone_note(self.opts)  # once the run is set up (an input error stays one line)
+        if note:
+            print(note, file=sys.stderr)
 
     # ---------------------------------------------------------------- building
     def _build_model(self) -> PSP:

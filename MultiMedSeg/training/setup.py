@@ -113,6 +113,18 @@ def check_domains(opts: TrainingOptions, n_domains: int, source: Path) -> None:
             raise InputError(f"--{flag} {value} is not a domain of this generator (n_domains = {n_domains})", source)
 
 
+BACKBONE_NOTE = ("note: no --backbone_weights: the encoder starts from random weights (the paper initialises it "
+                 "from ArcFace backbone.pth)")
+
+
+def backbone_note(opts: TrainingOptions) -> Optional[str]:
+    """The note of a new pretraining (not ``--resume``) without ``--backbone_weights``: its encoder starts
+    from random weights, not the paper's ArcFace initialisation (docs/differences.md#backbone-default)."""
+    if opts.only_intra and not opts.resume and opts.backbone_weights is None:
+        return BACKBONE_NOTE
+    return None
+
+
 def pretrain_config(opts: TrainingOptions) -> PSPConfig:
     """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
     path = Path(opts.stylegan_weights)
