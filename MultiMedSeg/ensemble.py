@@ -114,9 +114,9 @@ def share_identical_decoders(members: Sequence[Member]) -> int:
 
 
 def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cpu"),
-                  feature_scale_from: str = "each") -> "Ensemble":
+                  feature_scale_from: str = "each", trans_clamp: bool = True) -> "Ensemble":
     """Read every checkpoint once, check that they agree, share equal decoders, move to ``device``;
-    ``feature_scale_from``: see :class:`Ensemble`."""
+    ``feature_scale_from``, ``trans_clamp``: see :class:`Ensemble`."""
     members: List[Member] = []
     for path in paths:
         m = load_member(path)
@@ -127,7 +127,7 @@ def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cp
     share_identical_decoders(members)
     for m in members:
         m.net.to(device)
-    return Ensemble(members, device, feature_scale_from)
+    return Ensemble(members, device, feature_scale_from, trans_clamp)
 
 
 def choose_head(head: str, label: int, domains: Sequence[int], path: Path) -> str:
@@ -166,10 +166,11 @@ class Ensemble(Sequence[Member]):
     Every member runs with its own feature scale (``feature_scale_from='each'``) or with the first
     (best) member's (``'best'``, as the original's generation): :attr:`scales`.  The nets must be in
     ``eval()`` for deterministic outputs (:func:`load_ensemble` does it).  ``device``: where the inputs
-    go (default: the first member's)."""
+    go (default: the first member's).  ``trans_clamp``: the translated image is clamped to [-1, 1]
+    (default; the original kept the network's values, ``inference.py --no_trans_clamp``)."""
 
     def __init__(self, members: Sequence[Member], device: Optional[torch.device] = None,
-                 feature_scale_from: str = "each"):
+                 feature_scale_from: str = "each", trans_clamp: bool = True):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         if feature_scale_from not in FEATURE_SCALE_SOURCES:
@@ -178,6 +179,7 @@ class Ensemble(Sequence[Member]):
         self.config = self.members[0].net.config
         self._device = device
         self.feature_scale_from = feature_scale_from
+        self.trans_clamp = trans_clamp
 
     @property
     def scales(self) -> List[float]:
@@ -217,7 +219,7 @@ class Ensemble(Sequence[Member]):
         Returns ``intra`` (B, L, H, W), the mean class probabilities in the slices' own domain (the
         head ``label`` selects) and, with ``inter``, ``inter`` (B, L, H, W), the mean probabilities after
         translation to the other domain, and ``trans`` (B, 1, H, W), the translated image of the first
-        (best) member, clamped to [-1, 1] (with ``invert_intensity`` negated again where that member's
+        (best) member, clamped to [-1, 1] unless ``trans_clamp`` is off (with ``invert_intensity`` negated again where that member's
         inter prediction is background, undoing the interpreter's inversion there)."""
         x = x.to(self.device)
         label = label.to(self.device)
@@ -231,7 +233,9 @@ class Ensemble(Sequence[Member]):
                 member_inter = _resize(t[:, 1:], out_size)
                 sums["inter"] = sums.get("inter", 0) + member_inter
                 if k == 0:
-                    trans = _resize(t[:, :1], out_size).clamp(-1.0, 1.0)
+                    trans = _resize(t[:, :1], out_size)
+                    if self.trans_clamp:
+                        trans = trans.clamp(-1.0, 1.0)
                     if member.net.config.invert_intensity:
                         trans = torch.where(member_inter.argmax(1, keepdim=True) == 0, -trans, trans)
         result = {key: value / len(self.members) for key, value in sums.items()}

@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, Union
 
-from robustmedseg.cli import CliParser, DataclassParser, dataclass_from_dict, field_type
+from robustmedseg.cli import BooleanFlag, CliParser, DataclassParser, dataclass_from_dict, field_type
 from robustmedseg.errors import InputError
 from robustmedseg.io import check_apart
 
@@ -218,6 +218,7 @@ class InferenceOptions(_RunOptions):
     label_nc: Optional[int] = None
     consider_only_vessels_within_brain: bool = False
     empty_class_score: str = "perfect"
+    trans_clamp: bool = True
 
 
 @dataclass(frozen=True)
@@ -561,6 +562,9 @@ def inference_parser() -> _Parser:
           help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
                "original; the other classes and 'foreground' are unchanged")
     p.add("empty_class_score", choices=EMPTY_CLASS_SCORES, help="metrics.csv: " + _EMPTY_CLASS_HELP)
+    p.add("trans_clamp", action=BooleanFlag,
+          help="clamp the translated image <id>_trans to [-1, 1], the slice format's range (default); "
+               "--no_trans_clamp keeps the network's values, as the original (docs/differences.md#trans-range)")
     return p
 
 

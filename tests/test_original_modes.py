@@ -18,7 +18,7 @@ import torch
 from builders import MMS_TINY, generate_volumes, make_cfg, quiet, tiny_generation_config, tiny_generator_file
 from builders import tiny_psp_config, write_checkpoints
 from MultiMedSeg import generation as gen
-from MultiMedSeg.ensemble import Ensemble, SegmentationEnsemble, resolve_checkpoints
+from MultiMedSeg.ensemble import Ensemble, Member, SegmentationEnsemble, resolve_checkpoints
 from MultiMedSeg.models.psp import PSP
 from MultiMedSeg.options import AdaptOptions, parse_training_options, stored_training_options
 from MultiMedSeg.training.coach import Coach
@@ -219,3 +219,36 @@ def test_paper_pretrain_command_names_the_backbone():
     from MultiMedSeg.options import PAPER_PRETRAIN, training_parser
 
     assert "--backbone_weights" in PAPER_PRETRAIN and PAPER_PRETRAIN in training_parser("pretrain").epilog
+
+
+# ------------------------------------------------------------------ the range of _trans (item 12a)
+class _Overshoot(torch.nn.Module):
+    """A stand-in pSp whose reconstructed / translated image is 3x its input (beyond [-1, 1])."""
+
+    config = SimpleNamespace(invert_intensity=False, label_nc=3, src_tgt_domains=[0, 1])
+
+    def forward(self, x, label, resize=False, feature_scale=1.0):
+        probs = torch.full((x.shape[0], 3, *x.shape[-2:]), 1.0 / 3)
+        return torch.cat([3 * x, probs], 1)
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_trans_clamp_switch(clamp):
+    x = torch.linspace(-1, 1, 2 * 8 * 8).reshape(2, 1, 8, 8)
+    label = torch.tensor([[0.0, 1.0]] * 2)
+    ensemble = Ensemble([Member(_Overshoot(), 1.0, None)], torch.device("cpu"), trans_clamp=clamp)
+    trans = ensemble.predict_batch(x, label)["trans"]
+    assert torch.equal(trans, (3 * x).clamp(-1, 1) if clamp else 3 * x)
+    assert (trans.abs().max() > 1) == (not clamp)
+    default = Ensemble([Member(_Overshoot(), 1.0, None)], torch.device("cpu")).predict_batch(x, label)["trans"]
+    assert default.abs().max() == 1.0  # clamped by default
+
+
+def test_trans_clamp_flag(tmp_path):
+    from MultiMedSeg.options import parse_inference_options
+
+    argv = ["--exp_dir", str(tmp_path / "o"), "--checkpoint_dir", str(tmp_path / "c"), "--test_root",
+            str(tmp_path / "t"), "--metadata", str(tmp_path / "m.json")]
+    assert parse_inference_options(argv).trans_clamp is True
+    assert parse_inference_options(argv + ["--no_trans_clamp"]).trans_clamp is False
+    assert parse_inference_options(argv + ["--no-trans-clamp", "--trans_clamp"]).trans_clamp is True

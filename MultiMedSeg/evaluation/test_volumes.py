@@ -120,7 +120,8 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
     configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
     # up to the ensemble size: a run that kept fewer best checkpoints uses all it kept
-    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device)
+    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device,
+                           trans_clamp=opts.trans_clamp)
     config = models.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
@@ -179,7 +180,7 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
             "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             **settings.record(inter, len(models)),  # ensemble_size, ensemble_weights and where they came from
             "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written,
-            "no_ground_truth": no_gt, "empty_class_score": opts.empty_class_score})
+            "no_ground_truth": no_gt, "empty_class_score": opts.empty_class_score, "trans_clamp": opts.trans_clamp})
     if no_gt:
         scored = len(dataset.volumes) - len(no_gt)
         warn(f"no ground truth for {len(no_gt)} of {len(dataset.volumes)} test volume(s) ("
