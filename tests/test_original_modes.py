@@ -252,3 +252,68 @@ def test_trans_clamp_flag(tmp_path):
     assert parse_inference_options(argv).trans_clamp is True
     assert parse_inference_options(argv + ["--no_trans_clamp"]).trans_clamp is False
     assert parse_inference_options(argv + ["--no-trans-clamp", "--trans_clamp"]).trans_clamp is True
+
+
+# ------------------------------------------------------------------ volumes without a label file (item 3)
+def _three_volumes(root: Path) -> Path:
+    """vol0, vol1 with a label file (class 1 inside a brain mask on slices 2..9 of 12), vol2 without."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        image = rng.normal(0, 0.05, (20, 24, 12)).astype(np.float32)
+        brain = np.zeros(image.shape, np.uint8)
+        brain[3:17, 4:20, 2:10] = 1
+        label = np.zeros(image.shape, np.uint8)
+        label[8:12, 9:14, 4:7] = 1
+        image += brain + label
+        kinds = {"images": image, "brain": brain, **({"labels": label} if i < 2 else {})}
+        for kind, array in kinds.items():
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 2.0, 1.0])), str(root / kind / f"vol{i}.nii.gz"))
+    return root
+
+
+@pytest.mark.parametrize("brain", [False, True])
+def test_missing_labels_empty_gives_all_zero_labels(tmp_path, brain):
+    import numpy as np
+
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess
+    from robustmedseg.data.slices import load_slice
+
+    root = _three_volumes(tmp_path / "raw")
+    base = dict(images=root / "images", labels=root / "labels", size=32, val_frac=0.34, test_frac=0.0,
+                target_spacing=(1, 1, 2), crop=False, brain_masks=(root / "brain") if brain else None)
+    plain = preprocess(PreprocessConfig(out=tmp_path / "none", **base), log=quiet)
+    empty = preprocess(PreprocessConfig(out=tmp_path / "empty", missing_labels="empty", **base), log=quiet)
+    assert plain["splits"] == empty["splits"] and "vol2" in empty["splits"]["train"]
+    assert set(empty["splits"]["val"]) <= {"vol0", "vol1"}  # validation stays annotated
+    before, after = plain["volumes"]["vol2"], empty["volumes"]["vol2"]
+    assert after["label"] is None and after["empty_label"] and "empty_label" not in before
+    assert after["z_split"] == before["z_split"] == ([2, 10] if brain else [0, 12])  # the same z-split
+    assert all("mask" not in np.load(tmp_path / "none" / rel) for rel in before["slices"])  # default: no mask
+    masks = np.stack([load_slice(tmp_path / "empty" / rel, require_mask=True)["mask"] for rel in after["slices"]])
+    classes = masks.argmax(-1)
+    assert masks.shape[-1] == empty["num_classes"] == (3 if brain else 2) and np.all(masks.sum(-1) == 1)
+    assert not masks[..., -1].any()  # the label channel is empty everywhere
+    assert (set(np.unique(classes)) == {0, 1}) if brain else not classes.any()  # [background, brain] / background
+    labeled = next(v for k, v in empty["volumes"].items() if k in empty["splits"]["train"] and v["label"])
+    assert np.stack([load_slice(tmp_path / "empty" / rel)["mask"] for rel in labeled["slices"]])[..., -1].any()
+
+
+def test_missing_labels_refusals(tmp_path, capsys):
+    from builders import exit_message
+    from MultiMedSeg.data.volumes_to_slices import PreprocessConfig
+    from MultiMedSeg.preprocess import main as preprocess_main
+    from robustmedseg.errors import InputError
+
+    with pytest.raises(InputError, match="--missing-labels empty .*--annotation-required"):
+        PreprocessConfig(images=tmp_path, labels=tmp_path, out=tmp_path / "o", missing_labels="empty",
+                         annotation_required=True).check()
+    with pytest.raises(InputError, match="--missing-labels"):
+        PreprocessConfig(images=tmp_path, labels=tmp_path, out=tmp_path / "o", missing_labels="zeros").check()
+    err = exit_message(capsys, preprocess_main, ["--images", str(tmp_path), "--labels", str(tmp_path), "--out",
+                                                 str(tmp_path / "o"), "--missing-labels", "empty",
+                                                 "--annotation-required"])
+    assert "--missing-labels empty" in err and "--annotation-required" in err
