@@ -219,6 +219,7 @@ class InferenceOptions(_RunOptions):
     consider_only_vessels_within_brain: bool = False
     empty_class_score: str = "perfect"
     trans_clamp: bool = True
+    metrics_space: str = "restored"
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,9 @@ EVAL_NOISE_MODES = ("fixed", "random")
 # how a class absent from both the prediction and the ground truth is scored: Dice 1 / distances 0, or the
 # original's Dice 0 / distances inf (the keys of MultiMedSeg.evaluation.metrics.BOTH_EMPTY)
 EMPTY_CLASS_SCORES = ("perfect", "original")
+# where inference.py scores (metrics.csv): the restored volume in mm or the preprocessed slice stack in voxels
+# (the keys of MultiMedSeg.evaluation.metrics.METRICS_UNIT)
+METRICS_SPACES = ("restored", "preprocessed")
 HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
 NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
 # whose feature scale the ensemble members run with (MultiMedSeg.ensemble.Ensemble.scales): the best checkpoint's
@@ -565,6 +569,11 @@ def inference_parser() -> _Parser:
     p.add("trans_clamp", action=BooleanFlag,
           help="clamp the translated image <id>_trans to [-1, 1], the slice format's range (default); "
                "--no_trans_clamp keeps the network's values, as the original (docs/differences.md#trans-range)")
+    p.add("metrics_space", choices=METRICS_SPACES,
+          help="metrics.csv: 'restored' (default) Dice, HD95 and HD in mm on each volume restored to its original "
+               "grid against the label file; 'preprocessed' the original's figures: Dice and maximum HD in voxels on "
+               "the preprocessed slice stack against the slices' masks (hd95 empty); column unit = mm or voxel "
+               "(docs/differences.md#inference-metrics)")
     return p
 
 

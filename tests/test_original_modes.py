@@ -317,3 +317,85 @@ def test_missing_labels_refusals(tmp_path, capsys):
                                                  str(tmp_path / "o"), "--missing-labels", "empty",
                                                  "--annotation-required"])
     assert "--missing-labels empty" in err and "--annotation-required" in err
+
+
+# ------------------------------------------------------------------ inference metrics space (item 8)
+@pytest.fixture(scope="module")
+def tiny_run(preprocessed_sites, tmp_path_factory) -> Path:
+    """A 4-step pretraining on the conftest phantom's site 0."""
+    from MultiMedSeg import pretrain as pretrain_cli
+
+    root = tmp_path_factory.mktemp("metrics_space")
+    gen_file = tiny_generator_file(root / "g.pt")
+    pretrain_cli.main(["--exp_dir", str(root / "run"), "--source_data", str(preprocessed_sites[0]), "--stylegan_weights",
+                       str(gen_file), "--src_label", "0", "--lpips_lambda", "0", "--max_steps", "4", "--val_interval",
+                       "2", *MMS_TINY])
+    return root / "run"
+
+
+def test_metrics_space_preprocessed_is_medpy_on_the_slice_stacks(tiny_run, preprocessed_sites, tmp_path, monkeypatch):
+    import csv
+
+    import numpy as np
+    from medpy.metric.binary import dc, hd
+
+    from MultiMedSeg import inference as inference_cli
+    from MultiMedSeg.evaluation import test_volumes
+    from MultiMedSeg.evaluation.metrics import read_metrics_csv
+    from robustmedseg.data.slices import load_slice
+
+    site = preprocessed_sites[0]
+    stacks = []  # the label stacks inference scores, in volume order
+    real = test_volumes.label_volumes
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        stacks.append(out["intra"])
+        return out
+
+    monkeypatch.setattr(test_volumes, "label_volumes", spy)
+    argv = ["--checkpoint_dir", str(tiny_run), "--target_data", str(site), "--device", "cpu"]
+    inference_cli.main(["--exp_dir", str(tmp_path / "vox"), *argv, "--metrics_space", "preprocessed"])
+    monkeypatch.undo()
+    inference_cli.main(["--exp_dir", str(tmp_path / "mm"), *argv])
+
+    meta = json.loads((site / "metadata.json").read_text())
+    test_ids = meta["splits"]["test"]
+    assert len(stacks) == len(test_ids) >= 1
+    with open(tmp_path / "vox" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["unit"] == "voxel" and r["hd95"] == "" for r in rows)
+    checked = 0
+    for vid, pred in zip(sorted(test_ids), stacks):
+        gt = np.stack([load_slice(site / rel, require_mask=True)["mask"].argmax(-1)
+                       for rel in meta["volumes"][vid]["slices"]])
+        assert gt.shape == pred.shape
+        for r in (r for r in rows if r["volume"] == vid and r["class"] != "foreground"):
+            p, g = pred == int(r["class"]), gt == int(r["class"])
+            if p.any() and g.any():
+                assert float(r["dice"]) == pytest.approx(dc(p, g), abs=1e-6)
+                assert float(r["hd"]) == pytest.approx(hd(p, g), abs=1e-5)  # voxels: no spacing
+                checked += 1
+    assert checked >= 2
+    info = json.loads((tmp_path / "vox" / "inference.json").read_text())
+    assert info["metrics_space"] == "preprocessed" and info["metrics_unit"] == "voxel"
+    with open(tmp_path / "mm" / "metrics.csv", newline="") as fh:
+        mm_rows = list(csv.DictReader(fh))
+    assert mm_rows and all(r["unit"] == "mm" and r["hd95"] != "" for r in mm_rows)  # the default: unchanged figures
+    assert json.loads((tmp_path / "mm" / "inference.json").read_text())["metrics_space"] == "restored"
+    vox = read_metrics_csv(tmp_path / "vox" / "metrics.csv", "intra")  # the reader: empty hd95 is nan
+    assert all(math.isnan(s["hd95"]) for v in vox.values() for s in v.values())
+
+
+def test_metrics_csv_readers_take_old_and_new_files(tmp_path):
+    from MultiMedSeg.evaluation.metrics import METRICS_UNIT, read_metrics_csv, volume_statistics
+    from MultiMedSeg.options import METRICS_SPACES
+
+    assert set(METRICS_SPACES) == set(METRICS_UNIT)
+    old = tmp_path / "old.csv"
+    old.write_text("volume,prediction,class,dice,hd95,hd\nv0,pred,1,0.5,2.0,3.0\nv0,pred,2,0.7,1.0,4.0\n")
+    new = tmp_path / "new.csv"
+    new.write_text("volume,prediction,class,dice,hd95,hd,unit\nv0,pred,1,0.5,,3.0,voxel\nv0,pred,2,0.7,,4.0,voxel\n")
+    assert read_metrics_csv(old, "pred")["v0"]["1"] == {"hd": 3.0, "hd95": 2.0, "dice": 0.5}
+    stats = volume_statistics(read_metrics_csv(new, "pred"), (("1", "A"), ("2", "B")))
+    assert stats["A"]["dice"]["mean"] == 0.5 and math.isnan(stats["A"]["hd95"]["mean"])
