@@ -150,6 +150,7 @@ class TrainingOptions(_RunOptions):
     board_interval: int = 100
     val_interval: int = 1000
     save_interval: Optional[int] = None
+    step_count: str = "updates"
     n_best: int = 5
     ensemble_selection: str = "validation"
     optimize_mode: str = "foreground"
@@ -278,6 +279,9 @@ EMPTY_CLASS_SCORES = ("perfect", "original")
 # where inference.py scores (metrics.csv): the restored volume in mm or the preprocessed slice stack in voxels
 # (the keys of MultiMedSeg.evaluation.metrics.METRICS_UNIT)
 METRICS_SPACES = ("restored", "preprocessed")
+# how training counts its steps (MultiMedSeg.training.coach.step_after_update): step k = k updates made
+# ('updates') or the original's steps 0 ... max_steps, validated after the update of step k ('original')
+STEP_COUNTS = ("updates", "original")
 HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
 NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
 # whose feature scale the ensemble members run with (MultiMedSeg.ensemble.Ensemble.scales): the best checkpoint's
@@ -510,6 +514,10 @@ def training_parser(mode: str) -> _Parser:
     p.add("board_interval", help="TensorBoard scalars every N steps")
     p.add("val_interval", help="validate every N steps (and at --max_steps)")
     p.add("save_interval", help="write iteration_<step>.pt every N steps (default: at the end)")
+    p.add("step_count", choices=STEP_COUNTS,
+          help="'updates' (default): --max_steps updates, step k is validated after k updates; 'original': the "
+               "original's steps 0 ... max_steps (max_steps + 1 updates; step 0 is never validated), step k "
+               "validated after its own update, i.e. after k + 1 updates (docs/differences.md#step-count)")
     p.add("n_best", "--ensemble_size", help="k best checkpoints kept")
     if not pre:
         from MultiMedSeg.evaluation.settings import RULES, WEIGHT_GRID

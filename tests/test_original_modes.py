@@ -399,3 +399,51 @@ def test_metrics_csv_readers_take_old_and_new_files(tmp_path):
     assert read_metrics_csv(old, "pred")["v0"]["1"] == {"hd": 3.0, "hd95": 2.0, "dice": 0.5}
     stats = volume_statistics(read_metrics_csv(new, "pred"), (("1", "A"), ("2", "B")))
     assert stats["A"]["dice"]["mean"] == 0.5 and math.isnan(stats["A"]["hd95"]["mean"])
+
+
+# ------------------------------------------------------------------ step count (item 12b)
+def test_step_schedule_updates_and_original():
+    from MultiMedSeg.training.coach import last_training_step, step_after_update
+
+    def plan(step_count):
+        steps = range(last_training_step(4, step_count) + 1)
+        return [(s, *step_after_update(s, 4, 2, step_count)) for s in steps]
+
+    # today: 4 updates (steps 0..3); step k validated after k updates: after updates 2 and 4
+    assert plan("updates") == [(0, 1, False, False), (1, 2, True, False), (2, 3, False, False), (3, 4, True, True)]
+    # the original: steps 0..4 = 5 updates; step k validated after its own update (k + 1 updates); 0 never
+    assert plan("original") == [(0, 0, False, False), (1, 1, False, False), (2, 2, True, False),
+                                (3, 3, False, False), (4, 4, True, True)]
+
+
+@pytest.mark.parametrize("step_count,updates,validated", [("updates", 4, [(2, 2), (4, 4)]),
+                                                          ("original", 5, [(2, 3), (4, 5)])])
+def test_step_count_of_a_tiny_run(preprocessed_sites, tmp_path, monkeypatch, step_count, updates, validated):
+    """max_steps 4, val_interval 2: how many updates, and (validated step, updates made before it)."""
+    from MultiMedSeg import pretrain as pretrain_cli
+
+    made, seen = [], []
+    real_step, real_validate = Coach.train_step, Coach.validate
+
+    def train_step(self, batch):
+        made.append((self.global_step, self.feature_scale()))
+        return real_step(self, batch)
+
+    def validate(self):
+        seen.append((self.global_step, len(made)))
+        return real_validate(self)
+
+    monkeypatch.setattr(Coach, "train_step", train_step)
+    monkeypatch.setattr(Coach, "validate", validate)
+    gen_file = tiny_generator_file(tmp_path / "g.pt")
+    exp = tmp_path / "run"
+    pretrain_cli.main(["--exp_dir", str(exp), "--source_data", str(preprocessed_sites[0]), "--stylegan_weights",
+                       str(gen_file), "--src_label", "0", "--lpips_lambda", "0", "--max_steps", "4", "--val_interval",
+                       "2", "--step_count", step_count, *MMS_TINY])
+    assert len(made) == updates and [s for s, _ in made] == list(range(updates))
+    assert [fs for _, fs in made] == pytest.approx([min(1.0, 0.1 * s) for s in range(updates)])
+    assert seen == validated
+    best = json.loads((exp / "checkpoints" / "best.json").read_text())
+    assert sorted(e["step"] for e in best) == [2, 4]  # the best checkpoints are named by the validated steps
+    assert json.loads((exp / "opt.json").read_text())["step_count"] == step_count
+    assert (exp / "checkpoints" / "iteration_4.pt").is_file()
