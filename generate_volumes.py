@@ -25,7 +25,7 @@ def build_parser() -> DataclassParser:
     """The flags are the fields of :class:`MultiMedSeg.options.GenerationConfig` (type, default; a field
     without a default is a required flag), under their canonical names (``--checkpoint_dir`` for the
     reference's ``--ckpt_dir``...); ``--quiet`` only silences the command."""
-    from MultiMedSeg.options import HEADS, NOISE_MODES, GenerationConfig  # no torch before --help
+    from MultiMedSeg.options import FEATURE_SCALE_SOURCES, HEADS, NOISE_MODES, GenerationConfig  # no torch yet
 
     p = DataclassParser(GenerationConfig, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
@@ -58,6 +58,10 @@ def build_parser() -> DataclassParser:
     p.add("head", group=g, choices=HEADS,
           help="classifier head: 'auto' (default) the head of the checkpoint domain equal to --label (source = "
                "one-hot [1,0], target = [0,1]); name one to force it")
+    p.add("feature_scale_from", group=g, choices=FEATURE_SCALE_SOURCES,
+          help="feature scale min(1, rate*step) of the segmenting checkpoints: 'best' (default, as the original) "
+               "the best checkpoint's for every member, 'each' every checkpoint its own (the scale it was validated "
+               "with)")
     p.add("keep_largest_component", "--keep_largest_component", flags=("--keep-largest-component",), group=g,
           help="per slice and per foreground label keep ONLY the largest 2-D connected component (8-connected; "
                "components tied for the largest are all kept), as the reference's --remove_largest_components "

@@ -24,7 +24,9 @@ of the probabilities of the translated slices segmented by the other head; ``pre
 ``(w_inter * inter + w_intra * intra) / (w_inter + w_intra)``; the means divide by the number of members.
 
 A member's feature scale is ``min(1, feature_scale_rate * global_step)`` of its own checkpoint,
-the value it was validated with during training.
+the value it was validated with during training.  An ensemble runs every member with its own scale
+(``feature_scale_from='each'``) or every member with the best (first) member's scale (``'best'``, the
+original's generation, docs/differences.md#generation-feature-scale): :attr:`Ensemble.scales`.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.models.psp import PSP, flip_label
-from MultiMedSeg.options import HEADS, stored_training_options
+from MultiMedSeg.options import FEATURE_SCALE_SOURCES, HEADS, stored_training_options
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 
@@ -111,8 +113,10 @@ def share_identical_decoders(members: Sequence[Member]) -> int:
     return shared
 
 
-def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cpu")) -> "Ensemble":
-    """Read every checkpoint once, check that they agree, share equal decoders, move to ``device``."""
+def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cpu"),
+                  feature_scale_from: str = "each", trans_clamp: bool = True) -> "Ensemble":
+    """Read every checkpoint once, check that they agree, share equal decoders, move to ``device``;
+    ``feature_scale_from``, ``trans_clamp``: see :class:`Ensemble`."""
     members: List[Member] = []
     for path in paths:
         m = load_member(path)
@@ -123,7 +127,7 @@ def load_ensemble(paths: Sequence[Path], device: torch.device = torch.device("cp
     share_identical_decoders(members)
     for m in members:
         m.net.to(device)
-    return Ensemble(members, device)
+    return Ensemble(members, device, feature_scale_from, trans_clamp)
 
 
 def choose_head(head: str, label: int, domains: Sequence[int], path: Path) -> str:
@@ -159,16 +163,30 @@ def _resize(t: torch.Tensor, size: Optional[Sequence[int]]) -> torch.Tensor:
 class Ensemble(Sequence[Member]):
     """The members of an ensemble (a sequence of :class:`Member`, best first) and how they vote.
 
-    Every member runs with its own feature scale; the nets must be in ``eval()`` for deterministic
-    outputs (:func:`load_ensemble` does it).  ``device``: where the inputs go (default: the first
-    member's)."""
+    Every member runs with its own feature scale (``feature_scale_from='each'``) or with the first
+    (best) member's (``'best'``, as the original's generation): :attr:`scales`.  The nets must be in
+    ``eval()`` for deterministic outputs (:func:`load_ensemble` does it).  ``device``: where the inputs
+    go (default: the first member's).  ``trans_clamp``: the translated image is clamped to [-1, 1]
+    (default; the original kept the network's values, ``inference.py --no_trans_clamp``)."""
 
-    def __init__(self, members: Sequence[Member], device: Optional[torch.device] = None):
+    def __init__(self, members: Sequence[Member], device: Optional[torch.device] = None,
+                 feature_scale_from: str = "each", trans_clamp: bool = True):
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if feature_scale_from not in FEATURE_SCALE_SOURCES:
+            raise ValueError(f"feature_scale_from must be one of {FEATURE_SCALE_SOURCES}, got {feature_scale_from!r}")
         self.members = list(members)
         self.config = self.members[0].net.config
         self._device = device
+        self.feature_scale_from = feature_scale_from
+        self.trans_clamp = trans_clamp
+
+    @property
+    def scales(self) -> List[float]:
+        """The feature scale each member runs with: its own, or the best member's for all."""
+        if self.feature_scale_from == "best":
+            return [self.members[0].feature_scale] * len(self.members)
+        return [m.feature_scale for m in self.members]
 
     def __len__(self) -> int:
         return len(self.members)
@@ -195,27 +213,29 @@ class Ensemble(Sequence[Member]):
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor, label: torch.Tensor, out_size: Optional[Sequence[int]] = None,
                       inter: bool = True) -> Dict[str, torch.Tensor]:
-        """One batch at the generator's resolution, each member with its feature scale, resized to
+        """One batch at the generator's resolution, each member with its scale of :attr:`scales`, resized to
         ``out_size`` (the slice grid; None: not resized).
 
         Returns ``intra`` (B, L, H, W), the mean class probabilities in the slices' own domain (the
         head ``label`` selects) and, with ``inter``, ``inter`` (B, L, H, W), the mean probabilities after
         translation to the other domain, and ``trans`` (B, 1, H, W), the translated image of the first
-        (best) member, clamped to [-1, 1] (with ``invert_intensity`` negated again where that member's
+        (best) member, clamped to [-1, 1] unless ``trans_clamp`` is off (with ``invert_intensity`` negated again where that member's
         inter prediction is background, undoing the interpreter's inversion there)."""
         x = x.to(self.device)
         label = label.to(self.device)
         sums: Dict[str, torch.Tensor] = {}
         trans = None
-        for k, member in enumerate(self.members):
-            out = member.net(x, label, resize=False, feature_scale=member.feature_scale).float()
+        for k, (member, scale) in enumerate(zip(self.members, self.scales)):
+            out = member.net(x, label, resize=False, feature_scale=scale).float()
             sums["intra"] = sums.get("intra", 0) + _resize(out[:, 1:], out_size)
             if inter:
-                t = member.net(x, flip_label(label), resize=False, feature_scale=member.feature_scale).float()
+                t = member.net(x, flip_label(label), resize=False, feature_scale=scale).float()
                 member_inter = _resize(t[:, 1:], out_size)
                 sums["inter"] = sums.get("inter", 0) + member_inter
                 if k == 0:
-                    trans = _resize(t[:, :1], out_size).clamp(-1.0, 1.0)
+                    trans = _resize(t[:, :1], out_size)
+                    if self.trans_clamp:
+                        trans = trans.clamp(-1.0, 1.0)
                     if member.net.config.invert_intensity:
                         trans = torch.where(member_inter.argmax(1, keepdim=True) == 0, -trans, trans)
         result = {key: value / len(self.members) for key, value in sums.items()}
@@ -276,16 +296,19 @@ def translation_volume(pred: Mapping[str, torch.Tensor], mask_outside_weight: bo
 class SegmentationEnsemble(Ensemble):
     """The best checkpoints, loaded once, averaging class probabilities of one head (generation)."""
 
-    def __init__(self, members: Sequence[Member], head: str, device: Optional[torch.device] = None):
-        super().__init__(members, device)
+    def __init__(self, members: Sequence[Member], head: str, device: Optional[torch.device] = None,
+                 feature_scale_from: str = "each"):
+        super().__init__(members, device, feature_scale_from)
         self.head = head
 
     @classmethod
     def load(cls, paths: Sequence[Path], label: int, head: str = "auto",  # type: ignore[override]
-             device: torch.device = torch.device("cpu")) -> "SegmentationEnsemble":
-        """:func:`load_ensemble` of ``paths`` with the head that segments domain ``label`` (:func:`choose_head`)."""
+             device: torch.device = torch.device("cpu"), feature_scale_from: str = "each") -> "SegmentationEnsemble":
+        """:func:`load_ensemble` of ``paths`` with the head that segments domain ``label`` (:func:`choose_head`)
+        and the members' feature scales chosen by ``feature_scale_from`` (:class:`Ensemble`)."""
         members = load_ensemble(paths, device).members
-        return cls(members, choose_head(head, label, members[0].net.config.src_tgt_domains, members[0].path))
+        return cls(members, choose_head(head, label, members[0].net.config.src_tgt_domains, members[0].path),
+                   feature_scale_from=feature_scale_from)
 
     def domain_label(self, batch: int) -> torch.Tensor:
         """(batch, 2) one-hot [source, target] selecting the head: [1, 0] source, [0, 1] target."""

@@ -262,7 +262,7 @@ def build_factory(cfg: GenerationConfig, log: Callable[[str], None] = print) -> 
     """Load the checkpoints (once), the generator and the encoding; check every compatibility rule."""
     device = resolve_device(cfg.device)
     paths = resolve_checkpoints(cfg.ckpt_dir, cfg.ensemble_size)
-    ensemble = SegmentationEnsemble.load(paths, cfg.label, cfg.head, device)
+    ensemble = SegmentationEnsemble.load(paths, cfg.label, cfg.head, device, cfg.feature_scale_from)
     pc = ensemble.config
     if pc.label_nc != cfg.n_segmentation_labels:
         raise InputError(f"checkpoint segments {pc.label_nc} labels but --label_nc is "
@@ -384,6 +384,7 @@ def _summary(cfg: GenerationConfig, factory: VolumeFactory, paths: Sequence[Path
     return {"settings": settings, "n_zbins": factory.generator.n_zbins, "slices_per_volume": factory.n_slices,
             "slice_count_formula": "(n_zbins - 1) * slices_in_one_z + 1", "head": factory.ensemble.head,
             "checkpoints": [str(p) for p in paths],
-            "feature_scales": [m.feature_scale for m in factory.ensemble.members],
+            "feature_scales": factory.ensemble.scales,  # what each member ran with (--feature_scale_from)
+            "checkpoint_feature_scales": [m.feature_scale for m in factory.ensemble.members],
             "synthesis_generator": str(cfg.generator) if cfg.generator else f"decoder of {paths[0]}",
             "nifti_spacing_mm": [1.0, 1.0, 1.0]}

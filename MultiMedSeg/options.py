@@ -45,13 +45,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, Union
 
-from robustmedseg.cli import CliParser, DataclassParser, dataclass_from_dict, field_type
+from robustmedseg.cli import BooleanFlag, CliParser, DataclassParser, dataclass_from_dict, field_type
 from robustmedseg.errors import InputError
 from robustmedseg.io import check_apart
 
 OPTIONS_NAME = "opt.json"  # a training run's options, in its experiment folder
 PAPER_PRETRAIN = ("--batch_size 8 --start_from_latent_avg --label_nc 3 --max_steps 15000 "
-                  "--stylegan_weights final_global_model.pt --only_intra --src_label 0")
+                  "--stylegan_weights final_global_model.pt --only_intra --src_label 0 "
+                  "--backbone_weights pretrained_models/backbone.pth")
 PAPER_TRAIN = ("--start_from_latent_avg --label_nc 3 --max_steps 20000 --checkpoint_dir <pretrain exp>/checkpoints "
                "--one_target_slice --src_label 0 --tgt_label 1")
 
@@ -126,6 +127,7 @@ class TrainingOptions(_RunOptions):
     disable_DSBN: bool = False
     invert_intensity: bool = False
     bn_mode: str = "running"
+    eval_noise: str = "fixed"
     latent_avg_samples: int = 100_000
     l2_lambda: float = 1.0
     ssim_lambda: float = 1.0
@@ -137,6 +139,7 @@ class TrainingOptions(_RunOptions):
     alex_model: Optional[Path] = None
     alex_pretr_model: Optional[Path] = None
     consider_only_vessels_within_brain: bool = False
+    empty_class_score: str = "perfect"
     batch_size: int = 4
     workers: int = 0
     learning_rate: float = 1e-4
@@ -147,6 +150,7 @@ class TrainingOptions(_RunOptions):
     board_interval: int = 100
     val_interval: int = 1000
     save_interval: Optional[int] = None
+    step_count: str = "updates"
     n_best: int = 5
     ensemble_selection: str = "validation"
     optimize_mode: str = "foreground"
@@ -214,6 +218,9 @@ class InferenceOptions(_RunOptions):
     mask_outside_weight: bool = False
     label_nc: Optional[int] = None
     consider_only_vessels_within_brain: bool = False
+    empty_class_score: str = "perfect"
+    trans_clamp: bool = True
+    metrics_space: str = "restored"
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,7 @@ class SelectEvaluationOptions:
     target_data: Optional[Path] = None
     val_root: Optional[Path] = None
     ensemble_selection: str = "validation"
+    empty_class_score: Optional[str] = None
     device: str = "auto"
     test_batch_size: int = 8
     overwrite: bool = False
@@ -263,8 +271,23 @@ class PlanOptions:
     overwrite: bool = False
 
 
+# synthesis noise of a pSp in eval() when none is given (PSPConfig.eval_noise): the generator's fixed buffers or
+# fresh random noise (the original: its g_synthesis always randomises)
+EVAL_NOISE_MODES = ("fixed", "random")
+# how a class absent from both the prediction and the ground truth is scored: Dice 1 / distances 0, or the
+# original's Dice 0 / distances inf (the keys of MultiMedSeg.evaluation.metrics.BOTH_EMPTY)
+EMPTY_CLASS_SCORES = ("perfect", "original")
+# where inference.py scores (metrics.csv): the restored volume in mm or the preprocessed slice stack in voxels
+# (the keys of MultiMedSeg.evaluation.metrics.METRICS_UNIT)
+METRICS_SPACES = ("restored", "preprocessed")
+# how training counts its steps (MultiMedSeg.training.coach.step_after_update): step k = k updates made
+# ('updates') or the original's steps 0 ... max_steps, validated after the update of step k ('original')
+STEP_COUNTS = ("updates", "original")
 HEADS = ("auto", "source", "target")  # classifier head of the ensemble (MultiMedSeg.ensemble.choose_head)
 NOISE_MODES = ("slice", "volume", "fixed")  # synthesis noise of generate_volumes.py (MultiMedSeg.generation)
+# whose feature scale the ensemble members run with (MultiMedSeg.ensemble.Ensemble.scales): the best checkpoint's
+# for all (the original's generation) or each checkpoint's own
+FEATURE_SCALE_SOURCES = ("best", "each")
 # fields whose canonical flag has another name (the field keeps the reference's name; the flag is the
 # project's one name of the concept, the reference's name is an alias)
 CANONICAL_FLAGS = {"ckpt_dir": "--checkpoint_dir", "z_depth": "--n_zbins", "n_segmentation_labels": "--label_nc"}
@@ -291,6 +314,7 @@ class GenerationConfig:
     head: str = "auto"
     keep_largest_component: bool = False
     noise: str = "slice"
+    feature_scale_from: str = "best"
     seed: int = 0
     nifti: bool = True
     montage: bool = True
@@ -313,6 +337,9 @@ class GenerationConfig:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
         if self.head not in HEADS:
             raise InputError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.feature_scale_from not in FEATURE_SCALE_SOURCES:
+            raise InputError(f"--feature_scale_from must be one of {', '.join(FEATURE_SCALE_SOURCES)}, "
+                             f"got {self.feature_scale_from!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -366,6 +393,11 @@ class _Parser(DataclassParser):
     list_converters = {float: _floats}
 
 
+_EMPTY_CLASS_HELP = ("a class absent from both the prediction and the ground truth of a volume: 'perfect' (default) "
+                     "Dice 1 and distances 0, 'original' Dice 0 and distances inf, as the original "
+                     "(docs/differences.md#empty-class)")
+
+
 def _common(p: _Parser) -> None:
     p.add("config", metavar="FILE",
           help="JSON file of option values (keys = option names with underscores); flags override it")
@@ -402,7 +434,8 @@ def _model(p: _Parser, mode: str) -> None:
     p.add("encoder_base_channels",
           help="channels of the encoder's first stage (pretrain default 64 as the paper; train: from the checkpoint)")
     p.add("backbone_weights", "--arcface_model",
-          help="ArcFace IResNet backbone.pth to initialise the encoder (paper); default: random init")
+          help="ArcFace IResNet backbone.pth to initialise the encoder (the paper's initialisation; IResNet-50, "
+               "base 64). Without it a pretraining starts the encoder from random weights and says so in a note")
     p.add("start_from_latent_avg", help="add the domain's average W to the codes (paper: on)")
     p.add("disable_residuals", help="no content features injected into the generator")
     p.add("disable_DSBN", help="one BatchNorm branch for both domains")
@@ -411,6 +444,11 @@ def _model(p: _Parser, mode: str) -> None:
     p.add("bn_mode", choices=("running", "batch"),
           help="BatchNorm in eval: 'running' statistics (deterministic, default) or per-batch statistics "
                "(the reference's behaviour, docs/differences.md#d9-36)")
+    p.add("eval_noise", choices=EVAL_NOISE_MODES,
+          help="synthesis noise of the network in eval (validation, inference, prediction, generation's "
+               "segmentation), stored in its checkpoints: 'fixed' the generator's noise buffers (deterministic, "
+               "default) or 'random' fresh noise at every forward pass (the original's; with --bn_mode batch it "
+               "restores the original entirely, docs/differences.md#d9-36)")
     p.add("latent_avg_samples",
           help="z samples per domain and middle z-bin for the mean latents (paper 1e5)")
 
@@ -428,6 +466,8 @@ def _losses(p: _Parser) -> None:
     p.add("consider_only_vessels_within_brain",
           help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
                "original; the other classes and 'foreground' are unchanged")
+    p.add("empty_class_score", choices=EMPTY_CLASS_SCORES,
+          help="validation metrics (best-k choice, evaluation.json): " + _EMPTY_CLASS_HELP)
 
 
 def training_parser(mode: str) -> _Parser:
@@ -475,6 +515,10 @@ def training_parser(mode: str) -> _Parser:
     p.add("board_interval", help="TensorBoard scalars every N steps")
     p.add("val_interval", help="validate every N steps (and at --max_steps)")
     p.add("save_interval", help="write iteration_<step>.pt every N steps (default: at the end)")
+    p.add("step_count", choices=STEP_COUNTS,
+          help="'updates' (default): --max_steps updates, step k is validated after k updates; 'original': the "
+               "original's steps 0 ... max_steps (max_steps + 1 updates; step 0 is never validated), step k "
+               "validated after its own update, i.e. after k + 1 updates (docs/differences.md#step-count)")
     p.add("n_best", "--ensemble_size", help="k best checkpoints kept")
     if not pre:
         from MultiMedSeg.evaluation.settings import RULES, WEIGHT_GRID
@@ -530,6 +574,15 @@ def inference_parser() -> _Parser:
     p.add("consider_only_vessels_within_brain",
           help="metrics: label 2 (vessel) is scored only inside the GT non-background region (brain), as the "
                "original; the other classes and 'foreground' are unchanged")
+    p.add("empty_class_score", choices=EMPTY_CLASS_SCORES, help="metrics.csv: " + _EMPTY_CLASS_HELP)
+    p.add("trans_clamp", action=BooleanFlag,
+          help="clamp the translated image <id>_trans to [-1, 1], the slice format's range (default); "
+               "--no_trans_clamp keeps the network's values, as the original (docs/differences.md#trans-range)")
+    p.add("metrics_space", choices=METRICS_SPACES,
+          help="metrics.csv: 'restored' (default) Dice, HD95 and HD in mm on each volume restored to its original "
+               "grid against the label file; 'preprocessed' the original's figures: Dice and maximum HD in voxels on "
+               "the preprocessed slice stack against the slices' masks (hd95 empty); column unit = mm or voxel "
+               "(docs/differences.md#inference-metrics)")
     return p
 
 
@@ -594,6 +647,8 @@ def select_evaluation_parser() -> _Parser:
     p.add("ensemble_selection", choices=RULES,
           help="validation (default): the (inter, intra) weights with the best validation mean Dice; "
                "paper: the paper's 0.6,0.4 without searching")
+    p.add("empty_class_score", choices=EMPTY_CLASS_SCORES,
+          help="validation Dice of the candidates (default: the run's opt.json, else perfect): " + _EMPTY_CLASS_HELP)
     p.add("device", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add("test_batch_size", help="slices per forward pass (default 8)")
     p.add("overwrite", help="replace an existing evaluation.json")

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from MultiMedSeg.data.volumes_to_slices import PreprocessConfig, preprocess  # noqa: E402
+from MultiMedSeg.data.volumes_to_slices import MISSING_LABELS, PreprocessConfig, preprocess  # noqa: E402
 from robustmedseg.data.slices import convert_legacy_folder  # noqa: E402
 from robustmedseg.cli import DataclassParser  # noqa: E402
 from robustmedseg.errors import InputError, run_cli  # noqa: E402
@@ -71,6 +71,10 @@ def build_parser() -> DataclassParser:
     p.add("annotation_required", flags=("--annotation-required",), group=split,
           help="leave out the volumes without a label file (split, slices and statistics use the annotated "
                "volumes only); default: unlabeled volumes go to training, without masks")
+    p.add("missing_labels", flags=("--missing-labels",), group=split, choices=MISSING_LABELS,
+          help="a training volume without a label file: 'none' (default) its slices carry no mask; 'empty' all-zero "
+               "labels (no foreground class; with brain masks [background, brain]), as the original's IXI/HQSWI "
+               "notebooks (docs/differences.md#unannotated-volumes). Validation and test volumes are annotated ones")
     p.add("labeled_train", flags=("--labeled-train",), group=split, metavar="N",
           help="write N seeded labeled training volumes to OUT/train/labeled and the other training volumes to "
                "OUT/train/unlabeled (phase-2 target sites)")

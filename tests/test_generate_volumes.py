@@ -130,11 +130,13 @@ def test_outputs_loaded_once_readable_and_ensemble_mean(run_dir, tmp_path, monke
     np.testing.assert_array_equal(np.asarray(lab.dataobj).transpose(2, 0, 1), vol["labels"])
     assert (out / "montage" / "fakeVolume1.png").stat().st_size > 100
 
-    # labels = argmax of the mean source-head probabilities of the two checkpoints (independent recomputation)
+    # labels = argmax of the mean source-head probabilities of the two checkpoints (independent recomputation),
+    # both with the best checkpoint's feature scale (--feature_scale_from best, the default, as the original)
     x = torch.from_numpy(vol["data"][:, None])
     probs = 0
-    for entry in ck.BestIndex.load(run_dir / "checkpoints").entries:
-        net, fs = PSP.from_checkpoint(run_dir / "checkpoints" / entry.file).eval(), min(1.0, 1e-4 * entry.step)
+    entries = ck.BestIndex.load(run_dir / "checkpoints").entries
+    for entry in entries:
+        net, fs = PSP.from_checkpoint(run_dir / "checkpoints" / entry.file).eval(), min(1.0, 1e-4 * entries[0].step)
         with torch.no_grad():
             probs = probs + net(net.face_pool(x), torch.tensor([[1.0, 0.0]]).expand(n, 2), resize=False,
                                 feature_scale=fs)[:, 1:]
@@ -470,7 +472,8 @@ def test_generation_log_progress_and_summary(run_dir, tmp_path, capsys):
                                                         seed=SEED)).items()}, "ckpt_dir": str(run_dir),
                      "out_dir": str(out)},
         "n_zbins": N_ZBINS, "slices_per_volume": n, "slice_count_formula": "(n_zbins - 1) * slices_in_one_z + 1",
-        "head": "source", "checkpoints": ckpts, "feature_scales": [1.0, 0.5],
+        "head": "source", "checkpoints": ckpts, "feature_scales": [1.0, 1.0],
+        "checkpoint_feature_scales": [1.0, 0.5],
         "synthesis_generator": f"decoder of {ckpts[0]}", "nifti_spacing_mm": [1.0, 1.0, 1.0]}
     assert json.loads((out / "generation.json").read_text()) == summary
     with pytest.raises(InputError) as info:

@@ -556,7 +556,7 @@ def test_pipeline_inference_writes_nifti_on_original_grid(pipeline, preprocessed
             else:
                 assert set(np.unique(arr)) <= {0, 1, 2}
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "volume,prediction,class,dice,hd95,hd"
+    assert rows[0] == "volume,prediction,class,dice,hd95,hd,unit" and all(r.endswith(",mm") for r in rows[1:])
     assert len(rows) == 1 + len(test_ids) * 3 * 3  # volumes x (intra, inter, pred) x (1, 2, foreground)
     info = json.loads((out / "inference.json").read_text())
     n_best = len(json.loads((pipeline["adapt"] / "checkpoints" / "best.json").read_text()))

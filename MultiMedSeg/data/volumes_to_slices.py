@@ -3,7 +3,10 @@
 Inputs per volume: the image, and optionally a label map (integer classes, 0 = background), a
 weight map (> 0 where losses and metrics count) and a brain mask (> 0 inside the brain), each
 found with ``label_rule`` in its own folder.  A volume without a label file is *unlabeled*: its
-slices carry no mask.
+slices carry no mask (``missing_labels='none'``, default); with ``missing_labels='empty'`` (the
+original's not-required annotation mode) a training volume without a label file gets an all-zero label
+volume instead (brain masks and the z-split apply as to any volume without labels); validation and test
+volumes are drawn from the annotated ones.
 
 Pipeline (:func:`preprocess`), per volume unless noted:
 
@@ -93,6 +96,10 @@ MAX_CLASSES = 256
 # --------------------------------------------------------------------------- configuration
 
 
+#: ``--missing-labels``: a training volume without a label file has no mask ('none') or all-zero labels ('empty')
+MISSING_LABELS = ("none", "empty")
+
+
 @dataclass
 class PreprocessConfig:
     """All options of :func:`preprocess` (the CLI flags of ``MultiMedSeg/preprocess.py``)."""
@@ -118,6 +125,7 @@ class PreprocessConfig:
     discard_extracerebral: bool = True
     brain_class: bool = True
     annotation_required: bool = False
+    missing_labels: str = "none"
     flip_axis: Optional[int] = None
     orientation: str = orient.DEFAULT
     percentiles: Tuple[float, float] = (0.1, 99.9)
@@ -156,6 +164,17 @@ class PreprocessConfig:
             raise InputError("--discard-outside-labels needs --labels")
         if self.annotation_required and self.labels is None:
             raise InputError("--annotation-required needs --labels")
+        if self.missing_labels not in MISSING_LABELS:
+            raise InputError(f"--missing-labels must be one of {', '.join(MISSING_LABELS)}, got {self.missing_labels!r}")
+        if self.missing_labels == "empty":
+            if self.annotation_required:
+                raise InputError("--missing-labels empty keeps the volumes without a label file, "
+                                 "--annotation-required leaves them out: give one of them")
+            if self.labels is None:
+                raise InputError("--missing-labels empty needs --labels")
+            if self.labeled_train is not None:
+                raise InputError("--missing-labels empty cannot be combined with --labeled-train (the volumes "
+                                 "without a label file would be the unlabeled subset)")
         if self.num_classes is not None and self.brain_masks is not None and self.brain_class and self.num_classes < 3:
             raise InputError(f"with --brain-masks (brain = class 1) --label-nc must be >= 3, got {self.num_classes}")
 
@@ -614,7 +633,12 @@ class VolumeInfo:
     label_max: int = 0
     split: str = "train"
     subset: Optional[str] = None
+    empty_label: bool = False            # no label file, all-zero labels written (--missing-labels empty)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.source.label is not None or self.empty_label
 
     @property
     def cropped_shape(self) -> List[int]:
@@ -697,6 +721,8 @@ def process_volume(info: VolumeInfo, cfg: PreprocessConfig, target: Sequence[flo
     labels = None if labels is None else labels[first:stop]
     weight = None if weight is None else weight[first:stop]
     brain = None if brain is None else brain[first:stop]
+    if labels is None and info.empty_label:  # after the z-split, which treats it as any volume without labels
+        labels = np.zeros(image.shape, dtype=np.uint8)
     if labels is not None and cfg.brain_masks is not None and cfg.brain_class:
         labels = with_brain_class(labels, brain)
     # float64 statistics and arithmetic: a float32 sum of large intensities (e.g. 1e38) overflows
@@ -771,6 +797,9 @@ def preprocess(cfg: PreprocessConfig, log=print) -> dict:
                                  f"(brain = class 1 shifts the labels by one) but --num-classes is {num_classes}",
                                  info.source.label)
 
+    if cfg.missing_labels == "empty" and not labeled_ids:
+        raise InputError("--missing-labels empty: no image has a label file (validation and test need annotated "
+                         "volumes)", cfg.labels)
     splits = split_volumes([i.source.id for i in infos], labeled_ids, cfg.val_frac, cfg.test_frac, cfg.seed)
     labeled_train = (pick_labeled_train(splits["train"], labeled_ids, cfg.labeled_train, cfg.seed)
                      if cfg.labeled_train is not None else None)
@@ -778,13 +807,17 @@ def preprocess(cfg: PreprocessConfig, log=print) -> dict:
     for split, ids in splits.items():
         for vid in ids:
             by_id[vid].split = split
+            by_id[vid].empty_label = (cfg.missing_labels == "empty" and split == "train"
+                                      and by_id[vid].source.label is None)
             if split == "train" and labeled_train is not None:
                 by_id[vid].subset = "labeled" if vid in labeled_train else "unlabeled"
 
     fit = [i for i in infos if i.split in ("train", "val")]
     target = list(cfg.target_spacing) if cfg.target_spacing is not None else compute_target_spacing(
         [i.spacing for i in fit], [i.cropped_shape for i in fit], cfg.size, cfg.ignore_z)
-    log(f"{len(infos)} volumes ({len(labeled_ids)} labeled): train {len(splits['train'])}, "
+    empty = sum(i.empty_label for i in infos)
+    log(f"{len(infos)} volumes ({len(labeled_ids)} labeled"
+        f"{f', {empty} with all-zero labels' if empty else ''}): train {len(splits['train'])}, "
         f"val {len(splits['val'])}, test {len(splits['test'])}; target spacing {np.round(target, 4).tolist()}")
 
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
@@ -830,7 +863,7 @@ def _run_passes(tmp: Path, infos: List[VolumeInfo], cfg: PreprocessConfig, targe
         vid = info.source.id
         folder_rel = split_folder(info.split, info.subset)
         image = np.load(work / f"{vid}.image.npy")
-        labels = np.load(work / f"{vid}.labels.npy") if info.source.label else None
+        labels = np.load(work / f"{vid}.labels.npy") if info.has_labels else None
         weight = np.load(work / f"{vid}.weight.npy") if info.source.weight else None
         paths, windows, digest = write_volume_slices(tmp / folder_rel, vid, image, labels, weight, cfg,
                                                      num_classes, (low, high))
@@ -867,6 +900,7 @@ def volume_entry(info: VolumeInfo, windows: List[List[int]], slices: List[str], 
         "subset": info.subset,
         "image": str(src.image),
         "label": None if src.label is None else str(src.label),
+        **({"empty_label": True} if info.empty_label else {}),  # --missing-labels empty: all-zero labels written
         "weight": None if src.weight is None else str(src.weight),
         "brain_mask": None if src.brain is None else str(src.brain),
         "shape": list(info.shape),

@@ -114,12 +114,23 @@ def selection_score(metrics: Mapping[str, float], channels: Sequence[str], only_
 
 # ------------------------------------------------------------------------------ metrics.csv of inference.py
 #: Columns of the ``metrics.csv`` that ``inference.py`` writes: one row per volume, prediction branch and class.
-METRICS_CSV_FIELDS = ("volume", "prediction", "class", "dice", "hd95", "hd")
+#: ``unit``: ``mm`` (``--metrics_space restored``) or ``voxel`` (``preprocessed``, where ``hd95`` is empty);
+#: files written before the column are in mm.
+METRICS_CSV_FIELDS = ("volume", "prediction", "class", "dice", "hd95", "hd", "unit")
+#: the ``unit`` of each ``--metrics_space`` (MultiMedSeg.options.METRICS_SPACES): the volume restored to its
+#: original grid (mm) or the preprocessed slice stack (voxels, the original's figures)
+METRICS_UNIT = {"restored": "mm", "preprocessed": "voxel"}
+
+
+def _csv_number(text: str) -> float:
+    """A metrics.csv number; an empty cell (a distance not computed) is nan."""
+    return float(text) if text not in ("", None) else math.nan
 
 
 def read_metrics_csv(path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{volume: {class: {dice, hd95, hd}}}`` of one prediction branch (``intra``, ``inter``, ``pred``)
-    of an inference ``metrics.csv``.  A missing file or a branch without rows is a one-line
+    of an inference ``metrics.csv`` (with or without the ``unit`` column; an empty ``hd95``, the
+    preprocessed-space figures, reads as nan).  A missing file or a branch without rows is a one-line
     :class:`~robustmedseg.errors.InputError` naming the file."""
     import csv
     from pathlib import Path
@@ -133,7 +144,7 @@ def read_metrics_csv(path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             if row["prediction"] == branch:
-                out.setdefault(row["volume"], {})[row["class"]] = {k: float(row[k]) for k in DISTANCES + ("dice",)}
+                out.setdefault(row["volume"], {})[row["class"]] = {k: _csv_number(row[k]) for k in DISTANCES + ("dice",)}
     if not out:
         raise InputError(f"no rows for prediction '{branch}'", path)
     return out
@@ -141,8 +152,11 @@ def read_metrics_csv(path, branch: str) -> Dict[str, Dict[str, Dict[str, float]]
 
 def mean_sd(values: Sequence[float]) -> Dict[str, float]:
     """Mean and sample sd (ddof 1; 0 for one value) over volumes, with their number ``n``.  An
-    infinite value (a distance to an empty prediction) makes the mean infinite and the sd undefined."""
+    infinite value (a distance to an empty prediction) makes the mean infinite and the sd undefined;
+    a missing one (nan: a distance not computed) makes both undefined."""
     arr = np.asarray(values, dtype=float)
+    if np.isnan(arr).any():
+        return {"mean": float("nan"), "sd": float("nan"), "n": int(len(arr))}
     if not np.all(np.isfinite(arr)):
         return {"mean": float("inf"), "sd": float("nan"), "n": int(len(arr))}
     return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": int(len(arr))}

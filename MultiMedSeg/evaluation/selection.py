@@ -23,10 +23,11 @@ from robustmedseg.errors import InputError
 # ---------------------------------------------------------------------------------- choosing
 def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_size: int, label_nc: int,
                       grid: Sequence[Tuple[float, float]] = WEIGHT_GRID, vessels_within_gt: bool = False,
-                      workers: int = 0) -> Tuple[List[str], List[Dict[str, Any]]]:
+                      workers: int = 0, both_empty: str = "perfect") -> Tuple[List[str], List[Dict[str, Any]]]:
     """Validation volumes scored and ``[{inter, intra, mean_dice, dice: {class: mean over volumes}}]``
     for each weight pair of ``grid``, of the ensemble ``members`` of an adapted run on ``dataset``
-    (a :class:`~MultiMedSeg.data.images_dataset.VolumeDataset` of target slices)."""
+    (a :class:`~MultiMedSeg.data.images_dataset.VolumeDataset` of target slices); ``both_empty`` scores a
+    class absent from both (:func:`MultiMedSeg.evaluation.metrics.binary_scores`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -55,7 +56,8 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
         scored.append(vid)
         for scores, weights in zip(per_volume, grid):
             labels = label_volumes(pred, weights, mask_outside_weight=True)["pred"]
-            dice = volume_scores(labels, gt, label_nc, distances=(), vessels_within_gt=vessels_within_gt)
+            dice = volume_scores(labels, gt, label_nc, distances=(), vessels_within_gt=vessels_within_gt,
+                                 both_empty=both_empty)
             scores.append({c: dice[c]["dice"] for c in classes})
     candidates = []
     for scores, (w_inter, w_intra) in zip(per_volume, grid):
@@ -67,13 +69,14 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
 
 def choose_settings(folder: Path, rule: str, dataset: Any = None, device: Any = None, batch_size: int = 8,
                     vessels_within_gt: bool = False, workers: int = 0, inter: Optional[bool] = None,
-                    members: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+                    members: Optional[Sequence[Any]] = None, both_empty: str = "perfect") -> Dict[str, Any]:
     """The content of ``evaluation.json`` for the run whose ``checkpoints`` folder is ``folder``.
 
     ``rule`` is ``validation`` (needs ``dataset``, the validation volumes) or ``paper``; a pretraining
     run records :data:`INTRA_ONLY`.  ``inter`` (adapted run or not) is read from the checkpoints when
     None.  Every checkpoint the run kept is part of the ensemble (``members``: already loaded with
-    :func:`~MultiMedSeg.ensemble.load_ensemble`, else read here when needed)."""
+    :func:`~MultiMedSeg.ensemble.load_ensemble`, else read here when needed).  ``both_empty``
+    (``--empty_class_score``) scores a class absent from both in the validation Dice."""
     import torch
 
     from MultiMedSeg.ensemble import load_ensemble, resolve_checkpoints
@@ -97,8 +100,10 @@ def choose_settings(folder: Path, rule: str, dataset: Any = None, device: Any = 
             raise ValueError("the validation rule needs the validation volumes")
         label_nc = members[0].net.config.label_nc
         scored, candidates = validation_scores(members, dataset, device, batch_size, label_nc,
-                                               vessels_within_gt=vessels_within_gt, workers=workers)
+                                               vessels_within_gt=vessels_within_gt, workers=workers,
+                                               both_empty=both_empty)
         record["validation"] = {"volumes": scored, "classes": [str(c) for c in range(1, label_nc)],
+                                "empty_class_score": both_empty,
                                 "score": "mean over the classes of the mean Dice over the volumes (slice grid, "
                                          "weight maps applied, as validation)"}
         if scored:
@@ -144,9 +149,10 @@ def select_for_run(opts: Any, saved: Optional[Any] = None, log: Callable[[str], 
         dataset = VolumeDataset(Path(val_root), 1, eval_transform(config.encoder_input_size),
                                 label_nc=config.label_nc, invert_intensity=config.invert_intensity,
                                 flag="--val_root")
+    both_empty = opts.empty_class_score or (saved.empty_class_score if saved is not None else "perfect")
     record = choose_settings(folder, opts.ensemble_selection, dataset, device, opts.test_batch_size,
                              bool(saved is not None and saved.consider_only_vessels_within_brain), inter=inter,
-                             members=members)
+                             members=members, both_empty=both_empty)
     out = write_settings(folder, record)
     log(f"wrote {out}: {describe(record)}")
     return out

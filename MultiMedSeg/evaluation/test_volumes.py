@@ -51,15 +51,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from MultiMedSeg.data.images_dataset import VolumeDataset
 from MultiMedSeg.data.restore import check_slices_match, load_metadata, restore_volume, volume_meta, write_nifti_like
 from MultiMedSeg.data.transforms import eval_transform
-from MultiMedSeg.ensemble import label_volumes, load_ensemble, resolve_checkpoints, translation_volume
+from MultiMedSeg.ensemble import label_volumes, load_ensemble, resolve_checkpoints, translation_volume, volume_labels
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.evaluation.settings import resolve_settings
-from MultiMedSeg.evaluation.metrics import METRICS_CSV_FIELDS, volume_scores
+from MultiMedSeg.evaluation.metrics import METRICS_CSV_FIELDS, METRICS_UNIT, volume_scores
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError, warn
 from robustmedseg.io import atomic_dir, check_new_output
@@ -120,7 +121,8 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
     configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
     # up to the ensemble size: a run that kept fewer best checkpoints uses all it kept
-    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device)
+    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device,
+                           trans_clamp=opts.trans_clamp)
     config = models.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
@@ -145,7 +147,14 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
             vmeta = volume_meta(meta, vid, opts.metadata)
             batches = [idx[i:i + opts.test_batch_size] for i in range(0, len(idx), opts.test_batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, num_workers=opts.test_workers)
-            pred = models.predict_volume(loader, inter)
+            masks: List[Any] = []
+
+            def with_masks(loader=loader, masks=masks):  # the slices' ground truth, for --metrics_space preprocessed
+                for batch in loader:
+                    masks.append(batch["mask"])
+                    yield batch
+
+            pred = models.predict_volume(with_masks(), inter)
             labels = label_volumes(pred, weights, opts.mask_outside_weight)
             restored = {k: restore_volume(v, vmeta, kind="label") for k, v in labels.items()}
             for k, v in restored.items():
@@ -154,19 +163,29 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
                 trans = translation_volume(pred, opts.mask_outside_weight)
                 image = restore_volume(trans, vmeta, kind="image").astype(np.float32)
                 written.append(str(write_nifti_like(image, vmeta, out_dir / f"{vid}_trans.nii.gz").name))
-            gt_path, why = ground_truth_path(vid, vmeta, opts.labels)
+            unit = METRICS_UNIT[opts.metrics_space]
+            if opts.metrics_space == "preprocessed":  # the original's figures: the slice stack, voxel units
+                mask = torch.cat(masks)
+                gt_path, why = (vid, "") if bool(mask.any()) else (None, "its test slices carry no mask")
+                scored = {k: (v.astype(np.int64), None) for k, v in labels.items()}
+            else:
+                gt_path, why = ground_truth_path(vid, vmeta, opts.labels)
+                scored = {k: (v.astype(np.int64), spacing_from_affine(vmeta["affine"])) for k, v in restored.items()}
             if gt_path is None:
                 no_gt[vid] = why
             else:
-                gt = read_ground_truth(gt_path, vmeta["shape"])
-                spacing = spacing_from_affine(vmeta["affine"])
-                for branch, vol in restored.items():
-                    vol = vol.astype(np.int64)
+                if opts.metrics_space == "preprocessed":
+                    gt = volume_labels(mask, torch.ones_like(mask[:, :1])).numpy()  # argmax, no weight map
+                else:
+                    gt = read_ground_truth(gt_path, vmeta["shape"])
+                for branch, (vol, spacing) in scored.items():
                     scores = volume_scores(vol, gt, config.label_nc, spacing,
-                                           vessels_within_gt=opts.consider_only_vessels_within_brain)
+                                           distances=("hd95", "hd") if spacing is not None else ("hd",),
+                                           vessels_within_gt=opts.consider_only_vessels_within_brain,
+                                           both_empty=opts.empty_class_score)
                     for cls, s in scores.items():
-                        rows.append({"volume": vid, "prediction": branch, "class": cls,
-                                     "dice": s["dice"], "hd95": s["hd95"], "hd": s["hd"]})
+                        rows.append({"volume": vid, "prediction": branch, "class": cls, "dice": s["dice"],
+                                     "hd95": s.get("hd95"), "hd": s["hd"], "unit": unit})
             log(f"{vid}: wrote {', '.join(f'{vid}_{k}' for k in list(restored) + (['trans'] if inter else []))}")
         if rows:
             with open(out_dir / "metrics.csv", "w", newline="") as fh:
@@ -178,7 +197,8 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
             "checkpoints": [str(m.path) for m in models], "feature_scales": [m.feature_scale for m in models],
             **settings.record(inter, len(models)),  # ensemble_size, ensemble_weights and where they came from
             "domain": "target" if inter else "source", "volumes": list(dataset.volumes), "files": written,
-            "no_ground_truth": no_gt})
+            "no_ground_truth": no_gt, "empty_class_score": opts.empty_class_score, "trans_clamp": opts.trans_clamp,
+            "metrics_space": opts.metrics_space, "metrics_unit": METRICS_UNIT[opts.metrics_space]})
     if no_gt:
         scored = len(dataset.volumes) - len(no_gt)
         warn(f"no ground truth for {len(no_gt)} of {len(dataset.volumes)} test volume(s) ("
@@ -200,7 +220,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], branch: str) -> Dict[str, Any]:
     means: Dict[str, Dict[str, float]] = {}
     for c in classes:
         rs = [r for r in sel if r["class"] == c]
-        means[c] = {m: float(np.mean([r[m] for r in rs])) for m in ("dice", "hd95", "hd")}
+        means[c] = {m: float(np.mean([r[m] if r[m] is not None else math.nan for r in rs]))
+                    for m in ("dice", "hd95", "hd")}
     per_class = [c for c in classes if c != "foreground"]
     mean_dice = float(np.mean([means[c]["dice"] for c in per_class])) if per_class else float("nan")
     parts = ", ".join(f"class {c} Dice {means[c]['dice']:.3f} HD95 {means[c]['hd95']:.2f}" for c in classes)

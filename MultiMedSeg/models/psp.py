@@ -8,7 +8,8 @@ translation: the other DSBN branch and label modulation, the other domain's mean
 other head.
 
 Determinism (docs/differences.md#d9-36): with ``noise=None`` the generator noise is random in ``train()`` and the
-generator's fixed noise buffers in ``eval()``; with ``bn_mode='running'`` every BN uses stored
+generator's fixed noise buffers in ``eval()`` (``eval_noise='random'``: random in ``eval()`` too, as the
+original); with ``bn_mode='running'`` every BN uses stored
 statistics in ``eval()``.  An eval-mode prediction is therefore reproducible and independent of the
 rest of the batch.
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from model import GENERATOR_KEYS, Generator, GeneratorArgs
+from MultiMedSeg.options import EVAL_NOISE_MODES
 from robustmedseg.errors import InputError
 from robustmedseg.factory_file import read_factory_file
 from robustmedseg.io import load_torch_file, save_torch_atomic, strip_module_prefix
@@ -79,6 +81,7 @@ class PSPConfig:
     invert_intensity: bool = False
     start_from_latent_avg: bool = True
     bn_mode: str = "running"
+    eval_noise: str = "fixed"  # synthesis noise in eval() when none is given: 'fixed' buffers or 'random'
 
     def __post_init__(self) -> None:
         self.src_tgt_domains = [int(d) for d in self.src_tgt_domains]
@@ -105,6 +108,8 @@ class PSPConfig:
         if e < 16 or e & (e - 1) or e > s:
             raise ValueError(f"encoder_input_size must be a power of two in [16, output_size={s}], got {e}")
         check_bn_mode(self.bn_mode)
+        if self.eval_noise not in EVAL_NOISE_MODES:
+            raise ValueError(f"eval_noise must be one of {EVAL_NOISE_MODES}, got {self.eval_noise!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,7 +233,7 @@ class PSP(nn.Module):
     def _noise_args(self, noise: NoiseArg) -> Tuple[Optional[List[torch.Tensor]], bool]:
         """Map the ``noise`` argument to (noise list, randomize_noise) for ``g_synthesis``."""
         if noise is None:
-            noise = "random" if self.training else "fixed"
+            noise = "random" if self.training or self.config.eval_noise == "random" else "fixed"
         if isinstance(noise, str):
             if noise not in ("random", "fixed"):
                 raise ValueError(f"noise must be None, 'random', 'fixed' or a list of tensors, got {noise!r}")
@@ -251,7 +256,8 @@ class PSP(nn.Module):
         """(B,1,S,S) slices + (B,2) labels -> (B, 1+L, R', R') [image, probabilities].
 
         R' = encoder input size S if ``resize`` else the generator size.  Without ``return_mask``
-        only the image channel is returned.  ``noise``: None (random in train, fixed in eval),
+        only the image channel is returned.  ``noise``: None (random in train; in eval the config's
+        ``eval_noise``: fixed by default),
         'random', 'fixed' or an explicit list.  ``ex_seg``/``is_semi``: gradient routing into the
         heads (see ``interpreter.head_features``).  Returns (out, codes) with ``return_latents``.
         """

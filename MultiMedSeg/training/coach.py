@@ -34,12 +34,29 @@ from MultiMedSeg.ensemble import Ensemble, Member, blend, volume_labels
 from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
 from MultiMedSeg.options import OPTIONS_NAME, TrainingOptions
 from MultiMedSeg.data.preprocessing_plan import save_plan
-from MultiMedSeg.training.setup import RunFolder, adaptation_model, check_exp_dir, pretrain_config, preprocessing_plan
+from MultiMedSeg.training.setup import (RunFolder, adaptation_model, backbone_note, check_exp_dir, pretrain_config,
+                                       preprocessing_plan)
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 
 VAL_ENSEMBLE_WEIGHTS = (0.5, 0.5)  # validation ensemble (inter, intra), as the reference
+
+
+def last_training_step(max_steps: int, step_count: str) -> int:
+    """The last training step (0-based) of a run: ``max_steps - 1`` (``--step_count updates``: max_steps
+    updates) or ``max_steps`` (``original``: steps 0 ... max_steps, max_steps + 1 updates)."""
+    return max_steps if step_count == "original" else max_steps - 1
+
+
+def step_after_update(step: int, max_steps: int, val_interval: int, step_count: str) -> Tuple[int, bool, bool]:
+    """After the update of training step ``step`` (0-based, the step the update's feature scale and
+    intra/inter turn are taken from): ``(label, validate, final)``.  ``label`` names the state the
+    validation and checkpoints see: the number of updates made (``updates``: ``step + 1``) or the step
+    itself (``original``); it is validated every ``val_interval`` and at ``max_steps``, never at 0."""
+    label = step if step_count == "original" else step + 1
+    final = label == max_steps
+    return label, (label > 0 and label % val_interval == 0) or final, final
 
 
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -118,6 +135,9 @@ class Coach:
         except BaseException:
             self.run.abandon()
             raise
+        note = backbone_note(self.opts)  # once the run is set up (an input error stays one line)
+        if note:
+            print(note, file=sys.stderr)
 
     # ---------------------------------------------------------------- building
     def _build_model(self) -> PSP:
@@ -262,7 +282,8 @@ class Coach:
 
         opts = self.opts
         last_val: Dict[str, float] = {}
-        bar = tqdm(total=opts.max_steps, initial=self.global_step, desc=opts.mode, dynamic_ncols=True,
+        bar = tqdm(total=last_training_step(opts.max_steps, opts.step_count) + 1, initial=self.global_step,
+                   desc=opts.mode, dynamic_ncols=True,
                    disable=not sys.stderr.isatty())
         batches = self._batches()
         try:
@@ -282,22 +303,23 @@ class Coach:
 
     def _loop(self, opts: TrainingOptions, bar, batches, last_val: Dict[str, float]) -> None:
         try:
-            while self.global_step < opts.max_steps:
+            while self.global_step <= last_training_step(opts.max_steps, opts.step_count):
+                step = self.global_step
                 logs = self.train_step(next(batches))
-                if self.global_step % opts.board_interval == 0:
+                if step % opts.board_interval == 0:
                     self._log_scalars("train", logs)
-                if self.global_step % opts.image_interval == 0:
+                if step % opts.image_interval == 0:
                     self._log_images()
-                self.global_step += 1
+                label, validate, final = step_after_update(step, opts.max_steps, opts.val_interval, opts.step_count)
+                self.global_step = label  # what validation and the best checkpoints record
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs.get('loss', logs.get('inter_loss', 0.0)):.3f}")
-                final = self.global_step == opts.max_steps
-                validate = self.global_step % opts.val_interval == 0 or final
                 if validate:
                     last_val.clear()
                     last_val.update(self.validate())
-                if self.global_step % opts.checkpoint_interval == 0 or final:
-                    self.save_training_state(f"iteration_{self.global_step}.pt")  # also refreshes last.pt
+                self.global_step = step + 1  # the next training step (what last.pt resumes from)
+                if label % opts.checkpoint_interval == 0 or final:
+                    self.save_training_state(f"iteration_{label}.pt")  # also refreshes last.pt
                 elif validate:
                     self.save_training_state()
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
@@ -360,7 +382,7 @@ class Coach:
             preds["inter_"] = volume_labels(inter, weight)
             preds[""] = volume_labels(blend(inter, intra, VAL_ENSEMBLE_WEIGHTS), weight)
         return [branch_metrics({k: v.numpy() for k, v in preds.items()}, gt.numpy(), self.opts.label_nc,
-                               self.opts.consider_only_vessels_within_brain)]
+                               self.opts.consider_only_vessels_within_brain, self.opts.empty_class_score)]
 
     def _val_losses(self, b: Mapping[str, torch.Tensor], fs: float) -> Dict[str, float]:
         """Validation losses at the encoder size (intra; plus inter when adapting), as the original: the
@@ -393,7 +415,8 @@ class Coach:
         opts = self.opts
         record = choose_settings(self.ckpt_dir, opts.ensemble_selection, self.val_set,
                                  self.device, opts.test_batch_size, opts.consider_only_vessels_within_brain,
-                                 opts.test_workers, inter=not opts.only_intra)
+                                 opts.test_workers, inter=not opts.only_intra,
+                                 both_empty=opts.empty_class_score)
         path = write_settings(self.ckpt_dir, record)
         print(f"{describe(record)} -> {self.run.final / 'checkpoints' / path.name}", file=sys.stderr)
         return path
@@ -446,6 +469,6 @@ class Coach:
             self.best = ck.BestIndex.load(self.ckpt_dir, self.opts.n_best)
         if isinstance(payload.get("torch_rng"), torch.Tensor):
             torch.set_rng_state(payload["torch_rng"])
-        if self.global_step >= self.opts.max_steps:
+        if self.global_step > last_training_step(self.opts.max_steps, self.opts.step_count):
             raise InputError(f"--resume: the run already reached step {self.global_step}; raise --max_steps "
                              f"to continue it", path)

@@ -113,6 +113,18 @@ def check_domains(opts: TrainingOptions, n_domains: int, source: Path) -> None:
             raise InputError(f"--{flag} {value} is not a domain of this generator (n_domains = {n_domains})", source)
 
 
+BACKBONE_NOTE = ("note: no --backbone_weights: the encoder starts from random weights (the paper initialises it "
+                 "from ArcFace backbone.pth)")
+
+
+def backbone_note(opts: TrainingOptions) -> Optional[str]:
+    """The note of a new pretraining (not ``--resume``) without ``--backbone_weights``: its encoder starts
+    from random weights, not the paper's ArcFace initialisation (docs/differences.md#backbone-default)."""
+    if opts.only_intra and not opts.resume and opts.backbone_weights is None:
+        return BACKBONE_NOTE
+    return None
+
+
 def pretrain_config(opts: TrainingOptions) -> PSPConfig:
     """PSPConfig of a pretraining run: generator geometry from the phase-1 file, the rest from flags."""
     path = Path(opts.stylegan_weights)
@@ -131,7 +143,7 @@ def pretrain_config(opts: TrainingOptions) -> PSPConfig:
             encoder_base_channels=opts.encoder_base_channels or 64,
             encoder_input_size=opts.encoder_input_size or min(256, size), residual=not opts.disable_residuals,
             dsbn=not opts.disable_DSBN, invert_intensity=opts.invert_intensity,
-            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode)
+            start_from_latent_avg=opts.start_from_latent_avg, bn_mode=opts.bn_mode, eval_noise=opts.eval_noise)
     except ValueError as err:
         raise InputError(f"invalid model configuration: {err}", path) from None
 
@@ -166,6 +178,7 @@ def adaptation_model(opts: TrainingOptions) -> Tuple[PSP, Path]:
                          f"{opts.src_label}", path)
     overrides: Dict[str, Any] = dict(src_tgt_domains=[opts.src_label, opts.tgt_label], label_nc=opts.label_nc,
                                      invert_intensity=opts.invert_intensity, bn_mode=opts.bn_mode,
+                                     eval_noise=opts.eval_noise,
                                      start_from_latent_avg=opts.start_from_latent_avg or
                                      bool(config.get("start_from_latent_avg")),
                                      residual=not opts.disable_residuals, dsbn=not opts.disable_DSBN)
