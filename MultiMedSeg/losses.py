@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim as _ssim
 from torch import nn
 
+from MultiMedSeg.options import TrainingOptions
+from robustmedseg.cli import field_default
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file
 
@@ -199,18 +201,28 @@ def build_lpips(alex_model: Optional[Union[str, os.PathLike]],
 
 
 # ---------------------------------------------------------------------------------------------- combined
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
-    """Loss weights of the Coach (defaults = docs/method.md#coach/#phase2-options)."""
+    """Loss weights of the Coach: the training options' fields of the same names (their one home and
+    their defaults: :class:`MultiMedSeg.options.TrainingOptions`, docs/method.md#phase2-options).
+    Build it with :meth:`from_options`."""
 
-    l2_lambda: float = 1.0
-    ssim_lambda: float = 1.0
-    lpips_lambda: float = 0.8
-    ce_lambda: float = 1.0
-    dice_lambda: float = 1.0
-    ce_weights: Optional[List[float]] = None
-    dice_weights: Optional[List[float]] = None
-    optimize_mode: str = "foreground"  # or 'favoured'
+    l2_lambda: float
+    ssim_lambda: float
+    lpips_lambda: float
+    ce_lambda: float
+    dice_lambda: float
+    ce_weights: Optional[List[float]]
+    dice_weights: Optional[List[float]]
+    optimize_mode: str  # 'foreground' or 'favoured'
+
+    @classmethod
+    def from_options(cls, opts: Optional[Any] = None, **changes: Any) -> "LossConfig":
+        """The loss weights of a run's options (the training options' defaults when ``opts`` is None),
+        with ``changes`` applied."""
+        names = [f.name for f in fields(cls)]
+        values = {n: getattr(opts, n) if opts is not None else field_default(TrainingOptions, n) for n in names}
+        return cls(**{**values, **changes})
 
     def favoured_weights(self) -> Optional[List[float]]:
         """The class weights that define the favoured classes, as the original: the CE or the Dice

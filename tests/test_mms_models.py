@@ -443,11 +443,11 @@ def test_calc_loss_and_favoured():
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     where = torch.tensor([True, False, True, False])
     perfect = torch.cat([x, y], 1)
-    cfg = LossConfig(lpips_lambda=0.0)
+    cfg = LossConfig.from_options(lpips_lambda=0.0)
     total, logs = calc_loss(x, y, perfect, where, cfg)
     assert total.item() == pytest.approx(-1 / 3, abs=1e-4) and logs["loss_ssim"] == pytest.approx(0, abs=1e-5)
     with pytest.raises(InputError):
-        calc_loss(x, y, perfect, where, LossConfig())  # LPIPS on but no module given
+        calc_loss(x, y, perfect, where, LossConfig.from_options())  # LPIPS on but no module given
     noisy = torch.cat([x + 0.3, torch.softmax(torch.randn(4, 3, 16, 16), 1)], 1).requires_grad_()
     total, logs = calc_loss(x, y, noisy, where, cfg, weight=torch.ones(4, 1, 16, 16))
     total.backward()
@@ -512,7 +512,7 @@ def test_training_steps_reduce_loss(x):
     has_gt = torch.tensor([True, True, True, False])
     opt = Ranger(net.encoder_parameters(), lr=1e-3)
     opt_seg = torch.optim.Adam(net.classifier_parameters(), lr=1e-2)
-    cfg = LossConfig(lpips_lambda=0.0)
+    cfg = LossConfig.from_options(lpips_lambda=0.0)
     losses = []
     for _ in range(12):
         opt.zero_grad()

@@ -5,6 +5,7 @@ The training data (dataset, sampler, transforms) is in tests/test_mms_data.py, t
 """
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import json
 import math
@@ -117,7 +118,7 @@ def test_favoured_mode_selects_channels_as_the_original():
     def selected(**kw):
         opts = SimpleNamespace(label_nc=3, optimize_mode="favoured")
         coach = SimpleNamespace(opts=opts, losses=SimpleNamespace(
-            favoured_channels=LossConfig(optimize_mode="favoured", **kw).favoured))
+            favoured_channels=LossConfig.from_options(optimize_mode="favoured", **kw).favoured))
         return Coach.selected_channels(coach)
 
     assert selected() == ["0", "1", "2"]                         # no weights: every class, background too
@@ -179,7 +180,7 @@ def _coach(outputs, lpips_lambda=0.8, **over):
     coach = Coach.__new__(Coach)  # only the loss methods are exercised: no data, no model, no run folder
     coach.net = StandInNet(outputs)
     coach.losses = LossBundle(_opts(**over), torch.device("cpu"))  # LPIPS off at construction (no files)...
-    coach.losses.cfg.lpips_lambda = lpips_lambda
+    coach.losses.cfg = dataclasses.replace(coach.losses.cfg, lpips_lambda=lpips_lambda)
     coach.losses.lpips = StandInLPIPS()  # ... and replaced by the stand-in
     return coach
 

@@ -73,9 +73,7 @@ class LossBundle:
     """The loss weights and (if used) the LPIPS network, built once from the options."""
 
     def __init__(self, opts: TrainingOptions, device: torch.device):
-        self.cfg = L.LossConfig(l2_lambda=opts.l2_lambda, ssim_lambda=opts.ssim_lambda, lpips_lambda=opts.lpips_lambda,
-                                ce_lambda=opts.ce_lambda, dice_lambda=opts.dice_lambda, ce_weights=opts.ce_weights,
-                                dice_weights=opts.dice_weights, optimize_mode=opts.optimize_mode)
+        self.cfg = L.LossConfig.from_options(opts)
         self.lpips = None
         if opts.lpips_lambda > 0:
             self.lpips = L.build_lpips(opts.alex_model, opts.alex_pretr_model).to(device)
