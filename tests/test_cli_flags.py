@@ -399,3 +399,30 @@ def test_preprocess_and_generate_flags_are_their_config_fields():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert res.stdout.strip() == "False", res.stderr
+
+
+def _assert_flags_are_fields(parser, options: type, others=()) -> None:
+    """Every destination of ``parser`` (but ``others``, flags that are not options) is a field of ``options``
+    and every field a destination, with the field's default (a field without one: a required flag)."""
+    import dataclasses
+
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *others)}
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    assert set(actions) == set(fields), options.__name__
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            assert actions[name].default == f.default, name
+        else:
+            assert actions[name].required or not actions[name].option_strings, name
+
+
+def test_phase1_command_flags_are_their_options_fields():
+    """save_global_model.py's flags are ExportOptions' fields (same names, defaults), and its main() reads one."""
+    import save_global_model
+    from robustmedseg.federation.options import ExportOptions
+
+    p = save_global_model.build_parser()
+    _assert_flags_are_fields(p, ExportOptions)
+    assert p.build(p.parse_args([])) == ExportOptions()
+    assert p.build(p.parse_args(["--researcher_dir", "r", "--breakpoint", "b", "--out", "f.pt"])) == \
+        ExportOptions(researcher_dir=Path("r"), breakpoint=Path("b"), out=Path("f.pt"))
