@@ -417,8 +417,11 @@ def _assert_flags_are_fields(parser, options: type, others=()) -> None:
 
 
 def test_phase1_command_flags_are_their_options_fields():
-    """save_global_model.py's flags are ExportOptions' fields (same names, defaults), and its main() reads one."""
+    """save_global_model.py's and prepare_data.py's flags are the fields of ExportOptions and PrepareOptions
+    (same names, same defaults; a field without a default is a required flag), and their main() reads one."""
+    import prepare_data
     import save_global_model
+    from robustmedseg.data.lmdb_store import PrepareOptions
     from robustmedseg.federation.options import ExportOptions
 
     p = save_global_model.build_parser()
@@ -426,3 +429,12 @@ def test_phase1_command_flags_are_their_options_fields():
     assert p.build(p.parse_args([])) == ExportOptions()
     assert p.build(p.parse_args(["--researcher_dir", "r", "--breakpoint", "b", "--out", "f.pt"])) == \
         ExportOptions(researcher_dir=Path("r"), breakpoint=Path("b"), out=Path("f.pt"))
+    p = prepare_data.build_parser()
+    _assert_flags_are_fields(p, PrepareOptions)
+    assert prepare_data.options_from_args(p, p.parse_args(["s", "--out", "o", "--label", "1"])) == \
+        PrepareOptions(source=Path("s"), out=Path("o"), label=1)
+    args = p.parse_args(["s", "--out", "o", "--label", "1", "--size", "256,512", "--clip-model", "none",
+                         "--no-clip-quick-gelu", "--quiet", "--recursive", "--n_zbins", "7"])
+    assert prepare_data.options_from_args(p, args) == \
+        PrepareOptions(source=Path("s"), out=Path("o"), label=1, sizes=(256, 512), clip_model=None,
+                       clip_quick_gelu=False, progress=False, recursive=True, n_zbins=7)
