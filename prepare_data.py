@@ -10,7 +10,6 @@ Layout and rules: robustmedseg/data/lmdb_store.py.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from model import N_ZBINS

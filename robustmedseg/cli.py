@@ -248,10 +248,12 @@ class DataclassParser(CliParser):
         """``--name`` (or ``flags``; destination: field ``name``) with ``aliases``, other names of the same
         concept; ``group``: an argument group of this parser; ``required=True``: argparse requires it;
         ``shown_required``: shown without brackets, checked by the command (the value may come from
-        elsewhere, e.g. ``--config``); ``positional``: a positional argument (shown as ``metavar``)."""
+        elsewhere, e.g. ``--config``); ``positional``: a positional argument (shown as ``metavar``);
+        ``nargs="?"`` with ``const``: the flag alone gives ``const``.  A parser built with
+        ``argument_default=argparse.SUPPRESS`` keeps only the flags given (no defaults)."""
         if name not in self._fields:
             raise ValueError(f"--{name} is not a field of {self.options.__name__}")
-        if {"type", "default", "dest", "nargs"} & set(kwargs):
+        if {"type", "default", "dest"} & set(kwargs) or kwargs.get("nargs", "?") != "?":
             raise ValueError(f"--{name}: the type and default come from {self.options.__name__}.{name}")
         kind = field_type(self.options, name)
         origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -264,13 +266,14 @@ class DataclassParser(CliParser):
             kwargs.update({"type": converter} if converter is not None else {"type": args[0], "nargs": "+"})
         elif kind is not str:
             kwargs["type"] = kind
+        if self.argument_default is not argparse.SUPPRESS:  # SUPPRESS: a parser that sees which flags are given
+            kwargs["default"] = field_default(self.options, name)
         target = group if group is not None else self
         if positional:
-            action = target.add_argument(name, default=field_default(self.options, name), **kwargs)
+            action = target.add_argument(name, **kwargs)
         else:
             names = tuple(flags) or (f"--{name}",)
-            action = target.add_argument(*names, *aliases, dest=name, default=field_default(self.options, name),
-                                         **kwargs)
+            action = target.add_argument(*names, *aliases, dest=name, **kwargs)
         if shown_required:
             self.mark_required(action)
         return action

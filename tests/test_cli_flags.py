@@ -417,12 +417,14 @@ def _assert_flags_are_fields(parser, options: type, others=()) -> None:
 
 
 def test_phase1_command_flags_are_their_options_fields():
-    """save_global_model.py's and prepare_data.py's flags are the fields of ExportOptions and PrepareOptions
-    (same names, same defaults; a field without a default is a required flag), and their main() reads one."""
+    """save_global_model.py's, prepare_data.py's and train.py's flags are the fields of ExportOptions,
+    PrepareOptions and ResearcherOptions (+ train.py's FactoryConfig flags): same names, same defaults (a field
+    without a default is a required flag), and their main() reads one."""
     import prepare_data
     import save_global_model
+    import train
     from robustmedseg.data.lmdb_store import PrepareOptions
-    from robustmedseg.federation.options import ExportOptions
+    from robustmedseg.federation.options import ExportOptions, ResearcherOptions
 
     p = save_global_model.build_parser()
     _assert_flags_are_fields(p, ExportOptions)
@@ -438,3 +440,14 @@ def test_phase1_command_flags_are_their_options_fields():
     assert prepare_data.options_from_args(p, args) == \
         PrepareOptions(source=Path("s"), out=Path("o"), label=1, sizes=(256, 512), clip_model=None,
                        clip_quick_gelu=False, progress=False, recursive=True, n_zbins=7)
+    p = train.build_parser()
+    _assert_flags_are_fields(p, ResearcherOptions, others=tuple(train.FLAG_FIELDS))
+    assert p.build(p.parse_args([])) == ResearcherOptions()
+    args = p.parse_args(["--max-nodes-per-round", "3", "--batch_size", "8", "--secagg", "--resume", "--tags", "a,,b",
+                         "--researcher-dir", "r", "--wait_nodes", "5", "--size", "64"])
+    assert p.build(args) == ResearcherOptions(max_nodes=3, batch=8, secagg=True, resume="LATEST", tags="a,,b",
+                                              researcher_dir=Path("r"), wait_nodes=5.0)
+    assert p.build(args).tag_list == ["a", "b"] and p.build(args).resume_breakpoint is None
+    assert p.build(p.parse_args(["--resume", "bk"])).resume_breakpoint == Path("bk")
+    assert vars(train.build_parser(suppress=True).parse_args(["--rounds", "5", "--no-secagg", "--size", "64"])) == \
+        {"rounds": 5, "secagg": False, "size": 64}  # only the flags given (what --resume changes)
