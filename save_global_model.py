@@ -7,42 +7,41 @@ constructor arguments of ``model.Generator`` / ``model.Discriminator``; it loads
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 from typing import Optional, Sequence
 
-from robustmedseg.cli import CliParser
+from robustmedseg.cli import DataclassParser
 from robustmedseg.errors import InputError, run_cli
+from robustmedseg.federation.options import ExportOptions
 
 
-def build_parser() -> CliParser:
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--researcher-dir", dest="researcher_dir", type=Path, default=None,
-                   help="researcher component whose latest breakpoint is exported "
-                        "(default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher)")
-    p.add_argument("--breakpoint", type=Path, default=None,
-                   help="export this breakpoint folder instead of the latest one")
-    p.add_argument("--out", type=Path, default=Path("final_global_model.pt"),
-                   help="output file (default ./final_global_model.pt; written atomically)")
+def build_parser() -> DataclassParser:
+    """The flags are the fields of :class:`robustmedseg.federation.options.ExportOptions` (type, default)."""
+    p = DataclassParser(ExportOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add("researcher_dir", flags=("--researcher-dir",),
+          help="researcher component whose latest breakpoint is exported "
+               "(default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher)")
+    p.add("breakpoint", help="export this breakpoint folder instead of the latest one")
+    p.add("out", help="output file (default ./final_global_model.pt; written atomically)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    opts: ExportOptions = parser.build(parser.parse_args(argv))
     from robustmedseg.federation.export import build_export, experiments_dir, find_breakpoint, load_breakpoint_params
     from robustmedseg.io import check_apart, check_parents, save_torch_atomic
 
-    if args.out.is_dir():
-        raise InputError("is a folder; --out takes the path of the file to write", args.out)
-    root = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
-    check_apart({"--out": args.out}, {"--breakpoint": args.breakpoint, "experiments folder": experiments_dir(root)})
-    check_parents(args.out)
-    folder, state_file = find_breakpoint(root, args.breakpoint)
+    if opts.out.is_dir():
+        raise InputError("is a folder; --out takes the path of the file to write", opts.out)
+    root = opts.root
+    check_apart({"--out": opts.out}, {"--breakpoint": opts.breakpoint, "experiments folder": experiments_dir(root)})
+    check_parents(opts.out)
+    folder, state_file = find_breakpoint(root, opts.breakpoint)
     params, state = load_breakpoint_params(folder, state_file)
     export = build_export(params, state)
-    save_torch_atomic(export, args.out)
+    save_torch_atomic(export, opts.out)
     meta = export["meta"]
-    print(f"wrote {args.out} from {folder} (experiment {meta['experiment_id']}, after round {meta['round']}; "
+    print(f"wrote {opts.out} from {folder} (experiment {meta['experiment_id']}, after round {meta['round']}; "
           f"size {export['args']['size']})")
     return 0
 

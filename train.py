@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from robustmedseg.cli import BooleanFlag, CliParser, add_field_flags
+from robustmedseg.cli import BooleanFlag, DataclassParser, add_field_flags
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg.factory.config import MODEL_KEYS, FactoryConfig
+from robustmedseg.federation.options import ResearcherOptions
 
 # FactoryConfig fields that are flags: field -> (other names, help).  The flag is the field's name
 # (both spellings accepted), its type and default are the field's (FactoryConfig holds the paper's).
@@ -84,10 +84,13 @@ FLAG_FIELDS = {**SCHEDULE_FIELDS, **MODEL_FIELDS, **GPU_FIELDS}
 ARCH_FLAGS = tuple(k for k in MODEL_KEYS if k in FLAG_FIELDS)
 
 
-def build_parser(suppress: bool = False) -> CliParser:
-    """The CLI; ``suppress`` builds a copy without defaults (to see which flags were given)."""
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                  argument_default=argparse.SUPPRESS if suppress else None)
+def build_parser(suppress: bool = False) -> DataclassParser:
+    """The CLI; ``suppress`` builds a copy without defaults (to see which flags were given).  The researcher's
+    flags are the fields of :class:`~robustmedseg.federation.options.ResearcherOptions`, the factory's those of
+    :class:`~robustmedseg.factory.config.FactoryConfig` (:data:`FLAG_FIELDS`); each takes its field's type and
+    default."""
+    p = DataclassParser(ResearcherOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        argument_default=argparse.SUPPRESS if suppress else None)
 
     group = [p]
 
@@ -96,62 +99,58 @@ def build_parser(suppress: bool = False) -> CliParser:
             kw.pop("default", None)
         group[0].add_argument(*names, **kw)
 
-    group[0] = p.add_argument_group("schedule (may change on --resume)")
-    add("--rounds", type=int, default=350, help="total number of rounds (round limit; default 350)")
-    add("--num_updates_per_round", type=int, default=2000,
-        help="updates per round on each sampled node; even updates train D, odd ones G (default 2000)")
-    add("--batch", "--batch_size", dest="batch", type=int, default=16, help="batch size on the nodes (default 16)")
-    add("--lr", type=float, default=0.002, help="base learning rate (G: lr*4/5, D: lr*16/17; default 0.002)")
+    g = group[0] = p.add_argument_group("schedule (may change on --resume)")
+    p.add("rounds", group=g, help="total number of rounds (round limit; default 350)")
+    p.add("num_updates_per_round", group=g,
+          help="updates per round on each sampled node; even updates train D, odd ones G (default 2000)")
+    p.add("batch", "--batch_size", group=g, help="batch size on the nodes (default 16)")
+    p.add("lr", group=g, help="base learning rate (G: lr*4/5, D: lr*16/17; default 0.002)")
     add_field_flags(add, FactoryConfig, SCHEDULE_FIELDS)
-    add("--max_nodes_per_round", dest="max_nodes", type=int, default=2,
-        help="nodes sampled per round, uniformly at random (default 2)")
-    add("--aggregation", choices=("uniform", "samples"), default="uniform",
-        help="FedAverage weights: uniform over the replying nodes (as the paper) or by dataset size")
-    add("--secagg", action=BooleanFlag, default=False,
-        help="secure aggregation (Fed-BioMed LOM): the researcher sees only the average of the sampled nodes' "
-             "updates, never one node's weights; needs >= 2 nodes per round. On --resume, the breakpoint's "
-             "setting is kept unless --secagg / --no_secagg is given (default off)")
-    add("--secagg_clip", dest="secagg_clip", type=float, default=None,
-        help="with --secagg: largest change of one stored weight during one round that is represented "
-             "(larger changes are clipped, reported as secagg_clipped); precision of the average: clip/8192 "
-             "per round (default 2.0 = lr x steps per network of a 2000-update round; measured max 0.74)")
+    p.add("max_nodes", flags=("--max_nodes_per_round",), group=g,
+          help="nodes sampled per round, uniformly at random (default 2)")
+    p.add("aggregation", group=g, choices=("uniform", "samples"),
+          help="FedAverage weights: uniform over the replying nodes (as the paper) or by dataset size")
+    p.add("secagg", group=g, action=BooleanFlag,
+          help="secure aggregation (Fed-BioMed LOM): the researcher sees only the average of the sampled nodes' "
+               "updates, never one node's weights; needs >= 2 nodes per round. On --resume, the breakpoint's "
+               "setting is kept unless --secagg / --no_secagg is given (default off)")
+    p.add("secagg_clip", group=g,
+          help="with --secagg: largest change of one stored weight during one round that is represented "
+               "(larger changes are clipped, reported as secagg_clipped); precision of the average: clip/8192 "
+               "per round (default 2.0 = lr x steps per network of a 2000-update round; measured max 0.74)")
 
     group[0] = p.add_argument_group("model, losses and augmentation (architecture flags are fixed by the first run; "
                                     "names and defaults are those of robustmedseg.factory.config.FactoryConfig)")
     add_field_flags(add, FactoryConfig, MODEL_FIELDS)
 
-    group[0] = p.add_argument_group("federation and outputs")
-    add("--tags", default="#im2im", help="dataset tags searched on the nodes, comma separated (default #im2im)")
-    add("--researcher_dir", dest="researcher_dir", type=Path, default=None,
-        help="Fed-BioMed researcher component (default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher); "
-             "breakpoints live in its var/experiments. It must exist (fedbiomed component create -c researcher, "
-             "or python -m robustmedseg.federation.local up) unless --create_researcher_dir")
-    add("--create_researcher_dir", dest="create_researcher_dir", action="store_true", default=False,
-        help="let Fed-BioMed create a missing researcher component at --researcher_dir (with its default "
-             "server address; real deployments create it once with fedbiomed component create)")
-    add("--workdir", type=Path, default=Path("factory_run"),
-        help="researcher outputs: samples/round_*.png from the aggregated G_ema, run.json (default ./factory_run)")
-    add("--keep_breakpoints", dest="keep_breakpoints", type=int, default=3,
-        help="keep only the newest N breakpoints and the node-reply files they use (0 = keep all; at 512 px "
-             "a breakpoint is ~1 GB); default 3")
-    add("--tensorboard", type=Path, default=None, help="TensorBoard folder (default WORKDIR/tensorboard)")
-    add("--fidelity_evaluator", dest="fidelity_evaluator", type=Path, default=None,
-        help="frozen fidelity evaluator file (python -m robustmedseg.fidelity train): after every "
-             "--fidelity_every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
-             "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
-    add("--fidelity_every", dest="fidelity_every", type=int, default=1,
-        help="score the aggregated G_ema every N rounds (and after the last round; default 1)")
-    add("--fidelity_n", dest="fidelity_n", type=int, default=64,
-        help="generated slices per domain for each fidelity score (default 64)")
-    add("--min_nodes", dest="min_nodes", type=int, default=1,
-        help="wait until at least this many nodes answer before starting (default 1)")
-    add("--wait_nodes", dest="wait_nodes", type=float, default=120.0,
-        help="seconds to wait for the nodes, with a progress line every 10 s (default 120)")
-    add("--resume", nargs="?", const="LATEST", default=None, metavar="BREAKPOINT",
-        help="continue from the latest breakpoint (or the given breakpoint folder)")
-    add("--use_gpu", dest="use_gpu", action="store_true", default=False,
-        help="ask the nodes to train on their GPU (nodes must be started with --gpu)")
-    add("--verbose", action="store_true", default=False, help="Fed-BioMed INFO logs")
+    g = group[0] = p.add_argument_group("federation and outputs")
+    p.add("tags", group=g, help="dataset tags searched on the nodes, comma separated (default #im2im)")
+    p.add("researcher_dir", group=g,
+          help="Fed-BioMed researcher component (default: $FBM_RESEARCHER_COMPONENT_ROOT, else ./fbm-researcher); "
+               "breakpoints live in its var/experiments. It must exist (fedbiomed component create -c researcher, "
+               "or python -m robustmedseg.federation.local up) unless --create_researcher_dir")
+    p.add("create_researcher_dir", group=g,
+          help="let Fed-BioMed create a missing researcher component at --researcher_dir (with its default "
+               "server address; real deployments create it once with fedbiomed component create)")
+    p.add("workdir", group=g,
+          help="researcher outputs: samples/round_*.png from the aggregated G_ema, run.json (default ./factory_run)")
+    p.add("keep_breakpoints", group=g,
+          help="keep only the newest N breakpoints and the node-reply files they use (0 = keep all; at 512 px "
+               "a breakpoint is ~1 GB); default 3")
+    p.add("tensorboard", group=g, help="TensorBoard folder (default WORKDIR/tensorboard)")
+    p.add("fidelity_evaluator", group=g,
+          help="frozen fidelity evaluator file (python -m robustmedseg.fidelity train): after every "
+               "--fidelity_every rounds the aggregated G_ema is scored on the researcher side (domain and z-bin "
+               "accuracy of generated slices, KID per domain) -> TensorBoard fidelity/* and run.json")
+    p.add("fidelity_every", group=g, help="score the aggregated G_ema every N rounds (and after the last round; default 1)")
+    p.add("fidelity_n", group=g, help="generated slices per domain for each fidelity score (default 64)")
+    p.add("min_nodes", group=g, help="wait until at least this many nodes answer before starting (default 1)")
+    p.add("wait_nodes", group=g,
+          help="seconds to wait for the nodes, with a progress line every 10 s (default 120)")
+    p.add("resume", group=g, nargs="?", const="LATEST", metavar="BREAKPOINT",
+          help="continue from the latest breakpoint (or the given breakpoint folder)")
+    p.add("use_gpu", group=g, help="ask the nodes to train on their GPU (nodes must be started with --gpu)")
+    p.add("verbose", group=g, help="Fed-BioMed INFO logs")
 
     group[0] = p.add_argument_group("GPU switches of the nodes (no effect on CPU; may change on --resume)")
     for name, (_, text) in GPU_FIELDS.items():
@@ -181,78 +180,81 @@ def _print_round(report: Any, limit: int) -> None:
           f"nodes {', '.join(report.nodes)}  {shown}", flush=True)
 
 
-def _resume_updates(explicit: Dict[str, Any], args: argparse.Namespace):
+def _resume_updates(explicit: Dict[str, Any]):
+    """What a resume changes: the flags given on the command line (``explicit``, parsed without defaults)."""
     bad = [f for f in ARCH_FLAGS if f in explicit]
     if bad:
         raise InputError(f"--resume keeps the architecture of the breakpoint; drop {', '.join('--' + b for b in bad)}")
-    model = {k: getattr(args, k) for k in FLAG_FIELDS if k in explicit}
+    model = {k: explicit[k] for k in FLAG_FIELDS if k in explicit}
     training: Dict[str, Any] = {}
     if "num_updates_per_round" in explicit:
-        training["num_updates"] = args.num_updates_per_round
+        training["num_updates"] = explicit["num_updates_per_round"]
     if "batch" in explicit:
-        training["loader_args"] = {"batch_size": args.batch}
+        training["loader_args"] = {"batch_size": explicit["batch"]}
     if "use_gpu" in explicit:
-        training["use_gpu"] = args.use_gpu
+        training["use_gpu"] = explicit["use_gpu"]
     if "lr" in explicit:
-        training["optimizer_args"] = {"lr": args.lr}
+        training["optimizer_args"] = {"lr": explicit["lr"]}
     strategy = {}
     if "max_nodes" in explicit:
-        strategy["max_nodes"] = args.max_nodes
+        strategy["max_nodes"] = explicit["max_nodes"]
     if "aggregation" in explicit:
-        strategy["weighting"] = args.aggregation
-    return model, training, strategy, (args.rounds if "rounds" in explicit else None)
+        strategy["weighting"] = explicit["aggregation"]
+    return model, training, strategy, explicit.get("rounds")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The researcher's run, section by section; failures reach the user through ``run_cli`` (one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parsed = parser.parse_args(argv)
     explicit = vars(build_parser(suppress=True).parse_args(argv))
 
     # ---- flags: every check before anything is created or contacted
-    cfg = _config_from_args(args)
-    _check_numbers(args)
-    tags = [t for t in args.tags.split(",") if t]
+    cfg = _config_from_args(parsed)
+    opts: ResearcherOptions = parser.build(parsed)
+    _check_numbers(opts)
+    tags = opts.tag_list
     if not tags:
         raise InputError("--tags needs at least one tag")
-    researcher_dir = args.researcher_dir or Path(os.environ.get("FBM_RESEARCHER_COMPONENT_ROOT", "fbm-researcher"))
+    researcher_dir = opts.root
     if researcher_dir.exists() and not researcher_dir.is_dir():
         raise InputError("is a file; --researcher_dir names the researcher component folder", researcher_dir)
-    for folder in (args.workdir, args.tensorboard):
+    for folder in (opts.workdir, opts.tensorboard):
         if folder is not None and folder.exists() and not folder.is_dir():
             raise InputError("is a file; a folder is expected here", folder)
     breakpoint = None
-    if args.resume:  # a missing or damaged breakpoint is one line
+    if opts.resume:  # a missing or damaged breakpoint is one line
         from robustmedseg.federation.export import check_breakpoint
 
-        breakpoint = check_breakpoint(researcher_dir, None if args.resume == "LATEST" else Path(args.resume))
-    _check_researcher_component(researcher_dir, args.create_researcher_dir)
+        breakpoint = check_breakpoint(researcher_dir, opts.resume_breakpoint)
+    _check_researcher_component(researcher_dir, opts.create_researcher_dir)
 
     from robustmedseg.federation import researcher as R
 
     fidelity = None
-    if args.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
-        fidelity = R.fidelity_scorer(args.fidelity_evaluator, args.fidelity_n, args.seed)
+    if opts.fidelity_evaluator is not None:  # a bad file fails here, before any node is contacted
+        fidelity = R.fidelity_scorer(opts.fidelity_evaluator, opts.fidelity_n, cfg.seed)
     run: Dict[str, Any] = {"exp": None}
 
     def clean_up() -> Optional[str]:
         exp = run["exp"]
-        return R.abandon_experiment(exp, fresh=not args.resume, keep=args.keep_breakpoints) if exp is not None \
+        return R.abandon_experiment(exp, fresh=not opts.resume, keep=opts.keep_breakpoints) if exp is not None \
             else None
 
     with R.reported_failures(clean_up):
         # ---- federation: the researcher component, then the nodes
         created = not R.is_researcher_component(researcher_dir)
-        R.use_researcher_component(researcher_dir, verbose=args.verbose)
+        R.use_researcher_component(researcher_dir, verbose=opts.verbose)
         if created:
             print(f"created a new Fed-BioMed researcher component in {researcher_dir} (--create_researcher_dir)",
                   flush=True)
-        online = R.wait_for_nodes(args.min_nodes, timeout=args.wait_nodes, hint=R.local_logs_hint(researcher_dir))
+        online = R.wait_for_nodes(opts.min_nodes, timeout=opts.wait_nodes, hint=R.local_logs_hint(researcher_dir))
         print(f"{len(online)} node(s) online: {', '.join(online)}", flush=True)
 
-        if args.resume:
+        if opts.resume:
             # ---- resume: the breakpoint's data, networks and state, with the flags given changed
-            model_up, train_up, strat_up, rounds = _resume_updates(explicit, args)
+            model_up, train_up, strat_up, rounds = _resume_updates(explicit)
             exp = run["exp"] = R.resume_experiment(str(breakpoint), model_up, train_up, strat_up, rounds,
                                                    secagg=explicit.get("secagg"),
                                                    secagg_clip=explicit.get("secagg_clip"))
@@ -263,13 +265,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{exp.round_current()}) to train more rounds", flush=True)
         else:
             # ---- data and networks: the nodes' datasets by tag, G/D/G_ema initialised from --seed
-            schedule = R.Schedule(args.rounds, args.num_updates_per_round, args.batch, args.lr, args.max_nodes,
-                                  args.aggregation, args.seed, args.use_gpu, args.secagg, args.secagg_clip)
+            schedule = R.Schedule(opts.rounds, opts.num_updates_per_round, opts.batch, opts.lr, opts.max_nodes,
+                                  opts.aggregation, cfg.seed, opts.use_gpu, opts.secagg, opts.secagg_clip)
             from training_plan import FactoryTrainingPlan
 
             exp = run["exp"] = R.create_experiment(cfg, schedule, tags, FactoryTrainingPlan)
             print(f"experiment {exp.id}: {len(exp.all_federation_nodes())} node(s) with data, "
-                  f"{args.rounds} rounds x {args.num_updates_per_round} updates, run id {exp.model_args()['run_id']}",
+                  f"{opts.rounds} rounds x {opts.num_updates_per_round} updates, run id {exp.model_args()['run_id']}",
                   flush=True)
         secure = R.secagg_info(exp)
         if secure["active"]:
@@ -277,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{secure['resolution']:.2g} per round), {secure['weighting']} weights", flush=True)
 
         # ---- rounds: train, record (TensorBoard, run.json, sample grids), prune breakpoints
-        record = R.RunRecord(Path(args.workdir), args.tensorboard)
+        record = R.RunRecord(Path(opts.workdir), opts.tensorboard)
         metrics = R.attach_metrics(exp, record.writer)
         model_args = exp.model_args()
         t0 = time.time()
@@ -292,8 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         completed = False
         try:
             R.run_rounds(exp, metrics, record.writer, record.workdir / "samples", int(model_args.get("n_sample", 3)),
-                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=args.keep_breakpoints,
-                         fidelity=fidelity, fidelity_every=args.fidelity_every)
+                         int(model_args.get("seed", 0)), on_round, keep_breakpoints=opts.keep_breakpoints,
+                         fidelity=fidelity, fidelity_every=opts.fidelity_every)
             completed = True
         finally:
             record.close(exp, completed, {"researcher_dir": str(Path(researcher_dir).resolve())})
@@ -321,26 +323,26 @@ def _check_researcher_component(folder: Path, create: bool) -> None:
                      f"pass --create_researcher_dir", folder)
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+def _check_numbers(opts: ResearcherOptions) -> None:
     """The researcher-side numbers (the model ones are FactoryConfig's): finite and in range."""
     import math
 
-    if args.rounds < 1 or args.num_updates_per_round < 1 or args.batch < 1 or args.max_nodes < 1:
+    if opts.rounds < 1 or opts.num_updates_per_round < 1 or opts.batch < 1 or opts.max_nodes < 1:
         raise InputError("--rounds, --num_updates_per_round, --batch and --max_nodes_per_round must be >= 1")
-    if args.secagg_clip is not None and not args.secagg_clip > 0:
-        raise InputError(f"--secagg_clip must be > 0, got {args.secagg_clip}")
-    if args.secagg and args.max_nodes < 2:
+    if opts.secagg_clip is not None and not opts.secagg_clip > 0:
+        raise InputError(f"--secagg_clip must be > 0, got {opts.secagg_clip}")
+    if opts.secagg and opts.max_nodes < 2:
         raise InputError("--secagg needs --max_nodes_per_round >= 2 (only a sum over 2+ nodes can be unmasked)")
-    if args.fidelity_every < 1 or args.fidelity_n < 2:
+    if opts.fidelity_every < 1 or opts.fidelity_n < 2:
         raise InputError("--fidelity_every must be >= 1 and --fidelity_n >= 2")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise InputError(f"--lr must be a finite number > 0, got {args.lr}")
-    if not (math.isfinite(args.wait_nodes) and args.wait_nodes >= 0):
-        raise InputError(f"--wait_nodes must be a finite number of seconds >= 0, got {args.wait_nodes}")
-    if args.keep_breakpoints < 0:
-        raise InputError(f"--keep_breakpoints must be >= 0 (0 = keep all), got {args.keep_breakpoints}")
-    if args.min_nodes < 1:
-        raise InputError(f"--min_nodes must be >= 1, got {args.min_nodes}")
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {opts.lr}")
+    if not (math.isfinite(opts.wait_nodes) and opts.wait_nodes >= 0):
+        raise InputError(f"--wait_nodes must be a finite number of seconds >= 0, got {opts.wait_nodes}")
+    if opts.keep_breakpoints < 0:
+        raise InputError(f"--keep_breakpoints must be >= 0 (0 = keep all), got {opts.keep_breakpoints}")
+    if opts.min_nodes < 1:
+        raise InputError(f"--min_nodes must be >= 1, got {opts.min_nodes}")
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

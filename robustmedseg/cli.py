@@ -232,8 +232,9 @@ class DataclassParser(CliParser):
     flag's type and default from its field, :meth:`build` makes the options object of the parsed flags.
 
     A ``bool`` field is a switch (``store_true``; ``action="store_false"`` with a ``--no-...`` flag, or
-    :class:`BooleanFlag`, for one that defaults to True), a ``Tuple[X, ...]`` field takes that many values,
-    a ``List[X]`` field one or more (or one text read by ``list_converters[X]``, e.g. ``"1,2,3"``)."""
+    :class:`BooleanFlag`, for one that defaults to True), a ``Tuple[X, X]`` field takes that many values,
+    a ``List[X]`` or ``Tuple[X, ...]`` field one or more (or one text read by ``list_converters[X]``, e.g.
+    ``"1,2,3"``)."""
 
     list_converters: Dict[type, Callable[[str], Any]] = {}
 
@@ -243,30 +244,36 @@ class DataclassParser(CliParser):
         self._fields = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
 
     def add(self, name: str, *aliases: str, flags: Sequence[str] = (), group: Any = None,
-            shown_required: bool = False, **kwargs: Any) -> argparse.Action:
+            shown_required: bool = False, positional: bool = False, **kwargs: Any) -> argparse.Action:
         """``--name`` (or ``flags``; destination: field ``name``) with ``aliases``, other names of the same
         concept; ``group``: an argument group of this parser; ``required=True``: argparse requires it;
         ``shown_required``: shown without brackets, checked by the command (the value may come from
-        elsewhere, e.g. ``--config``)."""
+        elsewhere, e.g. ``--config``); ``positional``: a positional argument (shown as ``metavar``);
+        ``nargs="?"`` with ``const``: the flag alone gives ``const``.  A parser built with
+        ``argument_default=argparse.SUPPRESS`` keeps only the flags given (no defaults)."""
         if name not in self._fields:
             raise ValueError(f"--{name} is not a field of {self.options.__name__}")
-        if {"type", "default", "dest", "nargs"} & set(kwargs):
+        if {"type", "default", "dest"} & set(kwargs) or kwargs.get("nargs", "?") != "?":
             raise ValueError(f"--{name}: the type and default come from {self.options.__name__}.{name}")
         kind = field_type(self.options, name)
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if kind is bool:
             kwargs.setdefault("action", "store_true")
-        elif origin in (tuple, typing.Tuple):
+        elif origin in (tuple, typing.Tuple) and (Ellipsis not in args or args[0] not in self.list_converters):
             kwargs.update(type=args[0], nargs=len(args) if Ellipsis not in args else "+")
-        elif origin is list:
+        elif origin in (list, tuple, typing.Tuple):
             converter = self.list_converters.get(args[0])
             kwargs.update({"type": converter} if converter is not None else {"type": args[0], "nargs": "+"})
         elif kind is not str:
             kwargs["type"] = kind
-        names = tuple(flags) or (f"--{name}",)
+        if self.argument_default is not argparse.SUPPRESS:  # SUPPRESS: a parser that sees which flags are given
+            kwargs["default"] = field_default(self.options, name)
         target = group if group is not None else self
-        action = target.add_argument(*names, *aliases, dest=name, default=field_default(self.options, name),
-                                     **kwargs)
+        if positional:
+            action = target.add_argument(name, **kwargs)
+        else:
+            names = tuple(flags) or (f"--{name}",)
+            action = target.add_argument(*names, *aliases, dest=name, **kwargs)
         if shown_required:
             self.mark_required(action)
         return action

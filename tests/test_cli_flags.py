@@ -399,3 +399,55 @@ def test_preprocess_and_generate_flags_are_their_config_fields():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert res.stdout.strip() == "False", res.stderr
+
+
+def _assert_flags_are_fields(parser, options: type, others=()) -> None:
+    """Every destination of ``parser`` (but ``others``, flags that are not options) is a field of ``options``
+    and every field a destination, with the field's default (a field without one: a required flag)."""
+    import dataclasses
+
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *others)}
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    assert set(actions) == set(fields), options.__name__
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            assert actions[name].default == f.default, name
+        else:
+            assert actions[name].required or not actions[name].option_strings, name
+
+
+def test_phase1_command_flags_are_their_options_fields():
+    """save_global_model.py's, prepare_data.py's and train.py's flags are the fields of ExportOptions,
+    PrepareOptions and ResearcherOptions (+ train.py's FactoryConfig flags): same names, same defaults (a field
+    without a default is a required flag), and their main() reads one."""
+    import prepare_data
+    import save_global_model
+    import train
+    from robustmedseg.data.lmdb_store import PrepareOptions
+    from robustmedseg.federation.options import ExportOptions, ResearcherOptions
+
+    p = save_global_model.build_parser()
+    _assert_flags_are_fields(p, ExportOptions)
+    assert p.build(p.parse_args([])) == ExportOptions()
+    assert p.build(p.parse_args(["--researcher_dir", "r", "--breakpoint", "b", "--out", "f.pt"])) == \
+        ExportOptions(researcher_dir=Path("r"), breakpoint=Path("b"), out=Path("f.pt"))
+    p = prepare_data.build_parser()
+    _assert_flags_are_fields(p, PrepareOptions)
+    assert prepare_data.options_from_args(p, p.parse_args(["s", "--out", "o", "--label", "1"])) == \
+        PrepareOptions(source=Path("s"), out=Path("o"), label=1)
+    args = p.parse_args(["s", "--out", "o", "--label", "1", "--size", "256,512", "--clip-model", "none",
+                         "--no-clip-quick-gelu", "--quiet", "--recursive", "--n_zbins", "7"])
+    assert prepare_data.options_from_args(p, args) == \
+        PrepareOptions(source=Path("s"), out=Path("o"), label=1, sizes=(256, 512), clip_model=None,
+                       clip_quick_gelu=False, progress=False, recursive=True, n_zbins=7)
+    p = train.build_parser()
+    _assert_flags_are_fields(p, ResearcherOptions, others=tuple(train.FLAG_FIELDS))
+    assert p.build(p.parse_args([])) == ResearcherOptions()
+    args = p.parse_args(["--max-nodes-per-round", "3", "--batch_size", "8", "--secagg", "--resume", "--tags", "a,,b",
+                         "--researcher-dir", "r", "--wait_nodes", "5", "--size", "64"])
+    assert p.build(args) == ResearcherOptions(max_nodes=3, batch=8, secagg=True, resume="LATEST", tags="a,,b",
+                                              researcher_dir=Path("r"), wait_nodes=5.0)
+    assert p.build(args).tag_list == ["a", "b"] and p.build(args).resume_breakpoint is None
+    assert p.build(p.parse_args(["--resume", "bk"])).resume_breakpoint == Path("bk")
+    assert vars(train.build_parser(suppress=True).parse_args(["--rounds", "5", "--no-secagg", "--size", "64"])) == \
+        {"rounds": 5, "secagg": False, "size": 64}  # only the flags given (what --resume changes)

@@ -166,4 +166,4 @@ def test_documented_command_parses(words, monkeypatch, capsys):
 
         monkeypatch.undo()
         explicit = vars(train.build_parser(suppress=True).parse_args(argv))
-        train._resume_updates(explicit, ns)  # refuses architecture flags on --resume (InputError)
+        train._resume_updates(explicit)  # refuses architecture flags on --resume (InputError)

@@ -2,6 +2,7 @@
 LMDB written, CLIP encoder and mean, the CLI, bad input, option and side-file checks with their one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -478,7 +479,7 @@ def test_prepare_output_location_is_checked(tmp_path):
     (tmp_path / "file").write_text("x")
     opts = lmdb_store.PrepareOptions(source=src, out=tmp_path / "file", label=0)
     assert message(lmdb_store.check_options, opts) == f"{tmp_path / 'file'}: output already exists (pass --overwrite to replace it)"
-    opts.overwrite = True
+    opts = dataclasses.replace(opts, overwrite=True)
     assert message(lmdb_store.check_options, opts) == f"{tmp_path / 'file'}: output exists and is not a folder"
     lmdb_store.check_options(lmdb_store.PrepareOptions(source=src, out=tmp_path / "new", label=0))
 

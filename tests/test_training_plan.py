@@ -562,7 +562,7 @@ def test_train_cli_help_and_resume_refuses_architecture_flags():
     import train
 
     with pytest.raises(Exception, match="--size"):
-        train._resume_updates({"size": 64, "resume": "LATEST"}, train.build_parser().parse_args(["--size", "64"]))
+        train._resume_updates({"size": 64, "resume": "LATEST"})
 
 
 def test_gpu_switches_travel_in_model_args_and_are_applied_on_the_node(lmdb_plain, state_dir):
@@ -575,7 +575,7 @@ def test_gpu_switches_travel_in_model_args_and_are_applied_on_the_node(lmdb_plai
     assert cfg.allow_tf32 and cfg.cudnn_benchmark and cfg.to_model_args()["allow_tf32"] is True
     argv = ["--resume", "--no-allow-tf32"]
     explicit = vars(train.build_parser(suppress=True).parse_args(argv))
-    model_up, _, _, _ = train._resume_updates(explicit, parser.parse_args(argv))
+    model_up, _, _, _ = train._resume_updates(explicit)
     assert model_up == {"allow_tf32": False}
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic)

@@ -120,9 +120,11 @@ def iter_slices(files: Sequence[Path], sizes: Sequence[int], resample: Optional[
 
 # --------------------------------------------------------------------------- writer
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareOptions:
-    """Everything ``prepare_data.py`` asks for (see its --help)."""
+    """Everything ``prepare_data.py`` asks for (see its --help): its flags are generated from these fields
+    (``source`` is the positional PATH, ``sizes`` is ``--size``, ``progress`` is off with ``--quiet``,
+    ``clip_model`` None is ``--clip-model none``)."""
 
     source: Path
     out: Path
