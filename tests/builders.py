@@ -372,3 +372,20 @@ def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(array, np.diag([6.0, 6.0, 6.0, 1.0]) if affine is None else affine), str(path))
     return path
+
+
+def brain_dataset(root: Path, n: int = 4, labeled: int = 3, seed: int = 1) -> Path:
+    """``n`` volumes (20 x 24 x 12, spacing 1 x 1 x 2 mm) with a brain mask on slices 2..9 and labels (1)
+    inside it on slices 4..6 (``root/images``, ``root/brain``, ``root/labels``); the last ``n - labeled``
+    volumes have no label file."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image = rng.normal(0, 0.05, (20, 24, 12)).astype(np.float32)
+        brain = np.zeros(image.shape, np.uint8)
+        brain[3:17, 4:20, 2:10] = 1
+        label = np.zeros(image.shape, np.uint8)
+        label[8:12, 9:14, 4:7] = 1
+        image += brain + label
+        for kind, array in (("images", image), ("brain", brain), *((("labels", label),) if i < labeled else ())):
+            write_nifti(root / kind / f"vol{i}.nii.gz", array, affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    return root

@@ -257,22 +257,9 @@ def test_trans_clamp_flag(tmp_path):
 # ------------------------------------------------------------------ volumes without a label file (item 3)
 def _three_volumes(root: Path) -> Path:
     """vol0, vol1 with a label file (class 1 inside a brain mask on slices 2..9 of 12), vol2 without."""
-    import nibabel as nib
-    import numpy as np
+    from builders import brain_dataset
 
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        image = rng.normal(0, 0.05, (20, 24, 12)).astype(np.float32)
-        brain = np.zeros(image.shape, np.uint8)
-        brain[3:17, 4:20, 2:10] = 1
-        label = np.zeros(image.shape, np.uint8)
-        label[8:12, 9:14, 4:7] = 1
-        image += brain + label
-        kinds = {"images": image, "brain": brain, **({"labels": label} if i < 2 else {})}
-        for kind, array in kinds.items():
-            (root / kind).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 2.0, 1.0])), str(root / kind / f"vol{i}.nii.gz"))
-    return root
+    return brain_dataset(root, n=3, labeled=2, seed=3)
 
 
 @pytest.mark.parametrize("brain", [False, True])

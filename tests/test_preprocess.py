@@ -18,6 +18,7 @@ from MultiMedSeg.data import (PreprocessConfig, group_slices_by_volume, load_met
                               restore_volume, slice_index, volume_id, write_nifti_like)
 from MultiMedSeg.data.volumes_to_slices import axis_crop, pick_labeled_train, split_volumes, z_range
 from robustmedseg.errors import InputError
+from builders import brain_dataset as _brain_dataset
 
 QUIET = {"log": lambda *a, **k: None}
 SIZE = 32  # conftest PREP_SIZE
@@ -362,24 +363,6 @@ def test_intensity_window_is_the_upper_bin_edge():
     assert low == pytest.approx(edges[1]) and high == pytest.approx(10.0)
     low, high = histogram_window([vol], 1.0, 50.0, 0.0, 10.0)
     assert low == pytest.approx(edges[1]) and high == pytest.approx(edges[np.searchsorted(edges, 5.0, "right")])
-
-
-def _brain_dataset(root: Path, n: int = 4, labeled: int = 3) -> Path:
-    """Volumes with a brain mask on slices 2..9 of 12 and labels (1) inside it on slices 4..6; the last
-    ``n - labeled`` volumes have no label file."""
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        image = rng.normal(0, 0.05, (20, 24, 12)).astype(np.float32)
-        brain = np.zeros(image.shape, np.uint8)
-        brain[3:17, 4:20, 2:10] = 1
-        label = np.zeros(image.shape, np.uint8)
-        label[8:12, 9:14, 4:7] = 1
-        image += brain + label
-        _write_nifti(root / "images" / f"vol{i}.nii.gz", image)
-        _write_nifti(root / "brain" / f"vol{i}.nii.gz", brain)
-        if i < labeled:
-            _write_nifti(root / "labels" / f"vol{i}.nii.gz", label)
-    return root
 
 
 def test_brain_masks_discard_extracerebral_slices_of_every_volume(tmp_path):
