@@ -61,7 +61,7 @@ MANIFEST = "federation.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _project_pythonpath(env: Mapping[str, str]) -> str:
+def project_pythonpath(env: Mapping[str, str]) -> str:
     """``PYTHONPATH`` of ``env`` with this checkout first, so child processes import the same code."""
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join([str(PROJECT_ROOT)] + rest)
@@ -254,7 +254,7 @@ class LocalFederation:
         env = dict(os.environ)
         env.update(FBM_RESEARCHER_IP="127.0.0.1", FBM_RESEARCHER_PORT=str(m.port),
                    FBM_NODE_COMPONENT_ROOT=node.root, OMP_NUM_THREADS=str(m.threads),
-                   MKL_NUM_THREADS=str(m.threads), PYTHONPATH=_project_pythonpath(env))
+                   MKL_NUM_THREADS=str(m.threads), PYTHONPATH=project_pythonpath(env))
         env.pop("FBM_RESEARCHER_COMPONENT_ROOT", None)
         return env
 
@@ -357,7 +357,7 @@ class LocalFederation:
     @staticmethod
     def _tool_env() -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-        env["PYTHONPATH"] = _project_pythonpath(env)
+        env["PYTHONPATH"] = project_pythonpath(env)
         return env
 
     @staticmethod

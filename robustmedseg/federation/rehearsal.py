@@ -43,11 +43,10 @@ from robustmedseg.cli import CliParser
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import write_text_atomic
 
+from .local import PROJECT_ROOT, READY_MARK, project_pythonpath
 from .netns import VirtualNetwork, namespaces_available
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ("cut", "slow", "restart", "researcher", "release", "impostor")
-READY_MARK = "Starting task listeners"
 TINY = ["--size", "32", "--latent", "32", "--n_mlp", "2", "--channel-cap", "16", "--n_sample", "2", "--augment",
         "--batch", "4", "--sample-every", "1000", "--log-every", "1000"]
 PORT = 50151
@@ -56,8 +55,7 @@ HOSPITALS = ("hosp1", "hosp2", "hosp3")  # Fed-BioMed refuses dataset names unde
 
 def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FBM_")}
-    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + rest)  # each host "installs" this release
+    env["PYTHONPATH"] = project_pythonpath(env)  # each host "installs" this release
     env.setdefault("OMP_NUM_THREADS", "1")
     env["MKL_NUM_THREADS"] = env["OMP_NUM_THREADS"]
     env.update(extra or {})
@@ -536,8 +534,7 @@ class Rehearsal:
         release = self.out / node / "release_b"
         release.mkdir(exist_ok=True)
         source = (PROJECT_ROOT / "training_plan.py").read_text()
-        edited = source.replace("class FactoryTrainingPlan(", "class FactoryTrainingPlan(", 1)
-        edited = re.sub(r"(class FactoryTrainingPlan\([^)]*\):\n)", r"\1    RELEASE = 'b'\n", edited, count=1)
+        edited = re.sub(r"(class FactoryTrainingPlan\([^)]*\):\n)", r"\1    RELEASE = 'b'\n", source, count=1)
         (release / "training_plan_b.py").write_text(edited)
         plan_id = self.nodes[node]["plan"]["id"]
         self.run(node, [*_fedbiomed(), "node", "-p", str(self.node_dir(node)), "training-plan", "reject", "--id",
