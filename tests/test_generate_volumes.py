@@ -22,7 +22,7 @@ from builders import tiny_generation_config as tiny_config, write_checkpoints
 from model import Generator, make_condition
 from MultiMedSeg import generation as gen
 from robustmedseg.data.slices import group_slices_by_volume, load_slice
-from MultiMedSeg.models.psp import PSP, PSPConfig
+from MultiMedSeg.models.psp import PSP
 from MultiMedSeg import checkpoints as ck
 from robustmedseg.errors import InputError, run_cli
 

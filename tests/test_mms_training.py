@@ -29,7 +29,7 @@ from MultiMedSeg.ensemble import label_volumes
 from MultiMedSeg.training.coach import Coach, LossBundle
 from MultiMedSeg.options import parse_inference_options, parse_training_options
 from builders import MMS_TINY, exit_message, tiny_generator_file
-from robustmedseg.errors import InputError, run_cli
+from robustmedseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MMS_TINY
