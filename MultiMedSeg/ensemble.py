@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -212,7 +212,7 @@ class Ensemble(Sequence[Member]):
 
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor, label: torch.Tensor, out_size: Optional[Sequence[int]] = None,
-                      inter: bool = True) -> Dict[str, torch.Tensor]:
+                      inter: bool = True, progress: Optional[Callable[[int], None]] = None) -> Dict[str, torch.Tensor]:
         """One batch at the generator's resolution, each member with its scale of :attr:`scales`, resized to
         ``out_size`` (the slice grid; None: not resized).
 
@@ -220,7 +220,8 @@ class Ensemble(Sequence[Member]):
         head ``label`` selects) and, with ``inter``, ``inter`` (B, L, H, W), the mean probabilities after
         translation to the other domain, and ``trans`` (B, 1, H, W), the translated image of the first
         (best) member, clamped to [-1, 1] unless ``trans_clamp`` is off (with ``invert_intensity`` negated again where that member's
-        inter prediction is background, undoing the interpreter's inversion there)."""
+        inter prediction is background, undoing the interpreter's inversion there).  ``progress``, when given, is
+        called with the batch size after each member (a progress bar counts member-slices)."""
         x = x.to(self.device)
         label = label.to(self.device)
         sums: Dict[str, torch.Tensor] = {}
@@ -238,17 +239,22 @@ class Ensemble(Sequence[Member]):
                         trans = trans.clamp(-1.0, 1.0)
                     if member.net.config.invert_intensity:
                         trans = torch.where(member_inter.argmax(1, keepdim=True) == 0, -trans, trans)
+            if progress is not None:
+                progress(int(x.shape[0]))
         result = {key: value / len(self.members) for key, value in sums.items()}
         if trans is not None:
             result["trans"] = trans
         return result
 
-    def predict_volume(self, batches: Iterable[Mapping[str, torch.Tensor]], inter: bool) -> Dict[str, torch.Tensor]:
+    def predict_volume(self, batches: Iterable[Mapping[str, torch.Tensor]], inter: bool,
+                       progress: Optional[Callable[[int], None]] = None) -> Dict[str, torch.Tensor]:
         """:meth:`predict_batch` of every batch (``data``, ``domain``, ``weight``) of one volume, on the
-        slice grid of the weight maps; CPU tensors ``intra`` (+ ``inter``, ``trans``) and ``weight``."""
+        slice grid of the weight maps; CPU tensors ``intra`` (+ ``inter``, ``trans``) and ``weight``.
+        ``progress``: see :meth:`predict_batch`."""
         parts: Dict[str, List[torch.Tensor]] = {"intra": [], "inter": [], "trans": [], "weight": []}
         for batch in batches:
-            out = self.predict_batch(batch["data"], batch["domain"], batch["weight"].shape[-2:], inter=inter)
+            out = self.predict_batch(batch["data"], batch["domain"], batch["weight"].shape[-2:], inter=inter,
+                                     progress=progress)
             for key, value in out.items():
                 parts[key].append(value.cpu())
             parts["weight"].append(batch["weight"])

@@ -604,12 +604,15 @@ def predict_parser() -> _Parser:
     p.mark_required(p.add("checkpoint_dir",
                           help="training run (its folder or checkpoints/) holding best.json and plan.json (required)"))
     p.add("device", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    p.add("ensemble_size",
-          help="number of best checkpoints averaged (default: the run's checkpoints/evaluation.json; a run without "
-               "it: 5; a run that kept fewer uses all it kept)")
+    p.add("ensemble_size", metavar="K",
+          help="number of best checkpoints averaged: the K best by validation score (checkpoints/best.json order; "
+               "default: the run's checkpoints/evaluation.json; a run without it: 5; a run that kept fewer uses all "
+               "it kept, with a note). Time is proportional to K: fewer members trade Dice for time "
+               "(docs/phase2.md#prediction-time-on-a-cpu)")
     p.add("ensemble_weights", metavar="INTER,INTRA",
           help="adapted runs: weights of the inter and intra probabilities (default: the run's "
-               "checkpoints/evaluation.json; a run without it: 0.6,0.4, the paper's), as inference.py's _pred")
+               "checkpoints/evaluation.json; a run without it: 0.6,0.4, the paper's), as inference.py's _pred; "
+               "an inter weight of 0 skips the members' inter passes (half the time, identical output)")
     p.add("save_probabilities",
           help="also write OUT/<id>_probabilities (x, y, z, class) float32 on the scan's grid")
     p.add("output_format", choices=OUTPUT_FORMATS,
@@ -627,7 +630,8 @@ def predict_parser() -> _Parser:
     p.add("seed", help="seed of torch/numpy/random (default 0)")
     p.add("allow_tf32", help="CUDA: TF32 tensor cores for float32 convolutions (off by default)")
     p.add("cudnn_benchmark", help="CUDA: cuDNN autotuning per input shape (off by default)")
-    p.add("quiet", help="print only warnings and errors")
+    p.add("quiet", help="print only warnings and errors (and no progress bar; the bar, with the estimated time "
+                        "left, is shown only when stderr is a terminal)")
     return p
 
 

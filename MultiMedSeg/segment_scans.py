@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from MultiMedSeg.data import field_of_view as fov
@@ -51,7 +52,7 @@ from MultiMedSeg.data.restore import restore_volume
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Ensemble, ensemble_probabilities, label_volumes, load_ensemble, resolve_checkpoints
 from MultiMedSeg import checkpoints as ck
-from MultiMedSeg.evaluation.settings import resolve_settings
+from MultiMedSeg.evaluation.settings import FROM_FLAG, resolve_settings
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, check_apart, check_new_output
@@ -90,17 +91,84 @@ def check_run(plan: PreprocessingPlan, members: Ensemble, plan_path: Path) -> bo
 
 
 def segment_scan(slices: np.ndarray, members: Ensemble, inter: bool, weights: Sequence[float],
-                 batch_size: int) -> Dict[str, Any]:
+                 batch_size: int, progress: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """Ensemble prediction of one scan's (Z, S, S) slices: ``labels`` (Z, S, S) of the run's output
-    branch and ``probabilities`` (Z, L, S, S) of the same branch."""
+    branch and ``probabilities`` (Z, L, S, S) of the same branch.  ``progress`` is called with the batch
+    size after every member's pass over a batch (:meth:`MultiMedSeg.ensemble.Ensemble.predict_batch`).
+
+    An adapted run whose inter weight is 0 (``--ensemble_weights 0,W`` or a run whose validation chose
+    it) skips the members' inter passes, half the work: its ``pred`` is then ``(0 * inter + W * intra) / W``
+    with the inter probabilities replaced by zeros, bit for bit what the two passes give (the inter
+    probabilities are finite, so ``0 * inter`` is exactly 0)."""
     net = members[0].net
     config = net.config
     dataset = SliceArrayDataset(slices, 1 if inter else 0, eval_transform(config.encoder_input_size),
                                 label_nc=config.label_nc, invert_intensity=config.invert_intensity)
-    pred = members.predict_volume(DataLoader(dataset, batch_size=batch_size, shuffle=False), inter)
+    need_inter = inter and float(weights[0]) != 0.0
+    pred = members.predict_volume(DataLoader(dataset, batch_size=batch_size, shuffle=False), need_inter, progress)
+    if inter and not need_inter:
+        pred["inter"] = torch.zeros_like(pred["intra"])
     branch = "pred" if inter else "intra"
     return {"branch": branch, "labels": label_volumes(pred, weights)[branch],
             "probabilities": ensemble_probabilities(pred, weights)[branch].numpy()}
+
+
+class ScanProgress:
+    """ONE progress bar (tqdm, on stderr) for every scan of a ``predict.py`` call, with the estimated time left.
+
+    It counts member-slices: one slice through one ensemble member (both its passes, intra and inter),
+    updated after every member's pass over a batch.  A scan's slice count is known once it is
+    preprocessed; until then each scan still to come counts as the mean of the scans prepared so far, so
+    the total (and the time left) covers the whole batch from the first scan on.  ``disable``: no bar
+    (``--quiet``, or stderr not a terminal); the counts are kept all the same.
+    """
+
+    def __init__(self, n_scans: int, n_members: int, disable: bool = False):
+        from tqdm import tqdm
+
+        self.n_scans, self.n_members = int(n_scans), int(n_members)
+        self.slices: List[int] = []  # slice count of each scan prepared so far
+        self.done, self.total = 0, 0  # member-slices segmented / expected (kept with or without a bar)
+        self.bar = tqdm(total=0, desc="predict", unit=" member-slices", dynamic_ncols=True, disable=disable,
+                        file=sys.stderr)
+
+    def _retotal(self) -> None:
+        left = max(0, self.n_scans - len(self.slices))
+        mean = sum(self.slices) / len(self.slices) if self.slices else 0
+        self.total = int(round((sum(self.slices) + mean * left) * self.n_members))
+        self.bar.total = self.total
+        self.bar.refresh()
+
+    def scan_ready(self, scan_id: str, n_slices: int) -> None:
+        """A scan is preprocessed: its ``n_slices`` replace the estimate."""
+        self.slices.append(int(n_slices))
+        self.bar.set_postfix_str(f"{scan_id} ({len(self.slices)}/{self.n_scans})", refresh=False)
+        self._retotal()
+
+    def scan_failed(self) -> None:
+        """A scan refused (``--keep_going``): one scan fewer to come."""
+        self.n_scans -= 1
+        self._retotal()
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        self.bar.update(n)
+
+    def around(self, fn: Callable[[str], None]) -> Callable[[str], None]:
+        """``fn`` (a message printer) that clears the bar while it prints."""
+        def wrapped(message: str) -> None:
+            if self.bar.disable:
+                fn(message)
+                return
+            with self.bar.external_write_mode(file=sys.stderr):
+                fn(message)
+        return wrapped
+
+    def __enter__(self) -> "ScanProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
 
 
 def restore_probabilities(probabilities: np.ndarray, volume_meta: dict) -> np.ndarray:
@@ -114,8 +182,6 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
                    warn: Callable[[str], None] = _stderr) -> Dict[str, Any]:
     """Segment every scan of ``opts.input`` into ``opts.output`` (``opts``: the typed options of ``predict.py``,
     :class:`MultiMedSeg.options.PredictOptions`); returns the summary written to ``predict.json``."""
-    from tqdm import tqdm
-
     scans: List[ScanSource] = find_scans(opts.input, opts.series)
     keep_going = opts.keep_going
     failed: List[Dict[str, str]] = []  # --keep_going: the scans refused, with their error line
@@ -136,6 +202,9 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
     check_output_folder(opts.output, opts.input, opts.overwrite, opts.checkpoint_dir)
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
     paths = resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False)
+    if len(paths) < settings.ensemble_size and settings.sources["ensemble_size"] == FROM_FLAG:
+        warn(f"note: {ck.checkpoints_folder(Path(opts.checkpoint_dir)) / ck.INDEX_NAME}: --ensemble_size "
+             f"{settings.ensemble_size} but the run kept {len(paths)} best checkpoint(s): using all {len(paths)}")
     plan_folder = ck.checkpoints_folder(Path(opts.checkpoint_dir))
     plan = load_plan(plan_folder)
     device = resolve_device(opts.device)
@@ -154,20 +223,21 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
         f"{'adapted: _pred' if inter else 'source-only: _intra'} labels, {plan.num_classes} classes, "
         f"orientation {plan.orientation})")
     records: List[Dict[str, Any]] = []
-    with atomic_dir(opts.output, overwrite=opts.overwrite) as out_dir:
-        bar = tqdm(scans, desc="predict", unit="scan", dynamic_ncols=True,
-                   disable=opts.quiet or not sys.stderr.isatty())
-        for src in bar:
+    progress = ScanProgress(len(scans), len(members), disable=opts.quiet or not sys.stderr.isatty())
+    say, tell = progress.around(log), progress.around(warn)  # messages do not break the bar's line
+    with atomic_dir(opts.output, overwrite=opts.overwrite) as out_dir, progress:
+        for src in scans:
             try:
                 records.append(_segment_one(src, opts, names[src.id], out_dir, plan, members, inter, settings,
-                                            use_fov, log, warn))
+                                            use_fov, say, tell, progress))
             except InputError as err:  # a scan refused while segmenting (e.g. no finite voxel)
                 if not keep_going:
                     raise
+                progress.scan_failed()
                 for written in (names[src.id], f"{src.id}_probabilities{names[src.id][len(src.id):]}"):
                     (out_dir / written).unlink(missing_ok=True)
                 failed.append({"id": src.id, "input": str(src.path), "error": str(err)})
-                warn(f"warning: {err} (skipped: --keep_going)")
+                tell(f"warning: {err} (skipped: --keep_going)")
         summary = {"run": str(plan_folder), "checkpoints": [str(m.path) for m in members],
                    "branch": "pred" if inter else "intra",
                    **settings.record(inter, len(members)),  # ensemble size and weights, and where they came from
@@ -181,8 +251,9 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
     return summary
 
 
-def _segment_one(src: ScanSource, opts: argparse.Namespace, name: str, out_dir: Path, plan: PreprocessingPlan,
-                 members: Sequence[Member], inter: bool, settings, use_fov: bool, log, warn) -> Dict[str, Any]:
+def _segment_one(src: ScanSource, opts: Any, name: str, out_dir: Path, plan: PreprocessingPlan,
+                 members: Ensemble, inter: bool, settings, use_fov: bool, log, warn,
+                 progress: "ScanProgress") -> Dict[str, Any]:
     """Read, preprocess, segment, restore and write one scan; returns its ``predict.json`` record."""
     scan = read_scan(src)
     vmeta, slices = prepare_scan(scan.image, src.path, src.id, plan)
@@ -191,7 +262,8 @@ def _segment_one(src: ScanSource, opts: argparse.Namespace, name: str, out_dir: 
     warnings = [w for w in (plan.spacing_warning(spacing), orient.oblique_warning(scan.image.affine)) if w]
     for warning in warnings:
         warn(f"warning: {src.path}: {warning}")
-    result = segment_scan(slices, members, inter, settings.ensemble_weights, opts.test_batch_size)
+    progress.scan_ready(src.id, int(slices.shape[0]))
+    result = segment_scan(slices, members, inter, settings.ensemble_weights, opts.test_batch_size, progress.update)
     labels = restore_volume(result["labels"], vmeta, kind="label")
     inside, fov_record = None, {"rule": "off", "removed_voxels": 0}
     if use_fov:  # no label outside what the model knows (MultiMedSeg.data.field_of_view)

@@ -45,7 +45,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
        for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
-                    "secagg", "train_step")},
+                    "predict", "secagg", "train_step")},
 }
 
 
@@ -145,6 +145,7 @@ PARSES = {
     "bench/bench_model.py": (["--channel-cap", "8", "--no-reg"], ["--channel_cap", "8", "--no_reg"]),
     "bench/bench_ops.py": (["--quick"], ["--quick"]),
     "bench/bench_gpu_check.py": (["--budget-s", "3", "--tiny"], ["--budget_s", "3", "--tiny"]),
+    "bench/bench_predict.py": (["--batch-size", "2", "--skip-variants"], ["--batch_size=2", "--skip_variants"]),
     "bench/bench_secagg.py": (["--long-updates", "0", "--skip-federation"], ["--long_updates", "0", "--skip_federation"]),
     "bench/bench_train_step.py": (["--size", "32"], ["--size=32"]),
 }
