@@ -52,7 +52,7 @@ from MultiMedSeg.data.restore import restore_volume
 from MultiMedSeg.data.transforms import eval_transform
 from MultiMedSeg.ensemble import Ensemble, ensemble_probabilities, label_volumes, load_ensemble, resolve_checkpoints
 from MultiMedSeg import checkpoints as ck
-from MultiMedSeg.evaluation.settings import FROM_FLAG, resolve_settings
+from MultiMedSeg.evaluation.settings import resolve_settings
 from robustmedseg.device import configure_backends, resolve_device, seed_everything
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, check_apart, check_new_output
@@ -202,9 +202,9 @@ def run_prediction(opts: Any, log: Callable[[str], None] = print,
     check_output_folder(opts.output, opts.input, opts.overwrite, opts.checkpoint_dir)
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
     paths = resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False)
-    if len(paths) < settings.ensemble_size and settings.sources["ensemble_size"] == FROM_FLAG:
-        warn(f"note: {ck.checkpoints_folder(Path(opts.checkpoint_dir)) / ck.INDEX_NAME}: --ensemble_size "
-             f"{settings.ensemble_size} but the run kept {len(paths)} best checkpoint(s): using all {len(paths)}")
+    short = settings.shortfall(len(paths), ck.checkpoints_folder(Path(opts.checkpoint_dir)) / ck.INDEX_NAME)
+    if short:
+        warn(short)
     plan_folder = ck.checkpoints_folder(Path(opts.checkpoint_dir))
     plan = load_plan(plan_folder)
     device = resolve_device(opts.device)

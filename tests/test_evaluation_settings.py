@@ -202,9 +202,12 @@ def test_a_run_without_the_file_falls_back_with_one_notice(runs, tmp_path, capsy
     assert len([n for n in notes if EVALUATION_NAME in n]) == 1
     assert json.loads((tmp_path / "pred" / "predict.json").read_text())["evaluation_settings"]["ensemble_weights"] \
         == "fallback"
-    # both flags given: nothing falls back, no notice
+    # both flags given: nothing falls back, no notice (only, when the run kept fewer than 5, the note saying so)
     _infer(run, runs["site2"], tmp_path / "flags", "--ensemble_weights", "0.6,0.4", "--ensemble_size", "5")
-    assert "note:" not in capsys.readouterr().err
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    kept = len(_best_files(run))
+    assert notes == ([] if kept >= 5 else [f"note: {run / 'checkpoints' / 'best.json'}: --ensemble_size 5 but the "
+                                           f"run kept {kept} best checkpoint(s): using all {kept}"])
 
 
 def test_a_stale_file_is_not_used(runs, tmp_path, capsys):

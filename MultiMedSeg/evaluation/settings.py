@@ -131,6 +131,14 @@ class EnsembleSettings:
         return (f"note: {self.file}: {self.why_fallback}: using the paper's {' and '.join(fell)}; choose the run's "
                 f"settings with {COMMAND} --target_data PREP (or pass the flags)")
 
+    def shortfall(self, kept: int, index: Path) -> Optional[str]:
+        """The one-line ``note:`` when ``--ensemble_size`` asked for more members than the ``kept`` best
+        checkpoints that ``index`` (``best.json``) lists: all of them are used."""
+        if kept >= self.ensemble_size or self.sources["ensemble_size"] != FROM_FLAG:
+            return None
+        return (f"note: {index}: --ensemble_size {self.ensemble_size} but the run kept {kept} best checkpoint(s): "
+                f"using all {kept}")
+
     def record(self, inter: bool, used_size: int) -> Dict[str, Any]:
         """What ``inference.json`` / ``predict.json`` keep: values and their sources."""
         weights = self.weights_for(inter)

@@ -120,9 +120,12 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
     seed_everything(opts.seed)
     configure_backends(opts.allow_tf32, opts.cudnn_benchmark)
     settings = resolve_settings(opts.checkpoint_dir, opts.ensemble_size, opts.ensemble_weights)
-    # up to the ensemble size: a run that kept fewer best checkpoints uses all it kept
-    models = load_ensemble(resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False), device,
-                           trans_clamp=opts.trans_clamp)
+    # up to the ensemble size: a run that kept fewer best checkpoints uses all it kept (a note when the flag asked more)
+    paths = resolve_checkpoints(opts.checkpoint_dir, settings.ensemble_size, exact=False)
+    short = settings.shortfall(len(paths), ck.checkpoints_folder(Path(opts.checkpoint_dir)) / ck.INDEX_NAME)
+    if short:
+        (notice or (lambda m: print(m, file=sys.stderr)))(short)
+    models = load_ensemble(paths, device, trans_clamp=opts.trans_clamp)
     config = models.config
     if opts.label_nc is not None and opts.label_nc != config.label_nc:
         raise InputError(f"checkpoints segment {config.label_nc} classes but --label_nc is {opts.label_nc}",
