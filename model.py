@@ -466,12 +466,12 @@ class ModulatedConv2d(nn.Module):
         return out
 
     def _forward_modulated_input(self, x: Tensor, style: Tensor) -> Tensor:
-        """The same function as the grouped form: ``conv(x * s, scale * W) * d`` with the demodulation
-        ``d[b, o] = rsqrt(sum_i s[b, i]^2 * sum_kk (scale * W[o, i])^2 + 1e-8)`` (one plain convolution
+        """The same function as the grouped form: ``conv(x * (scale * s), W) * d`` with the demodulation
+        ``d[b, o] = rsqrt(sum_i (scale * s[b, i])^2 * sum_kk W[o, i]^2 + 1e-8)`` (one plain convolution
         over the batch; the per-channel scales commute with the convolution and with the blur)."""
         b = x.shape[0]
-        s = self.modulation(style)
-        weight = self.weight[0] * self.scale
+        s = self.modulation(style) * self.scale  # the equalised-lr scale rides on s: W is used as stored
+        weight = self.weight[0]
         x = x * s.to(x.dtype).view(b, self.in_ch, 1, 1)
         w = weight.to(x.dtype)
         if self.upsample:

@@ -192,15 +192,32 @@ def section_paper(args: argparse.Namespace, sgemm: Sgemm) -> List[str]:
     real, z, labels = make_batch(g, args.paper_batch, torch.device("cpu"))
     grads = {}
     for plain in (True, False):
+        torch.manual_seed(0)  # the same noise inputs on both paths
         with M.plain_paths(plain):
             plain_step(g, d, real, z, labels)
         grads[plain] = [p.grad.clone() for p in list(g.parameters()) + list(d.parameters()) if p.grad is not None]
     rel = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(grads[True], grads[False]))
     step = lambda: plain_step(g, d, real, z, labels)  # noqa: E731
     flops = count_flops(in_mode(True, step))
-    t = interleave({"plain": in_mode(True, step), "fast": in_mode(False, step)}, args.paper_reps, sgemm)
+    # the op's ceiling: one 512-channel 3x3 convolution fwd+bwd at the step's largest resolution
+    x = torch.randn(args.paper_batch, 512, args.paper_size, args.paper_size)
+    w = torch.randn(512, 512, 3, 3, requires_grad=True)
+    conv_flops = 3 * 2 * x.numel() * 512 * 9
+    convs = {}
+    for name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+
+        def conv(xi: torch.Tensor = xi) -> None:
+            torch.nn.functional.conv2d(xi, w, padding=1).sum().backward()
+        convs[name] = conv
+    cases = {"plain": in_mode(True, step), "fast": in_mode(False, step), **convs}
+    t = interleave(cases, args.paper_reps, sgemm)
+    rate = sgemm.gflops()
+    ceiling = "; ".join(f"{name} {conv_flops / t[name] / 1e9:.1f} GFLOP/s ({100 * conv_flops / t[name] / 1e9 / rate:.0f} % "
+                        "of sgemm)" for name in convs)
     return [f"check: gradients of G and D, plain vs fast: max |delta| / max |grad| per tensor = {rel:.2e}", HEADER,
-            row(f"paper channels G+D step ({args.paper_size} px, batch {args.paper_batch})", t, flops, sgemm)]
+            row(f"paper channels G+D step ({args.paper_size} px, batch {args.paper_batch})", t, flops, sgemm),
+            "", f"ceiling, one 3x3 512-channel conv fwd+bwd at {args.paper_size} px, batch {args.paper_batch}: {ceiling}"]
 
 
 # ----------------------------------------------------------------------------------------------- phase 2
@@ -216,25 +233,39 @@ def section_phase2(args: argparse.Namespace, sgemm: Sgemm) -> List[str]:
         paths = _write_phase2_data(root, sizes)
         rows = []
         for mode, name, steps in (("pretrain", "pretrain", (0,)), ("train", "adapt", (0, 1))):
-            coach = _coach(mode, root, paths, sizes, dev, "off", name)
-            coach.opts.batch_size = 8
-            batch = next(iter(coach.train_loader))
+            extra = ["--batch_size", "8"]
+            with M.plain_paths():  # the plain coach's optimisers are built on the plain path too
+                coaches = {"plain": _coach(mode, root, paths, sizes, dev, "off", f"{name}_plain", extra=extra)}
+            coaches["fast"] = _coach(mode, root, paths, sizes, dev, "off", name, extra=extra)
+            batch = next(iter(coaches["fast"].train_loader))
             if batch["data"].shape[0] != 8:
                 raise InputError(f"phase-2 bench batch has {batch['data'].shape[0]} slices, expected 8")
             if mode == "pretrain":
-                coach.save_training_state()  # initialises the adaptation coach
+                coaches["fast"].save_training_state()  # initialises the adaptation coaches
             for step in steps:
                 label = {("pretrain", 0): "phase 2 pretraining step (intra)", ("train", 0): "phase 2 adaptation step (intra)",
                          ("train", 1): "phase 2 adaptation step (inter / cycle)"}[(mode, step)]
 
-                def call(step: int = step, coach=coach) -> None:
-                    coach.global_step = step
-                    coach.train_step(batch)
+                def call(kind: str, step: int = step) -> Callable[[], None]:
+                    def run() -> None:
+                        coaches[kind].global_step = step
+                        coaches[kind].train_step(batch)
+                    return in_mode(kind == "plain", run)
 
-                flops = count_flops(in_mode(True, call))
-                t = interleave({"plain": in_mode(True, call), "fast": in_mode(False, call)}, args.reps * 4, sgemm)
+                logs = {}
+                for kind in ("plain", "fast"):  # check: the first step's losses on both paths, same random state
+                    torch.manual_seed(0)
+                    with M.plain_paths(kind == "plain"):
+                        coaches[kind].global_step = step
+                        logs[kind] = coaches[kind].train_step(batch)
+                worst = max(abs(logs["plain"][k] - logs["fast"][k]) / max(1.0, abs(logs["plain"][k]))
+                            for k in logs["plain"])
+                lines.append(f"check ({label}): {len(logs['plain'])} logged losses, plain vs fast: max relative "
+                             f"difference {worst:.2e}")
+                flops = count_flops(call("plain"))
+                t = interleave({"plain": call("plain"), "fast": call("fast")}, args.reps * 4, sgemm)
                 rows.append(row(label, t, flops, sgemm))
-            del coach
+            del coaches
     return lines + [HEADER] + rows
 
 
