@@ -16,7 +16,7 @@ Sections (``--sections``, default all three):
 "plain" runs the code under :func:`model.plain_paths` (the code as it was before issue 23: NCHW, grouped
 modulated convolution; ``RMS_PLAIN_PATHS=1`` does the same for a whole process), "fast" the default paths.
 Repetitions alternate plain / fast / sgemm; medians are printed with the ratio plain / fast, the step's
-achieved GFLOP/s (FLOPs counted once with ``torch.utils.flop_counter.FlopCounterMode`` on the plain path,
+achieved GFLOP/s (FLOPs counted once with torch's flop-counter formulas on the plain path,
 divided by each path's median time) and the rate of a 1024x1024 float32 matmul timed in the same loop.
 Before timing, each section checks that both paths agree (first-update losses and gradients).
 
@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import model as M
 from robustmedseg.cli import CliParser
@@ -62,10 +63,28 @@ class Sgemm:
         return 2 * 1024 ** 3 / min(self.times) / 1e9
 
 
+class _FlopCount(TorchDispatchMode):
+    """FLOPs of every op torch's flop counter knows (``torch.utils.flop_counter.flop_registry``: matmuls,
+    convolutions and their backward), counted at dispatch. ``FlopCounterMode`` itself cannot be used: its
+    module tracker breaks ``autograd.grad`` on a leaf fed straight into a module (R1 without ADA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.total += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
 def count_flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with _FlopCount() as counter:
         fn()
-    return int(counter.get_total_flops())
+    return counter.total
 
 
 def interleave(cases: Dict[str, Callable[[], None]], reps: int, sgemm: Sgemm, warmup: int = 1,
@@ -242,29 +261,29 @@ def section_phase2(args: argparse.Namespace, sgemm: Sgemm) -> List[str]:
                 raise InputError(f"phase-2 bench batch has {batch['data'].shape[0]} slices, expected 8")
             if mode == "pretrain":
                 coaches["fast"].save_training_state()  # initialises the adaptation coaches
-            for step in steps:
-                label = {("pretrain", 0): "phase 2 pretraining step (intra)", ("train", 0): "phase 2 adaptation step (intra)",
-                         ("train", 1): "phase 2 adaptation step (inter / cycle)"}[(mode, step)]
-
-                def call(kind: str, step: int = step) -> Callable[[], None]:
-                    def run() -> None:
-                        coaches[kind].global_step = step
-                        coaches[kind].train_step(batch)
-                    return in_mode(kind == "plain", run)
-
+            labels = {("pretrain", 0): "phase 2 pretraining step (intra)", ("train", 0): "phase 2 adaptation step (intra)",
+                      ("train", 1): "phase 2 adaptation step (inter / cycle)"}
+            for step in steps:  # checks first, from the same initial state: each step's losses on both paths
                 logs = {}
-                for kind in ("plain", "fast"):  # check: the first step's losses on both paths, same random state
+                for kind in ("plain", "fast"):
                     torch.manual_seed(0)
                     with M.plain_paths(kind == "plain"):
                         coaches[kind].global_step = step
                         logs[kind] = coaches[kind].train_step(batch)
                 worst = max(abs(logs["plain"][k] - logs["fast"][k]) / max(1.0, abs(logs["plain"][k]))
                             for k in logs["plain"])
-                lines.append(f"check ({label}): {len(logs['plain'])} logged losses, plain vs fast: max relative "
-                             f"difference {worst:.2e}")
+                lines.append(f"check ({labels[(mode, step)]}): {len(logs['plain'])} logged losses, plain vs fast: "
+                             f"max relative difference {worst:.2e}")
+            for step in steps:
+                def call(kind: str, step: int = step) -> Callable[[], None]:
+                    def run() -> None:
+                        coaches[kind].global_step = step
+                        coaches[kind].train_step(batch)
+                    return in_mode(kind == "plain", run)
+
                 flops = count_flops(call("plain"))
                 t = interleave({"plain": call("plain"), "fast": call("fast")}, args.reps * 4, sgemm)
-                rows.append(row(label, t, flops, sgemm))
+                rows.append(row(labels[(mode, step)], t, flops, sgemm))
             del coaches
     return lines + [HEADER] + rows
 
