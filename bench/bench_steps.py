@@ -11,7 +11,7 @@ Sections (``--sections``, default all three):
   at the paper's channel widths (512 channels up to 64 px), ``--paper-size`` px, batch ``--paper-batch``;
 * ``phase2``: the phase-2 pretraining step (intra) and adaptation steps (intra, inter/cycle) of
   :class:`MultiMedSeg.training.coach.Coach` at the demo's settings (32 px decoder as above, IResNet-10 with
-  base 16 channels, batch 8, LPIPS off).
+  base 16 channels, batch 8, ``--bn_mode batch``, LPIPS off).
 
 "plain" runs the code under :func:`model.plain_paths` (the code as it was before issue 23: NCHW, grouped
 modulated convolution; ``RMS_PLAIN_PATHS=1`` does the same for a whole process), "fast" the default paths.
@@ -252,7 +252,7 @@ def section_phase2(args: argparse.Namespace, sgemm: Sgemm) -> List[str]:
         paths = _write_phase2_data(root, sizes)
         rows = []
         for mode, name, steps in (("pretrain", "pretrain", (0,)), ("train", "adapt", (0, 1))):
-            extra = ["--batch_size", "8"]
+            extra = ["--batch_size", "8", "--bn_mode", "batch"]  # the demo's phase-2 settings (demo/stages.py)
             with M.plain_paths():  # the plain coach's optimisers are built on the plain path too
                 coaches = {"plain": _coach(mode, root, paths, sizes, dev, "off", f"{name}_plain", extra=extra)}
             coaches["fast"] = _coach(mode, root, paths, sizes, dev, "off", name, extra=extra)
