@@ -408,7 +408,8 @@ class EqualConv2d(nn.Module):
 
 
 class ModulatedConv2d(nn.Module):
-    """Style-modulated convolution run as one grouped convolution over the batch.
+    """Style-modulated convolution run as one grouped convolution over the batch (on CPU tensors with the
+    fast paths on, :func:`plain_paths`: as one plain convolution of the modulated activations, the same function).
 
     Upsampling: stride-2 transposed conv then Blur(pad (1, 1) for k=3, kernel × 4).
     Downsampling: Blur(pad ((p+1)//2, p//2), p = len(taps) − 2 + k − 1) then stride-2 conv.
