@@ -42,9 +42,11 @@ entries past its end count as ``None``, and a non-``None`` entry at an invalid i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from op import FusedLeakyReLU, conv2d_gradfix, fused_leaky_relu, upfirdn2d
+from op.upfirdn import fir_matrix
 
 __all__ = [
     "MIN_SIZE", "MAX_SIZE", "N_ZBINS", "check_image_size", "GeneratorArgs", "GENERATOR_KEYS",
@@ -132,6 +135,47 @@ class GeneratorArgs:
 
 GENERATOR_KEYS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GeneratorArgs))
 _DEFAULT = GeneratorArgs()
+
+# ----------------------------------------------------------------------------------------------
+# CPU fast paths (issue 23; BENCHMARKS.md "Training-step speed (issue 23)")
+# ----------------------------------------------------------------------------------------------
+#: ``RMS_PLAIN_PATHS=1`` in the environment turns the CPU fast paths off for the whole process.
+PLAIN_PATHS_ENV = "RMS_PLAIN_PATHS"
+_fast_state = {"enabled": os.environ.get(PLAIN_PATHS_ENV, "").strip().lower() not in ("1", "true", "yes")}
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the CPU fast paths are on (default; off under ``RMS_PLAIN_PATHS=1`` or :func:`plain_paths`)."""
+    return _fast_state["enabled"]
+
+
+@contextlib.contextmanager
+def plain_paths(plain: bool = True):
+    """Run the block on the plain paths (``plain=False``: the fast paths), then restore the setting.
+
+    The fast paths compute the same functions with other kernels (float rounding differs, nothing else;
+    tests/test_fast_paths.py): on CPU tensors the networks run in the channels-last memory layout and
+    the modulated convolution modulates the activations (one plain convolution with the shared weight,
+    then the demodulation as a per-sample output scale, as the StyleGAN2-ADA reference trains) instead of
+    one grouped convolution with per-sample weights.  CUDA tensors always take the plain paths.
+    """
+    previous = _fast_state["enabled"]
+    _fast_state["enabled"] = not plain
+    try:
+        yield
+    finally:
+        _fast_state["enabled"] = previous
+
+
+def _fast_cpu(x: Tensor) -> bool:
+    return _fast_state["enabled"] and x.device.type == "cpu"
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` in the channels-last layout when the CPU fast paths apply to it (else ``x`` unchanged)."""
+    if x.ndim == 4 and _fast_cpu(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -287,9 +331,22 @@ class Upsample(nn.Module):
         self.register_buffer("kernel", make_blur_kernel(taps) * factor ** 2)
         p = len(taps) - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+        k = torch.tensor(list(taps), dtype=torch.float64)
+        self._taps = k / k.sum() * factor  # 1-D factor of ``kernel`` (not state: rebuilt from ``taps``)
+        self._matrices: Dict[Tuple[int, int, torch.dtype], Tuple[Tensor, Tensor]] = {}
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1 and _fast_cpu(x):  # the 1-channel ToRGB skip: U_y @ x @ U_x^T (op.upfirdn.fir_matrix)
+            uy, ux = self._axis_matrices(x.shape[2], x.shape[3], x.dtype)
+            return uy @ x @ ux.t()
         return upfirdn2d(x, self.kernel.to(x.dtype), up=self.factor, down=1, pad=self.pad)
+
+    def _axis_matrices(self, h: int, w: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        key = (h, w, dtype)
+        if key not in self._matrices:
+            self._matrices[key] = tuple(fir_matrix(n, self._taps, up=self.factor, pad=self.pad).to(dtype)
+                                        for n in (h, w))
+        return self._matrices[key]
 
 
 class EqualLinear(nn.Module):
@@ -336,6 +393,12 @@ class EqualConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.shape[1] == 1 and self.weight.shape[2:] == (1, 1) and self.stride == 1 and self.padding == 0 \
+                and _fast_cpu(x):
+            # 1x1 conv of a 1-channel image (D's first layer): an outer product, written channels-last
+            w = (self.weight * self.scale).to(x.dtype).view(1, 1, 1, -1)
+            out = (x.permute(0, 2, 3, 1) * w).permute(0, 3, 1, 2)
+            return out if bias is None else out + bias.view(1, -1, 1, 1)
         return conv2d_gradfix.conv2d(x, (self.weight * self.scale).to(x.dtype), bias=bias,
                                      stride=self.stride, padding=self.padding)
 
@@ -345,7 +408,8 @@ class EqualConv2d(nn.Module):
 
 
 class ModulatedConv2d(nn.Module):
-    """Style-modulated convolution run as one grouped convolution over the batch.
+    """Style-modulated convolution run as one grouped convolution over the batch (on CPU tensors with the
+    fast paths on, :func:`plain_paths`: as one plain convolution of the modulated activations, the same function).
 
     Upsampling: stride-2 transposed conv then Blur(pad (1, 1) for k=3, kernel × 4).
     Downsampling: Blur(pad ((p+1)//2, p//2), p = len(taps) − 2 + k − 1) then stride-2 conv.
@@ -383,6 +447,8 @@ class ModulatedConv2d(nn.Module):
         b, c, h, w_ = x.shape
         if c != self.in_ch:
             raise ValueError(f"ModulatedConv2d expects {self.in_ch} input channels, got {c}")
+        if _fast_cpu(x):
+            return self._forward_modulated_input(x, style)
         k = self.kernel_size
         weight = self._batch_weight(style, b).to(x.dtype)
         if self.upsample:
@@ -398,6 +464,28 @@ class ModulatedConv2d(nn.Module):
             out = conv2d_gradfix.conv2d(x.reshape(1, b * c, x.shape[-2], x.shape[-1]), weight,
                                         padding=padding, stride=stride, groups=b)
             out = out.view(b, self.out_ch, out.shape[-2], out.shape[-1])
+        return out
+
+    def _forward_modulated_input(self, x: Tensor, style: Tensor) -> Tensor:
+        """The same function as the grouped form: ``conv(x * (scale * s), W) * d`` with the demodulation
+        ``d[b, o] = rsqrt(sum_i (scale * s[b, i])^2 * sum_kk W[o, i]^2 + 1e-8)`` (one plain convolution
+        over the batch; the per-channel scales commute with the convolution and with the blur)."""
+        b = x.shape[0]
+        s = self.modulation(style) * self.scale  # the equalised-lr scale rides on s: W is used as stored
+        weight = self.weight[0]
+        x = x * s.to(x.dtype).view(b, self.in_ch, 1, 1)
+        w = weight.to(x.dtype)
+        if self.upsample:
+            out = conv2d_gradfix.conv_transpose2d(x, w.transpose(0, 1), padding=0, stride=2)
+        elif self.downsample:
+            out = conv2d_gradfix.conv2d(self.blur(x), w, padding=0, stride=2)
+        else:
+            out = conv2d_gradfix.conv2d(x, w, padding=self.padding)
+        if self.demodulate:
+            d = torch.rsqrt(s.pow(2) @ weight.pow(2).sum(dim=(2, 3)).t() + 1e-8)
+            out = out * d.to(out.dtype).view(b, self.out_ch, 1, 1)
+        if self.upsample:
+            out = self.blur(out)
         return out
 
     def extra_repr(self) -> str:
@@ -666,7 +754,7 @@ class Generator(nn.Module):
         noise = self._noise_list(noise, randomize_noise)
         self._check_features_in(features_in)
         feats: List[Tensor] = []
-        x = self.input(latent.shape[0]).to(latent.dtype)
+        x = channels_last(self.input(latent.shape[0]).to(latent.dtype))
         if collect:
             feats.append(x)
         x = self.conv1(x, latent[:, 0], noise=noise[0])
@@ -811,13 +899,26 @@ class Discriminator(nn.Module):
         w = self.label_embed.weight
         return make_condition(domains, zbins, self.n_domains, self.n_zbins, device=w.device, dtype=w.dtype)
 
-    def forward(self, input: Tensor, labels: Labels) -> Tensor:
-        """Score images ``input`` (B, 1, size, size) under ``labels`` (``c`` or ``(c, e)``) → (B, 1)."""
+    def forward(self, input: Tensor, labels: Labels, batches: int = 1) -> Tensor:
+        """Score images ``input`` (B, 1, size, size) under ``labels`` (``c`` or ``(c, e)``) → (B, 1).
+
+        ``batches`` > 1: ``input`` is that many equal batches stacked along dim 0 (e.g. reals and fakes);
+        every layer is per sample except the minibatch-stddev statistic, which is taken within each of
+        them, so the scores equal those of separate calls (one pass through the convolutions instead of
+        several)."""
         if input.ndim != 4 or input.shape[1] != 1 or input.shape[2] != self.size or input.shape[3] != self.size:
             raise ValueError(f"Discriminator expects images of shape (B, 1, {self.size}, {self.size}), "
                              f"got {tuple(input.shape)}")
+        if batches < 1 or input.shape[0] % batches:
+            raise ValueError(f"batches={batches} does not divide the batch of {input.shape[0]} images")
         c, e = split_labels(labels, input.shape[0], self.n_cond, self.clip_dim, input.dtype)
-        x = minibatch_stddev(self.convs(input), self.stddev_group)
+        x = channels_last(self.convs[0](input))  # the 1-channel input has no layout to inherit
+        for layer in self.convs[1:]:
+            x = layer(x)
+        if batches == 1:
+            x = minibatch_stddev(x, self.stddev_group)
+        else:
+            x = torch.cat([minibatch_stddev(part, self.stddev_group) for part in x.chunk(batches)])
         phi = self.final_linear(self.final_conv(x).flatten(1))
         proj = phi * pixel_norm(self.label_embed(c))
         if e is not None:

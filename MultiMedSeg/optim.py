@@ -20,6 +20,15 @@ import torch
 Params = Union[Iterable[torch.Tensor], Iterable[dict]]
 
 
+def foreach_default() -> Optional[bool]:
+    """``foreach`` for the phase-2 optimisers: True (multi-tensor updates: fewer Python round trips, the same
+    formulas, rounding within ~1e-8; issue 23) on the fast paths, None (torch's default: foreach on CUDA
+    only) under ``model.plain_paths`` / ``RMS_PLAIN_PATHS=1``."""
+    from model import fast_paths_enabled
+
+    return True if fast_paths_enabled() else None
+
+
 class Ranger(torch.optim.RAdam):
     """Ranger with the original Coach's settings as defaults: lr 1e-4, α=0.5, k=6,
     betas (0.95, 0.999), eps 1e-5, weight decay 0, gradient centralisation on >1-D parameters."""

@@ -428,7 +428,8 @@ def _write_phase2_data(root: Path, sizes: Sizes) -> Dict[str, Path]:
     return paths
 
 
-def _coach(mode: str, root: Path, paths: Dict[str, Path], sizes: Sizes, dev: torch.device, amp: str, name: str):
+def _coach(mode: str, root: Path, paths: Dict[str, Path], sizes: Sizes, dev: torch.device, amp: str, name: str,
+           extra: Sequence[str] = ()):
     from MultiMedSeg.training.coach import Coach
     from MultiMedSeg.options import parse_training_options
 
@@ -446,7 +447,7 @@ def _coach(mode: str, root: Path, paths: Dict[str, Path], sizes: Sizes, dev: tor
         argv += ["--checkpoint_dir", str(root / "pretrain"), "--tgt_label", "1", "--target_labeled",
                  str(paths["tgt_lab"]), "--target_unlabeled", str(paths["tgt_unl"]), "--val_root",
                  str(paths["tgt_val"])]
-    return Coach(parse_training_options(argv, mode))
+    return Coach(parse_training_options(argv + list(extra), mode))
 
 
 def _time_coach(coach, steps: Sequence[int], reps: int, dev: torch.device) -> Dict[int, float]:

@@ -38,7 +38,7 @@ _EXT = "rms_upfirdn2d"
 
 IntOrPair = Union[int, Sequence[int]]
 
-__all__ = ["upfirdn2d", "parse_params", "output_size", "backward_params"]
+__all__ = ["upfirdn2d", "parse_params", "output_size", "backward_params", "fir_matrix"]
 
 
 # --------------------------------------------------------------------------- parameters
@@ -85,6 +85,24 @@ def backward_params(
 
 
 # --------------------------------------------------------------------------- reference path
+
+
+def fir_matrix(n_in: int, taps: torch.Tensor, up: int = 1, down: int = 1, pad: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """(n_out, n_in) matrix ``M`` of :func:`upfirdn2d` along one axis: ``M @ x`` inserts ``up - 1`` zeros
+    after every sample, pads by ``pad``, takes the true convolution with the 1-D ``taps`` and keeps every
+    ``down``-th sample (``M[o, i] = taps[o * down + K - 1 - pad0 - i * up]`` where that index is valid).
+
+    For a separable 2-D kernel ``outer(ky, kx)``, ``fir_matrix(H, ky, ...) @ x @ fir_matrix(W, kx, ...).T``
+    equals ``upfirdn2d(x, outer(ky, kx), ...)``: on few-channel images (1-channel skips, ADA) two small
+    matrix products are much faster on CPU than a depthwise (transposed) convolution (issue 23).
+    """
+    k = taps.shape[0]
+    n_out = (n_in * up + pad[0] + pad[1] - k + down) // down
+    o = torch.arange(n_out, device=taps.device).view(-1, 1)
+    i = torch.arange(n_in, device=taps.device).view(1, -1)
+    t = o * down + (k - 1 - pad[0]) - i * up
+    valid = (t >= 0) & (t < k)
+    return torch.where(valid, taps[t.clamp(0, k - 1)], torch.zeros((), dtype=taps.dtype, device=taps.device))
 
 
 def _rank1_factors(kernel: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -45,7 +45,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
        for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
-                    "predict", "secagg", "train_step")},
+                    "predict", "secagg", "steps", "train_step")},
 }
 
 
@@ -147,6 +147,7 @@ PARSES = {
     "bench/bench_gpu_check.py": (["--budget-s", "3", "--tiny"], ["--budget_s", "3", "--tiny"]),
     "bench/bench_predict.py": (["--batch-size", "2", "--skip-variants"], ["--batch_size=2", "--skip_variants"]),
     "bench/bench_secagg.py": (["--long-updates", "0", "--skip-federation"], ["--long_updates", "0", "--skip_federation"]),
+    "bench/bench_steps.py": (["--ada-p", "0.1", "--paper-size", "16"], ["--ada_p=0.1", "--paper_size", "16"]),
     "bench/bench_train_step.py": (["--size", "32"], ["--size=32"]),
 }
 

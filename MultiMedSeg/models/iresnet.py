@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from model import channels_last
 from robustmedseg.errors import InputError
 from robustmedseg.io import load_torch_file, strip_module_prefix
 
@@ -99,7 +100,9 @@ class IResNet(nn.Module):
     def forward(self, x: torch.Tensor, is_target: Route = None) -> List[torch.Tensor]:
         """``is_target``: bool (B,) target mask, a DomainRouting, or None (all source)."""
         is_target = as_routing(is_target)
-        x = self.prelu(self.bn1(self.conv1(x), is_target))
+        # CPU fast paths (model.channels_last, issue 23): the stages run channels-last (a 1-channel input has
+        # no layout to inherit, so the stem's output is converted)
+        x = self.prelu(self.bn1(channels_last(self.conv1(x)), is_target))
         outs = []
         for stage in self.stages():
             for block in stage:

@@ -28,7 +28,7 @@ from MultiMedSeg.data.images_dataset import ImagesDataset, VolumeDataset
 from MultiMedSeg.data.sampler import BalancedSampler
 from MultiMedSeg.data.transforms import eval_transform, train_transform
 from MultiMedSeg.models.psp import PSP, PSPConfig, flip_label
-from MultiMedSeg.optim import Ranger
+from MultiMedSeg.optim import Ranger, foreach_default
 from MultiMedSeg import checkpoints as ck
 from MultiMedSeg.ensemble import Ensemble, Member, blend, volume_labels
 from MultiMedSeg.evaluation.metrics import branch_metrics, mean_metrics, selection_score
@@ -93,8 +93,8 @@ class LossBundle:
 def make_encoder_optimizer(params: List[torch.nn.Parameter], opts: TrainingOptions) -> torch.optim.Optimizer:
     """Ranger (default, docs/method.md#coach) or Adam over the encoder (and decoder) parameters."""
     if opts.optim_name == "adam":
-        return torch.optim.Adam(params, lr=opts.learning_rate)
-    return Ranger(params, lr=opts.learning_rate)
+        return torch.optim.Adam(params, lr=opts.learning_rate, foreach=foreach_default())
+    return Ranger(params, lr=opts.learning_rate, foreach=foreach_default())
 
 
 # ---------------------------------------------------------------------------------- coach
@@ -121,7 +121,8 @@ class Coach:
         self.plan = preprocessing_plan(opts)  # checked now, written with the run (MultiMedSeg.data.preprocessing_plan)
         self.losses = LossBundle(opts, self.device)
         self.optimizer = make_encoder_optimizer(self.net.encoder_parameters(opts.train_decoder), opts)
-        self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate)
+        self.optimizer_seg = torch.optim.Adam(self.net.classifier_parameters(), lr=opts.head_learning_rate,
+                                              foreach=foreach_default())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if opts.resume:
             self._resume()

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from op import upfirdn2d
+from op.upfirdn import fir_matrix
 
 # Symlet-6 decomposition low-pass filter (12 taps), the orthogonal wavelet used to band-limit the
 # geometric transforms.
@@ -236,16 +237,54 @@ def _margins(g_inv: torch.Tensor, height: int, width: int, extra: int) -> Tuple[
     return (min(left, width - 1), min(right, width - 1), min(top, height - 1), min(bottom, height - 1))
 
 
+def reflect_matrix(n: int, before: int, after: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(before + n + after, n) 0/1 matrix of ``F.pad(..., mode="reflect")`` along one axis (pads < n)."""
+    j = torch.arange(-before, n + after, device=device)
+    src = torch.where(j < 0, -j, torch.where(j >= n, 2 * (n - 1) - j, j))
+    return (src.view(-1, 1) == torch.arange(n, device=device).view(1, -1)).to(dtype)
+
+
+def _geometric_axes(height: int, width: int, margins: Tuple[int, int, int, int], extra: int, dtype: torch.dtype,
+                    device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """The four matrices of :func:`apply_geometric`'s fast path: (up_y, up_x) reflect-pad then 2x upsample
+    each axis; (down_y, down_x) 2x downsample and crop the extension."""
+    left, right, top, bottom = margins
+    f = _filter(device, torch.float64)
+    n = len(SYM6)
+    up_pad, down_pad = ((n + 1) // 2, (n - 2) // 2), ((n - 2) // 2, (n - 2) // 2)
+    out = []
+    for size, lo, hi in ((height, top, bottom), (width, left, right)):
+        pad = reflect_matrix(size, lo, hi, torch.float64, device)
+        out.append((fir_matrix(size + lo + hi, f * 2, up=2, pad=up_pad) @ pad).to(dtype))
+    for size in (height, width):
+        down = fir_matrix(2 * (size + 2 * extra), f.flip(0), down=2, pad=down_pad)
+        out.append(down[extra:extra + size].to(dtype))
+    return tuple(out)
+
+
 def apply_geometric(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
-    """Resample ``images`` (B, C, H, W) with the inverse transforms ``g_inv`` (B, 3, 3)."""
+    """Resample ``images`` (B, C, H, W) with the inverse transforms ``g_inv`` (B, 3, 3).
+
+    On the CPU fast paths (``model.fast_paths_enabled``, issue 23) the reflect padding, the 2x up- and
+    downsampling filters and the final crop are linear maps along each axis, applied as small matrix
+    products (``U_y @ x @ U_x^T``) instead of 1-channel FIR convolutions: the same function, other rounding.
+    """
+    from model import fast_paths_enabled
+
     batch, channels, height, width = images.shape
     extra = _FILTER_PAD
     left, right, top, bottom = _margins(g_inv, height, width, extra)
-    x = F.pad(images, [left, right, top, bottom], mode="reflect")
-    f = _filter(images.device, images.dtype)
+    fast = fast_paths_enabled() and images.device.type == "cpu"
     n = len(SYM6)
-    # 2x upsampling that keeps pixel centres aligned: pads ((n + 1) // 2, (n - 2) // 2) = (6, 5).
-    x = upfirdn2d(x, f * 2, up=2, pad=((n + 1) // 2, (n - 2) // 2))
+    if fast:
+        up_y, up_x, down_y, down_x = _geometric_axes(height, width, (left, right, top, bottom), extra,
+                                                     images.dtype, images.device)
+        x = up_y @ images @ up_x.t()
+    else:
+        x = F.pad(images, [left, right, top, bottom], mode="reflect")
+        f = _filter(images.device, images.dtype)
+        # 2x upsampling that keeps pixel centres aligned: pads ((n + 1) // 2, (n - 2) // 2) = (6, 5).
+        x = upfirdn2d(x, f * 2, up=2, pad=((n + 1) // 2, (n - 2) // 2))
     hp, wp = height + top + bottom, width + left + right
     # theta maps normalised output coordinates (extended output, align_corners False) to normalised
     # input coordinates of the padded, upsampled image.
@@ -265,6 +304,8 @@ def apply_geometric(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
     theta = (norm_in @ g_inv @ denorm)[:, :2, :].to(images.dtype)
     grid = F.affine_grid(theta, [batch, channels, 2 * out_h, 2 * out_w], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if fast:
+        return down_y @ x @ down_x.t()
     # 2x downsampling with the flipped filter (correlation with f), then crop the extension.
     x = upfirdn2d(x, f.flip(0), down=2, pad=((n - 2) // 2, (n - 2) // 2))
     return x[:, :, extra:extra + height, extra:extra + width]

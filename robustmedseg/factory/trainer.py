@@ -172,8 +172,7 @@ class FactoryTrainer:
         labels = (c, e)
         with torch.no_grad():
             fake, _ = g(mixing_noise(real.shape[0], cfg.style_dim, cfg.mixing, real.device), labels)
-        real_pred = d(self._aug(real), labels)
-        fake_pred = d(self._aug(fake), labels)
+        real_pred, fake_pred = self._d_scores(real, fake, c, e)
         loss = d_logistic_loss(real_pred, fake_pred)
         if self.ada is not None and self.adaptive:
             self.ada.tune(real_pred)
@@ -190,6 +189,21 @@ class FactoryTrainer:
         self.counts["r1"] += 1
         self._track(r1=penalty)
         return cfg.r1 / 2 * penalty * cfg.d_reg_every
+
+    def _d_scores(self, real: torch.Tensor, fake: torch.Tensor, c: torch.Tensor,
+                  e: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(D(aug(real)), D(aug(fake)))``. On the CPU fast paths (``model.fast_paths_enabled``) both
+        batches go through D in one call (``batches=2``: the same scores, fewer and larger convolutions);
+        the augmentations are drawn in the same order either way."""
+        from model import fast_paths_enabled
+
+        d, labels = self.model.discriminator, (c, e)
+        if not (fast_paths_enabled() and real.device.type == "cpu" and real.shape == fake.shape):
+            return d(self._aug(real), labels), d(self._aug(fake), labels)
+        images = torch.cat([self._aug(real), self._aug(fake)])
+        pair = (torch.cat([c, c]), None if e is None else torch.cat([e, e]))
+        real_pred, fake_pred = d(images, pair, batches=2).chunk(2)
+        return real_pred, fake_pred
 
     def _g_update(self, c: torch.Tensor, e: Optional[torch.Tensor]) -> torch.Tensor:
         self._set_phase("g")
