@@ -27,6 +27,10 @@ Layout written under ``--out DIR``::
     DIR/site<k>/images/sub-<NNN>.nii.gz float32 image
     DIR/site<k>/labels/sub-<NNN>.nii.gz uint8 label, same shape and affine as the image
 
+``--task vessels`` writes the vascular phantom instead (:mod:`demo.vessels`: a vessel tree in the same
+anatomy, TOF-MRA-like, CTA-like and venography-like sites, with brain masks, weight maps and radius maps);
+the brain phantom above is unchanged by it.
+
 Determinism: subject ``i`` of site ``k`` draws from ``numpy.random.default_rng([seed, k, i])``,
 so a subject does not depend on how many subjects or which sites are generated.  The
 output folder is written atomically (it appears complete or not at all).
@@ -350,18 +354,33 @@ def build_parser() -> CliParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default 0)")
     parser.add_argument("--n-subjects", type=int, default=10, help="subjects per site (default 10)")
-    parser.add_argument("--spacing", type=float, default=2.0,
-                        help="isotropic output voxel size in mm, >= 1 (default 2.0 -> 99x117x95 voxels)")
+    parser.add_argument("--task", choices=("brain", "vessels"), default="brain",
+                        help="'brain' (default): grey/white-matter labels; 'vessels': the vascular phantom "
+                             "(demo/vessels.py: a vessel tree in the same anatomy, TOF-MRA-like, CTA-like and "
+                             "venography-like sites, vessel labels, brain masks, weight maps and radius maps)")
+    parser.add_argument("--spacing", type=float, default=None,
+                        help="isotropic output voxel size in mm, >= 1 (default 2.0 -> 99x117x95 voxels for the "
+                             "brain task, 3.0 for the vessel task)")
     parser.add_argument("--sites", type=parse_sites, default=[0, 1, 2],
                         help=f"comma-separated sites to generate (default 0,1,2). {site_help}")
     parser.add_argument("--montage", type=Path, default=None,
-                        help="also write a PNG with one axial slice per site (image + label contours)")
+                        help="also write a PNG with one axial slice per site (image + label contours; vessel "
+                             "task: axial intensity projections of each site and of its vessel labels)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.task == "vessels":
+        from demo.vessels import generate_vessel_phantom
+
+        args.spacing = 3.0 if args.spacing is None else args.spacing
+        out = generate_vessel_phantom(args.out, seed=args.seed, n_subjects=args.n_subjects, spacing=args.spacing,
+                                      sites=args.sites, overwrite=args.overwrite, montage=args.montage)
+        print(f"wrote {out} (vessel task: {args.n_subjects} subjects x sites {args.sites} at {args.spacing} mm)")
+        return 0
+    args.spacing = 2.0 if args.spacing is None else args.spacing
     out = generate_phantom(args.out, seed=args.seed, n_subjects=args.n_subjects, spacing=args.spacing,
                            sites=args.sites, overwrite=args.overwrite, montage=args.montage)
     print(f"wrote {out} ({args.n_subjects} subjects x sites {args.sites} at {args.spacing} mm)")
