@@ -1,7 +1,7 @@
 """Multi-site *vascular* phantom: a random vessel tree inside the brain phantom's anatomy.
 
 ``python -m demo.phantom --task vessels`` (this module's :func:`generate_vessel_phantom`).  Every subject
-is the brain phantom's warped MNI template (:func:`demo.phantom.sampling_coordinates`) with a vessel tree
+is the brain phantom's warped MNI template (:func:`demo.anatomy.sampling_coordinates`) with a vessel tree
 grown inside its brain mask:
 
 * **Tree.** A few roots at the base of the brain (arterial: two carotid-like and one basilar-like root
@@ -48,7 +48,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from demo.phantom import (FWHM_TO_SIGMA, load_template, nifti, sampling_coordinates, smooth_random_field,
+from demo.anatomy import (FWHM_TO_SIGMA, load_template, nifti, sampling_coordinates, smooth_random_field,
                           subject_id)
 from robustmedseg.errors import InputError
 from robustmedseg.io import atomic_dir, atomic_path
