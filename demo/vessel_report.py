@@ -88,6 +88,47 @@ def collect_vessel_results(out: Path, target: int) -> Dict[str, Any]:
     return {"rows": rows, "branches": branches, "small_radius_mm": SMALL_RADIUS_VOXELS * spacing}
 
 
+#: run folder of each row and the site of its validation volumes
+RUNS = {"source_only": ("runs/pretrain_site0", 0), "target_only": ("runs/target_only_site{t}", None),
+        "adapted_real": ("runs/adapt_real_site{t}", None), "adapted_synthetic": ("runs/adapt_synth_site{t}", None),
+        "target_supervised": ("runs/target_supervised_site{t}", None)}
+
+
+def validation_figures(out: Path, target: int) -> Dict[str, Dict[str, Any]]:
+    """Per row, what its run measured on its validation volumes (the only figures any choice may use):
+    the vessel Dice of its best checkpoint (``checkpoints/best.json``; the intra branch of a pretraining
+    run, the ensemble of an adapted one) and, for an adapted run, the vessel Dice of the ensemble weights it
+    chose (``checkpoints/evaluation.json``)."""
+    out_rows: Dict[str, Dict[str, Any]] = {}
+    for name, (folder, site) in RUNS.items():
+        ckpt = out / folder.format(t=target) / "checkpoints"
+        row: Dict[str, Any] = {"site": target if site is None else site}
+        best = json.loads((ckpt / "best.json").read_text()) if (ckpt / "best.json").is_file() else []
+        if best:
+            top = max(best, key=lambda e: e["score"])
+            m = top["metrics"]
+            row["best_step"] = top["step"]
+            row["best_vessel_dice"] = m.get(f"dice_{VESSEL}", m.get(f"intra_dice_{VESSEL}"))
+        ev = json.loads((ckpt / "evaluation.json").read_text()) if (ckpt / "evaluation.json").is_file() else {}
+        w = ev.get("ensemble_weights")
+        for c in ev.get("candidates", []):
+            if w and c["inter"] == w["inter"] and c["intra"] == w["intra"]:
+                row["chosen_weights_vessel_dice"] = c["dice"].get(VESSEL)
+        out_rows[name] = row
+    return out_rows
+
+
+def validation_table(v: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["| run | validation volumes of | best checkpoint (step) | its vessel Dice | vessel Dice of the chosen "
+             "`_pred` weights |", "|---|---|---|---|---|"]
+    for name, _, _ in METHODS:
+        r = v[name]
+        lines.append(f"| {SHORT[name]} | site {r['site']} | {r.get('best_step', 'none')} | "
+                     f"{_fmt(r['best_vessel_dice']) if r.get('best_vessel_dice') is not None else ''} | "
+                     f"{_fmt(r['chosen_weights_vessel_dice']) if r.get('chosen_weights_vessel_dice') is not None else ''} |")
+    return "\n".join(lines)
+
+
 def vessel_table(results: Mapping[str, Any]) -> str:
     lines = ["| method | Dice vessel | clDice | thin-vessel detection | HD95 vessel (mm) | Dice brain |",
              "|---|---|---|---|---|---|"]
@@ -273,6 +314,7 @@ def build_vessel_summary(out: Path, target: int, results: Mapping[str, Any]) -> 
         "gap_closed_cldice": {"real": gap_closed(c["adapted_real"], c["source_only"], c["target_supervised"]),
                               "synthetic": gap_closed(c["adapted_synthetic"], c["source_only"],
                                                       c["target_supervised"])},
+        "validation": validation_figures(out, target),
         "phantom": phantom_info(out).get("statistics", {}),
         "factory": factory_summary(out),
         "stage_seconds": {k: float(v["seconds"]) for k, v in timings.items()},
@@ -371,6 +413,11 @@ The adapted runs' own branches (vessel Dice):
 | adapted run | intra | inter | ensemble `_pred` |
 |---|---|---|---|
 {branch_rows}
+
+What each run measured on its validation volumes (the only figures used for any choice: the best
+checkpoints and the `_pred` weights; no demo setting was tuned on them):
+
+{validation_table(summary['validation'])}
 
 Targets (issue 24; test volumes, one seed, reported as measured):
 
