@@ -61,11 +61,15 @@ def measure(phantom: Path, site: int, thin_voxels: float = 0.75) -> Dict[str, Di
                    "thin_centreline_pixels": c["thin"]} for rule, c in counts.items()}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> CliParser:
     p = CliParser(prog="python -m bench.bench_vessel_downsampling", description=__doc__.split("\n\n")[0])
     p.add_argument("--phantom", type=Path, required=True, help="a vascular phantom folder (demo.phantom --task vessels)")
     p.add_argument("--site", type=int, default=0, help="site (default 0)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     print(json.dumps(measure(args.phantom, args.site), indent=2))
     return 0
 

@@ -182,3 +182,39 @@ def test_ground_truth_in_the_slices_class_layout(tmp_path: Path) -> None:
     assert np.array_equal(in_mask_layout(vessel.astype(np.int64), {"options": {"brain_masks": None}}, vmeta), vessel)
     no_class = {"options": {"brain_masks": "x", "brain_class": False}}
     assert np.array_equal(in_mask_layout(vessel.astype(np.int64), no_class, vmeta), vessel)
+
+
+# ----------------------------------------------------------------------------------------- favoured-mode judging
+
+def test_selected_classes_follow_optimize_mode() -> None:
+    from MultiMedSeg.losses import LossConfig, selected_classes
+
+    weights = [0.1, 0.2, 0.7]
+    favoured = LossConfig.from_options(None, optimize_mode="favoured", ce_weights=weights, dice_weights=weights)
+    assert selected_classes(favoured, 3) == ["2"]  # the vessels
+    assert selected_classes(LossConfig.from_options(None, optimize_mode="foreground", ce_weights=weights), 3) == ["1", "2"]
+    assert selected_classes(LossConfig.from_options(None, optimize_mode="favoured"), 3) == ["0", "1", "2"]
+
+
+def test_pred_weights_are_judged_on_the_selected_classes(monkeypatch) -> None:
+    """An adapted run's ``_pred`` weights are chosen on the classes that choose its best checkpoints."""
+    from types import SimpleNamespace
+
+    from MultiMedSeg.evaluation import selection
+
+    seen = []
+
+    def fake_scores(*a, classes=None, **kw):
+        seen.append(classes)
+        return ["v0"], [{"inter": 0.6, "intra": 0.4, "mean_dice": 0.2, "dice": {"2": 0.2}},
+                        {"inter": 0.0, "intra": 1.0, "mean_dice": 0.5, "dice": {"2": 0.5}}]
+
+    monkeypatch.setattr(selection, "validation_scores", fake_scores)
+    monkeypatch.setattr("MultiMedSeg.ensemble.resolve_checkpoints", lambda folder: [Path("best_step1.pt")])
+    members = [SimpleNamespace(net=SimpleNamespace(config=SimpleNamespace(label_nc=3, src_tgt_domains=[0, 1])))]
+    record = selection.choose_settings(Path("ckpts"), "validation", dataset=object(), inter=True, members=members,
+                                       classes=["2"])
+    assert seen == [["2"]] and record["validation"]["classes"] == ["2"]
+    assert record["ensemble_weights"] == {"inter": 0.0, "intra": 1.0}
+    selection.choose_settings(Path("ckpts"), "validation", dataset=object(), inter=True, members=members)
+    assert seen[-1] == ["1", "2"]  # default: every class but the background
