@@ -238,6 +238,23 @@ class LossConfig:
         return favoured_channels(w) if self.optimize_mode == "favoured" and w else []
 
 
+def selected_classes(cfg: LossConfig, label_nc: int) -> List[str]:
+    """Classes whose validation Dice judges a run (``--optimize_mode``), as the original's best-checkpoint
+    choice: ``foreground`` every class but the background; ``favoured`` the favoured classes (max CE/Dice
+    weight, background included if it has it), or every class *including the background* when no class
+    weights are given.  The best checkpoints and the ``_pred`` weights of an adapted run are both chosen on
+    these classes."""
+    return classes_for_mode(cfg.optimize_mode, cfg.favoured(), label_nc)
+
+
+def classes_for_mode(optimize_mode: str, favoured: Sequence[int], label_nc: int) -> List[str]:
+    """:func:`selected_classes` from the mode and the favoured classes (:meth:`LossConfig.favoured`)."""
+    chans = list(range(1, label_nc))
+    if optimize_mode == "favoured":
+        chans = list(favoured) or list(range(label_nc))
+    return [str(c) for c in chans]
+
+
 def image_loss(x: torch.Tensor, x_hat: torch.Tensor, cfg: LossConfig, lpips: Optional[nn.Module] = None,
                omega: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """λ_l2·MSE + λ_ssim·(1 − SSIM) + λ_lpips·LPIPS of ω·x̂ vs ω·x."""

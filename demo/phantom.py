@@ -27,6 +27,10 @@ Layout written under ``--out DIR``::
     DIR/site<k>/images/sub-<NNN>.nii.gz float32 image
     DIR/site<k>/labels/sub-<NNN>.nii.gz uint8 label, same shape and affine as the image
 
+``--task vessels`` writes the vascular phantom instead (:mod:`demo.vessels`: a vessel tree in the same
+anatomy, TOF-MRA-like, CTA-like and venography-like sites, with brain masks, weight maps and radius maps);
+the brain phantom above is unchanged by it.
+
 Determinism: subject ``i`` of site ``k`` draws from ``numpy.random.default_rng([seed, k, i])``,
 so a subject does not depend on how many subjects or which sites are generated.  The
 output folder is written atomically (it appears complete or not at all).
@@ -34,23 +38,21 @@ output folder is written atomically (it appears complete or not at all).
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from demo.anatomy import (FWHM_TO_SIGMA, load_template, nifti, sampling_coordinates, smooth_random_field,
+                          subject_id)
 from robustmedseg.cli import CliParser
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import atomic_dir, atomic_path
 
-TEMPLATE_NAME = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 LABEL_NAMES = ("background/CSF", "grey matter", "white matter")
 
 
@@ -78,111 +80,6 @@ SITES: Tuple[Site, ...] = (
     Site(2, "PET-like", "PET", "GM 1.0 / WM 0.3 / CSF 0.1 activity, 8 mm FWHM smoothing, Poisson noise",
          bias_strength=0.0, noise=0.0, blur_fwhm_mm=8.0, gamma=1.0, scale=100.0, pet_counts=40.0),
 )
-
-FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-
-
-@dataclass
-class Template:
-    """Template volumes on the 1 mm grid, low-pass filtered for the output spacing."""
-
-    t1: np.ndarray  # [0, 1]
-    gm: np.ndarray  # probability [0, 1]
-    wm: np.ndarray  # probability [0, 1]
-    affine: np.ndarray  # 4x4, 1 mm voxels
-
-
-def template_dir() -> Path:
-    """Folder of nilearn's bundled data files (found without importing nilearn)."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the nilearn package is not installed; it ships the MNI template the phantom needs")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-
-
-def template_paths() -> Dict[str, Path]:
-    """Paths of the T1, GM and WM template files; :class:`InputError` when one is missing."""
-    paths = {kind: template_dir() / TEMPLATE_NAME.format(kind) for kind in ("t1", "gm", "wm")}
-    for path in paths.values():
-        if not path.is_file():
-            raise InputError("MNI ICBM152 template file missing from the nilearn installation", path)
-    return paths
-
-
-@functools.lru_cache(maxsize=1)  # ~100 MB; generate_phantom clears it when done
-def load_template(spacing: float) -> Template:
-    """Load the template, scaled to [0, 1] and anti-alias filtered for ``spacing`` mm output."""
-    paths = template_paths()
-    vols = {}
-    affine = None
-    for kind, path in paths.items():
-        img = nib.load(str(path))
-        vol = np.asarray(img.dataobj, dtype=np.float32) / 255.0
-        sigma = 0.42 * math.sqrt(max(spacing**2 - 1.0, 0.0))  # Gaussian approximating the coarser voxel
-        if sigma > 0:
-            vol = ndi.gaussian_filter(vol, sigma)
-        vols[kind] = vol
-        affine = img.affine if affine is None else affine
-    return Template(t1=vols["t1"], gm=vols["gm"], wm=vols["wm"], affine=np.asarray(affine, dtype=np.float64))
-
-
-def output_grid(template_shape: Sequence[int], template_affine: np.ndarray, spacing: float
-                ) -> Tuple[Tuple[int, int, int], np.ndarray, np.ndarray]:
-    """Output shape, affine, and the map ``output voxel -> template voxel`` (4x4).
-
-    Output voxel ``o`` covers template voxels ``o*s .. o*s + s - 1`` (s = spacing in template
-    voxels); its centre is ``o*s + (s - 1)/2``.  The template orientation is kept.
-    """
-    shape = tuple(int(math.ceil(n / spacing)) for n in template_shape)
-    to_template = np.diag([spacing, spacing, spacing, 1.0])
-    to_template[:3, 3] = (spacing - 1.0) / 2.0
-    return shape, template_affine @ to_template, to_template  # type: ignore[return-value]
-
-
-def _upsampling_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) matrix of 1-D cubic-spline upsampling (the columns are upsampled unit vectors)."""
-    eye = np.eye(n_in)
-    return np.stack([ndi.zoom(e, n_out / n_in, order=3, mode="nearest", grid_mode=True)[:n_out] for e in eye],
-                    axis=1)
-
-
-def smooth_random_field(rng: np.random.Generator, shape: Sequence[int], control_spacing: float,
-                        n_components: int = 1) -> np.ndarray:
-    """Random field with unit-ish amplitude, smooth at the scale of ``control_spacing`` voxels.
-
-    A coarse grid of standard normal values is upsampled with a separable cubic spline to
-    ``shape``.  Returns an array of shape ``(n_components, *shape)``, float32.
-    """
-    coarse_shape = [max(2, int(math.ceil(n / control_spacing)) + 1) for n in shape]
-    mats = [_upsampling_matrix(n, m) for n, m in zip(shape, coarse_shape)]
-    out = np.empty((n_components, *shape), dtype=np.float32)
-    for c in range(n_components):
-        field = rng.standard_normal(coarse_shape)
-        for axis, mat in enumerate(mats):  # contract one axis at a time; the new axis goes last
-            field = np.tensordot(field, mat, axes=([0], [1]))
-        out[c] = field
-    return out
-
-
-def sampling_coordinates(rng: np.random.Generator, template: Template, spacing: float,
-                         amplitude_mm: float = 3.0, scale_std: float = 0.03
-                         ) -> Tuple[np.ndarray, np.ndarray]:
-    """Template-voxel coordinates of every output voxel for one random subject, and the output affine.
-
-    The subject is the template scaled by ``1 + scale_std * N(0, 1)`` per axis about the
-    centre, plus a smooth displacement of about ``amplitude_mm`` (40 mm control grid).
-    """
-    shape, affine, to_template = output_grid(template.t1.shape, template.affine, spacing)
-    grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    coords = (to_template[:3, :3] @ grid + to_template[:3, 3:4]).astype(np.float32)
-    centre = (np.asarray(template.t1.shape, dtype=np.float32)[:, None] - 1) / 2
-    scale = (1.0 + scale_std * rng.standard_normal(3)).astype(np.float32)[:, None]
-    coords = centre + (coords - centre) * scale
-    mm_per_voxel = np.sqrt((template.affine[:3, :3] ** 2).sum(axis=0)).astype(np.float32)
-    disp = smooth_random_field(rng, shape, control_spacing=40.0 / spacing, n_components=3)
-    coords += (amplitude_mm / mm_per_voxel)[:, None] * disp.reshape(3, -1)
-    return coords.reshape(3, *shape), affine
-
 
 def tissue_labels(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
     """0 where ``gm + wm < 0.5``, else 1 (GM) if ``gm >= wm`` and 2 (WM) otherwise."""
@@ -225,16 +122,6 @@ def make_subject(site: Site, seed: int, subject: int, spacing: float = 2.0
     return image, label, affine
 
 
-def nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """NIfTI image with the affine in both qform (code 1, scanner) and sform (code 2, aligned), mm units."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=2)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_data_dtype(array.dtype)
-    return img
-
-
 def describe(seed: int, spacing: float, n_subjects: int, sites: Sequence[Site]) -> dict:
     """The ``sites.json`` content."""
     return {
@@ -262,10 +149,6 @@ def readme_text(info: dict) -> str:
     ]
     lines += [f"  site{s['index']}: {s['name']} -- {s['description']}" for s in info["sites"]]
     return "\n".join(lines) + "\n"
-
-
-def subject_id(subject: int) -> str:
-    return f"sub-{subject:03d}"
 
 
 def generate_phantom(out: Path, seed: int = 0, n_subjects: int = 10, spacing: float = 2.0,
@@ -350,18 +233,33 @@ def build_parser() -> CliParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default 0)")
     parser.add_argument("--n-subjects", type=int, default=10, help="subjects per site (default 10)")
-    parser.add_argument("--spacing", type=float, default=2.0,
-                        help="isotropic output voxel size in mm, >= 1 (default 2.0 -> 99x117x95 voxels)")
+    parser.add_argument("--task", choices=("brain", "vessels"), default="brain",
+                        help="'brain' (default): grey/white-matter labels; 'vessels': the vascular phantom "
+                             "(demo/vessels.py: a vessel tree in the same anatomy, TOF-MRA-like, CTA-like and "
+                             "venography-like sites, vessel labels, brain masks, weight maps and radius maps)")
+    parser.add_argument("--spacing", type=float, default=None,
+                        help="isotropic output voxel size in mm, >= 1 (default 2.0 -> 99x117x95 voxels for the "
+                             "brain task, 3.0 for the vessel task)")
     parser.add_argument("--sites", type=parse_sites, default=[0, 1, 2],
                         help=f"comma-separated sites to generate (default 0,1,2). {site_help}")
     parser.add_argument("--montage", type=Path, default=None,
-                        help="also write a PNG with one axial slice per site (image + label contours)")
+                        help="also write a PNG with one axial slice per site (image + label contours; vessel "
+                             "task: axial intensity projections of each site and of its vessel labels)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.task == "vessels":
+        from demo.vessels import generate_vessel_phantom
+
+        args.spacing = 3.0 if args.spacing is None else args.spacing
+        out = generate_vessel_phantom(args.out, seed=args.seed, n_subjects=args.n_subjects, spacing=args.spacing,
+                                      sites=args.sites, overwrite=args.overwrite, montage=args.montage)
+        print(f"wrote {out} (vessel task: {args.n_subjects} subjects x sites {args.sites} at {args.spacing} mm)")
+        return 0
+    args.spacing = 2.0 if args.spacing is None else args.spacing
     out = generate_phantom(args.out, seed=args.seed, n_subjects=args.n_subjects, spacing=args.spacing,
                            sites=args.sites, overwrite=args.overwrite, montage=args.montage)
     print(f"wrote {out} ({args.n_subjects} subjects x sites {args.sites} at {args.spacing} mm)")

@@ -21,6 +21,10 @@ Stages (each runs the project's real command-line tools as subprocesses; the out
 12. ``report``       ``OUT/REPORT.md`` and ``OUT/summary.json`` with figures, the five-row Dice/Hausdorff
                      table and the gap closed (``python -m demo.report``)
 
+``--preset vessels`` runs the same stages on the vascular phantom (``python -m demo.phantom --task vessels``)
+with the original's vessel settings, without the predict stage; its report (:mod:`demo.vessel_report`) scores
+the vessel class (Dice, clDice, thin-vessel detection, HD95) and shows intensity projections.
+
 A finished stage leaves ``OUT/.stages/<name>.json`` (its wall time); ``--resume`` skips those.
 ``--full`` prints the paper-scale commands instead of running anything.
 """
@@ -67,7 +71,11 @@ def build_parser() -> CliParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="settings: 'default' (32 px, < 20 min on 2 cores), 'quick' (smoke configuration used by the "
                         "test suite, a few minutes, numbers meaningless), 'quality' (64 px slices of a 3 mm phantom, "
-                        "the default schedules; about 46 min on 2 CPU cores, see BENCHMARKS.md)")
+                        "the default schedules; about 46 min on 2 CPU cores, see BENCHMARKS.md), 'vessels' (the vessel "
+                        "case: 64 px slices of the 3 mm vascular phantom with brain masks, weight maps and the "
+                        "original's vessel settings; vessel Dice, clDice, thin-vessel detection, HD95 and "
+                        "projections in the report; docs/demo.md#vessels), 'vessels-quick' (its smoke "
+                        "configuration, tests/test_demo_vessels.py)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--full", action="store_true",
                    help="print the paper-scale commands (GPU, your own data) and exit without running anything")

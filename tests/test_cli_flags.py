@@ -36,6 +36,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "demo/run.py": _module_parser("demo.run"),
     "demo/phantom.py": _module_parser("demo.phantom"),
     "demo/report.py": _module_parser("demo.report"),
+    "demo/vessel_report.py": _module_parser("demo.vessel_report"),
     "demo/reorient.py": _module_parser("demo.reorient"),
     "demo/fewshot.py": _module_parser("demo.fewshot"),
     "demo/evidence.py": _module_parser("demo.evidence"),
@@ -45,7 +46,7 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
        for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
-                    "predict", "secagg", "steps", "train_step")},
+                    "predict", "secagg", "steps", "train_step", "vessel_downsampling")},
 }
 
 
@@ -123,6 +124,7 @@ PARSES = {
     "demo/run.py": (["--clip-model", "none", "--print-commands"], ["--clip_model", "none", "--print_commands"]),
     "demo/phantom.py": (["--out", "o", "--n-subjects", "2"], ["--out", "o", "--n_subjects", "2"]),
     "demo/report.py": (["--out", "o", "--target", "1"], ["--out=o", "--target=1"]),
+    "demo/vessel_report.py": (["--out", "o", "--target", "1"], ["--out=o", "--target=1"]),
     "demo/reorient.py": (["--metadata", "m", "--out", "o", "--axcodes", "LPS"], ["--metadata=m", "--out=o", "--axcodes=LPS"]),
     "demo/fewshot.py": (["--labeled", "l", "--out", "o", "--label-nc", "3"],
                         ["--labeled=l", "--out=o", "--num_classes", "3"]),
@@ -149,6 +151,7 @@ PARSES = {
     "bench/bench_secagg.py": (["--long-updates", "0", "--skip-federation"], ["--long_updates", "0", "--skip_federation"]),
     "bench/bench_steps.py": (["--ada-p", "0.1", "--paper-size", "16"], ["--ada_p=0.1", "--paper_size", "16"]),
     "bench/bench_train_step.py": (["--size", "32"], ["--size=32"]),
+    "bench/bench_vessel_downsampling.py": (["--phantom", "p", "--site", "2"], ["--phantom=p", "--site=2"]),
 }
 
 

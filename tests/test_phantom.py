@@ -95,9 +95,11 @@ def test_montage(phantom_dir, tmp_path):
 
 
 def test_missing_template_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(phantom, "template_dir", lambda: tmp_path)
+    from demo import anatomy  # the template helpers shared by the brain and vessel phantoms
+
+    monkeypatch.setattr(anatomy, "template_dir", lambda: tmp_path)
     with pytest.raises(InputError, match="template file missing"):
-        phantom.template_paths()
+        anatomy.template_paths()
 
 
 def test_cli_help_and_bad_site():

@@ -183,3 +183,79 @@ def gap_closed(adapted: float, source_only: float, supervised: float) -> float:
     ``(adapted - source_only) / (supervised - source_only)``; nan when there is no gap."""
     gap = supervised - source_only
     return (adapted - source_only) / gap if gap > 1e-9 else float("nan")
+
+
+# ------------------------------------------------------------------------------ vessel (thin-structure) metrics
+def skeleton(mask: np.ndarray) -> np.ndarray:
+    """Centreline (1-voxel-wide medial axis) of a boolean 2-D or 3-D mask: scikit-image's ``skeletonize``
+    (Lee's thinning in 3-D), which keeps the topology (connected components, loops)."""
+    from skimage.morphology import skeletonize
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    return np.asarray(skeletonize(mask), dtype=bool)
+
+
+def cl_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Centreline Dice (clDice, Shit et al., CVPR 2021): the harmonic mean of the *topology precision*
+    (fraction of the predicted centreline inside the ground truth) and the *topology sensitivity* (fraction
+    of the ground-truth centreline inside the prediction).  Insensitive to the vessels' thickness, so a thin
+    vessel counts as much as a thick one of the same length.  1 when both are empty, 0 when one is."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if not pred.any() and not gt.any():
+        return 1.0
+    if not pred.any() or not gt.any():
+        return 0.0
+    sp, sg = skeleton(pred), skeleton(gt)
+    tprec = float((sp & gt).sum()) / max(int(sp.sum()), 1)
+    tsens = float((sg & pred).sum()) / max(int(sg.sum()), 1)
+    return 2.0 * tprec * tsens / (tprec + tsens) if tprec + tsens > 0 else 0.0
+
+
+def centreline_radii(gt: np.ndarray, radius_map: Optional[np.ndarray] = None,
+                     spacing: Optional[Sequence[float]] = None) -> "tuple[np.ndarray, np.ndarray]":
+    """``(centreline mask, radius at each centreline voxel)`` of a ground-truth vessel mask.  The radius is
+    read from ``radius_map`` (e.g. a phantom's true radii, same grid) when given, else estimated as the
+    Euclidean distance from the centreline voxel to the background (in ``spacing`` units; voxels if None)."""
+    from scipy.ndimage import distance_transform_edt
+
+    gt = np.asarray(gt, dtype=bool)
+    centre = skeleton(gt)
+    if radius_map is not None:
+        radius_map = np.asarray(radius_map, dtype=float)
+        if radius_map.shape != gt.shape:
+            raise ValueError(f"radius map shape {radius_map.shape} differs from the mask's {gt.shape}")
+        return centre, radius_map[centre]
+    if not gt.any():
+        return centre, np.zeros(0)
+    return centre, distance_transform_edt(gt, sampling=spacing)[centre]
+
+
+def small_vessel_detection(pred: np.ndarray, gt: np.ndarray, max_radius: float,
+                           radius_map: Optional[np.ndarray] = None,
+                           spacing: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Detection rate of small vessels: the fraction of ground-truth centreline voxels of radius
+    ``<= max_radius`` (:func:`centreline_radii`; same unit as the radii) that the prediction covers.
+    ``{"rate", "n"}``; the rate is nan when the ground truth has no such voxel."""
+    pred = np.asarray(pred, dtype=bool)
+    centre, radii = centreline_radii(gt, radius_map, spacing)
+    small = np.zeros_like(centre)
+    small[centre] = (radii <= max_radius) & (radii > 0) if radius_map is not None else radii <= max_radius
+    n = int(small.sum())
+    return {"rate": float(pred[small].mean()) if n else math.nan, "n": n}
+
+
+def vessel_scores(pred: np.ndarray, gt: np.ndarray, small_radius: float, radius_map: Optional[np.ndarray] = None,
+                  spacing: Optional[Sequence[float]] = None, region: Optional[np.ndarray] = None
+                  ) -> Dict[str, float]:
+    """Vessel metrics of two boolean vessel masks: ``dice`` (:func:`binary_scores`), ``cldice``
+    (:func:`cl_dice`), ``small_detection`` and ``small_n`` (:func:`small_vessel_detection`).  ``region``
+    (e.g. the ground-truth brain, ``--consider_only_vessels_within_brain``) restricts both masks first."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        pred, gt = pred & region, gt & region
+    small = small_vessel_detection(pred, gt, small_radius, radius_map, spacing)
+    return {"dice": binary_scores(pred, gt, distances=())["dice"], "cldice": cl_dice(pred, gt),
+            "small_detection": small["rate"], "small_n": float(small["n"])}

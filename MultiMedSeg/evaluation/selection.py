@@ -23,11 +23,14 @@ from robustmedseg.errors import InputError
 # ---------------------------------------------------------------------------------- choosing
 def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_size: int, label_nc: int,
                       grid: Sequence[Tuple[float, float]] = WEIGHT_GRID, vessels_within_gt: bool = False,
-                      workers: int = 0, both_empty: str = "perfect") -> Tuple[List[str], List[Dict[str, Any]]]:
+                      workers: int = 0, both_empty: str = "perfect", classes: Optional[Sequence[str]] = None
+                      ) -> Tuple[List[str], List[Dict[str, Any]]]:
     """Validation volumes scored and ``[{inter, intra, mean_dice, dice: {class: mean over volumes}}]``
     for each weight pair of ``grid``, of the ensemble ``members`` of an adapted run on ``dataset``
     (a :class:`~MultiMedSeg.data.images_dataset.VolumeDataset` of target slices); ``both_empty`` scores a
-    class absent from both (:func:`MultiMedSeg.evaluation.metrics.binary_scores`)."""
+    class absent from both (:func:`MultiMedSeg.evaluation.metrics.binary_scores`); ``classes`` (default every
+    class but the background; a run's ``--optimize_mode`` classes, :func:`MultiMedSeg.losses.selected_classes`)
+    are the ones scored and averaged."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -35,7 +38,7 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
     from MultiMedSeg.evaluation.metrics import volume_scores
 
     ensemble = members if isinstance(members, Ensemble) else Ensemble(members, device)
-    classes = [str(c) for c in range(1, label_nc)]
+    classes = [str(c) for c in classes] if classes else [str(c) for c in range(1, label_nc)]
     per_volume: List[List[Dict[str, float]]] = [[] for _ in grid]
     scored: List[str] = []
     for vid, idx in dataset.volumes.items():
@@ -57,7 +60,7 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
         for scores, weights in zip(per_volume, grid):
             labels = label_volumes(pred, weights, mask_outside_weight=True)["pred"]
             dice = volume_scores(labels, gt, label_nc, distances=(), vessels_within_gt=vessels_within_gt,
-                                 both_empty=both_empty)
+                                 both_empty=both_empty, background="0" in classes)
             scores.append({c: dice[c]["dice"] for c in classes})
     candidates = []
     for scores, (w_inter, w_intra) in zip(per_volume, grid):
@@ -69,14 +72,16 @@ def validation_scores(members: Sequence[Any], dataset: Any, device: Any, batch_s
 
 def choose_settings(folder: Path, rule: str, dataset: Any = None, device: Any = None, batch_size: int = 8,
                     vessels_within_gt: bool = False, workers: int = 0, inter: Optional[bool] = None,
-                    members: Optional[Sequence[Any]] = None, both_empty: str = "perfect") -> Dict[str, Any]:
+                    members: Optional[Sequence[Any]] = None, both_empty: str = "perfect",
+                    classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The content of ``evaluation.json`` for the run whose ``checkpoints`` folder is ``folder``.
 
     ``rule`` is ``validation`` (needs ``dataset``, the validation volumes) or ``paper``; a pretraining
     run records :data:`INTRA_ONLY`.  ``inter`` (adapted run or not) is read from the checkpoints when
     None.  Every checkpoint the run kept is part of the ensemble (``members``: already loaded with
     :func:`~MultiMedSeg.ensemble.load_ensemble`, else read here when needed).  ``both_empty``
-    (``--empty_class_score``) scores a class absent from both in the validation Dice."""
+    (``--empty_class_score``) scores a class absent from both in the validation Dice; ``classes`` are the
+    classes that judge the weights (:func:`validation_scores`; the run's ``--optimize_mode`` classes)."""
     import torch
 
     from MultiMedSeg.ensemble import load_ensemble, resolve_checkpoints
@@ -99,10 +104,11 @@ def choose_settings(folder: Path, rule: str, dataset: Any = None, device: Any = 
         if dataset is None:
             raise ValueError("the validation rule needs the validation volumes")
         label_nc = members[0].net.config.label_nc
+        classes = [str(c) for c in classes] if classes else [str(c) for c in range(1, label_nc)]
         scored, candidates = validation_scores(members, dataset, device, batch_size, label_nc,
                                                vessels_within_gt=vessels_within_gt, workers=workers,
-                                               both_empty=both_empty)
-        record["validation"] = {"volumes": scored, "classes": [str(c) for c in range(1, label_nc)],
+                                               both_empty=both_empty, classes=classes)
+        record["validation"] = {"volumes": scored, "classes": classes,
                                 "empty_class_score": both_empty,
                                 "score": "mean over the classes of the mean Dice over the volumes (slice grid, "
                                          "weight maps applied, as validation)"}
@@ -150,9 +156,14 @@ def select_for_run(opts: Any, saved: Optional[Any] = None, log: Callable[[str], 
                                 label_nc=config.label_nc, invert_intensity=config.invert_intensity,
                                 flag="--val_root")
     both_empty = opts.empty_class_score or (saved.empty_class_score if saved is not None else "perfect")
+    classes = None  # a run without opt.json: every class but the background
+    if saved is not None:
+        from MultiMedSeg.losses import LossConfig, selected_classes
+
+        classes = selected_classes(LossConfig.from_options(saved), config.label_nc)
     record = choose_settings(folder, opts.ensemble_selection, dataset, device, opts.test_batch_size,
                              bool(saved is not None and saved.consider_only_vessels_within_brain), inter=inter,
-                             members=members, both_empty=both_empty)
+                             members=members, both_empty=both_empty, classes=classes)
     out = write_settings(folder, record)
     log(f"wrote {out}: {describe(record)}")
     return out

@@ -106,6 +106,22 @@ def read_ground_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
     return np.rint(arr).astype(np.int64)
 
 
+def in_mask_layout(gt: np.ndarray, meta: Mapping[str, Any], vmeta: Mapping[str, Any]) -> np.ndarray:
+    """The label file's values in the slices' class layout: with brain masks and the brain class
+    (``preprocess --brain-masks`` without ``--no-brain-class``) the masks are [background, brain, label 1, ...],
+    so a label file's vessel (1) is class 2 and its unlabelled brain voxels are class 1, as the slice masks
+    (:func:`MultiMedSeg.data.volumes_to_slices.with_brain_class`, here on the original grid).  Otherwise
+    ``gt`` unchanged."""
+    from MultiMedSeg.data.volumes_to_slices import with_brain_class
+
+    options = meta.get("options", {}) if isinstance(meta, Mapping) else {}
+    brain_path = vmeta.get("brain_mask")
+    if not (options.get("brain_masks") and options.get("brain_class", True) and brain_path):
+        return gt
+    brain = read_ground_truth(Path(brain_path), gt.shape) > 0
+    return with_brain_class(gt, brain).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------- run
 def _fmt(v: float) -> str:
     return f"{v:.6f}" if math.isfinite(v) else str(v)
@@ -180,7 +196,7 @@ def run_inference(opts: Any, log=print, notice=None) -> Dict[str, Any]:
                 if opts.metrics_space == "preprocessed":
                     gt = volume_labels(mask, torch.ones_like(mask[:, :1])).numpy()  # argmax, no weight map
                 else:
-                    gt = read_ground_truth(gt_path, vmeta["shape"])
+                    gt = in_mask_layout(read_ground_truth(gt_path, vmeta["shape"]), meta, vmeta)
                 for branch, (vol, spacing) in scored.items():
                     scores = volume_scores(vol, gt, config.label_nc, spacing,
                                            distances=("hd95", "hd") if spacing is not None else ("hd",),

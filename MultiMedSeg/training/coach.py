@@ -214,10 +214,7 @@ class Coach:
         ``foreground`` every class but the background; ``favoured`` the favoured classes (max CE/Dice
         weight, background included if it has it), or every class *including the background* when
         no class weights are given."""
-        chans = list(range(1, self.opts.label_nc))
-        if self.opts.optimize_mode == "favoured":
-            chans = self.losses.favoured_channels() or list(range(self.opts.label_nc))
-        return [str(c) for c in chans]
+        return L.classes_for_mode(self.opts.optimize_mode, self.losses.favoured_channels(), self.opts.label_nc)
 
     # ---------------------------------------------------------------- training
     def _to_device(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -415,7 +412,7 @@ class Coach:
         record = choose_settings(self.ckpt_dir, opts.ensemble_selection, self.val_set,
                                  self.device, opts.test_batch_size, opts.consider_only_vessels_within_brain,
                                  opts.test_workers, inter=not opts.only_intra,
-                                 both_empty=opts.empty_class_score)
+                                 both_empty=opts.empty_class_score, classes=self.selected_channels())
         path = write_settings(self.ckpt_dir, record)
         print(f"{describe(record)} -> {self.run.final / 'checkpoints' / path.name}", file=sys.stderr)
         return path
