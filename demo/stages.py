@@ -91,8 +91,8 @@ QUICK = DemoConfig(name="quick", n_subjects=4, spacing=6.0, labeled_train=1, val
                    latent_avg_samples=256, n_best=2, n_volumes=2)
 QUALITY = DemoConfig(name="quality", n_subjects=16, spacing=3.0, size=64)
 #: The vessel case (issue 24): 64 px slices of the 3 mm vascular phantom (a one-voxel vessel is 3 mm wide), losses
-#: at the full 64 px (no pooling of the masks), the original's vessel settings (VESSEL_FLAGS); schedules sized
-#: for < 30 min on 2 quiet cores (BENCHMARKS.md, "The vessel case").
+#: at the full 64 px (no pooling of the masks), the original's vessel settings (VESSEL_FLAGS); schedules meant
+#: for < 30 min on 2 quiet cores, not yet measured quietly (BENCHMARKS.md, "The vessel case").
 VESSELS = DemoConfig(name="vessels", n_subjects=16, spacing=3.0, size=64, evaluator_steps=300, rounds=160,
                      pretrain_steps=500, adapt_steps=500, task="vessels", keep_largest_component=False,
                      predict_stage=False)
