@@ -3,6 +3,7 @@ stages at smoke-test cost, every one real.  Structure only -- files, commands, t
 keys, projections -- no quality figure is asserted (the settings are far too small for that)."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -50,11 +51,15 @@ def test_vessel_stages_use_the_originals_vessel_inputs_and_flags(vessel_demo: Pa
 def test_vessel_report_table_and_metrics(vessel_demo: Path) -> None:
     report = (vessel_demo / "REPORT.md").read_text()
     assert report.startswith("# RobustMedSeg demo report: the vessel case")
-    header = next(ln for ln in report.splitlines() if ln.startswith("| method |"))
+    lines = report.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| method |"))
+    header = lines[start]
     for column in ("Dice vessel", "clDice", "thin-vessel detection", "HD95 vessel (mm)"):
         assert column in header
-    rows = [ln for ln in report.splitlines() if ln.startswith(("| source only", "| target only", "| adapted with",
-                                                              "| target supervised"))]
+    table = [ln for ln in itertools.takewhile(lambda ln: ln.startswith("|"), lines[start + 2:])]
+    rows = [ln for ln in table if ln.startswith(("| source only", "| target only", "| adapted with",
+                                                 "| target supervised"))]
+    assert len(table) == 5
     assert len(rows) == 5 and all(ln.count("|") == header.count("|") for ln in rows)
     assert "Gap closed" in report and "- [" in report
     summary = json.loads((vessel_demo / "summary.json").read_text())
