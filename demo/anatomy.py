@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
 from robustmedseg.errors import InputError
+from robustmedseg.io import atomic_dir
 
 TEMPLATE_NAME = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
@@ -135,3 +137,35 @@ def nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 
 def subject_id(subject: int) -> str:
     return f"sub-{subject:03d}"
+
+
+def check_phantom_size(n_subjects: int, spacing: float) -> None:
+    """:class:`InputError` for a phantom of no subject or finer than the template (1 mm)."""
+    if n_subjects < 1:
+        raise InputError(f"--n-subjects must be >= 1, got {n_subjects}")
+    if not spacing >= 1.0:
+        raise InputError(f"--spacing must be >= 1 mm (the template resolution), got {spacing}")
+
+
+def write_phantom(out: Path, sites: Sequence[Any], n_subjects: int, folders: Sequence[str],
+                  subject: Callable[[Any, int], Tuple[Sequence[np.ndarray], np.ndarray]],
+                  info: Callable[[], Dict[str, Any]], readme: Callable[[Dict[str, Any]], str],
+                  overwrite: bool = False) -> None:
+    """Write a phantom folder atomically: ``site<k>/<folder>/sub-XXX.nii.gz`` for every site (``.index``),
+    subject and folder, with ``subject(site, i) -> (arrays in folder order, affine)``; then ``sites.json``
+    (``info()``, called after every subject was made) and ``README.txt`` (``readme(info)``)."""
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            for site in sites:
+                for folder in folders:
+                    (tmp / f"site{site.index}" / folder).mkdir(parents=True)
+                for i in range(n_subjects):
+                    arrays, affine = subject(site, i)
+                    name = f"{subject_id(i)}.nii.gz"
+                    for folder, arr in zip(folders, arrays):
+                        nib.save(nifti(arr, affine), str(tmp / f"site{site.index}" / folder / name))
+            content = info()
+            (tmp / "sites.json").write_text(json.dumps(content, indent=2) + "\n")
+            (tmp / "README.txt").write_text(readme(content))
+    finally:
+        load_template.cache_clear()

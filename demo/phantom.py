@@ -38,7 +38,6 @@ output folder is written atomically (it appears complete or not at all).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -47,11 +46,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from demo.anatomy import (FWHM_TO_SIGMA, load_template, nifti, sampling_coordinates, smooth_random_field,
-                          subject_id)
+from demo.anatomy import (FWHM_TO_SIGMA, check_phantom_size, load_template, sampling_coordinates,
+                          smooth_random_field, subject_id, write_phantom)
 from robustmedseg.cli import CliParser
 from robustmedseg.errors import InputError, run_cli
-from robustmedseg.io import atomic_dir, atomic_path
+from robustmedseg.io import atomic_path
 
 LABEL_NAMES = ("background/CSF", "grey matter", "white matter")
 
@@ -156,26 +155,15 @@ def generate_phantom(out: Path, seed: int = 0, n_subjects: int = 10, spacing: fl
                      montage: Optional[Path] = None) -> Path:
     """Write the phantom under ``out`` (atomically) and optionally a montage PNG; return ``out``."""
     out = Path(out)
-    if n_subjects < 1:
-        raise InputError(f"--n-subjects must be >= 1, got {n_subjects}")
-    if not spacing >= 1.0:
-        raise InputError(f"--spacing must be >= 1 mm (the template resolution), got {spacing}")
+    check_phantom_size(n_subjects, spacing)
     chosen = [site_by_index(i) for i in sites]
-    try:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            for site in chosen:
-                for folder in ("images", "labels"):
-                    (tmp / f"site{site.index}" / folder).mkdir(parents=True)
-                for subject in range(n_subjects):
-                    image, label, affine = make_subject(site, seed, subject, spacing)
-                    name = f"{subject_id(subject)}.nii.gz"
-                    nib.save(nifti(image, affine), str(tmp / f"site{site.index}" / "images" / name))
-                    nib.save(nifti(label, affine), str(tmp / f"site{site.index}" / "labels" / name))
-            info = describe(seed, spacing, n_subjects, chosen)
-            (tmp / "sites.json").write_text(json.dumps(info, indent=2) + "\n")
-            (tmp / "README.txt").write_text(readme_text(info))
-    finally:
-        load_template.cache_clear()
+
+    def subject(site: Site, i: int) -> Tuple[Tuple[np.ndarray, np.ndarray], np.ndarray]:
+        image, label, affine = make_subject(site, seed, i, spacing)
+        return (image, label), affine
+
+    write_phantom(out, chosen, n_subjects, ("images", "labels"), subject,
+                  lambda: describe(seed, spacing, n_subjects, chosen), readme_text, overwrite=overwrite)
     if montage is not None:
         write_montage(out, montage, [s.index for s in chosen])
     return out

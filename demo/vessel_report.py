@@ -144,19 +144,12 @@ def vessel_targets(summary: Mapping[str, Any]) -> List[Tuple[str, str, bool]]:
     d, c, g = summary["dice_mean"], summary["cldice_mean"], summary["gap_closed"]
     gain_real = d["adapted_real"] - d["source_only"]
     gain_syn = d["adapted_synthetic"] - d["source_only"]
-    return [
-        ("adapted_beats_source_only_dice", f"adapted (real source) beats source only on vessel Dice "
-                                           f"({d['adapted_real']:.3f} vs {d['source_only']:.3f})",
-         d["adapted_real"] > d["source_only"]),
-        ("adapted_beats_target_only_dice", f"adapted (real source) beats target only on vessel Dice "
-                                           f"({d['adapted_real']:.3f} vs {d['target_only']:.3f})",
-         d["adapted_real"] > d["target_only"]),
-        ("adapted_beats_source_only_cldice", f"adapted (real source) beats source only on clDice "
-                                             f"({c['adapted_real']:.3f} vs {c['source_only']:.3f})",
-         c["adapted_real"] > c["source_only"]),
-        ("adapted_beats_target_only_cldice", f"adapted (real source) beats target only on clDice "
-                                             f"({c['adapted_real']:.3f} vs {c['target_only']:.3f})",
-         c["adapted_real"] > c["target_only"]),
+    beats = [(f"adapted_beats_{other}_{key}", f"adapted (real source) beats {other.replace('_', ' ')} on {label} "
+                                                 f"({m['adapted_real']:.3f} vs {m[other]:.3f})",
+              m["adapted_real"] > m[other])
+             for key, label, m in (("dice", "vessel Dice", d), ("cldice", "clDice", c))
+             for other in ("source_only", "target_only")]
+    return beats + [
         ("gap_closed_real", f"gap closed on vessel Dice with the real source >= 0.5 ({_fmt(g['real'])})",
          g["real"] >= 0.5),
         ("synthetic_gain", f"synthetic-source gain >= 0.9 x real-source gain on vessel Dice ({gain_syn:+.3f} vs "

@@ -38,7 +38,6 @@ of subjects, and another stream than the brain phantom's.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,10 +47,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from demo.anatomy import (FWHM_TO_SIGMA, load_template, nifti, sampling_coordinates, smooth_random_field,
-                          subject_id)
+from demo.anatomy import (FWHM_TO_SIGMA, check_phantom_size, load_template, sampling_coordinates,
+                          smooth_random_field, subject_id, write_phantom)
 from robustmedseg.errors import InputError
-from robustmedseg.io import atomic_dir, atomic_path
+from robustmedseg.io import atomic_path
 
 FOLDERS = ("images", "labels", "brain_masks", "weights", "radii")
 LABEL_NAMES = ("background", "vessel")
@@ -413,28 +412,17 @@ def generate_vessel_phantom(out: Path, seed: int = 0, n_subjects: int = 10, spac
                             montage: Optional[Path] = None, tree: TreeParams = TreeParams()) -> Path:
     """Write the vascular phantom under ``out`` (atomically), optionally a MIP montage PNG; return ``out``."""
     out = Path(out)
-    if n_subjects < 1:
-        raise InputError(f"--n-subjects must be >= 1, got {n_subjects}")
-    if not spacing >= 1.0:
-        raise InputError(f"--spacing must be >= 1 mm (the template resolution), got {spacing}")
+    check_phantom_size(n_subjects, spacing)
     chosen = [site_by_index(i) for i in sites]
     stats: Dict[int, List[Dict[str, float]]] = {}
-    try:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            for site in chosen:
-                for folder in FOLDERS:
-                    (tmp / f"site{site.index}" / folder).mkdir(parents=True)
-                for i in range(n_subjects):
-                    s = make_vessel_subject(site, seed, i, spacing, tree)
-                    name = f"{subject_id(i)}.nii.gz"
-                    for folder, arr in zip(FOLDERS, (s.image, s.vessel, s.brain, s.weight, s.radius_mm)):
-                        nib.save(nifti(arr, s.affine), str(tmp / f"site{site.index}" / folder / name))
-                    stats.setdefault(site.index, []).append(subject_statistics(s, spacing))
-            info = describe(seed, spacing, n_subjects, chosen, stats, tree)
-            (tmp / "sites.json").write_text(json.dumps(info, indent=2) + "\n")
-            (tmp / "README.txt").write_text(readme_text(info))
-    finally:
-        load_template.cache_clear()
+
+    def subject(site: VesselSite, i: int) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
+        s = make_vessel_subject(site, seed, i, spacing, tree)
+        stats.setdefault(site.index, []).append(subject_statistics(s, spacing))
+        return (s.image, s.vessel, s.brain, s.weight, s.radius_mm), s.affine
+
+    write_phantom(out, chosen, n_subjects, FOLDERS, subject,
+                  lambda: describe(seed, spacing, n_subjects, chosen, stats, tree), readme_text, overwrite=overwrite)
     if montage is not None:
         write_mip_montage(out, montage, [s.index for s in chosen])
     return out
