@@ -25,6 +25,7 @@ Usage: ``OMP_NUM_THREADS=1 python -m bench.bench_steps [--sections phase1,paper,
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -37,8 +38,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import model as M
+from robustmedseg.allocator import loaded_in_this_process
 from robustmedseg.cli import CliParser
 from robustmedseg.errors import InputError, run_cli
+from robustmedseg.io import write_text_atomic
 
 SECTIONS = ("phase1", "paper", "phase2")
 
@@ -116,9 +119,15 @@ def in_mode(plain: bool, fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+#: every row measured in this process: name, plain and fast seconds per step, FLOPs per step, sgemm GFLOP/s
+#: (written by ``--json``; bench/bench_allocator.py compares them across processes)
+RESULTS: List[Dict[str, object]] = []
+
+
 def row(name: str, t: Dict[str, float], flops: int, sgemm: Sgemm, unit: int = 1) -> str:
     rate = sgemm.gflops()
     plain, fast = t["plain"] / unit, t["fast"] / unit
+    RESULTS.append({"step": name, "plain_s": plain, "fast_s": fast, "flops": flops / unit, "sgemm_gflops": rate})
     gp, gf = flops / unit / plain / 1e9, flops / unit / fast / 1e9
     return (f"| {name} | {1e3 * plain:.1f} | {1e3 * fast:.1f} | **{plain / fast:.2f}x** | {flops / unit / 1e9:.3f} | "
             f"{gp:.1f} ({100 * gp / rate:.0f} %) | {gf:.1f} ({100 * gf / rate:.0f} %) | {rate:.0f} |")
@@ -299,6 +308,8 @@ def build_parser() -> CliParser:
     p.add_argument("--paper-size", type=int, default=32, help="image size of the paper-channel step (default 32)")
     p.add_argument("--paper-batch", type=int, default=4, help="batch of the paper-channel step (default 4)")
     p.add_argument("--paper-reps", type=int, default=3, help="timed repetitions of the paper-channel step")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write every row's raw figures (seconds per step, FLOPs, sgemm rate) to this file")
     return p
 
 
@@ -310,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise InputError(f"--sections: unknown section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
     if args.reps < 1 or args.paper_reps < 1:
         raise InputError("--reps and --paper-reps must be >= 1")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), allocator {loaded_in_this_process()}, "
           f"load average before: {' '.join(f'{x:.2f}' for x in __import__('os').getloadavg())}")
     sgemm = Sgemm()
     for name in sections:
@@ -320,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("\n".join(lines))
         sys.stdout.flush()
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in __import__('os').getloadavg())}")
+    if args.json is not None:
+        write_text_atomic(args.json, json.dumps({"allocator": loaded_in_this_process(), "rows": RESULTS}, indent=2))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from robustmedseg.allocator import allocator_env
 from robustmedseg.cli import CliParser
 from robustmedseg.errors import InputError, run_cli
 from robustmedseg.io import write_text_atomic
@@ -256,7 +257,7 @@ class LocalFederation:
                    FBM_NODE_COMPONENT_ROOT=node.root, OMP_NUM_THREADS=str(m.threads),
                    MKL_NUM_THREADS=str(m.threads), PYTHONPATH=project_pythonpath(env))
         env.pop("FBM_RESEARCHER_COMPONENT_ROOT", None)
-        return env
+        return allocator_env(env)  # TCMalloc/jemalloc when installed ($RMS_ALLOCATOR; robustmedseg/allocator.py)
 
     def _require(self) -> Manifest:
         if self.manifest is None:
