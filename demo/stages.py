@@ -92,7 +92,7 @@ QUICK = DemoConfig(name="quick", n_subjects=4, spacing=6.0, labeled_train=1, val
 QUALITY = DemoConfig(name="quality", n_subjects=16, spacing=3.0, size=64)
 #: The vessel case (issue 24): 64 px slices of the 3 mm vascular phantom (a one-voxel vessel is 3 mm wide), losses
 #: at the full 64 px (no pooling of the masks), the original's vessel settings (VESSEL_FLAGS); schedules meant
-#: for < 30 min on 2 quiet cores, not yet measured quietly (BENCHMARKS.md, "The vessel case").
+#: for < 30 min on 2 quiet cores (measured: 22 min, BENCHMARKS.md "The vessel case").
 VESSELS = DemoConfig(name="vessels", n_subjects=16, spacing=3.0, size=64, evaluator_steps=300, rounds=160,
                      pretrain_steps=500, adapt_steps=500, task="vessels", keep_largest_component=False,
                      predict_stage=False)
@@ -111,6 +111,13 @@ PRESETS = {c.name: c for c in (DEFAULT, QUICK, QUALITY, VESSELS, VESSELS_QUICK)}
 VESSEL_CLASS_WEIGHTS = (0.1, 0.2, 0.7)
 VESSEL_FLAGS = ("--ce_weights", ",".join(map(str, VESSEL_CLASS_WEIGHTS)), "--dice_weights",
                 ",".join(map(str, VESSEL_CLASS_WEIGHTS)), "--consider_only_vessels_within_brain")
+
+
+#: The three pretrainings (and the five inference runs) run three at a time, also on two cores: each is one
+#: single-threaded process whose results do not depend on what runs beside it, and three processes time-sharing
+#: two cores finish the three runs in about 3/2 of one run's time instead of two (BENCHMARKS.md, "Demo wall time
+#: per stage"). With ``--threads N`` each command gets ``N // 3`` threads (at least 1).
+PHASE2_LANES = 3
 
 
 @dataclass
@@ -236,7 +243,7 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
             prep / f"site{target}_all_labels", "--stylegan_weights", gen_file, "--src_label", target,
             "--max_steps", cfg.pretrain_steps, *encoder, *tiny(cfg.pretrain_steps))],
         ["runs/pretrain_site0", f"runs/target_only_site{target}", f"runs/target_supervised_site{target}"],
-        parallel=2))
+        parallel=PHASE2_LANES))
 
     fake = out / "synthetic_site0"
     stages.append(Stage("generate", "synthetic labelled source volumes (generate_volumes.py)", [
@@ -264,7 +271,7 @@ def build_stages(out: Path, cfg: DemoConfig, clip_model: str = "none", clip_pret
         for name, ckpt in [("source_only", pre), ("target_only", t_only),
                            ("adapted_real", runs / f"adapt_real_site{target}"),
                            ("adapted_synthetic", runs / f"adapt_synth_site{target}"), ("target_supervised", t_sup)]],
-        ["inference"], parallel=2))
+        ["inference"], parallel=PHASE2_LANES))
 
     stages.append(Stage("fidelity", "factory fidelity of final_global_model.pt (domain / z-bin accuracy, KID)", [
         _py("-m", "robustmedseg.fidelity", "score", "--evaluator", out / "evaluator.pt", "--generator",
