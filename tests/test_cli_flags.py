@@ -45,8 +45,8 @@ PARSERS: Dict[str, Callable[[], CliParser]] = {
     "robustmedseg/federation/rehearsal.py": _module_parser("robustmedseg.federation.rehearsal"),
     "robustmedseg/fidelity.py": _module_parser("robustmedseg.fidelity"),
     **{f"bench/bench_{name}.py": _module_parser(f"bench.bench_{name}")
-       for name in ("adaptation", "factory_schedule", "federation", "generate", "gpu_check", "model", "ops",
-                    "predict", "secagg", "steps", "train_step", "vessel_downsampling")},
+       for name in ("adaptation", "allocator", "factory_schedule", "federation", "generate", "gpu_check", "model",
+                    "ops", "predict", "secagg", "steps", "train_step", "vessel_downsampling")},
 }
 
 
@@ -139,6 +139,7 @@ PARSES = {
                                           "--n-zbins", "5"],
                                          ["train", "--train=0=a", "--heldout=0=b", "--out=e.pt", "--n_zbins", "5"]),
     "bench/bench_adaptation.py": (["--work", "w", "--pretrain-steps", "3"], ["--work", "w", "--pretrain_steps", "3"]),
+    "bench/bench_allocator.py": (["--rounds", "2", "--allocators", "system"], ["--rounds=2", "--allocators=system"]),
     "bench/bench_factory_schedule.py": (
         ["--lmdb", "a", "--evaluator", "e", "--mode", "central", "--out", "o", "--lr-mlp", "1", "--latent", "32"],
         ["--lmdb", "a", "--evaluator", "e", "--mode", "central", "--out=o", "--lr_mlp", "1", "--style-dim", "32"]),
