@@ -37,7 +37,7 @@ def build_parser() -> CliParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="phase1", help="bench_steps sections to time (default phase1; "
                                                          "phase2 adds the phase-2 steps)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of one process per allocator")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs one side-by-side pair (system + allocator) per allocator")
     p.add_argument("--reps", type=int, default=3, help="--reps of each bench_steps process")
     p.add_argument("--allocators", default=None,
                    help="comma-separated libraries to compare with the system allocator (default: each of "
@@ -55,8 +55,7 @@ def candidates(arg: Optional[str]) -> Dict[str, str]:
     for lib in libs:
         if lib is None:
             continue
-        name = next((s for s in ("tcmalloc", "jemalloc") if s in lib.name), lib.name)
-        found.setdefault(name, str(lib))
+        found.setdefault(allocator.short_name(lib.name) or lib.name, str(lib))
     return found
 
 

@@ -115,8 +115,8 @@ VESSEL_FLAGS = ("--ce_weights", ",".join(map(str, VESSEL_CLASS_WEIGHTS)), "--dic
 
 #: The three pretrainings (and the five inference runs) run three at a time, also on two cores: each is one
 #: single-threaded process whose results do not depend on what runs beside it, and three processes time-sharing
-#: two cores finish the three runs in about 3/2 of one run's time instead of two (BENCHMARKS.md, "Demo wall time
-#: per stage"). With ``--threads N`` each command gets ``N // 3`` threads (at least 1).
+#: two cores finish the three runs in about 3/2 of one run's time instead of two (measured in BENCHMARKS.md, "The
+#: vessel case": 274 s for 541 CPU-s). With ``--threads N`` each command gets ``N // 3`` threads (at least 1).
 PHASE2_LANES = 3
 
 

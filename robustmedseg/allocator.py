@@ -4,7 +4,7 @@ Training on a CPU at the demo's sizes spends a large part of each step outside a
 eager PyTorch step allocates and frees its output and autograd's bookkeeping, hundreds of times per update.
 glibc's ``malloc`` serves those requests more slowly than a thread-caching allocator; preloading TCMalloc
 (Debian/Ubuntu package ``libtcmalloc-minimal4``) or jemalloc (``libjemalloc2``) made the demo's data-factory
-node update 1.2-1.3x faster here, with bit-identical results (BENCHMARKS.md, "The memory allocator";
+node update 1.15-1.35x faster here, with bit-identical results (BENCHMARKS.md, "The memory allocator";
 ``python -m bench.bench_allocator``). An allocator can only be chosen when a process starts, so it is given
 to the commands a run launches, through ``LD_PRELOAD`` in their environment (:func:`allocator_env`).
 
@@ -14,7 +14,6 @@ choice where no flag is given.
 """
 from __future__ import annotations
 
-import ctypes.util
 import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
@@ -23,10 +22,12 @@ from robustmedseg.errors import InputError
 
 #: libraries tried by ``auto``, in order (file names as the Debian/Ubuntu packages install them)
 CANDIDATES: Sequence[str] = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
-#: where those packages put them, besides what ``ldconfig`` knows
+#: where those packages put them
 SEARCH_DIRS: Sequence[str] = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                               "/usr/local/lib")
 ENV_VAR = "RMS_ALLOCATOR"
+#: the short names of the allocators this module knows, as they appear in a library's file name
+KNOWN: Sequence[str] = ("tcmalloc", "jemalloc")
 #: TCMalloc prints a line for every allocation above 1 GiB by default (a paper-size batch makes several)
 QUIET_TCMALLOC = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
@@ -37,13 +38,12 @@ def find_library(name: str) -> Optional[Path]:
         candidate = Path(folder) / name
         if candidate.is_file():
             return candidate
-    stem = name[3:].split(".so")[0] if name.startswith("lib") else name
-    found = ctypes.util.find_library(stem)
-    if found and Path(found).name == name:
-        for folder in SEARCH_DIRS:
-            if (Path(folder) / found).is_file():
-                return Path(folder) / found
     return None
+
+
+def short_name(text: str) -> Optional[str]:
+    """The known allocator named in ``text`` (a library's file name, a memory map), or None."""
+    return next((short for short in KNOWN if short in text), None)
 
 
 def resolve(choice: Optional[str] = None) -> Optional[Path]:
@@ -67,15 +67,16 @@ def resolve(choice: Optional[str] = None) -> Optional[Path]:
 
 def allocator_env(env: Mapping[str, str], choice: Optional[str] = None) -> Dict[str, str]:
     """``env`` with the chosen allocator preloaded (prepended to any ``LD_PRELOAD`` already there) and its
-    choice recorded in ``RMS_ALLOCATOR`` for the processes that those start in turn."""
+    choice recorded in ``RMS_ALLOCATOR`` for the processes that those start in turn. ``choice`` None: the
+    ``RMS_ALLOCATOR`` of ``env``, else ``auto``."""
     out = dict(env)
-    lib = resolve(choice if choice is not None else env.get(ENV_VAR))
+    lib = resolve(choice if choice is not None else env.get(ENV_VAR, "auto"))
     out[ENV_VAR] = "system" if lib is None else str(lib)
     if lib is None:
         return out
     preload = [p for p in out.get("LD_PRELOAD", "").split(":") if p and p != str(lib)]
     out["LD_PRELOAD"] = ":".join([str(lib), *preload])
-    if "tcmalloc" in lib.name:
+    if short_name(lib.name) == "tcmalloc":
         for key, value in QUIET_TCMALLOC.items():
             out.setdefault(key, value)
     return out
@@ -86,10 +87,7 @@ def describe(choice: Optional[str] = None) -> str:
     lib = resolve(choice)
     if lib is None:
         return "system"
-    for short in ("tcmalloc", "jemalloc"):
-        if short in lib.name:
-            return short
-    return lib.name
+    return short_name(lib.name) or lib.name
 
 
 def loaded_in_this_process() -> str:
@@ -99,7 +97,4 @@ def loaded_in_this_process() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    for short in ("tcmalloc", "jemalloc"):
-        if short in maps:
-            return short
-    return "system"
+    return short_name(maps) or "system"

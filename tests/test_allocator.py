@@ -12,8 +12,7 @@ from robustmedseg import allocator
 from robustmedseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-FOUND = {name: allocator.find_library(name) for name in allocator.CANDIDATES}
-AVAILABLE = [p for p in FOUND.values() if p is not None]
+AVAILABLE = [p for p in map(allocator.find_library, allocator.CANDIDATES) if p is not None]
 
 
 def test_system_preloads_nothing():
