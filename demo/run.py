@@ -99,7 +99,7 @@ def build_parser() -> CliParser:
                         "work, 2 threads were measured up to 5x SLOWER than 1 (OpenMP threads wait for each other)")
     p.add_argument("--allocator", default=None,
                    help="memory allocator of every command: 'auto' (default; TCMalloc or jemalloc when installed, "
-                        "e.g. apt install libtcmalloc-minimal4: training steps 1.2-1.3x faster here, identical "
+                        "e.g. apt install libtcmalloc-minimal4: training steps 1.15-1.35x faster here, identical "
                         "results), 'system' (glibc malloc) or the path of a shared library; default: "
                         "$RMS_ALLOCATOR or auto (robustmedseg/allocator.py)")
     p.add_argument("--print-commands", action="store_true",
